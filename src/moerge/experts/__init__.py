@@ -1,0 +1,5 @@
+"""Experts and the library where they live."""
+
+from moerge.experts.expert import Expert, ExpertMetadata, LoraModule
+
+__all__ = ["Expert", "ExpertMetadata", "LoraModule"]

@@ -1,0 +1,1 @@
+"""Training experts (LoRA with PEFT) and contributor-side steps."""
