@@ -15,41 +15,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moerge.errors import NonFiniteWeightsError, ShapeMismatchError
+from moerge.experts.metadata import ExpertMetadata
 
-EXPERT_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$"
-
-
-class ExpertMetadata(BaseModel):
-    """Everything about an expert except its weights. Stored as ``moerge_expert.json`` beside the weights."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=EXPERT_NAME_PATTERN)
-    kind: Literal["lora", "dense"] = "lora"
-    base_model: str | None = None
-    base_fingerprint: str | None = None
-    task: str | None = None
-    domain: str | None = None
-    tags: list[str] = Field(default_factory=list)
-    contributor: str | None = None
-    license: str | None = None
-    description: str | None = None
-    training: dict[str, Any] = Field(default_factory=dict)
-    scores: dict[str, float] = Field(default_factory=dict)
-    created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    extra: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("tags")
-    @classmethod
-    def _unique_tags(cls, tags: list[str]) -> list[str]:
-        return sorted(set(tags))
+__all__ = ["Expert", "ExpertMetadata", "LoraModule"]
 
 
 @dataclass
@@ -158,8 +131,13 @@ class Expert:
         return Expert(
             metadata=self.metadata.model_copy(deep=True),
             lora={
-                k: LoraModule(m.A.to(device=device, dtype=dtype), m.B.to(device=device, dtype=dtype), m.alpha,
-                              m.use_rslora, m.fan_in_fan_out)
+                k: LoraModule(
+                    m.A.to(device=device, dtype=dtype),
+                    m.B.to(device=device, dtype=dtype),
+                    m.alpha,
+                    m.use_rslora,
+                    m.fan_in_fan_out,
+                )
                 for k, m in self.lora.items()
             },
             dense={k: t.to(device=device, dtype=dtype) for k, t in self.dense.items()},

@@ -18,13 +18,14 @@ from safetensors.torch import load_file, save_file
 
 from moerge.errors import MalformedConfigError, ShapeMismatchError, UnsafeFormatError
 from moerge.experts.expert import Expert, ExpertMetadata, LoraModule
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-DENSE_WEIGHTS = "delta_model.safetensors"
-METADATA_FILE = "moerge_expert.json"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-PEFT_PREFIX = "base_model.model."
+from moerge.experts.formats import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    DENSE_WEIGHTS,
+    METADATA_FILE,
+    PEFT_PREFIX,
+    PICKLE_SUFFIXES,
+)
 
 # adapter_config.json keys moerge understands; the rest are carried through round trips untouched.
 _UNSUPPORTED = {
@@ -36,7 +37,7 @@ _UNSUPPORTED = {
 def conversion_hint(path: Path) -> str:
     return (
         f"{path}: pickle-based weights are refused (moerge never unpickles files from outside). If you trust the "
-        "file, convert it once: python -c \"import torch; from safetensors.torch import save_file; "
+        'file, convert it once: python -c "import torch; from safetensors.torch import save_file; '
         f"save_file(torch.load('{path.name}', weights_only=True), '{ADAPTER_WEIGHTS}')\" and remove the original."
     )
 
@@ -63,7 +64,7 @@ def read_json(path: Path) -> dict[str, Any]:
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rank/alpha pattern lookup: a key matches a module path ending in it (keys are regexes)."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module) or (key.startswith("^") and re.match(key, module)):
+        if re.match(rf"(.*\.)?({key})$", module):
             return value
     return default
 
@@ -115,7 +116,9 @@ def lora_modules_from_peft(
         if config.get(key):
             raise MalformedConfigError(f"{source}: {why} ({key} is set).")
     if config.get("bias", "none") not in ("none", None):
-        raise MalformedConfigError(f"{source}: bias={config['bias']!r} adapters are not supported; use bias='none'.")
+        raise MalformedConfigError(
+            f"{source}: bias={config['bias']!r} adapters are not supported; use bias='none'."
+        )
     try:
         default_r = int(config.get("r", 8))
         default_alpha = float(config.get("lora_alpha", default_r))
@@ -133,7 +136,9 @@ def lora_modules_from_peft(
         m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
         if m is None:
             if "lora_embedding" in key or "lora_magnitude" in key:
-                raise MalformedConfigError(f"{source}: tensor {key} (embedding LoRA / DoRA) is not supported.")
+                raise MalformedConfigError(
+                    f"{source}: tensor {key} (embedding LoRA / DoRA) is not supported."
+                )
             raise MalformedConfigError(f"{source}: unexpected tensor {key} in the adapter weights.")
         factors.setdefault(m.group(1), {})[m.group(2)] = tensor
     if not factors:
@@ -142,7 +147,9 @@ def lora_modules_from_peft(
     lora: dict[str, LoraModule] = {}
     for module, ab in sorted(factors.items()):
         if set(ab) != {"A", "B"}:
-            raise ShapeMismatchError(f"{source}: module {module} has lora_{''.join(ab)} but not both factors.")
+            raise ShapeMismatchError(
+                f"{source}: module {module} has lora_{''.join(ab)} but not both factors."
+            )
         A, B = ab["A"], ab["B"]
         r = int(pattern_value(rank_pattern, module, default_r))
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
@@ -250,7 +257,10 @@ def peft_state_dict_for(expert: Expert) -> dict[str, torch.Tensor]:
 
 
 def write_peft_folder(
-    expert: Expert, out_dir: str | Path, base_model_name_or_path: str | None = None, with_metadata: bool = True
+    expert: Expert,
+    out_dir: str | Path,
+    base_model_name_or_path: str | None = None,
+    with_metadata: bool = True,
 ) -> Path:
     """Write ``expert`` as a folder that ``PeftModel.from_pretrained`` loads (LoRA) or a dense-delta folder."""
     out = Path(out_dir)
@@ -260,8 +270,11 @@ def write_peft_folder(
         (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
         save_file(peft_state_dict_for(expert), str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     else:
-        save_file({k: v.contiguous() for k, v in expert.dense.items()}, str(out / DENSE_WEIGHTS),
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v.contiguous() for k, v in expert.dense.items()},
+            str(out / DENSE_WEIGHTS),
+            metadata={"format": "pt"},
+        )
     if with_metadata:
         (out / METADATA_FILE).write_text(expert.metadata.model_dump_json(indent=2))
     return out

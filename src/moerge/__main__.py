@@ -1,0 +1,3 @@
+from moerge.cli import main
+
+main()

@@ -1,0 +1,142 @@
+"""Storage behind an `ExpertLibrary`: one small interface addressed by URL.
+
+A plain path or ``file://`` URL gives `LocalStorage` (atomic renames, fsync); any other URL (``memory://``,
+``s3://``, ``hf://`` …) gives `FsspecStorage` through fsspec, where its plugin is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlparse
+
+
+class Storage(Protocol):
+    """Files addressed by ``/``-separated paths relative to the library root."""
+
+    url: str
+
+    def read_bytes(self, rel: str) -> bytes: ...
+    def write_bytes(self, rel: str, data: bytes) -> None: ...
+    def exists(self, rel: str) -> bool: ...
+    def listdir(self, rel: str) -> list[str]: ...
+    def delete(self, rel: str) -> None: ...
+    def rename(self, src: str, dst: str) -> None: ...
+    def makedirs(self, rel: str) -> None: ...
+    def local_path(self, rel: str = "") -> Path | None: ...
+
+
+class LocalStorage:
+    """A folder on the local disk. Writes go to a temporary file, are fsynced, then renamed into place."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+        self.url = str(self.root)
+
+    def _p(self, rel: str) -> Path:
+        return self.root / rel if rel else self.root
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self._p(rel).read_bytes()
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        path = self._p(rel)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def exists(self, rel: str) -> bool:
+        return self._p(rel).exists()
+
+    def listdir(self, rel: str) -> list[str]:
+        p = self._p(rel)
+        return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
+
+    def delete(self, rel: str) -> None:
+        p = self._p(rel)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        elif p.exists():
+            p.unlink()
+
+    def rename(self, src: str, dst: str) -> None:
+        self._p(dst).parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self._p(src), self._p(dst))
+        _fsync_dir(self._p(dst).parent)
+
+    def makedirs(self, rel: str) -> None:
+        self._p(rel).mkdir(parents=True, exist_ok=True)
+
+    def local_path(self, rel: str = "") -> Path | None:
+        return self._p(rel)
+
+
+class FsspecStorage:
+    """Any fsspec filesystem (object stores, the HF Hub, ``memory://`` for tests). Renames are copies on
+    stores without them, so a crash mid-add can leave an orphan folder that `ExpertLibrary.verify` reports."""
+
+    def __init__(self, url: str):
+        import fsspec
+
+        self.url = url.rstrip("/")
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+
+    def _p(self, rel: str) -> str:
+        return f"{self.root}/{rel}" if rel else self.root
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self._p(rel))
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        parent = self._p(rel).rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        self.fs.pipe_file(self._p(rel), data)
+
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self._p(rel))
+
+    def listdir(self, rel: str) -> list[str]:
+        if not self.fs.isdir(self._p(rel)):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._p(rel), detail=False))
+
+    def delete(self, rel: str) -> None:
+        if self.fs.exists(self._p(rel)):
+            self.fs.rm(self._p(rel), recursive=True)
+
+    def rename(self, src: str, dst: str) -> None:
+        self.fs.mv(self._p(src), self._p(dst), recursive=True)
+
+    def makedirs(self, rel: str) -> None:
+        self.fs.makedirs(self._p(rel), exist_ok=True)
+
+    def local_path(self, rel: str = "") -> Path | None:
+        return None
+
+
+def storage_for(url: str | Path) -> Storage:
+    """`LocalStorage` for paths and ``file://`` URLs, `FsspecStorage` for every other scheme."""
+    s = str(url)
+    parsed = urlparse(s)
+    if parsed.scheme in ("", "file") or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return LocalStorage(parsed.path if parsed.scheme == "file" else s)
+    return FsspecStorage(s)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
