@@ -98,7 +98,7 @@ def list_(
             md.domain or "",
             ",".join(md.tags),
             md.base_model or "",
-            md.created_at,
+            md.created_at[:16].replace("T", " "),
         )
     console.print(table)
 
