@@ -46,11 +46,15 @@ def main() -> None:
     add_times = []
     for i in range(args.experts):
         lora = {
-            f"model.layers.{layer}.self_attn.{m}": LoraModule(torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g), 8.0)
+            f"model.layers.{layer}.self_attn.{m}": LoraModule(
+                torch.randn(4, 64, generator=g), torch.randn(64, 4, generator=g), 8.0
+            )
             for layer in range(2)
             for m in ("q_proj", "v_proj")
         }
-        md = ExpertMetadata(name=f"expert-{i:04d}", task=f"task-{i % 50}", tags=[f"group-{i % 7}"], base_model="tiny")
+        md = ExpertMetadata(
+            name=f"expert-{i:04d}", task=f"task-{i % 50}", tags=[f"group-{i % 7}"], base_model="tiny"
+        )
         t = time.perf_counter()
         lib.add(Expert(md, lora=lora))
         add_times.append(time.perf_counter() - t)
@@ -70,8 +74,11 @@ def main() -> None:
     t_scan, scanned = best_of(scan)
     assert [m.name for m in scanned] == [m.name for m in listed]
     t_cli = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "moerge", "library", "list", str(root), "--task", "task-7"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "moerge", "library", "list", str(root), "--task", "task-7"],
+        check=True,
+        capture_output=True,
+    )
     t_cli = time.perf_counter() - t_cli
 
     n = args.experts

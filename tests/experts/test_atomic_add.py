@@ -61,8 +61,12 @@ def test_kill_mid_add_leaves_library_as_it_was(tmp_path, phase, overwrite):
         lib.add(make_expert("victim", seed=0))
     before = {n: lib.get(n).lora["layer.q"].A.clone() for n in lib.names()}
 
-    script = CHILD.format(here=str(HERE), phase=phase, url=str(tmp_path / "lib"),
-                          overwrite=", overwrite=True" if overwrite else "")
+    script = CHILD.format(
+        here=str(HERE),
+        phase=phase,
+        url=str(tmp_path / "lib"),
+        overwrite=", overwrite=True" if overwrite else "",
+    )
     child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     try:
         assert child.stdout.readline().strip() == "READY"
@@ -74,7 +78,7 @@ def test_kill_mid_add_leaves_library_as_it_was(tmp_path, phase, overwrite):
     after = ExpertLibrary.open(tmp_path / "lib")
     assert after.names() == sorted(before)
     for name, a in before.items():
-        assert (after.get(name).lora["layer.q"].A == a).all(), "an existing expert changed"
+        assert (a == after.get(name).lora["layer.q"].A).all(), "an existing expert changed"
     report = after.verify()
     assert report.ok
     assert report.leftovers, "the killed add leaves a leftover, which verify reports"
@@ -102,8 +106,13 @@ def test_two_processes_adding_at_once(tmp_path):
     ExpertLibrary.create(tmp_path / "lib")
     go = tmp_path / "go"
     procs = [
-        subprocess.Popen([sys.executable, "-c", CONCURRENT.format(here=str(HERE), url=str(tmp_path / "lib"),
-                                                                  go=str(go), worker=w)])
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                CONCURRENT.format(here=str(HERE), url=str(tmp_path / "lib"), go=str(go), worker=w),
+            ]
+        )
         for w in (0, 1)
     ]
     time.sleep(0.5)

@@ -104,7 +104,11 @@ def test_taken_name_is_refused_unless_overwrite(lib):
     [
         (lambda c: "{not json", MalformedConfigError, "not valid JSON"),
         (lambda c: json.dumps({**c, "peft_type": "IA3"}), MalformedConfigError, "LoRA adapters only"),
-        (lambda c: json.dumps({**c, "r": 5}), ShapeMismatchError, "the config gives rank 5 but lora_A has rank 8"),
+        (
+            lambda c: json.dumps({**c, "r": 5}),
+            ShapeMismatchError,
+            "the config gives rank 5 but lora_A has rank 8",
+        ),
         (lambda c: json.dumps({**c, "use_dora": True}), MalformedConfigError, "DoRA"),
         (lambda c: json.dumps({**c, "lora_alpha": "big"}), MalformedConfigError, "must be numbers"),
         (lambda c: json.dumps([1, 2]), MalformedConfigError, "expected a JSON object"),
@@ -133,7 +137,9 @@ def test_cli_reports_one_line_and_exit_code(lib, adapter, tmp_path):
     (adapter / "adapter_model.safetensors").unlink()
     proc = subprocess.run(
         [sys.executable, "-m", "moerge", "library", "add", str(lib.url), str(adapter)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr

@@ -38,7 +38,9 @@ def test_list_filters_and_reopen(lib, tmp_path):
     assert lib.tasks() == ["x", "y"]
     reopened = ExpertLibrary.open(tmp_path / "lib")
     assert reopened.names() == ["a", "b", "c"] and len(reopened) == 3 and "b" in reopened
-    assert reopened.base_fingerprint == "sha256:base", "the library adopts its first expert's base fingerprint"
+    assert reopened.base_fingerprint == "sha256:base", (
+        "the library adopts its first expert's base fingerprint"
+    )
 
 
 def test_rename_remove_and_artifacts_follow(lib):

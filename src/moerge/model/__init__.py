@@ -1,1 +1,1 @@
-"""moerge.model"""
+"""moerge.model: expert layers injected into a base model (`attach` / `detach`)."""

@@ -1,0 +1,293 @@
+"""Merge speed and peak memory: moerge vs mergekit in the same run, plus exact merging of 64 LoRA experts.
+
+    .venv/bin/python benchmarks/bench_merge.py [--workdir /tmp/moerge-bench-merge] [--repeats 1]
+
+Setup: a ~25M-parameter Llama-style model (hidden 512, 8 layers, MLP 1376, char vocabulary) and 8 "fine-tunes"
+(base + seeded Gaussian perturbations), saved as transformers folders (float32 safetensors). Each full merge runs
+as its own process from the command line (``moerge merge CFG OUT`` and ``.venv-mergekit/bin/mergekit-yaml CFG OUT``,
+the same YAML for both); wall time and peak RSS of that process are measured by a fresh wrapper process through
+``resource.getrusage(RUSAGE_CHILDREN)``. Runs alternate between the tools. The LoRA part times
+``merge_lora_experts(..., mode="exact")`` on 64 rank-8 experts over all 7 projections (in process), and PEFT's
+``add_weighted_adapter(..., combination_type="cat")`` on the same experts as the peer.
+Needs ``.venv-mergekit`` (create it with tests/compat/run_mergekit_compat.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+MOERGE = REPO / ".venv" / "bin" / "moerge"
+MERGEKIT = REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"
+MODEL = dict(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, max_position_embeddings=512)
+N_FT = 8
+
+WRAPPER = """
+import resource, subprocess, sys, time, json
+t = time.perf_counter()
+p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+wall = time.perf_counter() - t
+rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"rc": p.returncode, "wall_s": wall, "peak_rss_mb": rss / 1024, "err": p.stderr[-1500:]}))
+"""
+
+
+def build(workdir: Path) -> dict[str, Path]:
+    from safetensors.torch import load_file, save_file
+
+    from moerge.models.tiny import save_tiny_model
+
+    base = workdir / "base"
+    paths = {"base": base}
+    if not (base / "model.safetensors").is_file():
+        save_tiny_model(base, **MODEL, seed=0)
+    sd = None
+    for i in range(N_FT):
+        d = workdir / f"ft{i}"
+        paths[f"ft{i}"] = d
+        if (d / "model.safetensors").is_file():
+            continue
+        sd = sd or load_file(str(base / "model.safetensors"))
+        shutil.copytree(base, d, dirs_exist_ok=True)
+        g = torch.Generator().manual_seed(1000 + i)
+        save_file(
+            {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in sd.items()},
+            str(d / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
+    return paths
+
+
+def configs(paths: dict[str, Path]) -> dict[str, dict]:
+    fts = [str(paths[f"ft{i}"].resolve()) for i in range(N_FT)]
+    base = str(paths["base"].resolve())
+    return {
+        "ties": {
+            "merge_method": "ties",
+            "base_model": base,
+            "dtype": "float32",
+            "parameters": {"normalize": True},
+            "models": [{"model": f, "parameters": {"weight": 1.0, "density": 0.3}} for f in fts],
+        },
+        "task_arithmetic": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "dtype": "float32",
+            "parameters": {"lambda": 0.5},
+            "models": [{"model": f, "parameters": {"weight": 1.0}} for f in fts],
+        },
+    }
+
+
+def measure(cmd: list[str]) -> dict:
+    out = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    if res["rc"] != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{res['err']}")
+    return res
+
+
+def compare_outputs(a: Path, b: Path) -> tuple[float, float]:
+    """Max |difference| and the fraction of entries that differ by more than 1e-6."""
+    from moerge.merging.checkpoint import CheckpointReader
+
+    worst, differ, total = 0.0, 0, 0
+    with CheckpointReader(a) as ra, CheckpointReader(b) as rb:
+        for k in ra.names():
+            d = (ra.get(k).float() - rb.get(k).float()).abs()
+            worst, differ, total = (
+                max(worst, float(d.max())),
+                differ + int((d > 1e-6).sum()),
+                total + d.numel(),
+            )
+    return worst, differ / total
+
+
+def bench_full(workdir: Path, repeats: int) -> list[dict]:
+    paths = build(workdir)
+    params = sum(int(torch.Size(s).numel()) for s in _shapes(paths["base"]).values())
+    print(f"model: {params / 1e6:.1f}M parameters, {N_FT} fine-tunes in {workdir}", flush=True)
+    rows = []
+    env_note = "default threads"
+    for name, cfg in configs(paths).items():
+        cfg_path = workdir / f"{name}.yaml"
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        runs: dict[str, list[dict]] = {"moerge": [], "mergekit": []}
+        for _ in range(repeats):
+            for tool in ("mergekit", "moerge"):
+                out = workdir / f"out_{name}_{tool}"
+                shutil.rmtree(out, ignore_errors=True)
+                cmd = (
+                    [str(MOERGE), "merge", str(cfg_path), str(out)]
+                    if tool == "moerge"
+                    else [str(MERGEKIT), str(cfg_path), str(out), "--quiet"]
+                )
+                r = measure(cmd)
+                runs[tool].append(r)
+                print(f"  {name:16} {tool:8} {r['wall_s']:7.2f} s  {r['peak_rss_mb']:8.0f} MB", flush=True)
+        diff, frac = compare_outputs(workdir / f"out_{name}_moerge", workdir / f"out_{name}_mergekit")
+        row = {
+            "method": name,
+            "params_M": round(params / 1e6, 1),
+            "n_models": N_FT,
+            "note": env_note,
+            "max_abs_diff_vs_mergekit": diff,
+            "fraction_differing_vs_mergekit": frac,
+        }
+        for tool, rs in runs.items():
+            row[f"{tool}_s"] = statistics.median(r["wall_s"] for r in rs)
+            row[f"{tool}_rss_mb"] = max(r["peak_rss_mb"] for r in rs)
+        rows.append(row)
+    return rows
+
+
+def _shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    from moerge.merging.checkpoint import CheckpointReader
+
+    with CheckpointReader(folder) as r:
+        return {k: r.shape(k) for k in r.names()}
+
+
+def bench_lora(workdir: Path, n_experts: int = 64, rank: int = 8) -> dict:
+    from moerge.experts.expert import Expert, ExpertMetadata, LoraModule
+    from moerge.merging.lora import merge_lora_experts
+    from moerge.merging.registry import get_method, validate_params
+    from moerge.models.tiny import build_tiny_model
+
+    model, _ = build_tiny_model(**MODEL, seed=0)
+    targets = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}
+    g = torch.Generator().manual_seed(0)
+    experts = [
+        Expert(
+            metadata=ExpertMetadata(name=f"e{i}"),
+            lora={
+                n: LoraModule(
+                    A=torch.randn(rank, m.in_features, generator=g) * 0.01,
+                    B=torch.randn(m.out_features, rank, generator=g) * 0.01,
+                    alpha=2 * rank,
+                )
+                for n, m in targets.items()
+            },
+        )
+        for i in range(n_experts)
+    ]
+    spec = get_method("linear")
+    gp, pm = validate_params(spec, {}, [{"weight": 1.0}] * n_experts)
+    t = time.perf_counter()
+    merged = merge_lora_experts(spec, experts, gp, pm, mode="exact")
+    ours = time.perf_counter() - t
+    res = {
+        "n_experts": n_experts,
+        "rank": rank,
+        "modules": len(targets),
+        "merged_rank": next(iter(merged.lora.values())).rank,
+        "moerge_exact_s": ours,
+    }
+    # end to end from a library on disk: load 64 experts, merge exactly, write the PEFT folder
+    import moerge
+    from moerge.experts.library import ExpertLibrary
+
+    lib_dir = workdir / "lora_library"
+    if lib_dir.exists() and not (lib_dir / "moerge-library.json").exists():
+        shutil.rmtree(lib_dir)
+    lib = ExpertLibrary.create(lib_dir, exist_ok=True)
+    for e in experts:
+        if e.name not in lib:
+            lib.add(e)
+    out = workdir / "lora_exact_out"
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    moerge.merge(
+        merge_method="linear",
+        library=str(lib_dir),
+        models=[e.name for e in experts],
+        lora_mode="exact",
+        name="soup64",
+        out=out,
+    )
+    res["moerge_library_to_peft_folder_s"] = time.perf_counter() - t
+    # peer: PEFT add_weighted_adapter(cat) on the same experts (loading the adapters is not timed)
+    try:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=sorted({n.split(".")[-1] for n in targets})
+        )
+        pmodel = get_peft_model(model, cfg, adapter_name="e0")
+        for i in range(1, n_experts):
+            pmodel.add_adapter(f"e{i}", cfg)
+        for n, layer in pmodel.base_model.model.named_modules():
+            if n in targets:
+                for i, e in enumerate(experts):
+                    layer.lora_A[f"e{i}"].weight.data.copy_(e.lora[n].A)
+                    layer.lora_B[f"e{i}"].weight.data.copy_(e.lora[n].B)
+        t = time.perf_counter()
+        pmodel.base_model.add_weighted_adapter(
+            [f"e{i}" for i in range(n_experts)], [1 / n_experts] * n_experts, "cat", combination_type="cat"
+        )
+        res["peft_cat_s"] = time.perf_counter() - t
+        n0 = next(iter(targets))
+        layer = pmodel.base_model.model.get_submodule(n0)
+        res["max_abs_diff_vs_peft"] = float(
+            (layer.get_delta_weight("cat") - merged.lora[n0].delta()).abs().max()
+        )
+    except Exception as e:  # the peer is optional for this part
+        res["peft_error"] = repr(e)
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default="/tmp/moerge-bench-merge")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args()
+    if not MERGEKIT.exists():
+        print(f"{MERGEKIT} missing: run tests/compat/run_mergekit_compat.py first", file=sys.stderr)
+        return 1
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    rows = bench_full(workdir, args.repeats)
+    lora = bench_lora(workdir)
+    print()
+    print(
+        "| merge (8 × 25M Llama) | mergekit s | moerge s | speed-up | mergekit peak RSS MB | moerge peak RSS MB |"
+        " memory ratio (moerge/mergekit) | max abs diff | entries differing |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['method']} | {r['mergekit_s']:.1f} | {r['moerge_s']:.1f} | {r['mergekit_s'] / r['moerge_s']:.1f}× |"
+            f" {r['mergekit_rss_mb']:.0f} | {r['moerge_rss_mb']:.0f} | {r['moerge_rss_mb'] / r['mergekit_rss_mb']:.2f} |"
+            f" {r['max_abs_diff_vs_mergekit']:.1e} | {r['fraction_differing_vs_mergekit']:.1e} |"
+        )
+    print()
+    peft = f"{lora['peft_cat_s']:.2f} s" if "peft_cat_s" in lora else lora.get("peft_error", "-")
+    ratio = f"{lora['peft_cat_s'] / lora['moerge_exact_s']:.1f}×" if "peft_cat_s" in lora else "-"
+    print(
+        "| LoRA exact merge | modules | merged rank | moerge (in memory) | PEFT cat (in memory) | speed-up |"
+        " moerge: library → PEFT folder | max abs diff vs PEFT |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    print(
+        f"| {lora['n_experts']} experts × rank {lora['rank']} | {lora['modules']} | {lora['merged_rank']} |"
+        f" {lora['moerge_exact_s']:.2f} s | {peft} | {ratio} | {lora['moerge_library_to_peft_folder_s']:.2f} s |"
+        f" {lora.get('max_abs_diff_vs_peft', float('nan')):.1e} |"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps({"full": rows, "lora": lora}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

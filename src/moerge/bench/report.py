@@ -1,0 +1,466 @@
+"""Reports of a benchmark run: a rich table in the terminal, ``results.json``, and a Markdown report with plots
+(quality per task and method, quality against cost, routing heatmaps of the routed recipes).
+
+    from moerge.bench.report import print_table, write_report
+    print_table(results)
+    folder = write_report(results, "bench-out/")     # results.json, report.md, *.png
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from moerge.bench.runner import BenchResults
+
+GROUP_TITLES = {
+    "held_in/in_distribution": "held-in",
+    "held_out/switching": "switching",
+    "held_out/composition": "composition",
+    "held_out/unrelated": "unrelated",
+    "held_out/out_of_distribution": "held-out",
+}
+METRIC_SHORT = {"exact_match": "EM", "nll": "nll"}
+
+
+# ---------------------------------------------------------------------------------------------- cell formatting
+def group_title(key: str) -> str:
+    return GROUP_TITLES.get(key, key.replace("held_out/", "").replace("held_in/", "in:"))
+
+
+def format_group(cell: dict[str, Any] | None) -> str:
+    """A split/condition cell: the mean normalised score (base 0, oracle 1), or raw means per metric."""
+    if cell is None:
+        return "—"
+    if cell["status"] != "ok":
+        return "n/a" if cell["status"] == "not_applicable" else "error"
+    v = cell["value"]
+    if cell["normalized"]:
+        return f"{v:+.2f}"
+    return " ".join(f"{METRIC_SHORT.get(k, k)} {x:.2f}" for k, x in v.items())
+
+
+def _fmt(v: float | None, spec: str = ".2f", none: str = "—") -> str:
+    return none if v is None else format(v, spec)
+
+
+def format_flops(v: float | None) -> str:
+    if v is None:
+        return "—"
+    if v == 0:
+        return "0"
+    if v >= 1e6:
+        return f"{v / 1e6:.1f}M"
+    return f"{v / 1e3:.1f}k"
+
+
+def table_rows(results: BenchResults) -> tuple[list[str], list[list[str]], list[str]]:
+    """``(header, rows, footnotes)`` of the summary table (shared by the terminal and Markdown tables)."""
+    summary = results.summary()
+    groups = [f"{s}/{c}" for s, c in results.groups()]
+    header = ["method", *[group_title(g) for g in groups], "route acc in", "route acc out", "route H",
+              "expert FLOPs/tok", "eval s", "peak MiB", "held-out rank"]  # fmt: skip
+    rows, notes = [], []
+    for row in summary:
+        name = row["method"]
+        reasons = sorted(
+            {r.reason for r in results.results if r.method == name and r.status != "ok" and r.reason}
+        )
+        if row["status"] != "ok" and row.get("reason"):
+            reasons = sorted(set(reasons) | {row["reason"]})
+        mark = ""
+        for reason in reasons:
+            notes.append(f"[{len(notes) + 1}] {name}: {reason}")
+            mark += f"[{len(notes)}]"
+        rows.append([
+            name + (f" {mark}" if mark else ""),
+            *[format_group(row.get(g)) for g in groups],
+            _fmt(row["routing_acc/held_in"]),
+            _fmt(row["routing_acc/held_out"]),
+            _fmt(row["routing_entropy"]),
+            format_flops(row["expert_flops_per_token"]),
+            _fmt(row["eval_s"], ".1f"),
+            _fmt(row["peak_memory_mb"], ".0f"),
+            str(row.get("held_out_rank", "")),
+        ])  # fmt: skip
+    return header, rows, notes
+
+
+def legend(results: BenchResults) -> str:
+    base = {r.task: r for r in results.results if r.method == "base"}
+    unrelated = [t for t in results.tasks if t["condition"] == "unrelated"]
+    parts = [
+        "Quality columns: mean over the condition's tasks of (score − base) / (oracle − base), so the base model "
+        "is 0 and the oracle (each target token predicted by its ground-truth expert) is 1; where the oracle does "
+        "not beat the base (no expert applies) the raw mean is shown instead (EM = exact-match accuracy, higher is better; nll = nats per target token, lower is better).",
+    ]
+    if unrelated:
+        shown = ", ".join(
+            f"{t['name']} {METRIC_SHORT.get(t['metric'], t['metric'])} {base[t['name']].score:.3f}"
+            for t in unrelated
+            if t["name"] in base and base[t["name"]].score is not None
+        )
+        if shown:
+            parts.append(f"Base model on the unrelated tasks (the floor): {shown}.")
+    parts.append(
+        "held-out rank: routed recipes ordered by their mean normalised score over the held-out tasks where it "
+        "is defined. route acc: mean routing weight on the ground-truth expert(s) of each target token; route H: mean "
+        "entropy of the routing weights (nats)."
+    )
+    return " ".join(parts)
+
+
+def condition_ranking(results: BenchResults) -> dict[str, list[tuple[str, float, str]]]:
+    """Per held-out condition, the routed recipes that ran on all its tasks, best first:
+    ``(method, value, what)`` with ``what`` = ``normalized`` (mean normalised quality) or ``gain vs base``
+    (mean of score − base for accuracy and base − score for NLL, where normalisation is undefined)."""
+    base = {r.task: r for r in results.results if r.method == "base" and r.status == "ok"}
+    out: dict[str, list[tuple[str, float, str]]] = {}
+    for split, cond in results.groups():
+        if split != "held_out":
+            continue
+        ranked = []
+        for m in results.methods:
+            if m.kind != "recipe":
+                continue
+            rs = [
+                r for r in results.results if r.method == m.name and r.split == split and r.condition == cond
+            ]
+            if not rs or any(r.status != "ok" for r in rs):
+                continue
+            if all(r.normalized is not None for r in rs):
+                ranked.append((m.name, sum(r.normalized for r in rs) / len(rs), "normalized"))
+            elif all(r.task in base for r in rs):
+                gains = [
+                    (r.score - base[r.task].score)
+                    if r.metric == "exact_match"
+                    else (base[r.task].score - r.score)
+                    for r in rs
+                ]
+                ranked.append((m.name, sum(gains) / len(gains), "gain vs base"))
+        out[cond] = sorted(ranked, key=lambda x: -x[1])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- terminal
+def print_table(results: BenchResults, console: Any = None) -> None:
+    """Print the summary table (rich) with footnotes for methods that did not run everywhere."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    header, rows, notes = table_rows(results)
+    table = Table(
+        title=f"moerge bench · suite {results.suite} · {len(results.experts)} experts", title_justify="left"
+    )
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
+    kinds = {m.name: m.kind for m in results.methods}
+    previous = None
+    for row in rows:
+        kind = kinds.get(row[0].split(" [")[0])
+        if previous is not None and kind != previous:
+            table.add_section()
+        previous = kind
+        table.add_row(*row)
+    if (
+        not console.is_terminal
+    ):  # piped output (a file, a CI log): a wide table rather than one squeezed to 80
+        console = Console(file=console.file, width=max(console.width, 200), highlight=False)
+    console.print(table)
+    for n in notes:
+        console.print(n, highlight=False, soft_wrap=True)
+    console.print(legend(results), style="dim", highlight=False)
+
+
+# ---------------------------------------------------------------------------------------------- files
+def write_json(results: BenchResults, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results.model_dump(mode="json"), indent=1))
+    return path
+
+
+def load_results(path: str | Path) -> BenchResults:
+    return BenchResults.model_validate_json(Path(path).read_text())
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    def esc(s: str) -> str:
+        return s.replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def per_task_table(results: BenchResults) -> tuple[list[str], list[list[str]]]:
+    tasks = results.tasks
+    header = ["method", *[f"{t['name']} ({METRIC_SHORT.get(t['metric'], t['metric'])})" for t in tasks]]
+    rows = []
+    for m in results.methods:
+        if m.kind == "single":
+            continue
+        row = [m.name]
+        for t in tasks:
+            r = results.result(m.name, t["name"])
+            if r is None:
+                row.append("—")
+            elif r.status != "ok":
+                row.append("n/a" if r.status == "not_applicable" else "error")
+            else:
+                row.append(f"{r.score:.3f}" + (f" ({r.normalized:+.2f})" if r.normalized is not None else ""))
+        rows.append(row)
+    ceil = ["ceiling"] + [_fmt(t.get("ceiling"), ".3f") for t in tasks]
+    return header, [*rows, ceil]
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+
+
+def write_report(results: BenchResults, folder: str | Path, plots: bool = True) -> Path:
+    """Write ``results.json``, ``report.md`` and the plots into ``folder``; returns the report's path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json(results, folder / "results.json")
+    header, rows, notes = table_rows(results)
+    th, tr = per_task_table(results)
+    figures: dict[str, Any] = {}
+    if plots:
+        figures = write_plots(results, folder)
+    env = results.environment
+    lines = [
+        f"# moerge bench: suite `{results.suite}`",
+        "",
+        f"{len(results.experts)} experts ({', '.join(results.experts)}), {len(results.tasks)} tasks, "
+        f"{len([m for m in results.methods if m.kind != 'single'])} methods; "
+        f"{results.wall_s:.1f} s wall; torch {env.get('torch')} on {env.get('device')} "
+        f"with {env.get('threads')} threads.",
+        "",
+        "## Summary",
+        "",
+        markdown_table(header, rows),
+        "",
+        *[f"{n}  " for n in notes],
+        "",
+        legend(results),
+        "",
+        "## Per task",
+        "",
+        "Score (exact match, or nll in nats per target token) and, in brackets, normalised quality.",
+        "",
+        markdown_table(th, tr),
+        "",
+    ]
+    ranking = condition_ranking(results)
+    if ranking:
+        lines += ["## Routed recipes ranked on each held-out condition", ""]
+        for cond, items in ranking.items():
+            shown = (
+                ", ".join(f"{i}. {n} ({v:+.3f})" for i, (n, v, _) in enumerate(items, start=1)) or "none ran"
+            )
+            what = items[0][2] if items else ""
+            lines.append(f"- **{cond}** ({what}): {shown}")
+        lines.append("")
+    if "quality" in figures:
+        lines += ["## Quality per task and method", "", f"![quality]({figures['quality']})", ""]
+    if "cost" in figures:
+        lines += ["## Quality against cost", "", f"![quality vs cost]({figures['cost']})", ""]
+    if figures.get("trace"):
+        lines += ["## Routing along one sequence", "",
+                  "The first example of a switching task: per predicted token, the ground-truth expert (top row) "
+                  "and, for each routed method, the expert with the largest mean weight over layers.", "",
+                  f"![routing trace]({figures['trace']})", ""]  # fmt: skip
+    if figures.get("routing"):
+        lines += ["## Routing", "",
+                  "Mean routing weight per task (rows) and expert (columns) over target tokens and layers.", ""]  # fmt: skip
+        for name, path in figures["routing"].items():
+            lines += [f"### {name}", "", f"![routing {name}]({path})", ""]
+    lines += ["## Methods", "", "| method | kind | what | taxonomy | status |", "|---|---|---|---|---|"]
+    for m in results.methods:
+        if m.kind == "single":
+            continue
+        tax = ", ".join(f"{k}={v}" for k, v in (m.taxonomy or {}).items())
+        what = (m.description or "").replace("|", "\\|")
+        status = m.status + (f": {m.reason}" if m.reason else "")
+        lines.append(f"| {m.name} | {m.kind} | {what} | {tax} | {status.replace('|', '/')} |")
+    if results.notes:
+        lines += ["", "## Notes", "", *[f"- {n}" for n in results.notes]]
+    lines += ["", "Configuration:", "", "```json", json.dumps(results.config, indent=1), "```", ""]
+    path = folder / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- plots
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_plots(results: BenchResults, folder: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    out["quality"] = plot_quality(results, folder / "quality.png").name
+    out["cost"] = plot_cost(results, folder / "quality_vs_cost.png").name
+    trace = plot_trace(results, folder / "routing_trace.png")
+    if trace is not None:
+        out["trace"] = trace.name
+    out["routing"] = {}
+    for m in results.methods:
+        if m.routed and m.status == "ok":
+            p = plot_routing(results, m.name, folder / f"routing_{_slug(m.name)}.png")
+            if p is not None:
+                out["routing"][m.name] = p.name
+    return out
+
+
+def plot_quality(results: BenchResults, path: Path) -> Path:
+    """Heatmap methods × tasks: colour = normalised quality (clipped to [-1, 1.5]); text = raw score."""
+    import numpy as np
+
+    plt = _plt()
+    methods = [m.name for m in results.methods if m.kind != "single"]
+    tasks = [t["name"] for t in results.tasks]
+    val = np.full((len(methods), len(tasks)), np.nan)
+    txt = [["" for _ in tasks] for _ in methods]
+    for i, m in enumerate(methods):
+        for j, t in enumerate(tasks):
+            r = results.result(m, t)
+            if r is None or r.status != "ok":
+                txt[i][j] = "n/a"
+                continue
+            txt[i][j] = f"{r.score:.2f}"
+            if r.normalized is not None:
+                val[i, j] = max(-1.0, min(1.5, r.normalized))
+    fig, ax = plt.subplots(figsize=(1.5 + 0.75 * len(tasks), 1.0 + 0.36 * len(methods)))
+    im = ax.imshow(np.ma.masked_invalid(val), aspect="auto", cmap="RdYlGn", vmin=-1, vmax=1.5)
+    for i in range(len(methods)):
+        for j in range(len(tasks)):
+            ax.text(j, i, txt[i][j], ha="center", va="center", fontsize=6)
+    metric = {t["name"]: METRIC_SHORT.get(t["metric"], t["metric"]) for t in results.tasks}
+    ax.set_xticks(
+        range(len(tasks)), [f"{t}\n{metric[t]}" for t in tasks], fontsize=7, rotation=45, ha="right"
+    )
+    ax.set_yticks(range(len(methods)), methods, fontsize=7)
+    ax.set_title("quality per task (text: raw score; colour: normalised, base 0 / oracle 1; grey: undefined)",
+                 fontsize=8)  # fmt: skip
+    fig.colorbar(im, ax=ax, fraction=0.03)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_cost(results: BenchResults, path: Path) -> Path:
+    """Mean normalised quality (held-in and held-out) against expert FLOPs per token, one point per method."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=False)
+    for ax, split in zip(axes, ("held_in", "held_out")):
+        for m in results.methods:
+            if m.kind == "single" or m.expert_flops_per_token is None:
+                continue
+            rs = [
+                r
+                for r in results.results
+                if r.method == m.name and r.split == split and r.normalized is not None
+            ]
+            if not rs or any(r.status != "ok" for r in rs):
+                continue
+            y = sum(r.normalized for r in rs) / len(rs)
+            x = m.expert_flops_per_token
+            marker = "o" if m.kind == "recipe" else "s"
+            ax.scatter([x], [y], marker=marker, s=30)
+            ax.annotate(m.name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ax.set_xscale("symlog", linthresh=1e4, linscale=0.5)
+        ax.set_xlabel("expert FLOPs per token (0 = merged into the weights)")
+        ax.set_ylabel("mean normalised quality")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.axhline(1, color="grey", lw=0.5, ls="--")
+        ax.set_title(split.replace("_", "-") + (" (tasks where the oracle differs from the base)" if split == "held_out" else ""),
+                     fontsize=8)  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_trace(results: BenchResults, path: Path) -> Path | None:
+    """One switching example (else the first held-out task with labels): ground truth and each routed method's
+    top expert per predicted token, as colour strips."""
+    import numpy as np
+
+    plt = _plt()
+    tasks = [t for t in results.tasks if t["condition"] == "switching"] or [
+        t for t in results.tasks if t["split"] == "held_out" and t["experts"]
+    ]
+    if not tasks:
+        return None
+    task = tasks[0]["name"]
+    rows = [(m.name, results.result(m.name, task)) for m in results.methods if m.routed and m.status == "ok"]
+    rows = [(n, r) for n, r in rows if r is not None and r.trace]
+    if not rows:
+        return None
+    first = rows[0][1].trace
+    E = len(results.experts)
+    mat = [first["truth"]] + [r.trace["chosen"] for _, r in rows]
+    labels = ["ground truth"] + [n for n, _ in rows]
+    width = min(len(x) for x in mat)
+    data = np.array([x[:width] for x in mat], dtype=float)
+    data[data < 0] = np.nan
+    cmap = plt.get_cmap("tab10" if E <= 10 else "tab20").with_extremes(bad="white")
+    fig, ax = plt.subplots(figsize=(2.0 + 0.22 * width, 1.0 + 0.3 * len(labels)))
+    ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap=cmap, vmin=-0.5, vmax=(10 if E <= 10 else 20) - 0.5,
+              interpolation="nearest")  # fmt: skip
+    toks = [t if t.strip() else "␣" for t in first["tokens"][:width]]
+    ax.set_xticks(range(width), toks, fontsize=7)
+    for j, scored in enumerate(first["scored"][:width]):
+        if scored:
+            ax.get_xticklabels()[j].set_fontweight("bold")
+    ax.set_yticks(range(len(labels)), labels, fontsize=7)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(E)]
+    ax.legend(handles, results.experts, fontsize=6, ncol=min(E, 4), loc="upper center", bbox_to_anchor=(0.5, -0.12),
+              frameon=False)  # fmt: skip
+    ax.set_title(f"{task}, first example: expert per predicted token (bold: scored; white: none)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_routing(results: BenchResults, method: str, path: Path) -> Path | None:
+    """Heatmap tasks × experts of the mean routing weight, with each task's ground-truth experts outlined."""
+    import numpy as np
+
+    plt = _plt()
+    rows = [r for r in results.results if r.method == method and r.mean_weights is not None]
+    if not rows:
+        return None
+    E = len(results.experts)
+    mat = np.array([r.mean_weights for r in rows])
+    fig, ax = plt.subplots(figsize=(1.5 + 0.5 * E, 1.0 + 0.32 * len(rows)))
+    im = ax.imshow(mat, aspect="auto", cmap="viridis", vmin=0, vmax=max(1e-6, float(mat.max())))
+    truth = {t["name"]: t["experts"] for t in results.tasks}
+    for i, r in enumerate(rows):
+        if r.condition not in ("in_distribution", "composition"):
+            continue  # switching tasks list every expert; unrelated tasks none
+        for name in truth.get(r.task, []):
+            if name in results.experts:
+                j = results.experts.index(name)
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", lw=1.2))
+    ax.set_xticks(range(E), results.experts, rotation=45, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), [r.task for r in rows], fontsize=7)
+    acc = [r.routing_accuracy for r in rows if r.routing_accuracy is not None]
+    mean_acc = f"; mean routing accuracy {sum(acc) / len(acc):.2f}" if acc else ""
+    ax.set_title(f"{method}: mean weight per expert (red: ground truth){mean_acc}", fontsize=8)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

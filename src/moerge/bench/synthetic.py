@@ -1,0 +1,752 @@
+"""The built-in synthetic MoErging suite: a little world with ground truth, built here from a seed.
+
+Held-in tasks are deterministic string transformations written ``input>output``. Each task draws its inputs
+from its own 8-character alphabet; neighbouring alphabets share 2 characters, so the task can be told from
+the input alone (zero-shot routing is possible) but not from every single character (it is not trivial).
+
+========  ==========  ========================================  =================================
+task      alphabet    transformation                            example
+========  ==========  ========================================  =================================
+cipher0   abcdefgh    a fixed substitution within the alphabet  ``bdhea>…``
+shift1    ghijklmn    each character → the next of the alphabet ``ghkjn>hilkg``
+cipher2   mnopqrst    a fixed substitution                      …
+rotate3   stuvwxyz    rotated left by one                       ``stuvw>tuvws``
+cipher4   yzABCDEF    a fixed substitution                      …
+double5   EFGHIJKL    every character twice                     ``EFG>EEFFGG``
+cipher6   KLMNOPQR    a fixed substitution                      …
+swap7     QRSTUVWX    adjacent pairs swapped                    ``QRSTU>RQTSU``
+========  ==========  ========================================  =================================
+
+Held-out conditions:
+
+- ``switching``: 2–3 held-in segments in one sequence (``in>out in>out …``); per-token routing can pick the
+  right expert for every segment, per-example routing for one at best.
+- ``composition``: ``blend0_4`` and ``blend2_6`` mix the characters of two cipher tasks (disjoint alphabets)
+  in one input; each character is enciphered by its own task, so the two experts must be combined.
+- ``unrelated``: ``copy9`` (copy a digit string) and ``markov9`` (text from a seeded order-1 Markov chain over
+  punctuation, scored by NLL against its true entropy). The base model learnt both in pretraining and no
+  expert covers them: the base model is the floor a good method keeps.
+
+The base model is a tiny Llama pretrained here on a broad mixture: every task's input format with *random*
+outputs of the right length and alphabet (so it knows the formats but none of the mappings), switching and
+blended formats, the copy task, the Markov text and random words. One LoRA expert per held-in task is trained
+with `train_expert` on that task only (half of its examples follow 1-2 generic random segments, so the expert
+also works mid-sequence); a multitask LoRA on the union is stored as a baseline. `measure_suite` scores the
+base, every oracle expert, the multitask LoRA and oracle per-example / per-token routings; the build stores
+those scores in ``build.json`` (docs/suites.md lists them).
+
+The build is cached in ``<root>/synthetic-<hash of the config>/`` (``~/.cache/moerge/suites`` by default,
+``$MOERGE_CACHE/suites`` if set) as a suite folder (`moerge.bench.suite.load_jsonl_suite`) plus ``base/``,
+``library/`` (held-in experts), ``baselines/`` (``multitask``) and ``build.json`` (timings, base and oracle
+scores). The same config gives the same data and the same weights.
+
+Measure a build: ``python -m moerge.bench.synthetic [--reduced] [--root DIR] [--force]``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from moerge.bench.suite import Example, RoutingSpan, Suite, Task, load_jsonl_suite, write_jsonl_suite
+from moerge.models.tiny import TinyModelConfig
+from moerge.train.lora import TrainConfig
+from moerge.train.pretrain import PretrainConfig
+
+SUITE_VERSION = 2
+SEP = ">"
+POOL = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX"  # 8 alphabets of 8, stride 6 (2 shared)
+DIGITS = "0123456789"
+MARKOV_ALPHABET = "!#$%&*+="
+
+# ---------------------------------------------------------------- transformations (a registry of pure fns)
+
+OPS: dict[str, Callable[[str, dict[str, str]], str]] = {}
+
+
+def op(name: str):
+    def register(fn: Callable[[str, dict[str, str]], str]):
+        OPS[name] = fn
+        return fn
+
+    return register
+
+
+@op("cipher")
+def cipher(s: str, table: dict[str, str]) -> str:
+    return "".join(table[c] for c in s)
+
+
+@op("reverse")
+def reverse(s: str, table: dict[str, str]) -> str:
+    return s[::-1]
+
+
+@op("shift")
+def shift(s: str, table: dict[str, str]) -> str:
+    return "".join(table[c] for c in s)
+
+
+@op("rotate")
+def rotate(s: str, table: dict[str, str]) -> str:
+    return s[1:] + s[:1]
+
+
+@op("double")
+def double(s: str, table: dict[str, str]) -> str:
+    return "".join(c + c for c in s)
+
+
+@op("swap")
+def swap(s: str, table: dict[str, str]) -> str:
+    pairs = [s[i : i + 2][::-1] for i in range(0, len(s), 2)]
+    return "".join(pairs)
+
+
+@op("copy")
+def copy_op(s: str, table: dict[str, str]) -> str:
+    return s
+
+
+HELD_IN_OPS = ["cipher", "shift", "cipher", "rotate", "cipher", "double", "cipher", "swap"]
+BLENDS = [(0, 4), (2, 6)]
+
+
+class SyntheticSuiteConfig(BaseModel):
+    """Everything that determines the synthetic suite; its hash names the cache folder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int = 0
+    n_tasks: int = Field(8, ge=2, le=8, description="held-in tasks (the first n of the table)")
+    min_len: int = Field(5, ge=2)
+    max_len: int = Field(5, ge=2)
+    n_train: int = Field(512, ge=8, description="training examples per held-in task")
+    n_eval: int = Field(64, ge=4, description="eval examples per task")
+    n_pretrain: int = Field(4000, ge=16, description="pretraining rows")
+    switch_segments: tuple[int, int] = (2, 3)
+    markov_len: int = Field(24, ge=4)
+    prefix_prob: float = Field(
+        0.5, ge=0, le=1, description="share of training examples that follow a generic prefix segment"
+    )
+    model: TinyModelConfig = Field(
+        default_factory=lambda: TinyModelConfig(
+            hidden_size=64, num_layers=2, num_heads=4, intermediate_size=172
+        )
+    )
+    pretrain: PretrainConfig = Field(
+        default_factory=lambda: PretrainConfig(steps=500, lr=3e-3, batch_size=32, seq_len=64, warmup_steps=30)
+    )
+    expert: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(
+            steps=250, lr=1e-2, batch_size=16, seq_len=32, rank=8, alpha=16.0, warmup_steps=10
+        )
+    )
+    multitask: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(
+            steps=600, lr=1e-2, batch_size=32, seq_len=32, rank=8, alpha=16.0, warmup_steps=20
+        )
+    )
+    progress: bool = Field(True, description="progress bars (not part of the hash)")
+    threads: int | None = Field(
+        1, description="torch threads while building (not hashed); 1 is fastest for tiny models on a busy CPU"
+    )
+
+    @classmethod
+    def reduced(cls, **overrides: Any) -> SyntheticSuiteConfig:
+        """A small build for tests (seconds): a smaller model, few steps, few examples."""
+        base: dict[str, Any] = dict(
+            n_train=64,
+            n_eval=8,
+            n_pretrain=256,
+            model=TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+            pretrain=PretrainConfig(steps=30, lr=3e-3, batch_size=16, seq_len=64, warmup_steps=5),
+            expert=TrainConfig(steps=8, lr=1e-2, batch_size=8, seq_len=32, rank=4, alpha=8.0),
+            multitask=TrainConfig(steps=16, lr=1e-2, batch_size=8, seq_len=32, rank=4, alpha=8.0),
+        )
+        base.update(overrides)
+        return cls(**base)
+
+    def key(self) -> str:
+        """Hash of everything that changes the build (not the progress flags)."""
+        data = self.model_dump(mode="json")
+        data.pop("progress")
+        data.pop("threads")
+        for part in ("pretrain", "expert", "multitask"):
+            data[part].pop("progress", None)
+        blob = json.dumps({"version": SUITE_VERSION, "config": data}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- task data
+
+
+class TaskDef(BaseModel):
+    """A held-in task: its alphabet and transformation."""
+
+    name: str
+    op: str
+    alphabet: str
+    table: dict[str, str] = Field(default_factory=dict)
+
+    def apply(self, s: str) -> str:
+        return OPS[self.op](s, self.table)
+
+
+def _rng(seed: int, *parts: Any) -> random.Random:
+    h = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
+    return random.Random(int.from_bytes(h[:8], "big"))
+
+
+def task_defs(config: SyntheticSuiteConfig) -> list[TaskDef]:
+    defs = []
+    for i in range(config.n_tasks):
+        opname = HELD_IN_OPS[i]
+        alphabet = POOL[6 * i : 6 * i + 8]
+        table: dict[str, str] = {}
+        if opname == "cipher":
+            perm = list(alphabet)
+            _rng(config.seed, "cipher", i).shuffle(perm)
+            table = dict(zip(alphabet, perm))
+        elif opname == "shift":
+            table = dict(zip(alphabet, alphabet[1:] + alphabet[:1]))
+        defs.append(TaskDef(name=f"{opname}{i}", op=opname, alphabet=alphabet, table=table))
+    return defs
+
+
+def _unique_inputs(rng: random.Random, alphabet: str, n: int, lo: int, hi: int, need: Callable | None = None):
+    seen: set[str] = set()
+    out: list[str] = []
+    tries = 0
+    while len(out) < n and tries < 50 * n:
+        tries += 1
+        s = "".join(rng.choice(alphabet) for _ in range(rng.randint(lo, hi)))
+        if s not in seen and (need is None or need(s)):
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+def _segment(inp: str, out: str, experts: list[str], offset: int) -> tuple[str, tuple[int, int], RoutingSpan]:
+    text = inp + SEP + out
+    target = (offset + len(inp) + 1, offset + len(text))
+    return text, target, RoutingSpan(start=offset, end=offset + len(text), experts=experts)
+
+
+def noise_segment(rng: random.Random, config: SyntheticSuiteConfig) -> str:
+    """A generic ``input>output`` segment of random characters (no task's mapping)."""
+    n = rng.randint(config.min_len, config.max_len)
+    return (
+        "".join(rng.choice(POOL + DIGITS) for _ in range(n))
+        + SEP
+        + "".join(rng.choice(POOL) for _ in range(n))
+    )
+
+
+def train_example(rng: random.Random, d: TaskDef, s: str, config: SyntheticSuiteConfig) -> Example:
+    """A training example of task ``d``; with probability ``prefix_prob`` it follows 1-2 generic segments, so
+    the expert also works mid-sequence (the prefix is not a target and routes to no expert)."""
+    if rng.random() >= config.prefix_prob:
+        return Example.from_prompt(s + SEP, d.apply(s), [d.name])
+    prefix = " ".join(noise_segment(rng, config) for _ in range(rng.randint(1, 2))) + " "
+    text = prefix + s + SEP + d.apply(s)
+    routing = [RoutingSpan(start=len(prefix), end=len(text), experts=[d.name])]
+    return Example(text=text, targets=[(len(prefix) + len(s) + 1, len(text))], routing=routing)
+
+
+def held_in_task(d: TaskDef, config: SyntheticSuiteConfig) -> Task:
+    rng = _rng(config.seed, "inputs", d.name)
+    inputs = _unique_inputs(rng, d.alphabet, config.n_train + config.n_eval, config.min_len, config.max_len)
+    eval_examples = [Example.from_prompt(s + SEP, d.apply(s), [d.name]) for s in inputs[: config.n_eval]]
+    train_examples = [train_example(rng, d, s, config) for s in inputs[config.n_eval :]]
+    return Task(
+        name=d.name,
+        split="held_in",
+        condition="in_distribution",
+        metric="exact_match",
+        ceiling=1.0,
+        experts=[d.name],
+        description=f"{d.op} over {d.alphabet!r}",
+        train=train_examples,
+        eval=eval_examples,
+    )
+
+
+def switching_example(
+    rng: random.Random, defs: list[TaskDef], config: SyntheticSuiteConfig, fn=None
+) -> Example:
+    k = rng.randint(*config.switch_segments)
+    chosen: list[TaskDef] = []
+    while len(chosen) < k:
+        d = rng.choice(defs)
+        if not chosen or d.name != chosen[-1].name:
+            chosen.append(d)
+    parts, targets, routing, offset = [], [], [], 0
+    for d in chosen:
+        s = "".join(rng.choice(d.alphabet) for _ in range(rng.randint(config.min_len, config.max_len)))
+        out = fn(d, s) if fn else d.apply(s)
+        text, target, span = _segment(s, out, [d.name], offset)
+        parts.append(text)
+        targets.append(target)
+        routing.append(span)
+        offset += len(text) + 1
+    return Example(text=" ".join(parts), targets=targets, routing=routing)
+
+
+def blend_example(
+    rng: random.Random, a: TaskDef, b: TaskDef, config: SyntheticSuiteConfig, fn=None
+) -> Example:
+    n = rng.randint(max(2, config.min_len), config.max_len)
+    while True:
+        s = "".join(rng.choice(a.alphabet + b.alphabet) for _ in range(n))
+        if any(c in a.alphabet for c in s) and any(c in b.alphabet for c in s):
+            break
+    owner = [a if c in a.alphabet else b for c in s]
+    out = fn(s, owner) if fn else "".join(o.table[c] for c, o in zip(s, owner))
+    text = s + SEP + out
+    labels = [[o.name] for o in owner] + [[a.name, b.name]] + [[o.name] for o in owner]
+    return Example(text=text, targets=[(n + 1, len(text))], routing=label_runs(labels))
+
+
+def label_runs(labels: list[list[str]]) -> list[RoutingSpan]:
+    """Per-character expert lists → routing spans, one per run of equal labels."""
+    spans: list[RoutingSpan] = []
+    for i, lab in enumerate(labels):
+        if spans and spans[-1].experts == lab and spans[-1].end == i:
+            spans[-1].end = i + 1
+        else:
+            spans.append(RoutingSpan(start=i, end=i + 1, experts=lab))
+    return spans
+
+
+def markov_chain(config: SyntheticSuiteConfig) -> list[list[float]]:
+    """A seeded order-1 transition matrix over `MARKOV_ALPHABET` with low entropy (2 likely successors)."""
+    rng = _rng(config.seed, "markov")
+    n = len(MARKOV_ALPHABET)
+    rows = []
+    for _ in range(n):
+        w = [rng.random() * 0.2 for _ in range(n)]
+        for j in rng.sample(range(n), 2):
+            w[j] += 2.0 + rng.random() * 3.0
+        total = sum(w)
+        rows.append([x / total for x in w])
+    return rows
+
+
+def markov_text(rng: random.Random, chain: list[list[float]], length: int) -> str:
+    idx = [rng.randrange(len(chain))]
+    while len(idx) < length:
+        idx.append(rng.choices(range(len(chain)), weights=chain[idx[-1]])[0])
+    return "".join(MARKOV_ALPHABET[i] for i in idx)
+
+
+def markov_entropy(text: str, chain: list[list[float]]) -> float:
+    """Sum of the true conditional entropies (nats) of every character of ``text`` given the previous one."""
+    n = len(chain)
+    total = math.log(n)  # the first character is uniform
+    for c in text[:-1]:
+        row = chain[MARKOV_ALPHABET.index(c)]
+        total -= sum(p * math.log(p) for p in row if p > 0)
+    return total
+
+
+def build_tasks(config: SyntheticSuiteConfig) -> tuple[list[Task], list[dict[str, str]], dict[str, Any]]:
+    """``(tasks, pretraining rows, info)``, all from the seed."""
+    defs = task_defs(config)
+    tasks = [held_in_task(d, config) for d in defs]
+    names = [d.name for d in defs]
+
+    rng = _rng(config.seed, "switching")
+    tasks.append(
+        Task(
+            name="switch",
+            split="held_out",
+            condition="switching",
+            ceiling=1.0,
+            experts=names,
+            description=f"{config.switch_segments[0]}-{config.switch_segments[1]} held-in segments per sequence",
+            eval=[switching_example(rng, defs, config) for _ in range(config.n_eval)],
+        )
+    )
+    for i, j in BLENDS:
+        if j < len(defs) and defs[i].op == defs[j].op == "cipher":
+            rng = _rng(config.seed, "blend", i, j)
+            tasks.append(
+                Task(
+                    name=f"blend{i}_{j}",
+                    split="held_out",
+                    condition="composition",
+                    ceiling=1.0,
+                    experts=[defs[i].name, defs[j].name],
+                    description=f"characters of {defs[i].name} and {defs[j].name} mixed, each enciphered by its own task",
+                    eval=[blend_example(rng, defs[i], defs[j], config) for _ in range(config.n_eval)],
+                )
+            )
+    rng = _rng(config.seed, "copy")
+    copy_inputs = _unique_inputs(rng, DIGITS, config.n_eval + 200, config.min_len, config.max_len)
+    copy_eval = [Example.from_prompt(s + SEP, s) for s in copy_inputs[: config.n_eval]]
+    tasks.append(
+        Task(
+            name="copy9",
+            split="held_out",
+            condition="unrelated",
+            ceiling=1.0,
+            description="copy a digit string (the base model learnt it; no expert covers it)",
+            eval=copy_eval,
+        )
+    )
+    chain = markov_chain(config)
+    rng = _rng(config.seed, "markov-eval")
+    markov_eval = [markov_text(rng, chain, config.markov_len) for _ in range(config.n_eval)]
+    entropy = sum(markov_entropy(t, chain) for t in markov_eval) / (config.n_eval * config.markov_len)
+    tasks.append(
+        Task(
+            name="markov9",
+            split="held_out",
+            condition="unrelated",
+            metric="nll",
+            ceiling=round(entropy, 6),
+            description="order-1 Markov text over punctuation; nll per character against its true entropy",
+            eval=[Example(text=t, targets=[(0, len(t))]) for t in markov_eval],
+        )
+    )
+    pretrain = pretraining_rows(config, defs, copy_inputs[config.n_eval :], chain)
+    info = {"alphabets": {d.name: d.alphabet for d in defs}, "markov_alphabet": MARKOV_ALPHABET}
+    return tasks, pretrain, info
+
+
+def pretraining_rows(
+    config: SyntheticSuiteConfig, defs: list[TaskDef], copy_inputs: list[str], chain: list[list[float]]
+) -> list[dict[str, str]]:
+    """The broad mixture: formats with random outputs, switching/blended formats, copy, Markov, random words."""
+    rng = _rng(config.seed, "pretrain")
+
+    def random_out(d: TaskDef, s: str) -> str:
+        return "".join(rng.choice(d.alphabet) for _ in range(len(d.apply(s))))
+
+    def random_mix(s: str, owner: list[TaskDef]) -> str:
+        return "".join(rng.choice(o.alphabet) for o in owner)
+
+    kinds = ["format"] * 8 + ["switch"] * 3 + ["blend"] * 2 + ["copy"] * 3 + ["markov"] * 2 + ["words"] * 2
+    rows: list[dict[str, str]] = []
+    for _ in range(config.n_pretrain):
+        kind = rng.choice(kinds)
+        if kind == "format":
+            d = rng.choice(defs)
+            s = "".join(rng.choice(d.alphabet) for _ in range(rng.randint(config.min_len, config.max_len)))
+            rows.append({"text": s + SEP + random_out(d, s)})
+        elif kind == "switch":
+            rows.append({"text": switching_example(rng, defs, config, fn=random_out).text})
+        elif kind == "blend":
+            a, b = rng.sample(defs, 2)
+            shared = set(a.alphabet) & set(b.alphabet)
+            if shared:
+                continue
+            rows.append({"text": blend_example(rng, a, b, config, fn=random_mix).text})
+        elif kind == "copy":
+            s = rng.choice(copy_inputs)
+            rows.append({"text": s + SEP + s})
+        elif kind == "markov":
+            rows.append({"text": markov_text(rng, chain, config.markov_len)})
+        else:
+            words = [
+                "".join(rng.choice(POOL + DIGITS) for _ in range(rng.randint(2, 6)))
+                for _ in range(rng.randint(2, 5))
+            ]
+            rows.append({"text": " ".join(words)})
+    return rows
+
+
+# ---------------------------------------------------------------- building and caching
+
+
+def default_root() -> Path:
+    base = os.environ.get("MOERGE_CACHE")
+    return Path(base) / "suites" if base else Path.home() / ".cache" / "moerge" / "suites"
+
+
+def suite_folder(config: SyntheticSuiteConfig, root: str | Path | None = None) -> Path:
+    return Path(root or default_root()).expanduser() / f"synthetic-{config.key()}"
+
+
+def is_built(folder: Path) -> bool:
+    return (folder / "build.json").is_file() and (folder / "suite.yaml").is_file()
+
+
+def build_synthetic_suite(
+    config: SyntheticSuiteConfig | None = None, root: str | Path | None = None, force: bool = False
+) -> Suite:
+    """The synthetic suite for ``config``: loaded from the cache, or built (a few minutes) and cached."""
+    config = config or SyntheticSuiteConfig()
+    folder = suite_folder(config, root)
+    if is_built(folder) and not force:
+        return load_jsonl_suite(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
+    if staging.exists():
+        shutil.rmtree(staging)
+    try:
+        _build_into(staging, config)
+        if folder.exists():
+            if not force and is_built(folder):  # another process finished first
+                shutil.rmtree(staging)
+                return load_jsonl_suite(folder)
+            shutil.rmtree(folder)
+        try:
+            os.replace(staging, folder)
+        except OSError:
+            if not is_built(folder):  # not a concurrent build finishing first: a real error
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return load_jsonl_suite(folder)
+
+
+def dense_merged(model, expert):
+    """A copy of ``model`` with ``expert``'s LoRA deltas added into its weights (for measuring an expert)."""
+    import copy
+
+    import torch
+
+    merged = copy.deepcopy(model)
+    modules = dict(merged.named_modules())
+    with torch.no_grad():
+        for name, lm in expert.lora.items():
+            modules[name].weight += lm.delta_for_weight().to(modules[name].weight.dtype)
+    return merged
+
+
+def measure_suite(
+    model, tokenizer, suite: Suite, experts: dict, multitask=None
+) -> dict[str, dict[str, float]]:
+    """Reference scores per task, computed with dense merges (no routing code involved):
+
+    - ``base``, ``multitask``; ``oracle``: the task's own expert (held-in);
+    - ``best_single``: the best one expert for the whole task (max exact match, min NLL);
+    - ``oracle_per_example``: the best expert chosen per example (oracle per-example routing);
+    - ``oracle_per_token``: each scored token predicted by the model of its ground-truth expert (the merge
+      mean of its experts' logits when it has several; the base where it has none): oracle per-token
+      model-level routing;
+    - ``merge_task_experts``: the task's experts' deltas summed into the base (composition tasks).
+    """
+    import torch
+
+    from moerge.bench.suite import evaluate_task, span_exact_match
+
+    names = list(experts)
+    merged = {n: dense_merged(model, experts[n]) for n in names}
+    out: dict[str, dict[str, float]] = {}
+    with torch.no_grad():
+        for task in suite.tasks:
+            row = {"base": evaluate_task(model, tokenizer, task)}
+            if multitask is not None:
+                row["multitask"] = evaluate_task(dense_merged(model, multitask), tokenizer, task)
+            if task.oracle_expert in merged:
+                row["oracle"] = evaluate_task(merged[task.oracle_expert], tokenizer, task)
+            if task.condition == "composition" and all(n in experts for n in task.experts):
+                combo = model
+                for n in task.experts:
+                    combo = dense_merged(combo, experts[n])
+                row["merge_task_experts"] = evaluate_task(combo, tokenizer, task)
+            if task.metric == "nll":
+                row["best_single"] = min(evaluate_task(merged[n], tokenizer, task) for n in names)
+                out[task.name] = {k: round(v, 4) for k, v in row.items()}
+                continue
+            per_expert, per_token, total = [], [], 0
+            for batch in task.eval_batches(tokenizer, 64, experts=names):
+                logits = torch.stack(
+                    [merged[n](input_ids=batch.input_ids).logits for n in names]
+                )  # [E,B,T,V]
+                base_logits = model(input_ids=batch.input_ids).logits
+                per_expert.append(torch.stack([span_exact_match(lg, batch) for lg in logits]))  # [E, S]
+                # the logits at t predict token t + 1: route them by token t + 1's ground-truth experts
+                want = batch.routes[:, 1:].float()  # [B, T-1, E]
+                count = want.sum(-1, keepdim=True)
+                mixed = torch.einsum("bte,ebtv->btv", want / count.clamp(min=1), logits[:, :, :-1])
+                routed = torch.where(count > 0, mixed, base_logits[:, :-1])
+                routed = torch.cat([routed, base_logits[:, -1:]], dim=1)
+                per_token.append(span_exact_match(routed, batch))
+                total += batch.n_spans
+            em = torch.cat(per_expert, dim=1)  # [E, spans]
+            row["best_single"] = float(em.mean(1).max())
+            spans_per_example = [len(ex.targets) for ex in task.eval]
+            per_example = [float(chunk.mean(1).max()) for chunk in em.split(spans_per_example, dim=1)]
+            row["oracle_per_example"] = sum(n * v for n, v in zip(spans_per_example, per_example)) / max(
+                1, total
+            )
+            row["oracle_per_token"] = float(torch.cat(per_token).mean())
+            out[task.name] = {k: round(v, 4) for k, v in row.items()}
+    return out
+
+
+def _build_into(out: Path, config: SyntheticSuiteConfig) -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        _build_steps(out, config)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_steps(out: Path, config: SyntheticSuiteConfig) -> None:
+    import torch
+    from peft import get_peft_model  # noqa: F401  (import cost outside the timings)
+    from transformers import LlamaForCausalLM  # noqa: F401
+
+    from moerge.experts.fingerprint import fingerprint_model
+    from moerge.experts.library import ExpertLibrary
+    from moerge.models.tiny import build_tiny_model
+    from moerge.train.lora import train_expert, train_multitask_expert
+    from moerge.train.pretrain import pretrain_model
+
+    timings: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    t0, c0 = time.perf_counter(), time.process_time()
+    tasks, pretrain_rows, info = build_tasks(config)
+    key = config.key()
+    suite = Suite(name=f"synthetic-{key}", tasks=tasks, experts=[t.name for t in tasks if t.held_in], info={})
+    timings["data"], cpu["data"] = time.perf_counter() - t0, time.process_time() - c0
+
+    t, c = time.perf_counter(), time.process_time()
+    model, tokenizer = build_tiny_model(config.model)
+    pre = pretrain_model(
+        model, tokenizer, pretrain_rows, config.pretrain.model_copy(update={"progress": config.progress})
+    )
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    base_id = f"moerge-synthetic-{key}"
+    model.config._name_or_path = base_id
+    model.save_pretrained(out / "base")
+    tokenizer.save_pretrained(out / "base")
+    fingerprint = fingerprint_model(model)
+    timings["pretrain"], cpu["pretrain"] = time.perf_counter() - t, time.process_time() - c
+
+    t, c = time.perf_counter(), time.process_time()
+    lib = ExpertLibrary.create(out / "library", base_model=base_id, base_fingerprint=fingerprint)
+    experts = {}
+    for i, task in enumerate(suite.held_in):
+        cfg = config.expert.model_copy(update={"seed": config.expert.seed + i, "progress": config.progress})
+        experts[task.name] = train_expert(
+            model, tokenizer, task.training_rows(), cfg, library=lib, name=task.name, task=task.name,
+            base_model_id=base_id, tags=["synthetic"], description=task.description,
+        )  # fmt: skip
+    timings["experts"], cpu["experts"] = time.perf_counter() - t, time.process_time() - c
+
+    t, c = time.perf_counter(), time.process_time()
+    baselines = ExpertLibrary.create(out / "baselines", base_model=base_id, base_fingerprint=fingerprint)
+    multitask = train_multitask_expert(
+        model, tokenizer, {k: v for k, v in suite.training_data().items() if k in experts},
+        config.multitask.model_copy(update={"progress": config.progress}), library=baselines, name="multitask",
+        base_model_id=base_id, description="LoRA on the union of the held-in tasks' training data",
+    )  # fmt: skip
+    timings["multitask"], cpu["multitask"] = time.perf_counter() - t, time.process_time() - c
+    timings["total"], cpu["total"] = time.perf_counter() - t0, time.process_time() - c0
+
+    # Measure what the build produced: base, oracle expert, multitask and oracle routings per task.
+    t, c = time.perf_counter(), time.process_time()
+    scores = measure_suite(model, tokenizer, suite, experts, multitask)
+    timings["measure"], cpu["measure"] = time.perf_counter() - t, time.process_time() - c
+
+    suite.info = {
+        "generator": "moerge.bench.synthetic",
+        "version": SUITE_VERSION,
+        "key": key,
+        "base_model_id": base_id,
+        "base_fingerprint": fingerprint,
+        **info,
+    }
+    write_jsonl_suite(suite, out, base_model="base", library="library", baselines="baselines")
+    (out / "pretrain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pretrain_rows))
+    build = {
+        "config": config.model_dump(mode="json"),
+        "key": key,
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+        "torch_threads": torch.get_num_threads(),
+        "pretrain": {"first_loss": pre.first_loss, "final_loss": pre.final_loss, "steps": pre.steps},
+        "experts": {n: e.metadata.training for n, e in experts.items()},
+        "multitask": multitask.metadata.training,
+        "scores": scores,
+        "markov_chain": markov_chain(config),
+    }
+    (out / "build.json").write_text(json.dumps(build, indent=2))
+
+
+def read_build_info(suite: Suite) -> dict[str, Any]:
+    """The ``build.json`` of a built synthetic suite (timings, training summaries, base/oracle scores)."""
+    if not suite.root:
+        raise FileNotFoundError("the suite was not loaded from a folder")
+    return json.loads((Path(suite.root) / "build.json").read_text())
+
+
+SCORE_COLUMNS = [
+    ("base", "base"),
+    ("oracle", "oracle"),
+    ("best_single", "best1"),
+    ("oracle_per_example", "or/ex"),
+    ("oracle_per_token", "or/tok"),
+    ("merge_task_experts", "merge"),
+    ("multitask", "multi"),
+]
+
+
+def format_scores(suite: Suite, scores: dict[str, dict[str, float]]) -> str:
+    """A plain-text table of `measure_suite` scores (Markdown-compatible)."""
+    head = ["task", "split", "condition", "metric", "ceiling"] + [short for _, short in SCORE_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for task in suite.tasks:
+        s = scores.get(task.name, {})
+        cells = [
+            task.name,
+            task.split,
+            task.condition,
+            task.metric,
+            f"{task.ceiling:.3f}" if task.ceiling else "-",
+        ]
+        cells += [f"{s[k]:.3f}" if k in s else "-" for k, _ in SCORE_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Build (or load) the synthetic suite and print its build report."
+    )
+    parser.add_argument("--reduced", action="store_true", help="the reduced test configuration")
+    parser.add_argument("--root", default=None, help="cache root (default ~/.cache/moerge/suites)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads while building")
+    args = parser.parse_args(argv)
+    kw: dict[str, Any] = {"seed": args.seed, "threads": args.threads}
+    config = SyntheticSuiteConfig.reduced(**kw) if args.reduced else SyntheticSuiteConfig(**kw)
+    t = time.perf_counter()
+    suite = build_synthetic_suite(config, root=args.root, force=args.force)
+    wall = time.perf_counter() - t
+    build = read_build_info(suite)
+    print(f"suite {suite.name} at {suite.root} ({wall:.1f} s wall for this call)")
+    print("build wall (s):", json.dumps(build["timings_s"]), "torch threads:", build["torch_threads"])
+    print("build CPU  (s):", json.dumps(build["cpu_s"]))
+    print(format_scores(suite, build["scores"]))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(_main())

@@ -1,0 +1,187 @@
+"""``moerge demo`` and ``moerge bench``: run every method on a suite's held-in and held-out tasks and report.
+
+moerge demo                                   # built-in synthetic suite, every recipe and baseline
+moerge bench --suite my_suite/ --recipe arrow --recipe "arrow:granularity=example" --out results/
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)
+    app.command("bench")(bench)
+
+
+def _load_suite(suite: str, reduced: bool, root: Path | None, rebuild: bool, progress: bool):
+    """``(Suite, how)`` for ``synthetic``, ``real-text`` or a suite folder."""
+    if suite == "synthetic":
+        from moerge.bench.synthetic import SyntheticSuiteConfig, build_synthetic_suite, is_built, suite_folder
+
+        config = SyntheticSuiteConfig.reduced() if reduced else SyntheticSuiteConfig()
+        config = config.model_copy(update={"progress": progress})
+        cached = is_built(suite_folder(config, root)) and not rebuild
+        return build_synthetic_suite(config, root=root, force=rebuild), "cached" if cached else "built"
+    if suite in ("real-text", "real_text"):
+        from moerge.bench import real_text
+
+        config = real_text.RealTextConfig.reduced() if reduced else real_text.RealTextConfig.full()
+        return real_text.build_real_text_suite(config, root=root, force=rebuild), "built or cached"
+    from moerge.bench.suite import load_jsonl_suite
+
+    return load_jsonl_suite(suite), "loaded"
+
+
+def _run(
+    suite_name: str,
+    recipes: list[str] | None,
+    baselines: list[str] | None,
+    library: str | None,
+    base: Path | None,
+    out: Path,
+    config_file: Path | None,
+    limit: int | None,
+    batch_size: int | None,
+    reduced: bool,
+    root: Path | None,
+    rebuild: bool,
+    artifacts: bool | None,
+    device: str | None,
+    progress: bool,
+    threads: int | None = None,
+) -> None:
+    from moerge.cli.common import console
+
+    t0 = time.perf_counter()
+    from transformers.utils import logging as hf_logging
+
+    from moerge.bench.report import print_table, write_report
+
+    hf_logging.disable_progress_bar()  # the per-load "Loading weights" bars
+    from moerge.bench.runner import BenchConfig, run_bench
+
+    fields: dict = {}
+    if config_file is not None:
+        fields.update(_read_yaml(config_file))
+    flags = {"recipes": recipes or None, "baselines": baselines or None, "limit": limit, "batch_size": batch_size,
+             "prepare_artifacts": artifacts, "device": device, "threads": threads}  # fmt: skip
+    fields.update({k: v for k, v in flags.items() if v is not None})
+    fields["progress"] = progress
+    config = BenchConfig(**fields)
+
+    suite, how = _load_suite(suite_name, reduced, root, rebuild, progress)
+    t_suite = time.perf_counter() - t0
+    console.print(f"suite [bold]{suite.name}[/] {how} in {t_suite:.1f} s ({len(suite.tasks)} tasks, "
+                  f"{len(suite.experts)} experts)", highlight=False)  # fmt: skip
+    model = tokenizer = lib = None
+    if base is not None:
+        from moerge.train.lora import load_base
+
+        model, tokenizer, _, _ = load_base(base)
+    if library is not None:
+        from moerge.experts.library import ExpertLibrary
+
+        lib = ExpertLibrary.open(library)
+    results = run_bench(suite, config, model=model, tokenizer=tokenizer, library=lib)
+    print_table(results, console)
+    report = write_report(results, out)
+    wall = time.perf_counter() - t0
+    console.print(
+        f"total {wall:.1f} s (suite {t_suite:.1f} s, benchmark {results.wall_s:.1f} s). "
+        f"Report: [bold]{report}[/] (results.json and plots alongside, in {out})",
+        highlight=False,
+    )
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    from moerge.errors import MalformedConfigError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise MalformedConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise MalformedConfigError(
+            f"{path}: expected a mapping of BenchConfig fields (recipes, baselines, …)"
+        )
+    return data
+
+
+def demo(
+    out: Path = typer.Option(Path("moerge-demo"), "--out", help="report folder"),
+    reduced: bool = typer.Option(
+        False, "--reduced", help="the small test suite (seconds; numbers not meaningful)"
+    ),
+    root: Path | None = typer.Option(
+        None, "--cache", help="suite cache folder (default ~/.cache/moerge/suites)"
+    ),
+    rebuild: bool = typer.Option(False, "--rebuild", help="rebuild the suite even if cached"),
+    threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 is fastest for the tiny models)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Build the synthetic suite (or load it from the cache), run every recipe and baseline, print the table
+    and write the report."""
+    _run(
+        "synthetic",
+        None,
+        None,
+        None,
+        None,
+        out,
+        None,
+        None,
+        None,
+        reduced,
+        root,
+        rebuild,
+        None,
+        None,
+        progress,
+        threads=threads,
+    )
+
+
+def bench(
+    suite: str = typer.Option(
+        "synthetic", "--suite", help="synthetic, real-text, or a suite folder (suite.yaml + JSONL task files)"
+    ),
+    recipe: list[str] | None = typer.Option(
+        None,
+        "--recipe",
+        help='method to run, "name" or "name:key=value,..." (repeatable; default: every recipe)',
+    ),
+    baseline: list[str] | None = typer.Option(
+        None,
+        "--baseline",
+        help="baselines to run (repeatable; default: all of base, oracle, label_routing, best_single, "
+        "uniform_merge, task_arithmetic, ties, multitask)",
+    ),  # fmt: skip
+    library: str | None = typer.Option(None, "--library", help="expert library (default: the suite's)"),
+    base: Path | None = typer.Option(None, "--base", help="base model folder (default: the suite's)"),
+    out: Path = typer.Option(Path("moerge-bench"), "--out", help="report folder"),
+    config: Path | None = typer.Option(None, "--config", help="YAML of BenchConfig fields; flags win"),
+    limit: int | None = typer.Option(None, "--limit", help="eval examples per task"),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+    reduced: bool = typer.Option(False, "--reduced", help="synthetic / real-text: the small configuration"),
+    root: Path | None = typer.Option(None, "--cache", help="synthetic / real-text suite cache folder"),
+    rebuild: bool = typer.Option(False, "--rebuild", help="synthetic / real-text: rebuild even if cached"),
+    artifacts: bool | None = typer.Option(
+        None,
+        "--artifacts/--no-artifacts",
+        help="compute missing routing artifacts from the suite's training data",
+    ),
+    device: str | None = typer.Option(None, "--device", help="cpu (default) or cuda"),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's own)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Run recipes and baselines on a suite: quality per task and split, routing accuracy, cost; write a report."""
+    _run(suite, recipe, baseline, library, base, out, config, limit, batch_size, reduced, root, rebuild,
+         artifacts, device, progress, threads)  # fmt: skip

@@ -1,0 +1,118 @@
+"""``moerge train``: train a LoRA expert on a JSONL file and add it to a library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+
+
+def _split_modules(values: list[str] | None) -> list[str] | None:
+    if not values:
+        return None
+    return [m.strip() for v in values for m in v.split(",") if m.strip()]
+
+
+def train(
+    base: Path = typer.Option(..., "--base", help="base model: a transformers model folder"),
+    data: Path = typer.Option(
+        ..., "--data", help='JSONL: {"text": ...} or {"prompt": ..., "completion": ...} rows'
+    ),
+    library: str = typer.Option(..., "--library", help="library folder or URL (created if absent)"),
+    name: str = typer.Option(..., "--name", help="expert name"),
+    task: str | None = typer.Option(None, "--task", help="task label stored with the expert"),
+    config: Path | None = typer.Option(None, "--config", help="YAML file of TrainConfig fields; flags win"),
+    steps: int | None = typer.Option(None, "--steps"),
+    lr: float | None = typer.Option(None, "--lr"),
+    rank: int | None = typer.Option(None, "--rank"),
+    alpha: float | None = typer.Option(None, "--alpha"),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+    seq_len: int | None = typer.Option(None, "--seq-len"),
+    seed: int | None = typer.Option(None, "--seed"),
+    target_modules: list[str] | None = typer.Option(
+        None, "--target-modules", help="module names to adapt (repeat or comma-separate); default: all linear"
+    ),
+    rslora: bool | None = typer.Option(None, "--rslora/--no-rslora"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an expert of the same name"),
+    tag: list[str] | None = typer.Option(None, "--tag", help="tag to store with the expert (repeatable)"),
+) -> None:
+    """Train a LoRA expert with PEFT on a JSONL data file and add it to a library."""
+    from moerge.cli.common import console
+    from moerge.errors import MalformedConfigError
+
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base}: no such base model folder (expected a transformers model folder)")
+    # Read the data before loading torch, so a bad file fails fast.
+    from moerge.train.data import read_jsonl
+
+    rows = read_jsonl(data)
+    fields: dict = {}
+    if config is not None:
+        fields.update(_read_yaml(config))
+    flags = {
+        "steps": steps,
+        "lr": lr,
+        "rank": rank,
+        "alpha": alpha,
+        "batch_size": batch_size,
+        "seq_len": seq_len,
+        "seed": seed,
+        "target_modules": _split_modules(target_modules),
+        "use_rslora": rslora,
+    }
+    fields.update({k: v for k, v in flags.items() if v is not None})
+
+    from pydantic import ValidationError
+
+    from moerge.experts.library import open_or_create
+    from moerge.train.lora import TrainConfig, train_expert
+
+    try:
+        cfg = TrainConfig(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = str(config) if config is not None else "train options"
+        raise MalformedConfigError(f"{where}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
+    lib = open_or_create(library)
+    if name in lib and not overwrite:
+        from moerge.errors import ExpertExistsError
+
+        raise ExpertExistsError(
+            f"{library}: an expert named {name!r} exists; pass --overwrite or another --name."
+        )
+    expert = train_expert(
+        str(base),
+        None,
+        rows,
+        cfg,
+        library=lib,
+        name=name,
+        task=task,
+        overwrite=overwrite,
+        tags=list(tag or []),
+    )
+    t = expert.metadata.training
+    console.print(
+        f"trained [bold]{name}[/]: {t['steps']} steps, loss {t['first_loss']:.3f} → {t['final_loss']:.3f}, "
+        f"{t['seconds']:.1f} s; added to {library}"
+    )
+
+
+def _read_yaml(path: Path) -> dict:
+    import yaml
+
+    from moerge.errors import MalformedConfigError
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise MalformedConfigError(f"{path}: not valid YAML ({e}).") from e
+    if not isinstance(data, dict):
+        raise MalformedConfigError(f"{path}: expected a mapping of TrainConfig fields.")
+    return data

@@ -1,0 +1,367 @@
+"""Full-checkpoint merges, streamed tensor by tensor.
+
+Inputs are transformers folders with (sharded) safetensors weights. For each output tensor the engine reads that
+one tensor from every input with ``pread`` straight into its slot of an ``[N, *shape]`` float32 buffer (no memory
+map, nothing else loaded), merges, casts and writes it to its output shard at once: the output shards' headers are
+planned before the first tensor is merged. Peak memory is therefore about one stacked tensor (N inputs) plus the
+method's temporaries, not N whole models and not even one output shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from moerge.errors import MalformedConfigError, ShapeMismatchError, UnsafeFormatError
+from moerge.merging.registry import MethodSpec, count_layers, merge_tensor, resolve_params
+from moerge.merging.st_io import (
+    ST_TO_TORCH,
+    StreamingShardWriter,
+    TensorEntry,
+    plan_shards,
+    read_header,
+    read_tensor,
+)
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
+
+
+class CheckpointReader:
+    """Access to one transformers folder's safetensors tensors (single file or sharded with an index), one tensor
+    at a time via ``pread``."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"{self.folder}: no such model folder")
+        if (self.folder / INDEX).is_file():
+            index = json.loads((self.folder / INDEX).read_text())
+            files = sorted({self.folder / v for v in index["weight_map"].values()})
+        elif (self.folder / SINGLE).is_file():
+            files = [self.folder / SINGLE]
+        else:
+            pickles = sorted(self.folder.glob("*.bin")) + sorted(self.folder.glob("*.pt"))
+            if pickles:
+                raise UnsafeFormatError(
+                    f"{pickles[0]}: pickle weights are refused; re-save the model with "
+                    "`model.save_pretrained(dir, safe_serialization=True)`."
+                )
+            raise MalformedConfigError(
+                f"{self.folder}: no {SINGLE} or {INDEX}; not a transformers model folder."
+            )
+        self.entries: dict[str, TensorEntry] = {}
+        for f in files:
+            if not f.is_file():
+                raise MalformedConfigError(
+                    f"{f}: listed in {INDEX} but missing; re-download or re-save the model."
+                )
+            self.entries.update(read_header(f)[0])
+        cfg = self.folder / "config.json"
+        self.config: dict[str, Any] = json.loads(cfg.read_text()) if cfg.is_file() else {}
+        self._fds: dict[Path, int] = {}
+
+    def names(self) -> list[str]:
+        """Tensor names in file order (shard by shard, by offset)."""
+        return sorted(self.entries, key=lambda k: (str(self.entries[k].file), self.entries[k].start))
+
+    def _fd(self, file: Path) -> int:
+        if file not in self._fds:
+            self._fds[file] = os.open(file, os.O_RDONLY)
+        return self._fds[file]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.entries[key].shape
+
+    def dtype(self, key: str) -> str:
+        return self.entries[key].dtype
+
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        e = self.entries[key]
+        return read_tensor(e, self._fd(e.file), out)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _tokenizer_vocab_hash(folder: Path) -> str | None:
+    tj = folder / "tokenizer.json"
+    if not tj.is_file():
+        return None
+    data = json.loads(tj.read_text())
+    vocab = {
+        "model": data.get("model", {}).get("vocab"),
+        "added": [t.get("content") for t in data.get("added_tokens", [])],
+    }
+    return hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest()
+
+
+def check_compatible(readers: list[CheckpointReader]) -> None:
+    """Refuse, naming the folder and the difference, models whose architecture, vocabulary or tensors differ."""
+    ref = readers[0]
+    for other in readers[1:]:
+        where = f"{other.folder} vs {ref.folder}"
+        for key in ("architectures", "model_type"):
+            if ref.config.get(key) != other.config.get(key):
+                raise ShapeMismatchError(
+                    f"{where}: {key} differs ({other.config.get(key)!r} vs {ref.config.get(key)!r}); only models "
+                    "of one architecture can be merged."
+                )
+        if ref.config.get("vocab_size") != other.config.get("vocab_size"):
+            raise ShapeMismatchError(
+                f"{where}: vocab_size differs ({other.config.get('vocab_size')} vs {ref.config.get('vocab_size')}); "
+                "merge models that share a tokenizer, or resize/transplant the vocabulary first."
+            )
+        h_ref, h_other = _tokenizer_vocab_hash(ref.folder), _tokenizer_vocab_hash(other.folder)
+        if h_ref and h_other and h_ref != h_other:
+            raise ShapeMismatchError(
+                f"{where}: the tokenizers' vocabularies differ (same size, different tokens); token embeddings "
+                "would be averaged across different tokens. Merge models that share a tokenizer."
+            )
+        missing, extra = set(ref.names()) - set(other.names()), set(other.names()) - set(ref.names())
+        if missing or extra:
+            what = f"lacks {sorted(missing)[:3]}" if missing else f"has extra {sorted(extra)[:3]}"
+            raise ShapeMismatchError(f"{where}: the tensor names differ ({other.folder} {what}).")
+        for key in ref.names():
+            if ref.shape(key) != other.shape(key):
+                raise ShapeMismatchError(
+                    f"{where}: tensor {key} has shape {other.shape(key)} vs {ref.shape(key)}; the models differ in "
+                    "size and cannot be merged tensor by tensor."
+                )
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from ``123``, ``"500MB"``, ``"2GB"``, ``"1.5GiB"``."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper().replace(" ", "")
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for u, mult in units.items():
+        if s.endswith(u):
+            return int(float(s[: -len(u)]) * mult)
+    return int(float(s))
+
+
+class ShardWriter:
+    """Collects output tensors and writes a safetensors shard whenever the next tensor would pass ``max_bytes``;
+    ``finish`` names the shards ``model-0000i-of-0000n.safetensors`` and writes the index (or one
+    ``model.safetensors`` when everything fit in one shard)."""
+
+    def __init__(self, out: Path, max_bytes: int):
+        self.out, self.max_bytes = out, max_bytes
+        self.current: dict[str, torch.Tensor] = {}
+        self.current_bytes = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total = 0
+
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        n = tensor.numel() * tensor.element_size()
+        if self.current and self.current_bytes + n > self.max_bytes:
+            self.flush()
+        self.current[key] = tensor.contiguous()
+        self.current_bytes += n
+        self.total += n
+
+    def flush(self) -> None:
+        if not self.current:
+            return
+        path = self.out / f"moerge-shard-{len(self.files):05d}.tmp"
+        save_file(self.current, str(path), metadata={"format": "pt"})
+        self.files.append((path, list(self.current)))
+        self.current, self.current_bytes = {}, 0
+
+    def finish(self) -> list[Path]:
+        self.flush()
+        n = len(self.files)
+        if n == 1:
+            final = self.out / SINGLE
+            self.files[0][0].replace(final)
+            return [final]
+        weight_map, paths = {}, []
+        for i, (tmp, keys) in enumerate(self.files):
+            name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            tmp.replace(self.out / name)
+            paths.append(self.out / name)
+            weight_map.update(dict.fromkeys(keys, name))
+        index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
+        (self.out / INDEX).write_text(json.dumps(index, indent=2))
+        return paths
+
+
+def _same_folder(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def iter_merged(
+    spec: MethodSpec,
+    readers: list[CheckpointReader],
+    base: CheckpointReader | None,
+    global_params: dict[str, Any],
+    per_model: list[dict[str, Any]],
+    *,
+    seed: int = 0,
+    stats: list[dict[str, torch.Tensor]] | None = None,
+    fan_in_fan_out: set[str] = frozenset(),
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, merged float32 tensor)`` for every tensor, reading one tensor per input at a time."""
+    ref = base or readers[0]
+    keys = ref.names()
+    n = len(readers)
+    cfg = (
+        ref.config.get("text_config", ref.config)
+        if isinstance(ref.config.get("text_config"), dict)
+        else ref.config
+    )
+    num_layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or count_layers(keys)
+    for key in keys:
+        if readers[0].dtype(key) not in SAFETENSORS_DTYPES:  # integer buffers: taken from the base
+            yield key, (base or readers[0]).get(key)
+            continue
+        shape = readers[0].shape(key)
+        x = torch.empty((n, *shape), dtype=torch.float32)
+        for i, r in enumerate(readers):  # one tensor per input model, read into its slot
+            r.get(key, out=x[i])
+        b = base.get(key).to(torch.float32) if base is not None else None
+        s = None
+        if stats is not None and all(key in st for st in stats):
+            s = torch.stack([st[key].to(torch.float32) for st in stats])
+        g, pm = resolve_params(spec, global_params, per_model, key, num_layers)
+        yield (
+            key,
+            merge_tensor(
+                spec,
+                x,
+                base=b,
+                global_params=g,
+                per_model=pm,
+                name=key,
+                seed=seed,
+                stats=s,
+                layout="fan_in_fan_out" if key in fan_in_fan_out else "linear",
+                inplace=True,
+            ),
+        )
+        del x, b
+
+
+def merge_checkpoints(
+    spec: MethodSpec,
+    models: list[str | Path],
+    base_model: str | Path | None,
+    out: str | Path,
+    global_params: dict[str, Any],
+    per_model: list[dict[str, Any]],
+    *,
+    dtype: str | None = None,
+    seed: int = 0,
+    shard_size: int | str = "2GB",
+    stats: list[dict[str, torch.Tensor]] | None = None,
+    fan_in_fan_out: set[str] = frozenset(),
+    recipe: dict[str, Any] | None = None,
+    copy_tokenizer: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Merge transformers folders ``models`` (against ``base_model``) into the folder ``out``, streaming."""
+    out = Path(out)
+    readers = [CheckpointReader(m) for m in models]
+    base = CheckpointReader(base_model) if base_model is not None else None
+    try:
+        check_compatible(([base] if base else []) + readers)
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in [*out.glob("model*.safetensors"), out / INDEX]:  # a previous merge's shards
+            stale.unlink(missing_ok=True)
+        ref = base or readers[0]
+        out_dtype = DTYPES[dtype] if dtype else None
+
+        def out_dtype_of(key: str) -> torch.dtype:
+            src = SAFETENSORS_DTYPES.get(ref.dtype(key))
+            return (out_dtype or src) if src is not None else ST_TO_TORCH[ref.dtype(key)]
+
+        plan = plan_shards([(k, out_dtype_of(k), ref.shape(k)) for k in ref.names()], parse_size(shard_size))
+        writer = StreamingShardWriter(out, plan)
+        merged_tensors = iter_merged(
+            spec,
+            readers,
+            base,
+            global_params,
+            per_model,
+            seed=seed,
+            stats=stats,
+            fan_in_fan_out=fan_in_fan_out,
+        )
+        try:
+            for key, merged in merged_tensors:
+                if torch.is_floating_point(merged) and not torch.isfinite(merged).all():
+                    raise ShapeMismatchError(
+                        f"merged tensor {key} holds NaN/Inf; check the inputs and parameters."
+                    )
+                writer.write(key, merged.to(out_dtype_of(key)))
+                if progress:
+                    progress(key)
+            writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+        write_model_files(ref.folder, out, dtype, recipe, copy_tokenizer)
+    finally:
+        for r in readers + ([base] if base else []):
+            r.close()
+    return out
+
+
+def write_model_files(
+    ref: Path, out: Path, dtype: str | None, recipe: dict[str, Any] | None, copy_tokenizer: bool
+) -> None:
+    """config.json (dtype updated), generation config, the tokenizer (from the base) and a model card."""
+    cfg = json.loads((ref / "config.json").read_text()) if (ref / "config.json").is_file() else {}
+    if dtype:
+        cfg["torch_dtype"] = dtype
+        cfg["dtype"] = dtype
+    (out / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    names = ("generation_config.json",) + (TOKENIZER_FILES if copy_tokenizer else ())
+    for name in names:
+        if (ref / name).is_file():
+            shutil.copyfile(ref / name, out / name)
+    if recipe is not None:
+        (out / "moerge_merge.json").write_text(json.dumps(recipe, indent=2, default=str))
+        import yaml
+
+        (out / "README.md").write_text(
+            "---\ntags: [moerge, merge]\n---\n# Merged model\n\nProduced by `moerge merge` with this recipe:\n\n"
+            "```yaml\n" + yaml.safe_dump(recipe, sort_keys=False) + "```\n"
+        )

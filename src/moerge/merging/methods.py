@@ -1,0 +1,314 @@
+"""The built-in merge methods (survey §4.1), each one decorated pure function over stacked tensors.
+
+``x`` is ``[N, *shape]`` (task vectors for ``space="delta"`` methods, weights otherwise), ``weight`` is ``[N]``.
+Defaults follow mergekit where mergekit has the method, so a mergekit YAML means the same thing here.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from moerge.merging.ops import (
+    bernoulli_drop,
+    della_drop,
+    disjoint_sum,
+    expand,
+    trim_outliers,
+    trim_to_density,
+)
+from moerge.merging.ops import (
+    slerp as slerp_pair,
+)
+from moerge.merging.registry import merge_method
+
+Rescale = Literal["inverse", "l1", "none"]
+
+
+def _rescale_l1(original: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """mergekit ≥0.1.5's ``rescale``: scale each sparsified ``kept[i]`` back to the L1 norm of ``original[i]``."""
+    dims = tuple(range(1, original.ndim))
+    before = original.abs().sum(dim=dims, keepdim=True)
+    after = kept.abs().sum(dim=dims, keepdim=True)
+    ok = (before >= eps) & (after >= eps)
+    return torch.where(ok, kept * before / after.clamp(min=eps), kept)
+
+
+def _weighted_sum(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return torch.tensordot(weight.to(x.dtype), x, dims=([0], [0]))
+
+
+# --------------------------------------------------------------------------------------------- linear family
+
+
+def _linear_coefficients(weight: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    return weight / weight.sum() if normalize else weight
+
+
+@merge_method(
+    "linear",
+    paper="Wortsman et al. 2022, arXiv:2203.05482 (model soups)",
+    space="weights",
+    coefficients=_linear_coefficients,
+)
+def linear(x: torch.Tensor, weight: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
+    """Weighted average Σ wᵢθᵢ / Σ wᵢ (a uniform soup with equal weights); a weighted sum without ``normalize``."""
+    out = _weighted_sum(x, weight)
+    if normalize:
+        s = weight.sum()
+        out = out / (s if s.abs() > 1e-12 else 1.0)
+    return out
+
+
+def _ta_coefficients(weight: torch.Tensor, normalize: bool = False, lambda_: float = 1.0) -> torch.Tensor:
+    return (weight / weight.sum() if normalize else weight) * lambda_
+
+
+@merge_method(
+    "task_arithmetic",
+    paper="Ilharco et al. 2023, arXiv:2212.04089",
+    coefficients=lambda weight, normalize=False, scale=1.0: _ta_coefficients(weight, normalize, scale),
+)
+def task_arithmetic(
+    x: torch.Tensor, weight: torch.Tensor, *, scale: float = 1.0, normalize: bool = False
+) -> torch.Tensor:
+    """θ₀ + λ Σ wᵢτᵢ (λ is ``scale``, mergekit's ``lambda``); divided by Σ wᵢ with ``normalize``."""
+    out = _weighted_sum(x, weight)
+    if normalize:
+        s = float(weight.sum())
+        out = out / (s if abs(s) >= 1e-8 else 1.0)
+    return out * scale if scale != 1 else out
+
+
+# ---------------------------------------------------------------------------------------- TIES / DARE family
+
+
+def _sparsified_task_arithmetic(
+    kept: torch.Tensor,
+    original: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    sign: Literal["mass", "count"] | None,
+    normalize: bool,
+    scale: float,
+    rescale: Rescale,
+) -> torch.Tensor:
+    if rescale == "l1":
+        kept = _rescale_l1(original, kept)
+    w = expand(weight, kept)
+    weighted = kept.mul_(w) if kept is not original else kept * w
+    return scale * disjoint_sum(weighted, weight, sign, normalize)
+
+
+@merge_method("ties", paper="Yadav et al. 2023, arXiv:2306.01708", per_model=("density",))
+def ties(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    density: float = 1.0,
+    sign: Literal["mass", "count"] = "mass",
+    normalize: bool = True,
+    scale: float = 1.0,
+    rescale: Rescale = "none",
+) -> torch.Tensor:
+    """Trim each τᵢ to its top-``density`` magnitudes, elect a sign per entry from Σ wᵢτ̂ᵢ (``mass``) or the sign
+    count, and average the agreeing entries: Σ wᵢτ̂ᵢ·maskᵢ / Σ wᵢ·maskᵢ (mergekit's weighted TIES)."""
+    kept = trim_to_density(x, density)
+    return _sparsified_task_arithmetic(
+        kept, x, weight, sign=sign, normalize=normalize, scale=scale, rescale=rescale
+    )
+
+
+@merge_method("dare_linear", paper="Yu et al. 2024, arXiv:2311.03099", per_model=("density",))
+def dare_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    density: float = 1.0,
+    rescale: Rescale = "inverse",
+    normalize: bool = False,
+    scale: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DARE: drop each entry of τᵢ with probability 1 − ``density``, rescale the kept ones by 1/density
+    (``inverse``, unbiased; ``l1`` matches mergekit 0.1.5), then task arithmetic."""
+    kept = bernoulli_drop(x, density, generator, rescale=rescale == "inverse")
+    return _sparsified_task_arithmetic(
+        kept, x, weight, sign=None, normalize=normalize, scale=scale, rescale=rescale
+    )
+
+
+@merge_method("dare_ties", paper="Yu et al. 2024, arXiv:2311.03099", per_model=("density",))
+def dare_ties(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    density: float = 1.0,
+    sign: Literal["mass", "count"] = "mass",
+    rescale: Rescale = "inverse",
+    normalize: bool = False,
+    scale: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DARE drop-and-rescale, then TIES sign election and disjoint merge."""
+    kept = bernoulli_drop(x, density, generator, rescale=rescale == "inverse")
+    return _sparsified_task_arithmetic(
+        kept, x, weight, sign=sign, normalize=normalize, scale=scale, rescale=rescale
+    )
+
+
+@merge_method("breadcrumbs", paper="Davari & Belilovsky 2024, arXiv:2312.06795", per_model=("density",))
+def breadcrumbs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    density: float = 1.0,
+    gamma: float = 0.01,
+    sign: Literal["mass", "count"] | None = None,
+    normalize: bool = False,
+    scale: float = 1.0,
+    rescale: Rescale = "none",
+) -> torch.Tensor:
+    """Model Breadcrumbs: drop the ``gamma`` largest-magnitude outliers and the smallest entries of each τᵢ so
+    that ``density`` remains, then task arithmetic (or TIES with ``sign``)."""
+    kept = trim_outliers(x, density, gamma)
+    return _sparsified_task_arithmetic(
+        kept, x, weight, sign=sign, normalize=normalize, scale=scale, rescale=rescale
+    )
+
+
+@merge_method("della", paper="Deep et al. 2024, arXiv:2406.11617", per_model=("density",))
+def della(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    density: float = 1.0,
+    epsilon: float = 0.15,
+    sign: Literal["mass", "count"] | None = "mass",
+    rescale: Rescale = "inverse",
+    normalize: bool = True,
+    scale: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DELLA: MagPrune drops entries with a probability that falls with their magnitude rank (keep
+    probability density ± ``epsilon``), rescales kept entries by 1/p, then elects signs and merges (TIES-style;
+    ``sign: null`` gives mergekit's ``della_linear``)."""
+    if not all(float(d) - epsilon > 0 and float(d) + epsilon <= 1 or float(d) >= 1 for d in density.tolist()):
+        from moerge.errors import MalformedConfigError
+
+        raise MalformedConfigError(
+            f"della: density ± epsilon must lie in (0, 1]; got density {density.tolist()}, epsilon {epsilon}."
+        )
+    kept = della_drop(x, density, epsilon, generator, rescale=rescale == "inverse")
+    return _sparsified_task_arithmetic(
+        kept, x, weight, sign=sign, normalize=normalize, scale=scale, rescale=rescale
+    )
+
+
+# ------------------------------------------------------------------------------------------- geometric family
+
+
+@merge_method("slerp", paper="Shoemake 1985; mergekit", space="weights", min_models=1, max_models=2)
+def slerp(
+    x: torch.Tensor, weight: torch.Tensor, *, t: float = 0.5, base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Spherical interpolation from v₀ (the base model, or the first model) at t=0 to v₁ at t=1."""
+    if base is not None and x.shape[0] == 1:
+        v0, v1 = base, x[0]
+    elif x.shape[0] == 2:
+        v0, v1 = x[0], x[1]
+    elif x.shape[0] == 1:
+        return x[0].clone()
+    else:
+        raise ValueError("slerp takes a base and one model, or two models")
+    return slerp_pair(t, v0, v1)
+
+
+@merge_method("multislerp", paper="Shoemake 1985; mergekit's multislerp", space="weights")
+def multislerp(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    normalize: bool = True,
+    eps: float = 1e-8,
+    base: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Barycentric SLERP of N models: the direction is the normalised weighted mean of the unit vectors, the
+    length the weighted mean of the norms (around ``base`` when given, i.e. on task vectors)."""
+    if x.shape[0] == 1:
+        return x[0].clone()
+    v = x - base if base is not None else x
+    w = weight / weight.sum() if normalize else weight
+    flat = v.reshape(v.shape[0], -1)
+    norms = flat.norm(dim=1, keepdim=True)
+    mean = (flat / (norms + eps) * w[:, None]).sum(0)
+    if mean.norm() < eps:
+        out = (flat * w[:, None]).sum(0)
+    else:
+        out = mean / mean.norm() * (norms.squeeze(1) * w).sum()
+    out = out.reshape(x.shape[1:])
+    return out + base if base is not None else out
+
+
+@merge_method("model_stock", paper="Jang et al. 2024, arXiv:2403.19522", space="weights", base="required")
+def model_stock(
+    x: torch.Tensor, weight: torch.Tensor, *, filter_wise: bool = False, base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """θ = t·mean(θᵢ) + (1 − t)·θ₀ with t = N·cosθ / (1 + (N − 1)·cosθ), cosθ the mean pairwise cosine of the
+    task vectors (per row with ``filter_wise``)."""
+    assert base is not None
+    n = x.shape[0]
+    if n == 1:
+        return x[0].clone()
+    shape = x.shape[1:]
+    off = x - base
+    rowwise = filter_wise and len(shape) >= 1
+    off = off.reshape(n, -1, shape[-1]) if rowwise else off.reshape(n, 1, -1)
+    unit = off / off.norm(dim=-1, keepdim=True).clamp(min=1e-6)
+    iu = torch.triu_indices(n, n, offset=1)
+    cos = (unit[iu[0]] * unit[iu[1]]).sum(-1).clamp(-1, 1).mean(dim=0)  # [rows]
+    denom = 1 + (n - 1) * cos
+    singular = denom.abs() < 1e-6
+    t = torch.where(singular, torch.zeros_like(cos), n * cos / torch.where(singular, 1.0, denom))
+    t = t.reshape(*shape[:-1], 1) if rowwise else t.reshape([1] * len(shape))
+    avg = x.mean(dim=0)
+    return t * avg + (1 - t) * base
+
+
+# ---------------------------------------------------------------------------------------- data-aware family
+
+
+@merge_method("fisher", paper="Matena & Raffel 2022, arXiv:2111.09832", space="weights", stats="fisher")
+def fisher(
+    x: torch.Tensor, weight: torch.Tensor, *, fisher_floor: float = 1e-6, stats: torch.Tensor | None = None
+) -> torch.Tensor:
+    """θ* = Σ wᵢ Fᵢ θᵢ / Σ wᵢ Fᵢ elementwise, with Fᵢ the diagonal Fisher plus ``fisher_floor`` (so entries no
+    model is sensitive to get the weighted average). Tensors without statistics are averaged."""
+    if stats is None:
+        return linear(x, weight, normalize=True)
+    f = (stats.to(x.dtype) + fisher_floor) * expand(weight, x)
+    return (f * x).sum(0) / f.sum(0)
+
+
+@merge_method("regmean", paper="Jin et al. 2023, arXiv:2212.09849", space="weights", stats="gram")
+def regmean(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    alpha: float = 0.9,
+    stats: torch.Tensor | None = None,
+    layout: str = "linear",
+) -> torch.Tensor:
+    """Per linear layer, W* = argmin Σᵢ ‖XᵢW − XᵢWᵢ‖²: W*ᵀ = (Σ G̃ᵢ)⁻¹ Σ G̃ᵢ Wᵢᵀ with G̃ = αG + (1 − α)diag(G)
+    and Gᵢ = XᵢᵀXᵢ (weighted by wᵢ). Other tensors (no Gram) are averaged."""
+    if stats is None or x.ndim != 3:
+        return linear(x, weight, normalize=True)
+    g = stats.to(torch.float64)
+    diag = torch.diag_embed(torch.diagonal(g, dim1=-2, dim2=-1))
+    g = (alpha * g + (1 - alpha) * diag) * expand(weight.to(torch.float64), g)
+    w_in_last = x.to(torch.float64) if layout == "fan_in_fan_out" else x.to(torch.float64).transpose(1, 2)
+    rhs = torch.einsum("nij,njo->io", g, w_in_last)  # Σ G̃ᵢ Wᵢᵀ  [d_in, d_out]
+    sol = torch.linalg.solve(g.sum(0), rhs)
+    out = sol if layout == "fan_in_fan_out" else sol.T
+    return out.to(x.dtype).contiguous()

@@ -1,0 +1,149 @@
+"""Small pure tensor operations the merge methods are made of. Every function works on inputs stacked on
+dim 0 (``[N, *shape]``) at once, without a Python loop over the N models."""
+
+from __future__ import annotations
+
+import torch
+
+
+def expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-model vector ``[N]`` to broadcast against ``[N, *shape]``."""
+    return v.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1)
+
+
+def trim_to_density(x: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
+    """Keep the ``int(density·numel)`` largest-magnitude entries of each ``x[i]`` (mergekit's ``magnitude``).
+
+    The threshold is found by selection (``kthvalue``), not a sort. Exactly k entries are kept: among entries
+    tied with the threshold the lowest indices win (mergekit's unstable argsort breaks such ties arbitrarily;
+    they occur when float32 rounding puts several deltas on the same value)."""
+    dens = density.tolist()
+    if all(d >= 1 for d in dens):
+        return x
+    flat = x.reshape(x.shape[0], -1)
+    numel = flat.shape[1]
+    mag = flat.abs()
+    thr = torch.empty(x.shape[0], dtype=mag.dtype, device=x.device)
+    ks = [numel if d >= 1 else int(d * numel) for d in dens]
+    for k in set(ks):  # one selection per distinct density (usually one)
+        rows = torch.tensor([i for i, ki in enumerate(ks) if ki == k], device=x.device)
+        if k >= numel:
+            thr[rows] = -1.0
+        elif k <= 0:
+            thr[rows] = float("inf")
+        else:
+            thr[rows] = torch.kthvalue(mag[rows], numel - k + 1, dim=1).values
+    mask = mag >= thr[:, None]
+    k_t = torch.tensor(ks, device=x.device)
+    extra = mask.sum(dim=1) - k_t
+    for i in (extra > 0).nonzero().flatten().tolist():  # ties at the threshold: drop the highest-index ones
+        tied = (mag[i] == thr[i]).nonzero().flatten()
+        mask[i, tied[tied.numel() - int(extra[i]) :]] = False
+    return torch.where(mask, flat, 0.0).reshape(x.shape)
+
+
+def trim_outliers(x: torch.Tensor, density: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs: drop the ``gamma`` largest magnitudes, then the smallest, keeping ``density``."""
+    flat = _flat(x)
+    numel = flat.shape[1]
+    order = torch.argsort(flat.abs(), dim=1)  # ascending
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(numel, device=x.device).expand_as(order))
+    lo, hi = [], []
+    for d in density.tolist():
+        if d >= 1:
+            lo.append(0)
+            hi.append(numel)
+            continue
+        target, n_top = int(d * numel), int(gamma * numel)
+        n_bot = numel - target - n_top
+        if n_bot < 0:
+            n_top, n_bot = n_top + n_bot, 0
+        lo.append(n_bot)
+        hi.append(numel - n_top)
+    lo_t = torch.tensor(lo, device=x.device)[:, None]
+    hi_t = torch.tensor(hi, device=x.device)[:, None]
+    mask = (rank >= lo_t) & (rank < hi_t)
+    return (flat * mask).reshape(x.shape)
+
+
+def bernoulli_drop(
+    x: torch.Tensor, density: torch.Tensor, generator: torch.Generator | None, rescale: bool = True
+) -> torch.Tensor:
+    """DARE: keep each entry with probability ``density`` and (optionally) rescale by ``1/density``."""
+    p = expand(density.clamp(max=1.0), x).expand_as(x)
+    keep = torch.bernoulli(p, generator=generator)
+    out = x * keep
+    if rescale:
+        out = out / expand(density.clamp(min=1e-12, max=1.0), x)
+    return out
+
+
+def della_drop(
+    x: torch.Tensor,
+    density: torch.Tensor,
+    epsilon: float,
+    generator: torch.Generator | None,
+    rescale: bool = True,
+) -> torch.Tensor:
+    """DELLA MagPrune: keep probability grows linearly with the magnitude rank within each row, from
+    ``density − ε`` (smallest) to ``density + ε`` (largest); kept entries are rescaled by ``1/p``."""
+    shape = x.shape
+    rows = x.reshape(x.shape[0], -1, x.shape[-1]) if x.ndim > 2 else x.reshape(x.shape[0], 1, -1)
+    n = rows.shape[-1]
+    ranks = rows.abs().argsort(dim=-1).argsort(dim=-1).to(x.dtype)
+    rank_norm = ranks / max(n - 1, 1)
+    d = expand(density, rows)
+    p = ((d - epsilon) + rank_norm * 2 * epsilon).clamp(0.0, 1.0)
+    full = (density >= 1).to(x.device)
+    if full.any():
+        p[full] = 1.0
+    keep = torch.bernoulli(p, generator=generator)
+    out = rows * keep
+    if rescale:
+        out = torch.where(keep > 0, out / p.clamp(min=1e-12), out)
+    return out.reshape(shape)
+
+
+def disjoint_sum(
+    weighted: torch.Tensor, weight: torch.Tensor, sign: str | None, normalize: bool
+) -> torch.Tensor:
+    """Σᵢ of the (sign-agreeing) weighted deltas, divided by Σᵢ wᵢ·maskᵢ when ``normalize`` (mergekit's
+    generalised task arithmetic: TIES when ``sign`` is set, a weighted sum otherwise)."""
+    w = weight.to(weighted.dtype)
+    if sign is None:
+        mixed = weighted.sum(dim=0)
+        s = float(w.sum())
+        return mixed / (s if abs(s) >= 1e-8 else 1.0) if normalize else mixed
+    # elected sign e per entry; agreeing entries are those with wᵢτᵢ·e > 0 (non-zero and of the elected sign)
+    score = weighted.sum(dim=0) if sign == "mass" else weighted.sign().sum(dim=0)
+    elected = torch.where(score >= 0, 1.0, -1.0).to(weighted.dtype)
+    p = weighted * elected
+    agree = p > 0
+    mixed = p.clamp_(min=0).sum(dim=0).mul_(elected)
+    if not normalize:
+        return mixed
+    divisor = torch.tensordot(w, agree.to(weighted.dtype), dims=1)
+    return mixed / torch.where(divisor == 0, 1.0, divisor)
+
+
+def lerp(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
+    return (1 - t) * v0 + t * v1
+
+
+def slerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8):
+    """Spherical interpolation of two tensors treated as flat vectors; the *unnormalised* tensors are mixed.
+    Falls back to ``lerp`` when they are (anti)parallel within ``dot_threshold``."""
+    n0, n1 = v0.norm(), v1.norm()
+    u0 = v0 / n0 if n0 > eps else v0
+    u1 = v1 / n1 if n1 > eps else v1
+    dot = (u0 * u1).sum()
+    if dot.abs() > dot_threshold:
+        return lerp(t, v0, v1)
+    theta = torch.arccos(dot)
+    s = torch.sin(theta)
+    return torch.sin((1 - t) * theta) / s * v0 + torch.sin(t * theta) / s * v1

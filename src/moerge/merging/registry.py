@@ -1,0 +1,370 @@
+"""The registry of merge methods: each method is one decorated pure function over stacked tensors.
+
+A method function takes ``x`` (the N input tensors stacked on dim 0, ``[N, *shape]``) and ``weight`` (``[N]``),
+and returns the merged tensor (``shape``). Keyword-only parameters are the method's *parameters*; the
+decorator records their names, types and defaults, so the YAML config, the CLI and ``moerge.merge(...)`` all
+validate them the same way. A few keyword names are *reserved* and filled by the engine, not by the user:
+
+- ``base``: the base tensor (methods in ``space="weights"`` that use a base model);
+- ``stats``: per-model data statistics stacked like ``x`` (Fisher diagonals, Gram matrices);
+- ``generator``: a seeded ``torch.Generator`` (random methods such as DARE; seeded per tensor name);
+- ``layout``: ``"linear"`` or ``"fan_in_fan_out"`` for 2-D weights (RegMean needs to know the input axis).
+
+``space="delta"`` methods see task vectors ``x - base`` (the engine adds the base back); for LoRA experts they
+see the per-module ΔW directly. ``space="weights"`` methods see the weights themselves.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
+
+from moerge.errors import MalformedConfigError
+
+RESERVED = ("base", "stats", "generator", "layout")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What the registry knows about one merge method."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    paper: str
+    space: Literal["delta", "weights"]
+    base: Literal["required", "optional", "none"]
+    per_model: tuple[str, ...]
+    params: dict[str, tuple[Any, Any]]  # name -> (annotation, default); includes per-model ones
+    stats: str | None = None  # kind of per-model statistics the method needs ("fisher", "gram")
+    random: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    coefficients: Callable[..., torch.Tensor] | None = None  # for methods linear in the inputs
+    doc: str = ""
+    uses: frozenset[str] = field(default_factory=frozenset)  # reserved kwargs the function accepts
+
+    @property
+    def linear(self) -> bool:
+        """True when the result is ``Σ cᵢ xᵢ`` (so LoRA ``exact`` mode can store it without loss)."""
+        return self.coefficients is not None
+
+    @property
+    def global_params(self) -> tuple[str, ...]:
+        return tuple(p for p in self.params if p not in self.per_model)
+
+    def describe(self) -> str:
+        ps = ", ".join(
+            f"{n}={d!r}" + (" (per model)" if n in self.per_model else "")
+            for n, (_, d) in self.params.items()
+        )
+        return f"{self.name}({ps})"
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def merge_method(
+    name: str,
+    *,
+    paper: str = "",
+    space: Literal["delta", "weights"] = "delta",
+    per_model: tuple[str, ...] = (),
+    stats: str | None = None,
+    min_models: int = 1,
+    max_models: int | None = None,
+    coefficients: Callable[..., torch.Tensor] | None = None,
+    base: Literal["required", "optional", "none"] | None = None,
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register ``fn(x, weight, *, params...) -> Tensor`` as merge method ``name``.
+
+    ``per_model`` names the keyword parameters that take one value per input model (``weight`` always does);
+    the function receives them as ``[N]`` tensors. ``coefficients(weight, **global_params) -> [N]`` marks a
+    method whose result is ``Σ cᵢ xᵢ``.
+    """
+
+    def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        if name in _REGISTRY:
+            raise ValueError(f"merge method {name!r} is registered twice")
+        sig = inspect.signature(fn)
+        hints = typing.get_type_hints(fn)
+        params: dict[str, tuple[Any, Any]] = {"weight": (float, 1.0)}
+        uses = set()
+        for p in sig.parameters.values():
+            if p.kind is not inspect.Parameter.KEYWORD_ONLY:
+                continue
+            if p.name in RESERVED:
+                uses.add(p.name)
+                continue
+            if p.default is inspect.Parameter.empty:
+                raise TypeError(f"merge method {name!r}: parameter {p.name!r} needs a default")
+            params[p.name] = (hints.get(p.name, Any), p.default)
+        unknown = set(per_model) - set(params)
+        if unknown:
+            raise TypeError(f"merge method {name!r}: per_model names unknown parameters {sorted(unknown)}")
+        base_mode = base or ("required" if space == "delta" else ("optional" if "base" in uses else "none"))
+        _REGISTRY[name] = MethodSpec(
+            name=name,
+            fn=fn,
+            paper=paper,
+            space=space,
+            base=base_mode,
+            per_model=("weight", *per_model),
+            params=params,
+            stats=stats,
+            random="generator" in uses,
+            min_models=min_models,
+            max_models=max_models,
+            coefficients=coefficients,
+            doc=inspect.getdoc(fn) or "",
+            uses=frozenset(uses),
+        )
+        return fn
+
+    return wrap
+
+
+def _ensure_loaded() -> None:
+    import moerge.merging.methods  # noqa: F401  (registers the built-in methods)
+
+
+def available_methods() -> list[str]:
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec of method ``name``; an unknown name raises one error listing the valid ones."""
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise MalformedConfigError(
+            f"unknown merge method {name!r}; valid methods: {', '.join(sorted(_REGISTRY))}."
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------- validation
+
+
+def _param_model(spec: MethodSpec, names: tuple[str, ...], label: str) -> type[BaseModel]:
+    fields = {n: (spec.params[n][0], spec.params[n][1]) for n in names}
+    return create_model(f"{spec.name}_{label}", __config__=ConfigDict(extra="forbid"), **fields)  # type: ignore[call-overload]
+
+
+class Setting:
+    """A parameter that varies by tensor, as in mergekit: a *gradient* (a list of values interpolated over the
+    layer position t ∈ [0, 1]) or *conditionals* (``[{filter: substring, value: …}, …]``, first match wins; a
+    filter-less entry matches everything)."""
+
+    def __init__(
+        self, gradient: list[Any] | None = None, conditions: list[tuple[str | None, Any]] | None = None
+    ):
+        self.gradient, self.conditions = gradient, conditions
+
+    @classmethod
+    def parse(cls, value: Any, check: Callable[[Any], Any], label: str, where: str) -> Setting:
+        if isinstance(value, dict):
+            value = [value]
+        if value and all(not isinstance(v, (list, dict)) for v in value):
+            return cls(gradient=[check(v) for v in value])
+        conds = []
+        for v in value:
+            if not isinstance(v, dict) or "value" not in v or set(v) - {"filter", "value"}:
+                raise MalformedConfigError(
+                    f"{where}: parameter {label}: expected a number, a list of numbers (a gradient over layers) or "
+                    f"a list of {{filter: name-substring, value: …}}; got {v!r}."
+                )
+            inner = v["value"]
+            conds.append(
+                (
+                    v.get("filter"),
+                    cls.parse(inner, check, label, where)
+                    if isinstance(inner, (list, dict))
+                    else check(inner),
+                )
+            )
+        return cls(conditions=conds)
+
+    def at(self, name: str, t: float) -> Any:
+        if self.gradient is not None:
+            vals = self.gradient
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                return vals[int(t * (len(vals) - 1))]
+            scaled = t * (len(vals) - 1)
+            i0 = int(scaled)
+            i1 = min(len(vals) - 1, i0 + 1)
+            return (1 - (scaled - i0)) * vals[i0] + (scaled - i0) * vals[i1]
+        for flt, val in self.conditions or []:
+            if flt is None or flt == "*" or flt in name:
+                return val.at(name, t) if isinstance(val, Setting) else val
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"Setting(gradient={self.gradient})"
+            if self.gradient is not None
+            else f"Setting({self.conditions})"
+        )
+
+
+_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def layer_position(name: str, num_layers: int | None) -> float:
+    """mergekit's t for a tensor: idx/(L−1) inside layer idx of L, 1 when L = 1, 0 outside the layers."""
+    m = _LAYER.search(name)
+    if m is None or not num_layers:
+        return 0.0
+    return int(m.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def count_layers(names: list[str]) -> int:
+    idx = [int(m.group(1)) for n in names if (m := _LAYER.search(n))]
+    return max(idx) + 1 if idx else 0
+
+
+def resolve_params(
+    spec: MethodSpec,
+    global_params: dict[str, Any],
+    per_model: list[dict[str, Any]],
+    name: str,
+    num_layers: int | None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Scalar parameters for tensor ``name``: `Setting` values are evaluated (no matching filter → the default)."""
+    if not any(isinstance(v, Setting) for v in global_params.values()) and not any(
+        isinstance(v, Setting) for pm in per_model for v in pm.values()
+    ):
+        return global_params, per_model
+    t = layer_position(name, num_layers)
+
+    def one(k: str, v: Any) -> Any:
+        if not isinstance(v, Setting):
+            return v
+        got = v.at(name, t)
+        return spec.params[k][1] if got is None else got
+
+    def ev(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: one(k, v) for k, v in d.items()}
+
+    return ev(global_params), [ev(pm) for pm in per_model]
+
+
+def validate_params(
+    spec: MethodSpec, global_params: dict[str, Any], per_model: list[dict[str, Any]], where: str = "config"
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Check and complete parameters: returns (global values, one dict of per-model values per model).
+
+    Per-model parameters may be given globally (a default for every model) and overridden per model, as in
+    mergekit. Unknown names or bad values raise one `MalformedConfigError` listing the valid parameters.
+    """
+    valid = ", ".join(f"{n} (default {d!r})" for n, (_, d) in spec.params.items())
+    unknown = sorted(set(global_params) - set(spec.params))
+    if unknown:
+        raise MalformedConfigError(
+            f"{where}: merge method {spec.name!r} has no parameter {', '.join(map(repr, unknown))}; valid: {valid}."
+        )
+    for i, pm in enumerate(per_model):
+        bad = sorted(set(pm) - set(spec.per_model))
+        if bad:
+            hint = (
+                f" ({', '.join(b for b in bad if b in spec.params)} can only be set globally)"
+                if any(b in spec.params for b in bad)
+                else ""
+            )
+            raise MalformedConfigError(
+                f"{where}: model {i}: merge method {spec.name!r} takes no per-model parameter "
+                f"{', '.join(map(repr, bad))}{hint}; per-model parameters: {', '.join(spec.per_model)}; valid: {valid}."
+            )
+
+    def check(name: str, value: Any, label: str) -> Any:
+        """Validate one scalar value of parameter ``name``."""
+        model = _param_model(spec, (name,), "one")
+        try:
+            return getattr(model(**{name: value}), name)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise MalformedConfigError(
+                f"{where}: merge method {spec.name!r}, parameter {label}: {err['msg']} (got {value!r})."
+            ) from None
+
+    def setting(name: str, value: Any, label: str) -> Any:
+        if isinstance(value, (list, dict)):
+            return Setting.parse(value, lambda v: check(name, v, label), label, where)
+        return check(name, value, label)
+
+    defaults = {k: v for k, v in global_params.items() if k in spec.per_model}
+    g = {n: setting(n, global_params.get(n, spec.params[n][1]), n) for n in spec.global_params}
+    models = [
+        {
+            n: setting(n, {**defaults, **pm}.get(n, spec.params[n][1]), f"models[{i}].{n}")
+            for n in spec.per_model
+        }
+        for i, pm in enumerate(per_model)
+    ]
+    n = len(per_model)
+    if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
+        most = f" and at most {spec.max_models}" if spec.max_models is not None else ""
+        raise MalformedConfigError(
+            f"{where}: merge method {spec.name!r} takes at least {spec.min_models}{most} models "
+            f"(besides the base model); got {n}."
+        )
+    return g, models
+
+
+# ------------------------------------------------------------------------------------------------ execution
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed: results do not depend on the order in which tensors are merged."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def merge_tensor(
+    spec: MethodSpec,
+    x: torch.Tensor,
+    *,
+    base: torch.Tensor | None,
+    global_params: dict[str, Any],
+    per_model: list[dict[str, Any]],
+    name: str = "",
+    seed: int = 0,
+    stats: torch.Tensor | None = None,
+    layout: str = "linear",
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Merge one stacked tensor ``x`` ``[N, *shape]`` (float32) with already validated parameters.
+    ``inplace=True`` lets the engine reuse ``x`` as scratch (task vectors are formed in place)."""
+    kwargs: dict[str, Any] = dict(global_params)
+    for p in spec.per_model:
+        kwargs[p] = torch.tensor([pm[p] for pm in per_model], dtype=x.dtype, device=x.device)
+    weight = kwargs.pop("weight")
+    if "generator" in spec.uses:
+        kwargs["generator"] = torch.Generator(device=x.device).manual_seed(tensor_seed(seed, name))
+    if "stats" in spec.uses:
+        kwargs["stats"] = stats
+    if "layout" in spec.uses:
+        kwargs["layout"] = layout
+    if spec.space == "delta":
+        if base is None:  # LoRA ΔW: the inputs already are task vectors
+            return spec.fn(x, weight, **kwargs)
+        return base + spec.fn(x.sub_(base) if inplace else x - base, weight, **kwargs)
+    if "base" in spec.uses:
+        kwargs["base"] = base
+    return spec.fn(x, weight, **kwargs)
+
+
+def linear_coefficients(spec: MethodSpec, global_params: dict[str, Any], per_model: list[dict[str, Any]]):
+    """``c`` with merge(x) = Σ cᵢ xᵢ for a linear method (LoRA exact mode)."""
+    if spec.coefficients is None:
+        raise MalformedConfigError(f"merge method {spec.name!r} is not linear in the inputs")
+    weight = torch.tensor([pm["weight"] for pm in per_model], dtype=torch.float64)
+    args = {k: v for k, v in global_params.items() if k in inspect.signature(spec.coefficients).parameters}
+    return spec.coefficients(weight, **args)

@@ -1,0 +1,171 @@
+"""Minimal streaming safetensors I/O: read one tensor with ``pread`` (no memory map, so reading N models does not
+grow the resident set by N file sizes), and write shards whose header is planned up front so every tensor goes to
+disk the moment it is merged. The format is the public safetensors layout: an 8-byte little-endian header length,
+a JSON header ``{name: {dtype, shape, data_offsets}}`` padded with spaces to 8 bytes, then the raw data."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moerge.errors import MalformedConfigError
+
+ST_TO_TORCH = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    end: int
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
+    """The tensor entries (absolute offsets) and the ``__metadata__`` of a safetensors file."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise MalformedConfigError(f"{path}: truncated safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise MalformedConfigError(f"{path}: not a safetensors file (header of {n} bytes)")
+        header = json.loads(f.read(n))
+    meta = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    entries = {
+        k: TensorEntry(
+            path, v["dtype"], tuple(v["shape"]), base + v["data_offsets"][0], base + v["data_offsets"][1]
+        )
+        for k, v in header.items()
+    }
+    return entries, meta
+
+
+def read_tensor(entry: TensorEntry, fd: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Read one tensor with ``os.pread``; into ``out`` (same dtype and numel) when given, without a copy."""
+    nbytes = entry.end - entry.start
+    dtype = ST_TO_TORCH[entry.dtype]
+    if (
+        out is not None
+        and out.dtype == dtype
+        and out.is_contiguous()
+        and out.numel() * out.element_size() == nbytes
+    ):
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        got = os.preadv(fd, [view], entry.start) if nbytes else 0
+        if got != nbytes:
+            raise MalformedConfigError(f"{entry.file}: truncated tensor data")
+        return out
+    buf = bytearray(nbytes)
+    if nbytes and os.preadv(fd, [buf], entry.start) != nbytes:
+        raise MalformedConfigError(f"{entry.file}: truncated tensor data")
+    t = torch.frombuffer(buf, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
+    t = t.reshape(entry.shape)
+    if out is not None:
+        out.copy_(t)
+        return out
+    return t
+
+
+def _header_bytes(items: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape, nbytes in items:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+@dataclass
+class PlannedShard:
+    name: str
+    items: list[tuple[str, str, tuple[int, ...], int]]  # (tensor, st dtype, shape, nbytes) in write order
+
+
+def plan_shards(
+    items: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    max_bytes: int,
+    single_name: str = "model.safetensors",
+) -> list[PlannedShard]:
+    """Group tensors (in order) into shards of at most ``max_bytes`` (a bigger tensor gets a shard of its own)."""
+    groups: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
+    size = 0
+    for name, dtype, shape in items:
+        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append((name, TORCH_TO_ST[dtype], tuple(shape), nbytes))
+        size += nbytes
+    n = len(groups)
+    names = [single_name] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    return [PlannedShard(nm, g) for nm, g in zip(names, groups)]
+
+
+class StreamingShardWriter:
+    """Writes planned shards tensor by tensor (in plan order); files appear under their final names on ``finish``."""
+
+    def __init__(self, out: Path, shards: list[PlannedShard], metadata: dict[str, str] | None = None):
+        self.out, self.shards, self.meta = out, shards, {"format": "pt", **(metadata or {})}
+        self._order = [(si, it) for si, s in enumerate(shards) for it in s.items]
+        self._pos = 0
+        self._file = None
+        self._shard = -1
+
+    def _tmp(self, si: int) -> Path:
+        return self.out / (self.shards[si].name + ".partial")
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        si, (exp_name, dtype, shape, nbytes) = self._order[self._pos]
+        if name != exp_name or tuple(tensor.shape) != shape or TORCH_TO_ST[tensor.dtype] != dtype:
+            raise RuntimeError(
+                f"writer expected {exp_name} {dtype}{shape}, got {name} {tensor.dtype}{tuple(tensor.shape)}"
+            )
+        if si != self._shard:
+            if self._file is not None:
+                self._file.close()
+            self._file = open(self._tmp(si), "wb")  # noqa: SIM115
+            self._file.write(_header_bytes(self.shards[si].items, self.meta))
+            self._shard = si
+        if nbytes:
+            self._file.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        self._pos += 1
+
+    def finish(self) -> list[Path]:
+        if self._pos != len(self._order):
+            raise RuntimeError(f"writer finished after {self._pos} of {len(self._order)} tensors")
+        if self._file is not None:
+            self._file.close()
+        paths = []
+        for si, s in enumerate(self.shards):
+            self._tmp(si).replace(self.out / s.name)
+            paths.append(self.out / s.name)
+        if len(self.shards) > 1:
+            total = sum(it[3] for s in self.shards for it in s.items)
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {it[0]: s.name for s in self.shards for it in s.items},
+            }
+            (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        return paths
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        for si in range(len(self.shards)):
+            self._tmp(si).unlink(missing_ok=True)

@@ -1,0 +1,266 @@
+"""The expert layer: a base linear module plus every expert's LoRA factors, pre-stacked once.
+
+Layout (built once by `stack_factors`): ``A`` is ``[E, R, d_in]`` with each expert's scaling folded in, and
+``Bt`` is ``[E, R, d_out]`` (B transposed, so a gather gives contiguous ``[k·R, d_out]`` blocks). Experts of
+smaller rank are zero-padded to R, which changes nothing: the padded rows of A meet padded rows of Bt.
+An expert without this module gets zeros (no update).
+
+`expert_delta` computes the experts' contribution for a `Selection` without a Python loop over experts:
+
+- per token, dense or E ≤ 8k: one matmul against all experts' A, weight, one matmul against all Bt;
+- per token, sparse, many (token, expert) pairs (prefill): sparse CSR kernels — ``sampled_addmm`` computes
+  only the selected entries of x·A_allᵀ, then CSR × Bt_all (O(N·k·R·d), independent of E); with autograd
+  or other dtypes, pairs sorted by expert into blocks of 16–64 rows and two ``bmm`` (a grouped matmul);
+- per token, sparse, few pairs (decode): gather the selected factors and batched-matmul them;
+- per example (mixed batches): gather each example's experts (``[B, k·R, d]``) and batched-matmul over its
+  tokens, or, for ``aggregation="parameter"``, build ``ΔW_b = Σ w·BA`` per example and run one forward.
+
+Aggregation: ``"output"`` = Σ_k w_k B_k A_k x; ``"parameter"`` = (Σ_k w_k B_k A_k) x (the same numbers for a
+linear module; per example it is computed by materialising ΔW, as SMEAR/DAM do); ``"factor"`` =
+(Σ_k w_k B_k)(Σ_k w_k A_k) x, the factor mix of mttl's Arrow (``lora_merge_after=False``), computed as
+z = Σ_k w_k A_k x, y = Σ_k w_k B_k z without forming per-token A.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import nn
+
+from moerge.errors import ShapeMismatchError
+from moerge.experts.expert import LoraModule
+from moerge.routing.selection import Selection
+
+if TYPE_CHECKING:
+    from moerge.model.attach import RoutingContext
+
+Aggregation = Literal["output", "parameter", "factor"]
+
+# Per-token sparse selections use sparse kernels when E > GATHER_RATIO · k; below that one matmul over all
+# experts is cheaper on CPUs (a GEMM runs ~20–30× more multiply-adds per second than a gather moves floats).
+GATHER_RATIO = 8
+# From this many (token, expert) pairs on (prefill), the CSR / grouped kernels; below it (decode), gathers.
+GROUP_MIN_PAIRS = 64
+# Use torch's sparse CSR kernels (sampled_addmm + CSR @ dense) for per-token top-k; else the block-grouped bmm.
+SPARSE_KERNELS = True
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+
+def module_dims(module: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of a linear-like module: ``nn.Linear`` or transformers' ``Conv1D`` (fan-in-fan-out)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        w = module.weight
+        return w.shape[0], w.shape[1]
+    raise ShapeMismatchError(
+        f"module of type {type(module).__name__} is not a linear layer (nn.Linear or Conv1D); "
+        "moerge injects experts into linear layers only — remove it from the experts' target modules."
+    )
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def stack_factors(
+    modules: list[LoraModule | None], d_in: int, d_out: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack experts' factors: ``A [E, R, d_in]`` (scaling folded in) and ``Bt [E, R, d_out]``, zero-padded."""
+    R = max((m.rank for m in modules if m is not None), default=1)
+    E = len(modules)
+    A = torch.zeros(E, R, d_in, dtype=dtype)
+    Bt = torch.zeros(E, R, d_out, dtype=dtype)
+    for e, m in enumerate(modules):  # build time only, not the hot path
+        if m is None:
+            continue
+        r = m.rank
+        A[e, :r] = (m.A.float() * m.scaling).to(dtype)
+        Bt[e, :r] = m.B.float().T.to(dtype)
+    return A, Bt
+
+
+def expert_delta(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    Bt: torch.Tensor,
+    sel: Selection,
+    aggregation: Aggregation = "output",
+    gather_ratio: int = GATHER_RATIO,
+    group_min_pairs: int = GROUP_MIN_PAIRS,
+) -> torch.Tensor:
+    """The experts' contribution to a module's output for input ``x [..., d_in]``: ``[..., d_out]``."""
+    E, R, d_in = A.shape
+    d_out = Bt.shape[-1]
+    lead = x.shape[:-1]
+    if sel.per == "example":
+        x3 = x.reshape(sel.rows, -1, d_in)
+        return _example_delta(x3, A, Bt, sel, aggregation).reshape(*lead, d_out)
+    xs = x.reshape(-1, d_in)
+    N = xs.shape[0]
+    if sel.rows != N:
+        raise ShapeMismatchError(f"a per-token selection has {sel.rows} rows for {N} tokens")
+    if sel.indices is None or gather_ratio * sel.k >= E:
+        w = sel.dense(E).to(xs.dtype)[..., None]  # [N, E, 1]
+        z = (xs @ A.reshape(E * R, d_in).T).view(N, E, R)
+        z = w * (w * z).sum(1, keepdim=True) if aggregation == "factor" else w * z
+        y = z.reshape(N, E * R) @ Bt.reshape(E * R, d_out)
+    elif N * sel.k >= group_min_pairs:
+        if _csr_ok(xs, sel):
+            y = _csr_token_delta(xs, A, Bt, sel, aggregation)
+        else:
+            y = _grouped_token_delta(xs, A, Bt, sel, aggregation)
+    else:
+        k = sel.k
+        flat = sel.indices.reshape(-1)
+        z = torch.bmm(A.index_select(0, flat).view(N, k * R, d_in), xs[:, :, None]).view(N, k, R)
+        w = _as(sel.weights, xs.dtype)[..., None]  # [N, k, 1]
+        z = w * (w * z).sum(1, keepdim=True) if aggregation == "factor" else w * z
+        y = torch.bmm(z.view(N, 1, k * R), Bt.index_select(0, flat).view(N, k * R, d_out)).view(N, d_out)
+    return y.reshape(*lead, d_out)
+
+
+def _csr_ok(xs: torch.Tensor, sel: Selection) -> bool:
+    """CSR kernels: CPU float32/64 inference only (the grouped bmm path serves autograd and other dtypes)."""
+    needs_grad = torch.is_grad_enabled() and (xs.requires_grad or sel.weights.requires_grad)
+    return (
+        SPARSE_KERNELS
+        and xs.device.type == "cpu"
+        and xs.dtype in (torch.float32, torch.float64)
+        and not needs_grad
+    )
+
+
+def _csr_token_delta(
+    xs: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, sel: Selection, aggregation: Aggregation
+) -> torch.Tensor:
+    """Per-token top-k with sparse kernels: the selection is a CSR pattern over ``[N, E·R]`` (k·R entries per
+    token). ``z = sampled(x @ A_allᵀ)`` computes only the selected entries (``sampled_addmm``); the weighted
+    ``z`` as a CSR matrix times ``Bt_all [E·R, d_out]`` gives the output in token order. Cost O(N·k·R·d),
+    independent of E, with no sort, gather or padding."""
+    N, d_in = xs.shape
+    E, R, _ = A.shape
+    k = sel.k
+    idx, order = sel.indices.sort(dim=1)  # CSR wants ascending columns within a row
+    w = sel.weights.to(xs.dtype).gather(1, order)[..., None]  # [N, k, 1]
+    cols = (idx[..., None] * R + torch.arange(R, device=xs.device)).reshape(-1)
+    crow = torch.arange(0, N * k * R + 1, k * R, device=xs.device)
+    pattern = torch.sparse_csr_tensor(
+        crow, cols, xs.new_zeros(N * k * R), size=(N, E * R), check_invariants=False
+    )
+    z = torch.sparse.sampled_addmm(pattern, xs, A.reshape(E * R, d_in).T, beta=0.0).values().view(N, k, R)
+    z = w * (w * z).sum(1, keepdim=True) if aggregation == "factor" else w * z
+    zz = torch.sparse_csr_tensor(crow, cols, z.reshape(-1), size=(N, E * R), check_invariants=False)
+    return zz @ Bt.reshape(E * R, -1)
+
+
+def _grouped_token_delta(
+    xs: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, sel: Selection, aggregation: Aggregation
+) -> torch.Tensor:
+    """Per-token top-k as a block-grouped matmul (no loop over experts, balanced whatever the routing):
+    (token, expert) pairs are sorted by expert and cut into blocks of ``b`` rows that each belong to one
+    expert (each expert's group padded to a multiple of b, so at most E·(b−1) padding rows); every block
+    meets its expert's factors in two ``bmm``. Padding rows read token 0 and are never read back."""
+    N, d_in = xs.shape
+    E, R, _ = A.shape
+    d_out = Bt.shape[-1]
+    k = sel.k
+    P = N * k
+    b = _block_size(P, E)
+    dev = xs.device
+    flat_e = sel.indices.reshape(-1)
+    order = torch.argsort(flat_e, stable=True)  # pairs sorted by expert
+    sorted_e = flat_e.index_select(0, order)
+    counts = torch.bincount(flat_e, minlength=E)
+    blocks = (counts + (b - 1)) // b
+    starts = torch.cumsum(counts, 0) - counts
+    padded_starts = (torch.cumsum(blocks, 0) - blocks) * b
+    rank_in_group = torch.arange(P, device=dev) - starts.index_select(0, sorted_e)
+    slot_sorted = padded_starts.index_select(0, sorted_e) + rank_in_group
+    slot = torch.empty_like(slot_sorted).index_copy_(0, order, slot_sorted)  # row of pair n·k + j
+    block_ends = torch.cumsum(blocks, 0)
+    nb = int(block_ends[-1])
+    block_expert = torch.searchsorted(block_ends, torch.arange(nb, device=dev), right=True)
+    tok = torch.div(torch.arange(P, device=dev), k, rounding_mode="floor")
+    src = torch.zeros(nb * b, dtype=torch.long, device=dev).index_copy_(0, slot, tok)
+    X = xs.index_select(0, src).view(nb, b, d_in)
+    Z = torch.bmm(X, A.index_select(0, block_expert).transpose(1, 2)).view(nb * b, R)
+    w = sel.weights.to(xs.dtype).reshape(P)
+    if aggregation == "factor":
+        z_mix = (Z.index_select(0, slot).view(N, k, R) * w.view(N, k, 1)).sum(1)  # Σ_k w_k A_k x
+        Z = xs.new_zeros(nb * b, R).index_copy_(0, slot, (z_mix[:, None, :] * w.view(N, k, 1)).reshape(P, R))
+    else:
+        Z = Z * xs.new_zeros(nb * b).index_copy_(0, slot, w)[:, None]
+    Y = torch.bmm(Z.view(nb, b, R), Bt.index_select(0, block_expert)).view(nb * b, d_out)
+    return Y.index_select(0, slot).view(N, k, d_out).sum(1)
+
+
+def _block_size(pairs: int, num_experts: int) -> int:
+    """Rows per block: about the mean group size, between 16 and 64."""
+    return int(min(64, max(16, pairs // max(num_experts, 1))))
+
+
+def _example_delta(
+    x3: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, sel: Selection, aggregation: Aggregation
+) -> torch.Tensor:
+    B, T, d_in = x3.shape
+    E, R, _ = A.shape
+    d_out = Bt.shape[-1]
+    if sel.indices is None:
+        k = E
+        A_sel = A.reshape(1, E * R, d_in).expand(B, -1, -1)
+        Bt_sel = Bt.reshape(1, E * R, d_out).expand(B, -1, -1)
+    else:
+        k = sel.k
+        flat = sel.indices.reshape(-1)
+        A_sel = A.index_select(0, flat).view(B, k * R, d_in)
+        Bt_sel = Bt.index_select(0, flat).view(B, k * R, d_out)
+    w = sel.weights.to(x3.dtype)  # [B, k]
+    if aggregation == "parameter":
+        # ΔWᵀ_b = Σ_k w_bk (s A_k)ᵀ B_kᵀ : [B, d_in, d_out], then one forward per example.
+        dWt = torch.bmm(A_sel.transpose(1, 2) * w.repeat_interleave(R, 1)[:, None, :], Bt_sel)
+        return torch.bmm(x3, dWt)
+    z = torch.bmm(x3, A_sel.transpose(1, 2)).view(B, T, k, R)
+    wk = w[:, None, :, None]
+    z = wk * (wk * z).sum(2, keepdim=True) if aggregation == "factor" else wk * z
+    return torch.bmm(z.reshape(B, T, k * R), Bt_sel)
+
+
+class ExpertLayer(nn.Module):
+    """A base linear module plus the stacked factors of E experts; routing comes from the shared context."""
+
+    def __init__(
+        self, base: nn.Module, name: str, A: torch.Tensor, Bt: torch.Tensor, context: RoutingContext
+    ):
+        super().__init__()
+        self.base = base
+        self.module_name = name
+        self.d_in, self.d_out = A.shape[2], Bt.shape[2]
+        self.register_buffer("A", A, persistent=False)
+        self.register_buffer("Bt", Bt, persistent=False)
+        self._context = (context,)  # a tuple so nn.Module does not register it as a child
+
+    @property
+    def num_experts(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[1]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base(x, *args, **kwargs)
+        call = self._context[0].call
+        if call is None:
+            return out
+        sel = call.select(self, x)
+        if sel is None:
+            return out
+        return out + _as(expert_delta(x, self.A, self.Bt, sel, call.aggregation), out.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.module_name}: E={self.num_experts}, R={self.rank}, d_in={self.d_in}, d_out={self.d_out}"
+        )

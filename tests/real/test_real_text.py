@@ -1,0 +1,174 @@
+"""Real-text domains: passage cutting, deterministic document-level splits, domain-switch labels."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from real_optional import needs_gguf
+
+from moerge.bench import real_text as rt
+from moerge.bench.real_text import DomainSpec, RealTextConfig, build_real_text, passages_from
+
+needs_chatterbot = pytest.mark.skipif(
+    importlib.util.find_spec("chatterbot_corpus") is None,
+    reason="chatterbot-corpus missing: pip install chatterbot-corpus",
+)
+
+
+def test_passages_pack_short_documents_and_cut_long_ones():
+    short = [f"item {i}" for i in range(20)]  # 6-7 characters each
+    packed = passages_from(short, passage_chars=40, limit=100)
+    assert "\n\n".join(packed).replace("\n\n", "\n").split("\n") == [s for s in short if s]
+    assert all(20 <= len(p) <= 40 for p in packed[:-1])
+    long = ["\n".join(f"line {i:03d} of a long file" for i in range(50))]
+    cut = passages_from(long, passage_chars=100, limit=100)
+    assert all(len(p) <= 100 for p in cut) and len(cut) >= 10
+    assert passages_from(long, passage_chars=100, limit=3) == cut[:3]
+    one_line = passages_from(["x" * 250], passage_chars=100, limit=10)
+    assert one_line == ["x" * 100, "x" * 100, "x" * 50]
+
+
+def _fake_reader(n_docs: int):
+    docs = [(f"doc{i:03d}", f"document {i}\n" + "word " * (10 + i % 7)) for i in range(n_docs)]
+    return lambda: rt.SourceDocs(rt._text_docs(docs), {"fake": "1.0"})
+
+
+def test_split_is_deterministic_and_document_level(monkeypatch):
+    monkeypatch.setitem(rt.READERS, "fake_a", _fake_reader(50))
+    monkeypatch.setitem(rt.READERS, "fake_b", _fake_reader(40))
+    monkeypatch.setitem(rt.READERS, "fake_c", _fake_reader(30))
+    domains = [
+        DomainSpec(name="a", reader="fake_a", split="held_in", condition="in_distribution"),
+        DomainSpec(name="b", reader="fake_b", split="held_in", condition="in_distribution"),
+        DomainSpec(name="c", reader="fake_c", split="held_out", condition="unrelated"),
+    ]
+    config = RealTextConfig(
+        passage_chars=80, train_passages=20, eval_passages=5, switch_docs=6, domains=domains
+    )
+    first, again = build_real_text(config), build_real_text(config)
+    other_seed = build_real_text(config.model_copy(update={"seed": 1}))
+    for name in "abc":
+        assert first.domains[name].train == again.domains[name].train
+        assert first.domains[name].eval == again.domains[name].eval
+        train_docs = {
+            line for p in first.domains[name].train for line in p.split("\n") if line.startswith("document")
+        }
+        eval_docs = {
+            line for p in first.domains[name].eval for line in p.split("\n") if line.startswith("document")
+        }
+        assert eval_docs and not train_docs & eval_docs
+        assert bool(train_docs) == (name != "c")  # held-out domains have no training text
+    assert other_seed.domains["a"].eval != first.domains["a"].eval
+    assert first.domains["c"].train == [] and first.versions() == {"fake": "1.0"}
+    assert len(first.switch) == 6
+    for doc in first.switch:
+        (s0, e0, d0), (s1, e1, d1) = doc.spans
+        assert s0 == 0 and e0 == s1 and e1 == len(doc.text) and d0 != d1 and {d0, d1} <= {"a", "b"}
+        assert doc.text[:e0].rstrip("\n") in "\n\n".join(first.domains[d0].eval)
+        assert doc.text[s1:] in "\n\n".join(first.domains[d1].eval)
+
+
+def test_missing_source_names_the_install_command(monkeypatch):
+    def missing():
+        raise rt._missing("fortunes", "/usr/share/games/fortunes", "apt-get install fortunes")
+
+    monkeypatch.setitem(rt.READERS, "fortunes", missing)
+    config = RealTextConfig(domains=[d for d in rt.DEFAULT_DOMAINS if d.name == "fortunes"])
+    with pytest.raises(rt.SourceMissingError, match="apt-get install fortunes"):
+        build_real_text(config)
+    assert "apt-get install fortunes" in rt.missing_sources(config)["fortunes"]
+
+
+def test_default_domains_cover_the_required_conditions():
+    config = RealTextConfig.reduced()
+    held_in = [d for d in config.domains if d.split == "held_in"]
+    held_out = [d for d in config.domains if d.split == "held_out"]
+    assert len(held_in) >= 8 and len(held_out) >= 3
+    assert {d.condition for d in held_out} == {"near", "unrelated"}  # "switching" is the domain_switch task
+    assert all(c in {d.name for d in held_in} for d in held_out for c in d.close_to)
+
+
+@needs_chatterbot
+def test_chatterbot_domains_read_installed_dialogs():
+    config = RealTextConfig.reduced(
+        domains=[d for d in rt.DEFAULT_DOMAINS if d.name in {"chitchat", "trivia", "foreign_dialogs"}]
+    )
+    data = build_real_text(config)
+    assert data.versions()["chatterbot-corpus"]
+    ts = data.domains["chitchat"]
+    assert len(ts.train) == 60 and len(ts.eval) == 12 and ts.n_documents > 300
+    assert all("A: " in p or "B: " in p for p in ts.train)  # dialogs rendered as A:/B: turns
+    assert not set(ts.train) & set(ts.eval)
+
+
+def test_suite_has_nll_tasks_with_domain_routing_labels(monkeypatch, tiny_llama_dir):
+    from transformers import AutoTokenizer
+
+    from moerge.bench.real_text import real_text_suite
+
+    for name, n in (("fake_a", 30), ("fake_b", 30), ("fake_c", 20), ("fake_d", 20)):
+        monkeypatch.setitem(rt.READERS, name, _fake_reader(n))
+    domains = [
+        DomainSpec(name="a", reader="fake_a", split="held_in", condition="in_distribution"),
+        DomainSpec(name="b", reader="fake_b", split="held_in", condition="in_distribution"),
+        DomainSpec(name="near_a", reader="fake_c", split="held_out", condition="near", close_to=["a"]),
+        DomainSpec(name="far", reader="fake_d", split="held_out", condition="unrelated"),
+    ]
+    config = RealTextConfig(
+        passage_chars=80, train_passages=8, eval_passages=4, switch_docs=3, domains=domains
+    )
+    suite = real_text_suite(config, base_model="some/base")
+    assert suite.experts == ["a", "b"] and suite.base_model == "some/base"
+    assert suite.task_names("held_in") == ["a", "b"]
+    assert suite.task_names("held_out") == ["near_a", "far", "domain_switch"]
+    assert all(t.metric == "nll" for t in suite.tasks)
+    assert suite.info["source_versions"] == {"fake": "1.0"} and suite.info["form"] == "custom"
+    a, near, far, switch = (suite.task(n) for n in ("a", "near_a", "far", "domain_switch"))
+    assert len(a.train) == 8 and [
+        r.get("prompt", "") + r.get("completion", r.get("text", "")) for r in a.training_rows()
+    ] == [e.text for e in a.train]
+    assert all(ex.char_experts() == [("a",)] * len(ex.text) for ex in a.eval)
+    assert all(ex.char_experts() == [("a",)] * len(ex.text) for ex in near.eval)
+    assert all(ex.routing == [] for ex in far.eval) and far.train == []
+    tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))  # character-level: one token per character
+    docs = build_real_text(config).switch
+    batches = list(switch.eval_batches(tok, batch_size=1, experts=suite.experts))
+    assert len(docs) == len(batches) == 3
+    for batch, doc in zip(batches, docs):
+        ex = batch.examples[0]
+        (_, e0, d0), (_, _, d1) = doc.spans
+        assert ex.text == doc.text and ex.targets == [(0, len(ex.text))]
+        routes = batch.routes[0, 1 : len(ex.text) + 1]  # after <bos>
+        want = [suite.experts.index(d0)] * e0 + [suite.experts.index(d1)] * (len(ex.text) - e0)
+        assert routes.float().argmax(-1).tolist() == want and routes.sum(-1).eq(1).all()
+
+
+@needs_gguf
+def test_built_suite_trains_one_expert_per_domain_on_a_gguf_base(monkeypatch, tmp_path, tiny_gguf_file):
+    from moerge.bench.real_text import build_real_text_suite
+    from moerge.experts.fingerprint import fingerprint_model
+    from moerge.train.lora import TrainConfig
+
+    monkeypatch.setenv("MOERGE_CACHE", str(tmp_path / "cache"))  # the dequantised base goes here
+    for name, n in (("fake_a", 24), ("fake_b", 24), ("fake_c", 12)):
+        monkeypatch.setitem(rt.READERS, name, _fake_reader(n))
+    domains = [
+        DomainSpec(name="a", reader="fake_a", split="held_in", condition="in_distribution"),
+        DomainSpec(name="b", reader="fake_b", split="held_in", condition="in_distribution"),
+        DomainSpec(name="c", reader="fake_c", split="held_out", condition="unrelated"),
+    ]
+    train = TrainConfig(steps=2, batch_size=2, seq_len=32, rank=2, alpha=4.0, progress=False)
+    config = RealTextConfig(
+        passage_chars=60, train_passages=4, eval_passages=2, switch_docs=2, domains=domains,
+        base_model=str(tiny_gguf_file[0]), expert=train, multitask=train, progress=False,
+    )  # fmt: skip
+    suite = build_real_text_suite(config, root=tmp_path / "suites")
+    assert suite.experts == ["a", "b"] and suite.task_names("held_out") == ["c", "domain_switch"]
+    lib, baselines = suite.open_library(), suite.library.replace("library", "baselines")
+    assert lib.names() == ["a", "b"] and "multitask" in type(lib).open(baselines)
+    model, _ = suite.load_base()  # the dequantised cache folder, as a plain transformers folder
+    assert lib.base_fingerprint == fingerprint_model(model) == suite.info["base_fingerprint"]
+    assert lib.get_metadata("a").training["steps"] == 2 and lib.get_metadata("a").task == "a"
+    again = build_real_text_suite(config, root=tmp_path / "suites")  # cached: nothing is retrained
+    assert again.root == suite.root and len(list((tmp_path / "suites").iterdir())) == 1
