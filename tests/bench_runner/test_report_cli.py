@@ -12,14 +12,31 @@ def test_report_files(bench_results, tmp_path):
 
     path = write_report(bench_results, tmp_path / "out")
     text = path.read_text()
-    assert "| method |" in text and "oracle" in text and "n/a" in text
+    assert "| method |" in text and "oracle" in text and "embedding_centroids" in text
     again = load_results(tmp_path / "out" / "results.json")
     assert again.summary() == bench_results.summary()
     for png in ("quality.png", "quality_vs_cost.png", "routing_arrow.png", "routing_oracle.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
     header, rows, notes = table_rows(bench_results)
-    assert any("embedding_centroids" in n and "held-in" in n for n in notes)
     assert len({len(r) for r in rows} | {len(header)}) == 1
+
+
+def test_recipe_ruled_out_is_reported_not_applicable_with_its_reason(reduced_suite, base_model, tmp_path):
+    """Without its data statistics (and not allowed to compute them), average activation cannot run: it is
+    reported as n/a with the taxonomy check's reason, not dropped."""
+    from moerge.bench.report import table_rows, write_report
+    from moerge.bench.runner import BenchConfig, run_bench
+
+    model, tokenizer = base_model
+    config = BenchConfig(
+        recipes=["average_activation"], baselines=["base"], prepare_artifacts=False, limit=1, progress=False
+    )
+    results = run_bench(reduced_suite, config, model=model, tokenizer=tokenizer)
+    header, rows, notes = table_rows(results)
+    row = next(r for r in rows if r[0].startswith("average_activation"))
+    assert "n/a" in row[1]
+    assert any("average_activation" in n and "hidden-state centroids" in n for n in notes)
+    assert "n/a" in write_report(results, tmp_path / "out").read_text()
 
 
 def test_bench_cli_on_suite_folder(reduced_suite, tmp_path):

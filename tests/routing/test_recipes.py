@@ -13,7 +13,7 @@ from moerge.errors import MalformedConfigError, MoergeError, RecipeNotApplicable
 from moerge.experts.library import ExpertLibrary
 from moerge.model.attach import attach
 from moerge.recipes import AXES, get_recipe, list_recipes, taxonomy_rows
-from moerge.routing.embedding import BaseModelEmbedder
+from moerge.routing.embedding import HiddenStateEmbedder
 from moerge.routing.inputs import RoutingInputs
 from moerge.transforms.centroids import compute_embedding_centroids, compute_hidden_centroids
 from moerge.transforms.phatgoose import GateTrainConfig, train_phatgoose_gates
@@ -35,7 +35,9 @@ def lib_setup(tmp_path_factory, tiny_llama):
         lib.add(e)
     data = {f"expert{i}": task_texts(t, 8) for i, t in enumerate(TASKS)}
     compute_hidden_centroids(model, tok, data, library=lib)
-    compute_embedding_centroids(BaseModelEmbedder(model, tok), data, library=lib, max_samples=8)
+    compute_embedding_centroids(
+        HiddenStateEmbedder(model, tok, cache_dir=None), data, library=lib, max_samples=8
+    )
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for e in experts:
         train_phatgoose_gates(
@@ -150,11 +152,20 @@ def test_embedding_centroids_dam_matches_per_example_merge(lib_setup):
     cents = []
     for t in TASKS:
         d = tok(task_texts(t, 8), return_tensors="pt", padding=True)
-        cents.append(mean_pooled(model, d["input_ids"], d["attention_mask"]).mean(0))
+        pooled = mean_pooled(model, d["input_ids"], d["attention_mask"])
+        cents.append(torch.nn.functional.normalize(pooled, dim=-1).mean(0))  # centroid of unit embeddings
     emb = mean_pooled(model, enc["input_ids"], enc["attention_mask"])
     cos = torch.nn.functional.cosine_similarity(emb[:, None], torch.stack(cents)[None], dim=-1)
     p = torch.softmax(cos / 0.1, -1)
-    routed = attach(copy.deepcopy(model), lib, recipe="embedding_centroids", tokenizer=tok, temperature=0.1)
+    emb_model = HiddenStateEmbedder(model, tok, cache_dir=None)  # the one the centroids were computed with
+    routed = attach(
+        copy.deepcopy(model),
+        lib,
+        recipe="embedding_centroids",
+        tokenizer=tok,
+        embedder=emb_model,
+        temperature=0.1,
+    )
     with torch.no_grad():
         got = routed(**enc, routing=RoutingInputs(record=True)).logits
         for b in range(2):
@@ -175,7 +186,10 @@ def test_retrieval_of_experts_votes_per_task(lib_setup):
     texts = task_texts("task1", 3, seed=5) + task_texts("task2", 2, seed=6)
     tasks = ["a", "a", "a", "b", "b"]
     enc = tok(texts, return_tensors="pt", padding=True)
-    routed = attach(copy.deepcopy(model), lib, recipe="retrieval_of_experts", tokenizer=tok)
+    emb_model = HiddenStateEmbedder(model, tok, cache_dir=None)
+    routed = attach(
+        copy.deepcopy(model), lib, recipe="retrieval_of_experts", tokenizer=tok, embedder=emb_model
+    )
     with torch.no_grad():
         routed(**enc, routing=RoutingInputs(task_names=tasks, record=True))
     votes = routed._last_call.plan["votes"].tolist()
@@ -228,3 +242,32 @@ def test_custom_embedder_routes_examples_to_their_experts(lib_setup):
             routing=RoutingInputs(texts=texts, record=True, expert_labels=["expert2", "expert0", "expert1"]),
         )
     assert routed.routing_report().accuracy == 1.0
+
+
+def test_text_embedder_gets_decoded_token_ids_when_no_texts_are_given(lib_setup):
+    """A routed call with token ids only: an embedder without ``embed_ids`` gets the decoded texts."""
+    model, tok, experts, lib, _ = lib_setup
+    emb = CharHistogramEmbedder()
+    compute_embedding_centroids(
+        emb, {f"expert{i}": task_texts(t, 8) for i, t in enumerate(TASKS)}, library=lib
+    )
+    texts = [task_texts(t, 1, seed=7)[0] for t in ("task1", "task2", "task0")]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    routed = attach(copy.deepcopy(model), lib, recipe="embedding_centroids", embedder=emb, tokenizer=tok, k=1)
+    with torch.no_grad():
+        from_texts = routed(**enc, routing=RoutingInputs(texts=texts, record=True))
+        w_texts = next(iter(routed.last_routing().values()))
+        from_ids = routed(**enc, routing=RoutingInputs(record=True))
+        w_ids = next(iter(routed.last_routing().values()))
+    torch.testing.assert_close(w_ids, w_texts)
+    torch.testing.assert_close(from_ids.logits, from_texts.logits)
+    no_tok = attach(copy.deepcopy(model), lib, recipe="embedding_centroids", embedder=emb, k=1)
+    with pytest.raises(MoergeError, match="needs the examples' texts"), torch.no_grad():
+        no_tok(**enc)
+
+
+def test_only_a_held_in_only_recipe_refuses_held_out_tasks():
+    with pytest.raises(RecipeNotApplicableError, match="only serves held-in"):
+        get_recipe("oracle").check_applicable(None, generalization="out-of-distribution")
+    dam = get_recipe("embedding_centroids")
+    assert dam.taxonomy.generalization == "in-distribution" and not dam.held_in_only

@@ -392,7 +392,7 @@ def routing_trace(weights: Any, batch: Any, tokenizer: Any, example: int = 0) ->
     expert with the largest mean weight over layers (-1: no weight)."""
     n = int(batch.attention_mask[example].sum())
     w = weights[:, example, : n - 1].float().mean(0)  # [n-1, E]: position t predicts token t+1
-    chosen = torch_where_positive_argmax(w)
+    chosen = top_expert_or_none(w)
     truth = batch.routes[example, 1:n]
     has = truth.any(-1)
     first = truth.float().argmax(-1)
@@ -405,7 +405,7 @@ def routing_trace(weights: Any, batch: Any, tokenizer: Any, example: int = 0) ->
     }
 
 
-def torch_where_positive_argmax(w: Any) -> list[int]:
+def top_expert_or_none(w: Any) -> list[int]:
     """Row-wise argmax of ``[N, E]`` weights, -1 for rows without positive weight."""
     top = w.argmax(-1)
     return [int(i) if v > 0 else -1 for i, v in zip(top.tolist(), w.max(-1).values.tolist())]
@@ -557,6 +557,22 @@ class _Run:
     results: list[TaskResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     _batches: dict[str, list[tuple[Any, Any]]] = field(default_factory=dict)
+    _embedder: Any = None
+
+    @property
+    def embedder(self) -> Any:
+        """The sentence embedder for embedding routers (`moerge.routing.embedding.default_embedder`), made once."""
+        if self._embedder is None:
+            from moerge.routing.embedding import default_embedder
+
+            self._embedder = default_embedder(self.model, self.tokenizer)
+        return self._embedder
+
+    def embedder_kwargs(self, rec: Any, opts: Any, key: str) -> dict[str, Any]:
+        """``{key: embedder or its name}`` for recipes whose artifacts depend on the embedder, else ``{}``."""
+        if not needs_embedder(rec, opts):
+            return {}
+        return {key: self.embedder if key == "embedder" else self.embedder.name}
 
     @property
     def names(self) -> list[str]:
@@ -922,6 +938,11 @@ def run_multitask(run: _Run) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- recipes
+def needs_embedder(rec: Any, opts: Any) -> bool:
+    """Whether any artifact the recipe needs is keyed by the embedder (its config changes with the name)."""
+    return any(req.config(opts, "a") != req.config(opts, "b") for req in rec.requires)
+
+
 def effective_taxonomy(rec: Any, opts: Any) -> dict[str, str]:
     """The recipe's taxonomy record, with the axes its options changed for this run marked ``(option)``
     (e.g. Arrow run per example: granularity ``example (option)``)."""
@@ -962,8 +983,14 @@ def run_recipe(run: _Run, spec: MethodSpec) -> None:
         if not tasks:
             continue
         try:
-            rec.check_applicable(run.library, experts=run.experts, user_data=run.config.user_data,
-                                 generalization=GENERALIZATION[split], options=opts)  # fmt: skip
+            rec.check_applicable(
+                run.library,
+                experts=run.experts,
+                user_data=run.config.user_data,
+                generalization=GENERALIZATION[split],
+                options=opts,
+                **run.embedder_kwargs(rec, opts, "embedder_name"),
+            )  # fmt: skip
             runnable += tasks
         except RecipeNotApplicableError as e:
             results += _na_results(run, spec.label, tasks, "not_applicable", str(e))
@@ -977,6 +1004,7 @@ def run_recipe(run: _Run, spec: MethodSpec) -> None:
                         rec,
                         experts=run.names,
                         tokenizer=run.tokenizer,
+                        **run.embedder_kwargs(rec, opts, "embedder"),
                         **opts.model_dump(),
                     )  # fmt: skip
                 )
@@ -1031,7 +1059,8 @@ def prepare_artifacts(run: _Run, specs: Sequence[MethodSpec]) -> list[str]:
         except MoergeError:
             continue
         for req in rec.requires:
-            kinds.setdefault(req.kind, req.config(opts, "base:mean"))
+            name = run.embedder.name if needs_embedder(rec, opts) else ""
+            kinds.setdefault(req.kind, req.config(opts, name))
     done = []
     lib = run.library
     for kind, cfg in kinds.items():
@@ -1047,10 +1076,9 @@ def prepare_artifacts(run: _Run, specs: Sequence[MethodSpec]) -> list[str]:
 
             compute_hidden_centroids(run.model, run.tokenizer, data, library=lib, experts=run.experts)
         elif kind == "embedding_centroids":
-            from moerge.routing.embedding import default_embedder
             from moerge.transforms.centroids import compute_embedding_centroids
 
-            compute_embedding_centroids(default_embedder(run.model, run.tokenizer), data, library=lib)
+            compute_embedding_centroids(run.embedder, data, library=lib)
         elif kind == "phatgoose_gates":
             from moerge.transforms.phatgoose import GateTrainConfig, train_phatgoose_gates
 

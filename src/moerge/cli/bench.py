@@ -127,8 +127,7 @@ def demo(
     threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 is fastest for the tiny models)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Build the synthetic suite (or load it from the cache), run every recipe and baseline, print the table
-    and write the report."""
+    """Every recipe and baseline on the built-in synthetic suite (built if not cached): table and report."""
     _run(
         "synthetic",
         None,

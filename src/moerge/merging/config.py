@@ -113,18 +113,10 @@ def load_config(source: MergeConfig | dict[str, Any] | str | Path, **overrides: 
     elif isinstance(source, dict):
         data = dict(source)
     else:
-        import yaml
+        from moerge.config_io import read_yaml_mapping
 
-        path = Path(source)
-        where = str(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such merge config file")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise MalformedConfigError(f"{path}: not valid YAML ({e}).") from e
-        if not isinstance(data, dict):
-            raise MalformedConfigError(f"{path}: expected a mapping with merge_method, models, …")
+        where = str(source)
+        data = read_yaml_mapping(source, "a mapping with merge_method, models, …")
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return MergeConfig(**data)

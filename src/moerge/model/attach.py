@@ -67,14 +67,21 @@ class CallState:
         return torch.ones(self.batch_size, T, dtype=dtype)
 
     def embed(self, embedder: Any) -> torch.Tensor:
-        """Embed this call's examples: from ``inputs.texts`` if given, else from the token ids."""
+        """Embed this call's examples: from ``inputs.texts`` if given, else from the token ids (directly where
+        the embedder can, else decoded back to text with the routed model's tokenizer)."""
         if self.inputs.texts is not None:
             return embedder.embed_texts(list(self.inputs.texts))
         if self.input_ids is not None and hasattr(embedder, "embed_ids"):
             return embedder.embed_ids(self.input_ids, self.attention_mask)
+        tokenizer = self.routed.tokenizer
+        if self.input_ids is not None and tokenizer is not None:
+            ids = self.input_ids
+            if self.attention_mask is not None:
+                ids = [row[mask.bool()] for row, mask in zip(ids, self.attention_mask, strict=True)]
+            return embedder.embed_texts(tokenizer.batch_decode(ids, skip_special_tokens=True))
         raise MoergeError(
             f"embedder {getattr(embedder, 'name', embedder)!r} needs the examples' texts: pass "
-            "routing=RoutingInputs(texts=[...])"
+            "routing=RoutingInputs(texts=[...]), or attach(..., tokenizer=) so token ids can be decoded"
         )
 
     def select(self, layer: ExpertLayer, x: torch.Tensor) -> Selection | None:
@@ -130,9 +137,11 @@ class MoErgedModel(nn.Module):
         context: RoutingContext,
         recipe: Any = None,
         options: Any = None,
+        tokenizer: Any = None,
     ):
         super().__init__()
         self.model = model
+        self.tokenizer = tokenizer
         self.expert_layers = layers  # plain dict: the layers are already children of `model`
         self.expert_names = list(expert_names)
         self.router = router
@@ -339,16 +348,17 @@ def attach(
     recipe cannot run on this library (e.g. missing data statistics).
     """
     from moerge.recipes import BuildContext, get_recipe
+    from moerge.routing.embedding import default_embedder
 
     expert_list, library = resolve_experts(library_or_experts, experts)
     rec = get_recipe(recipe) if not hasattr(recipe, "build") else recipe
     opts = rec.parse_options(options)
+    embedder = default_embedder(model, tokenizer, embedder)  # cheap: models load on first use
     if router is None:
-        name = getattr(embedder, "name", None) or "base:mean"
-        rec.check_applicable(library, experts=expert_list, embedder_name=name, options=opts)
+        rec.check_applicable(library, experts=expert_list, embedder_name=embedder.name, options=opts)
     if rec.name == "base" and router is None:
         return MoErgedModel(
-            model, {}, [e.name for e in expert_list], None, "output", RoutingContext(), rec, opts
+            model, {}, [e.name for e in expert_list], None, "output", RoutingContext(), rec, opts, tokenizer
         )
     layers, context = inject(model, expert_list, target_modules)
     ctx = BuildContext(
@@ -362,7 +372,9 @@ def attach(
     if router is None:
         router = rec.build(ctx, opts)
     agg = aggregation or getattr(opts, "aggregation", None) or "output"
-    return MoErgedModel(model, layers, [e.name for e in expert_list], router, agg, context, rec, opts)
+    return MoErgedModel(
+        model, layers, [e.name for e in expert_list], router, agg, context, rec, opts, tokenizer
+    )
 
 
 def detach(routed: MoErgedModel) -> nn.Module:

@@ -244,6 +244,10 @@ class HiddenStateEmbedder(_CachedEmbedder):
     @torch.no_grad()
     def _embed(self, texts: list[str]) -> torch.Tensor:
         tok = self.tokenizer
+        if tok is None:
+            raise EmbedderError(
+                f"{self.name}: embedding texts needs the base model's tokenizer; pass tokenizer="
+            )
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         ids = [tok(t, add_special_tokens=False)["input_ids"][: self.max_length] or [pad_id] for t in texts]
         width = max(len(x) for x in ids)
@@ -252,11 +256,20 @@ class HiddenStateEmbedder(_CachedEmbedder):
         for i, x in enumerate(ids):  # right padding; causal attention keeps real tokens unaffected
             input_ids[i, : len(x)] = torch.tensor(x)
             mask[i, : len(x)] = 1
+        return self.embed_ids(input_ids, mask).cpu()
+
+    @torch.no_grad()
+    def embed_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Embed token ids directly (so a routed call needs no raw text); not cached."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         device = next(self.model.parameters()).device
         out = self.model(
-            input_ids=input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=True
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            output_hidden_states=True,
         )
-        pooled = mean_pool(out.hidden_states[self.layer].float().cpu(), mask)
+        pooled = mean_pool(out.hidden_states[self.layer].float(), attention_mask.to(device))
         return torch.nn.functional.normalize(pooled, dim=-1)
 
 

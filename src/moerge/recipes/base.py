@@ -78,6 +78,9 @@ class Recipe:
     options: type[BaseModel] = NoOptions
     paper: str | None = None
     requires: tuple[Requirement, ...] = ()
+    # True where the method cannot serve a held-out task at all (it routes by the task's own expert). The
+    # taxonomy's `generalization` records what the paper evaluated, which is no reason to refuse a setting.
+    held_in_only: bool = False
     needs_inputs: tuple[str, ...] = ()  # RoutingInputs fields each call must carry
 
     def parse_options(self, options: dict[str, Any] | BaseModel | None = None) -> BaseModel:
@@ -117,7 +120,7 @@ class Recipe:
             raise RecipeNotApplicableError(
                 f"recipe {self.name!r} needs {t.user_data} target data, but this run is {user_data}."
             )
-        if generalization == "out-of-distribution" and t.generalization == "in-distribution":
+        if generalization == "out-of-distribution" and self.held_in_only:
             raise RecipeNotApplicableError(
                 f"recipe {self.name!r} only serves held-in tasks (it needs each task's own expert); "
                 "use it on in-distribution splits."
@@ -138,8 +141,8 @@ class Recipe:
                 shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
                 raise RecipeNotApplicableError(
                     f"recipe {self.name!r} needs {req.what} for every expert, and {len(missing)} of {len(names)} "
-                    f"have none ({shown}) in library {getattr(library, 'url', library)}; compute them with "
-                    f"{req.how}."
+                    f"have none ({shown}) in library {getattr(library, 'url', library)} under config {cfg}; "
+                    f"compute them with {req.how}."
                 )
 
 

@@ -346,6 +346,7 @@ ORACLE = register_recipe(
         ),
         builder=_build_oracle,
         options=OracleOptions,
+        held_in_only=True,
         needs_inputs=("task_names",),
     )
 )
