@@ -271,3 +271,23 @@ def test_only_a_held_in_only_recipe_refuses_held_out_tasks():
         get_recipe("oracle").check_applicable(None, generalization="out-of-distribution")
     dam = get_recipe("embedding_centroids")
     assert dam.taxonomy.generalization == "in-distribution" and not dam.held_in_only
+
+
+def test_embedding_model_option_picks_the_embedder(lib_setup, monkeypatch, tmp_path):
+    """``embedding_model="base"`` uses the base model's hidden states, whose centroids the library holds;
+    the default (MiniLM where installed) has none there, and says so."""
+    monkeypatch.setenv("MOERGE_CACHE", str(tmp_path))
+    model, tok, experts, lib, _ = lib_setup
+    texts = [task_texts("task0", 1, seed=3)[0], task_texts("task2", 1, seed=4)[0]]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    explicit = attach(
+        copy.deepcopy(model), lib, recipe="embedding_centroids", embedder=HiddenStateEmbedder(model, tok)
+    )
+    by_option = attach(copy.deepcopy(model), lib, recipe="embedding_centroids", tokenizer=tok, embedding_model="base")
+    with torch.no_grad():
+        torch.testing.assert_close(by_option(**enc).logits, explicit(**enc).logits)
+    from moerge.models.embedder import minilm_available
+
+    if minilm_available():
+        with pytest.raises(RecipeNotApplicableError, match="all-MiniLM-L6-v2"):
+            attach(copy.deepcopy(model), lib, recipe="embedding_centroids", tokenizer=tok)

@@ -126,9 +126,11 @@ def parse_method(text: str) -> MethodSpec:
 
 def default_methods() -> list[MethodSpec]:
     """Every registered recipe not covered by a baseline, plus ``granularity=example`` for per-token recipes
-    (so per-token and per-example routing are compared on the same experts)."""
+    (so per-token and per-example routing are compared on the same experts), and, for embedding recipes
+    whose default embedder is a sentence model, ``embedding_model=base`` (the base model's hidden states)."""
     from typing import get_args
 
+    from moerge.models.embedder import minilm_available
     from moerge.recipes import list_recipes
 
     out = []
@@ -139,6 +141,8 @@ def default_methods() -> list[MethodSpec]:
         f = r.options.model_fields.get("granularity")
         if f is not None and f.default == "token" and "example" in get_args(f.annotation):
             out.append(MethodSpec(f"{r.name}:granularity=example", r.name, {"granularity": "example"}))
+        if "embedding_model" in r.options.model_fields and minilm_available():
+            out.append(MethodSpec(f"{r.name}:embedding_model=base", r.name, {"embedding_model": "base"}))
     return out
 
 
@@ -557,22 +561,24 @@ class _Run:
     results: list[TaskResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     _batches: dict[str, list[tuple[Any, Any]]] = field(default_factory=dict)
-    _embedder: Any = None
+    _embedders: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def embedder(self) -> Any:
-        """The sentence embedder for embedding routers (`moerge.routing.embedding.default_embedder`), made once."""
-        if self._embedder is None:
+    def embedder(self, opts: Any = None) -> Any:
+        """The sentence embedder an embedding recipe's options pick (its ``embedding_model`` option; see
+        `moerge.routing.embedding.default_embedder`), made once per choice."""
+        choice = getattr(opts, "embedding_model", "default")
+        if choice not in self._embedders:
             from moerge.routing.embedding import default_embedder
 
-            self._embedder = default_embedder(self.model, self.tokenizer)
-        return self._embedder
+            self._embedders[choice] = default_embedder(self.model, self.tokenizer, choice=choice)
+        return self._embedders[choice]
 
     def embedder_kwargs(self, rec: Any, opts: Any, key: str) -> dict[str, Any]:
         """``{key: embedder or its name}`` for recipes whose artifacts depend on the embedder, else ``{}``."""
         if not needs_embedder(rec, opts):
             return {}
-        return {key: self.embedder if key == "embedder" else self.embedder.name}
+        emb = self.embedder(opts)
+        return {key: emb if key == "embedder" else emb.name}
 
     @property
     def names(self) -> list[str]:
@@ -1051,19 +1057,21 @@ def prepare_artifacts(run: _Run, specs: Sequence[MethodSpec]) -> list[str]:
     without training data in the suite are left without, so their recipes report not applicable."""
     from moerge.recipes import get_recipe
 
-    kinds: dict[str, Any] = {}
+    needed: list[tuple[str, Any, Any]] = []  # (kind, artifact config, embedder or None), each once
     for spec in specs:
         try:
             rec = get_recipe(spec.recipe)
             opts = rec.parse_options(spec.options)
         except MoergeError:
             continue
+        embedder = run.embedder(opts) if needs_embedder(rec, opts) else None
         for req in rec.requires:
-            name = run.embedder.name if needs_embedder(rec, opts) else ""
-            kinds.setdefault(req.kind, req.config(opts, name))
+            item = (req.kind, req.config(opts, embedder.name if embedder else ""), embedder)
+            if all(item[:2] != seen[:2] for seen in needed):
+                needed.append(item)
     done = []
     lib = run.library
-    for kind, cfg in kinds.items():
+    for kind, cfg, embedder in needed:
         missing = [e for e in run.experts if not lib.has_artifact(kind, cfg, e.name)]
         data = {e.name: expert_training_texts(run.suite, e.name, prompts_only=kind == "embedding_centroids")
                 for e in missing}  # fmt: skip
@@ -1078,7 +1086,7 @@ def prepare_artifacts(run: _Run, specs: Sequence[MethodSpec]) -> list[str]:
         elif kind == "embedding_centroids":
             from moerge.transforms.centroids import compute_embedding_centroids
 
-            compute_embedding_centroids(run.embedder, data, library=lib)
+            compute_embedding_centroids(embedder, data, library=lib)
         elif kind == "phatgoose_gates":
             from moerge.transforms.phatgoose import GateTrainConfig, train_phatgoose_gates
 

@@ -353,7 +353,8 @@ def attach(
     expert_list, library = resolve_experts(library_or_experts, experts)
     rec = get_recipe(recipe) if not hasattr(recipe, "build") else recipe
     opts = rec.parse_options(options)
-    embedder = default_embedder(model, tokenizer, embedder)  # cheap: models load on first use
+    # cheap: embedding models load on first use. A recipe's `embedding_model` option picks which one.
+    embedder = default_embedder(model, tokenizer, embedder, getattr(opts, "embedding_model", "default"))
     if router is None:
         rec.check_applicable(library, experts=expert_list, embedder_name=embedder.name, options=opts)
     if rec.name == "base" and router is None:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moerge.errors import MoergeError
 from moerge.recipes.base import BuildContext, Recipe, Requirement, Taxonomy, register_recipe
+from moerge.routing.embedding import EmbedderChoice
 from moerge.routing.routers import (
     EmbeddingRouter,
     FixedRouter,
@@ -189,7 +190,12 @@ _EMBED_REQ = Requirement(
 )
 
 
-class CentroidOptions(_Options):
+class EmbedderOptions(_Options):
+    # which sentence embedder: "default" = all-MiniLM-L6-v2 where installed, else the base model's hidden states
+    embedding_model: EmbedderChoice = "default"
+
+
+class CentroidOptions(EmbedderOptions):
     k: int | None = Field(default=None, ge=1)  # None: dense (DAM)
     temperature: float = Field(default=0.1, gt=0)
     granularity: Literal["example", "task"] = "example"
@@ -228,7 +234,7 @@ DAM = register_recipe(
 )
 
 
-def _build_retrieval(ctx: BuildContext, o: _Options) -> RetrievalRouter:
+def _build_retrieval(ctx: BuildContext, o: EmbedderOptions) -> RetrievalRouter:
     from moerge.transforms.centroids import EMBED_KIND, embed_config, load_per_expert
 
     emb = _embedder(ctx)
@@ -255,7 +261,7 @@ RETRIEVAL = register_recipe(
             user_data="zero-shot",
         ),
         builder=_build_retrieval,
-        options=_Options,
+        options=EmbedderOptions,
         requires=(_EMBED_REQ,),
     )
 )

@@ -6,20 +6,30 @@ used with another."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from moerge.models.embedder import HiddenStateEmbedder
 from moerge.models.embedder import SentenceEmbedder as Embedder
 
+# What an embedding recipe's ``embedder`` option may name.
+EmbedderChoice = Literal["default", "minilm", "base"]
 
-def default_embedder(model: Any, tokenizer: Any = None, embedder: Embedder | None = None) -> Embedder:
-    """``embedder`` if given; else all-MiniLM-L6-v2 where installed (the ``embeddings`` extra), else the base
-    model's mean-pooled hidden states (`HiddenStateEmbedder`, which also embeds token ids directly)."""
+
+def default_embedder(
+    model: Any, tokenizer: Any = None, embedder: Embedder | None = None, choice: EmbedderChoice = "default"
+) -> Embedder:
+    """``embedder`` if given; else per ``choice``: ``"base"`` the base model's mean-pooled hidden states
+    (`HiddenStateEmbedder`, which also embeds token ids directly), ``"minilm"`` all-MiniLM-L6-v2, and
+    ``"default"`` MiniLM where installed (the ``embeddings`` extra), else the base model's hidden states."""
     if embedder is not None:
         return embedder
-    from moerge.models.embedder import default_embedder as installed_default
+    from moerge.models import embedder as installed
 
-    return installed_default(model, tokenizer)
+    if choice == "base":
+        return HiddenStateEmbedder(model, tokenizer)
+    if choice == "minilm":
+        return installed.MiniLMEmbedder()
+    return installed.default_embedder(model, tokenizer)
 
 
-__all__ = ["Embedder", "HiddenStateEmbedder", "default_embedder"]
+__all__ = ["Embedder", "EmbedderChoice", "HiddenStateEmbedder", "default_embedder"]
