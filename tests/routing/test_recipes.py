@@ -283,7 +283,9 @@ def test_embedding_model_option_picks_the_embedder(lib_setup, monkeypatch, tmp_p
     explicit = attach(
         copy.deepcopy(model), lib, recipe="embedding_centroids", embedder=HiddenStateEmbedder(model, tok)
     )
-    by_option = attach(copy.deepcopy(model), lib, recipe="embedding_centroids", tokenizer=tok, embedding_model="base")
+    by_option = attach(
+        copy.deepcopy(model), lib, recipe="embedding_centroids", tokenizer=tok, embedding_model="base"
+    )
     with torch.no_grad():
         torch.testing.assert_close(by_option(**enc).logits, explicit(**enc).logits)
     from moerge.models.embedder import minilm_available
