@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from moerge.errors import MalformedConfigError
+from moerge.errors import MalformedConfigError, MoergeError
 
 
 def read_yaml_mapping(path: str | Path, expected: str = "a mapping") -> dict[str, Any]:
@@ -22,3 +24,19 @@ def read_yaml_mapping(path: str | Path, expected: str = "a mapping") -> dict[str
     if not isinstance(data, dict):
         raise MalformedConfigError(f"{path}: expected {expected}.")
     return data
+
+
+def iter_jsonl(
+    path: str | Path, error: type[MoergeError] = MalformedConfigError
+) -> Iterator[tuple[int, Any]]:
+    """Yield ``(line number, parsed object)`` for each non-blank line of a JSONL file; a line that is not JSON
+    raises ``error`` naming ``file:line``. The caller checks that the file exists (its message says what for)."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line.") from e

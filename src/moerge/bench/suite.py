@@ -473,22 +473,15 @@ def _resolve(folder: Path, value: str | None) -> str | None:
 def _read_examples(path: Path, experts: Sequence[str]) -> list[Example]:
     if not path.is_file():
         raise SuiteError(f"{path}: no such task file (named in {SUITE_FILE})")
+    from moerge.config_io import iter_jsonl
+
     out: list[Example] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SuiteError(
-                    f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line."
-                ) from e
-            try:
-                out.append(Example.from_row(row, experts))
-            except (ValueError, ValidationError) as e:
-                msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
-                raise SuiteError(f"{path}:{lineno}: {msg}") from e
+    for lineno, row in iter_jsonl(path, SuiteError):
+        try:
+            out.append(Example.from_row(row, experts))
+        except (ValueError, ValidationError) as e:
+            msg = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+            raise SuiteError(f"{path}:{lineno}: {msg}") from e
     if not out:
         raise SuiteError(f"{path}: the file holds no examples")
     return out

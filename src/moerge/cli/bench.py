@@ -98,21 +98,9 @@ def _run(
 
 
 def _read_yaml(path: Path) -> dict:
-    import yaml
+    from moerge.config_io import read_yaml_mapping
 
-    from moerge.errors import MalformedConfigError
-
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such config file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise MalformedConfigError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(data, dict):
-        raise MalformedConfigError(
-            f"{path}: expected a mapping of BenchConfig fields (recipes, baselines, …)"
-        )
-    return data
+    return read_yaml_mapping(path, "a mapping of BenchConfig fields (recipes, baselines, …)")
 
 
 def demo(

@@ -8,7 +8,6 @@ benchmark encodes its eval examples (`encode_example`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,18 +51,9 @@ def read_jsonl(path: str | Path) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file (expected a JSONL file of examples)")
-    rows: list[dict[str, str]] = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(
-                    f"{path}:{lineno}: not valid JSON ({e.msg}); fix or remove that line."
-                ) from e
-            rows.append(normalize_example(obj, f"{path}:{lineno}"))
+    from moerge.config_io import iter_jsonl
+
+    rows = [normalize_example(obj, f"{path}:{lineno}") for lineno, obj in iter_jsonl(path, DataFormatError)]
     if not rows:
         raise DataFormatError(f"{path}: the file holds no examples.")
     return rows
