@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Caches (suites, embeddings, dequantised models, remote catalogs) go to a throwaway folder, not ~/.cache.
+os.environ["MOERGE_CACHE"] = tempfile.mkdtemp(prefix="moerge-test-cache-")
+atexit.register(shutil.rmtree, os.environ["MOERGE_CACHE"], ignore_errors=True)
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
