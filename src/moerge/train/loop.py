@@ -11,6 +11,7 @@ import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,14 @@ def _progress(description: str, total: int, enabled: bool):
         transient=True,
         refresh_per_second=4,
     )
+
+
+LOOP_SETTINGS = ("lr", "weight_decay", "warmup_steps", "schedule", "grad_clip", "progress")
+
+
+def loop_settings(config: Any) -> dict[str, Any]:
+    """`run_loop`'s keyword settings read off a training config (`TrainConfig`, `PretrainConfig`)."""
+    return {name: getattr(config, name) for name in LOOP_SETTINGS}
 
 
 def run_loop(

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moerge.experts.expert import Expert, ExpertMetadata
 from moerge.train.data import DataSource, build_batches, encode_examples, load_examples
-from moerge.train.loop import LoopResult, run_loop
+from moerge.train.loop import LoopResult, loop_settings, run_loop
 
 
 class TrainConfig(BaseModel):
@@ -177,12 +177,7 @@ def train_expert(
         peft_model,
         params,
         batches,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        warmup_steps=config.warmup_steps,
-        schedule=config.schedule,
-        grad_clip=config.grad_clip,
-        progress=config.progress,
+        **loop_settings(config),
         description=f"training {name}",
     )
     fields: dict[str, Any] = {

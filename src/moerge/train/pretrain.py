@@ -8,7 +8,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from moerge.train.data import DataSource, build_batches, encode_examples, load_examples
-from moerge.train.loop import LoopResult, run_loop
+from moerge.train.loop import LoopResult, loop_settings, run_loop
 
 
 class PretrainConfig(BaseModel):
@@ -44,11 +44,6 @@ def pretrain_model(
             model,
             params,
             batches,
-            lr=config.lr,
-            weight_decay=config.weight_decay,
-            warmup_steps=config.warmup_steps,
-            schedule=config.schedule,
-            grad_clip=config.grad_clip,
-            progress=config.progress,
+            **loop_settings(config),
             description="pretraining base",
         )
