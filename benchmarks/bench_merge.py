@@ -45,7 +45,7 @@ print(json.dumps({"rc": p.returncode, "wall_s": wall, "peak_rss_mb": rss / 1024,
 def build(workdir: Path) -> dict[str, Path]:
     from safetensors.torch import load_file, save_file
 
-    from moerge.models.tiny import save_tiny_model
+    from moerge.backbones.tiny import save_tiny_model
 
     base = workdir / "base"
     paths = {"base": base}
@@ -159,10 +159,10 @@ def _shapes(folder: Path) -> dict[str, tuple[int, ...]]:
 
 
 def bench_lora(workdir: Path, n_experts: int = 64, rank: int = 8) -> dict:
+    from moerge.backbones.tiny import build_tiny_model
     from moerge.experts.expert import Expert, ExpertMetadata, LoraModule
     from moerge.merging.lora import merge_lora_experts
     from moerge.merging.registry import get_method, validate_params
-    from moerge.models.tiny import build_tiny_model
 
     model, _ = build_tiny_model(**MODEL, seed=0)
     targets = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "layers" in n}

@@ -103,7 +103,7 @@ def run(args) -> list[dict]:
     from peft import ArrowConfig, LoraConfig, create_arrow_model, get_peft_model
 
     from moerge.experts.peft_io import write_peft_folder
-    from moerge.model.attach import attach
+    from moerge.recipes.facade import attach
 
     rows = []
     for size in args.models:

@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def perplexity(model, tokenizer, task, batch_size: int) -> float:
-    from moerge.bench.suite import evaluate_task
+    from moerge.bench.metrics import evaluate_task
 
     return math.exp(evaluate_task(model, tokenizer, task, batch_size=batch_size))
 
@@ -48,7 +48,7 @@ def load_check(source: str, cache_dir: Path) -> None:
 
     import torch
 
-    from moerge.models.loading import load_base_model
+    from moerge.backbones.loading import load_base_model
 
     shutil.rmtree(cache_dir, ignore_errors=True)
     text = "The capital of France is Paris. It is a large city in Europe."
@@ -91,8 +91,8 @@ def main() -> None:
     t_start = time.perf_counter()
     import torch
 
-    from moerge.bench.real_text import RealTextConfig, real_text_suite
-    from moerge.models.loading import load_base_model
+    from moerge.backbones.loading import load_base_model
+    from moerge.bench.suites.real_text import RealTextConfig, real_text_suite
     from moerge.train.lora import TrainConfig, train_expert
 
     timings: dict[str, float] = {}

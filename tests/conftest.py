@@ -20,7 +20,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A saved tiny Llama-style causal LM (transformers folder with tokenizer)."""
-    from moerge.models.tiny import save_tiny_model
+    from moerge.backbones.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), architecture="llama", seed=0)
 
@@ -28,6 +28,6 @@ def tiny_llama_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory):
     """A saved tiny GPT-2 (Conv1D layers, fan_in_fan_out) with tokenizer."""
-    from moerge.models.tiny import save_tiny_model
+    from moerge.backbones.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), architecture="gpt2", seed=0)

@@ -17,11 +17,11 @@ _LAZY = {
     "ExpertLibrary": "moerge.experts.library",
     "train_expert": "moerge.train.lora",
     "TrainConfig": "moerge.train.lora",
-    "build_tiny_model": "moerge.models.tiny",
-    "save_tiny_model": "moerge.models.tiny",
-    "TinyModelConfig": "moerge.models.tiny",
-    "attach": "moerge.model.attach",
-    "detach": "moerge.model.attach",
+    "build_tiny_model": "moerge.backbones.tiny",
+    "save_tiny_model": "moerge.backbones.tiny",
+    "TinyModelConfig": "moerge.backbones.tiny",
+    "attach": "moerge.recipes.facade",
+    "detach": "moerge.model.routed",
     "merge": "moerge.merging.api",
 }
 

@@ -1,4 +1,9 @@
-"""Errors raised by moerge for bad input. Each message names the file or thing at fault and the fix."""
+"""Every user-facing error moerge raises: one tree under `MoergeError`.
+
+Each message names the file or thing at fault and says what to do. The CLI prints a `MoergeError` as one
+``error:`` line (exit 1) without a traceback. Modules import their errors from here, never define their own,
+so a caller can catch any moerge error (or a family of them) from one place.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,24 @@ class MoergeError(Exception):
     """Base class for user-facing errors; the CLI prints these as one line, without a traceback."""
 
 
+# ---------------------------------------------------------------------------------- input files and formats
 class UnsafeFormatError(MoergeError):
     """A pickle-based file (.bin, .pt, .pkl, .ckpt) was offered; moerge never unpickles."""
 
 
+class MalformedConfigError(MoergeError):
+    """A configuration file (adapter_config.json, metadata, YAML) cannot be read or validated."""
+
+
+class DataFormatError(MoergeError):
+    """A training or evaluation data file (JSONL) or example cannot be read."""
+
+
+class SuiteError(MalformedConfigError):
+    """A suite folder, its suite.yaml or its task files cannot be read or validated."""
+
+
+# ---------------------------------------------------------------------------------- experts and libraries
 class BaseModelMismatchError(MoergeError):
     """An expert was trained on a different base model than the library or model it is offered to."""
 
@@ -31,13 +50,35 @@ class ExpertNotFoundError(MoergeError):
     """No expert of that name is in the library."""
 
 
-class MalformedConfigError(MoergeError):
-    """A configuration file (adapter_config.json, metadata, YAML) cannot be read or validated."""
-
-
 class LibraryError(MoergeError):
     """The library folder is missing, corrupt or not a moerge library."""
 
 
+# ---------------------------------------------------------------------------------- models and data sources
+class ModelLoadError(MoergeError):
+    """A base model cannot be found or loaded (missing file, missing optional package, offline hub)."""
+
+
+class EmbedderError(MoergeError):
+    """An embedder cannot be built (missing optional package or model files)."""
+
+
+class SourceMissingError(MoergeError):
+    """The text of a real-text domain is not installed."""
+
+
+# ---------------------------------------------------------------------------------- routing and recipes
+class RoutingError(MoergeError):
+    """A routed call cannot be made as asked (missing per-call inputs, nested calls, unsupported mode)."""
+
+
 class RecipeNotApplicableError(MoergeError):
-    """A recipe cannot run in the requested setting, per its taxonomy record."""
+    """A recipe cannot run in the requested setting, per its taxonomy record (or lacks its artifacts)."""
+
+
+class UnknownNameError(MalformedConfigError):
+    """A recipe, merge method or baseline name (in a config, a flag or a call) that is not registered."""
+
+
+class PluginError(MoergeError):
+    """A plugin (``--plugin MODULE_OR_FILE`` or an installed entry point) cannot be loaded or is malformed."""

@@ -12,20 +12,20 @@ def suite_root(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reduced_config():
-    from moerge.bench.synthetic import SyntheticSuiteConfig
+    from moerge.bench.suites.synthetic import SyntheticSuiteConfig
 
     return SyntheticSuiteConfig.reduced(progress=False)
 
 
 @pytest.fixture(scope="session")
 def reduced_suite(reduced_config, suite_root):
-    from moerge.bench.synthetic import build_synthetic_suite
+    from moerge.bench.suites.synthetic import build_synthetic_suite
 
     return build_synthetic_suite(reduced_config, root=suite_root)
 
 
 @pytest.fixture(scope="session")
 def char_tokenizer():
-    from moerge.models.tiny import build_tokenizer
+    from moerge.backbones.tiny import build_tokenizer
 
     return build_tokenizer()

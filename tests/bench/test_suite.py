@@ -7,7 +7,9 @@ import textwrap
 
 import pytest
 
-from moerge.bench.suite import Example, SuiteError, evaluate_task, load_jsonl_suite, write_jsonl_suite
+from moerge.bench.metrics import evaluate_task
+from moerge.bench.suites.format import Example, load_jsonl_suite, write_jsonl_suite
+from moerge.errors import SuiteError
 
 SUITE_YAML = """\
 name: my-suite

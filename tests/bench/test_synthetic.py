@@ -8,9 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from moerge.bench import synthetic
-from moerge.bench.suite import load_jsonl_suite, span_exact_match
-from moerge.bench.synthetic import SEP, SyntheticSuiteConfig, build_synthetic_suite, build_tasks, task_defs
+from moerge.bench.metrics import span_exact_match
+from moerge.bench.suites import synthetic
+from moerge.bench.suites.format import load_jsonl_suite
+from moerge.bench.suites.synthetic import (
+    SEP,
+    SyntheticSuiteConfig,
+    build_synthetic_suite,
+    build_tasks,
+    task_defs,
+)
 
 
 def reference_apply(op: str, s: str, alphabet: str, table: dict[str, str]) -> str:

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-RECIPES = ["arrow", "arrow:granularity=example", "phatgoose", "embedding_centroids", "uniform"]
+RECIPES = ["arrow", "arrow:granularity=example", "phatgoose:gate_steps=3", "embedding_centroids", "uniform"]
 
 
 @pytest.fixture(scope="session")
 def reduced_suite(tmp_path_factory):
-    from moerge.bench.synthetic import SyntheticSuiteConfig, build_synthetic_suite
+    from moerge.bench.suites.synthetic import SyntheticSuiteConfig, build_synthetic_suite
     from moerge.train.pretrain import PretrainConfig
 
     config = SyntheticSuiteConfig.reduced(
@@ -39,5 +39,5 @@ def bench_results(reduced_suite, base_model):
     from moerge.bench.runner import BenchConfig, run_bench
 
     model, tokenizer = base_model
-    config = BenchConfig(recipes=RECIPES, gate_steps=3, batch_size=4, progress=False)
+    config = BenchConfig(recipes=RECIPES, batch_size=4, progress=False)
     return run_bench(reduced_suite, config, model=model, tokenizer=tokenizer)

@@ -7,15 +7,12 @@ import math
 import pytest
 import torch
 
-from moerge.bench.runner import (
-    BASELINES,
-    BenchConfig,
-    TaskResult,
-    normalize,
-    parse_method,
-    routing_stats,
-    run_bench,
-)
+from moerge.bench.baselines import BASELINES
+from moerge.bench.config import BenchConfig, parse_method
+from moerge.bench.metrics import routing_stats
+from moerge.bench.results import TaskResult, normalize
+from moerge.bench.runner import run_bench
+from moerge.errors import MoergeError
 
 
 def dense_target_nll(model, tokenizer, task, expert=None) -> float:
@@ -43,7 +40,7 @@ def dense_target_nll(model, tokenizer, task, expert=None) -> float:
 def test_every_method_reports_every_task(bench_results, reduced_suite):
     names = {m.name for m in bench_results.methods}
     assert set(BASELINES) <= names
-    assert {"arrow", "arrow:granularity=example", "phatgoose", "embedding_centroids"} <= names
+    assert {"arrow", "arrow:granularity=example", "phatgoose:gate_steps=3", "embedding_centroids"} <= names
     shown = [m for m in bench_results.methods if m.kind != "single"]
     for m in shown:
         tasks = [r.task for r in bench_results.results if r.method == m.name]
@@ -107,7 +104,9 @@ def test_best_single_is_one_of_the_singles(bench_results):
                 assert r.target_nll == bench_results.result(f"single:{name}", r.task).target_nll
 
 
-def test_missing_artifacts_and_unknown_recipes_are_reported_not_dropped(reduced_suite, base_model, tmp_path):
+def test_missing_artifacts_are_reported_and_unknown_names_refused_up_front(
+    reduced_suite, base_model, tmp_path
+):
     from moerge.experts.library import ExpertLibrary
 
     model, tokenizer = base_model
@@ -117,19 +116,20 @@ def test_missing_artifacts_and_unknown_recipes_are_reported_not_dropped(reduced_
     for n in reduced_suite.experts:
         lib.add(src.get(n))
     config = BenchConfig(
-        recipes=["average_activation", "no_such_recipe"],
-        baselines=["base"],
-        prepare_artifacts=False,
-        progress=False,
-        limit=2,
+        recipes=["average_activation"], baselines=["base"], prepare_artifacts=False, progress=False, limit=2
     )
     res = run_bench(reduced_suite, config, model=model, tokenizer=tokenizer, library=lib)
     aa = res.method("average_activation")
     assert aa.status == "not_applicable" and "centroids" in aa.reason
-    bad = res.method("no_such_recipe")
-    assert bad.status == "error" and "unknown recipe" in bad.reason
-    assert all(r.status == "error" for r in res.results if r.method == "no_such_recipe")
     assert all(r.status == "ok" for r in res.results if r.method == "base")
+    # an unknown recipe, a bad option or an unknown baseline is refused before anything runs
+    for bad, match in [
+        ({"recipes": ["average_activation", "no_such_recipe"]}, "unknown recipe 'no_such_recipe'"),
+        ({"recipes": ["arrow:topk=2"]}, "option topk"),
+        ({"recipes": ["arrow"], "baselines": ["nope"]}, "unknown baselines"),
+    ]:
+        with pytest.raises(MoergeError, match=match):
+            run_bench(reduced_suite, config.model_copy(update=bad), model=None, tokenizer=None, library=lib)
 
 
 def test_routing_stats_by_hand():
@@ -172,8 +172,8 @@ def test_oracle_trace_follows_the_labels(bench_results):
 
 
 def test_example_level_routers_never_see_the_answers(reduced_suite, base_model):
-    from moerge.bench.runner import routing_view
-    from moerge.bench.suite import collate
+    from moerge.bench.metrics import routing_view
+    from moerge.bench.suites.format import collate
 
     _, tokenizer = base_model
     task = reduced_suite.task("switch")

@@ -56,7 +56,7 @@ def ensure_mergekit() -> None:
 def build_models(root: Path) -> dict[str, Path]:
     from safetensors.torch import load_file, save_file
 
-    from moerge.models.tiny import save_tiny_model
+    from moerge.backbones.tiny import save_tiny_model
 
     base = save_tiny_model(
         root / "base", hidden_size=64, intermediate_size=128, num_layers=2, seed=0

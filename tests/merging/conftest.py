@@ -29,7 +29,7 @@ def perturbed_copy(src: Path, dst: Path, seed: int, scale: float = 0.02) -> Path
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     """A tiny Llama base and three perturbed fine-tunes, as transformers folders."""
-    from moerge.models.tiny import save_tiny_model
+    from moerge.backbones.tiny import save_tiny_model
 
     root = tmp_path_factory.mktemp("models")
     base = save_tiny_model(root / "base", **TINY, seed=0)

@@ -116,7 +116,7 @@ def test_slerp_with_base_listed_among_models_is_mergekit_style(model_dirs, tmp_p
 
 
 def test_refuses_models_that_differ(model_dirs, tmp_path):
-    from moerge.models.tiny import save_tiny_model
+    from moerge.backbones.tiny import save_tiny_model
 
     bigger = save_tiny_model(tmp_path / "bigger", **{**TINY, "intermediate_size": 96})
     with pytest.raises(ShapeMismatchError, match="intermediate|shape"):

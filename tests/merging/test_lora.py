@@ -112,8 +112,8 @@ def peft_model(lora_experts, tmp_path_factory):
     """A PEFT model over the tiny Llama holding our experts as adapters e0, e1, e2 (and same-scaling twins)."""
     from peft import PeftModel
 
+    from moerge.backbones.tiny import build_tiny_model
     from moerge.experts.peft_io import write_peft_folder
-    from moerge.models.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("peft")
     model, _ = build_tiny_model(**TINY, seed=0)

@@ -213,7 +213,7 @@ def test_regmean_on_gpt2_conv1d_uses_the_input_axis(tmp_path, tokens):
     """GPT-2's Conv1D stores weights [d_in, d_out]; the Gram is recorded as fan-in-fan-out and used so."""
     from transformers import AutoModelForCausalLM
 
-    from moerge.models.tiny import save_tiny_model
+    from moerge.backbones.tiny import save_tiny_model
 
     from .conftest import perturbed_copy
 

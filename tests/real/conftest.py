@@ -66,6 +66,6 @@ def minilm(tmp_path_factory):
     """all-MiniLM-L6-v2 with a private embedding cache (skipped where not installed)."""
     if not minilm_installed():
         pytest.skip(MINILM_REASON)
-    from moerge.models.embedder import MiniLMEmbedder
+    from moerge.backbones.embedder import MiniLMEmbedder
 
     return MiniLMEmbedder(cache_dir=tmp_path_factory.mktemp("emb-cache"))

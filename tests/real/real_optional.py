@@ -14,7 +14,7 @@ MINILM_REASON = (
 
 
 def minilm_installed() -> bool:
-    from moerge.models.embedder import minilm_available
+    from moerge.backbones.embedder import minilm_available
 
     return minilm_available()
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from real_optional import needs_minilm
 
-from moerge.models import embedder as emb
-from moerge.models.embedder import (
+from moerge.backbones import embedder as emb
+from moerge.backbones.embedder import (
     EmbedderError,
     HiddenStateEmbedder,
     MiniLMEmbedder,
@@ -54,7 +54,7 @@ def test_minilm_cache_serves_repeat_texts_without_the_model(minilm, monkeypatch)
 
 
 def test_hidden_state_fallback_is_the_mean_of_each_texts_own_states(tiny_llama_dir, tmp_path):
-    from moerge.models.loading import load_base_model
+    from moerge.backbones.loading import load_base_model
 
     model, tok = load_base_model(tiny_llama_dir)
     texts = ["short", "a somewhat longer text, padded in the batch", "x"]
@@ -74,7 +74,7 @@ def test_hidden_state_fallback_is_the_mean_of_each_texts_own_states(tiny_llama_d
 
 
 def test_default_embedder_prefers_minilm_and_falls_back(tiny_llama_dir, monkeypatch, tmp_path):
-    from moerge.models.loading import load_base_model
+    from moerge.backbones.loading import load_base_model
 
     if emb.minilm_available():
         assert isinstance(default_embedder(cache_dir=tmp_path), MiniLMEmbedder)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from real_optional import needs_gguf
 
+from moerge.backbones.loading import ModelLoadError, find_smollm2_gguf, load_base_model
 from moerge.experts.fingerprint import fingerprint_model
-from moerge.models.loading import ModelLoadError, find_smollm2_gguf, load_base_model
 
 TEXT = "Hello, world! {x: 1}\n"  # no 'er' / ' t' pairs, so one token per byte
 

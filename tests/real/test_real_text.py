@@ -7,8 +7,8 @@ import importlib.util
 import pytest
 from real_optional import needs_gguf
 
-from moerge.bench import real_text as rt
-from moerge.bench.real_text import DomainSpec, RealTextConfig, build_real_text, passages_from
+from moerge.bench.suites import real_text as rt
+from moerge.bench.suites.real_text import DomainSpec, RealTextConfig, build_real_text, passages_from
 
 needs_chatterbot = pytest.mark.skipif(
     importlib.util.find_spec("chatterbot_corpus") is None,
@@ -105,7 +105,7 @@ def test_chatterbot_domains_read_installed_dialogs():
 def test_suite_has_nll_tasks_with_domain_routing_labels(monkeypatch, tiny_llama_dir):
     from transformers import AutoTokenizer
 
-    from moerge.bench.real_text import real_text_suite
+    from moerge.bench.suites.real_text import real_text_suite
 
     for name, n in (("fake_a", 30), ("fake_b", 30), ("fake_c", 20), ("fake_d", 20)):
         monkeypatch.setitem(rt.READERS, name, _fake_reader(n))
@@ -146,7 +146,7 @@ def test_suite_has_nll_tasks_with_domain_routing_labels(monkeypatch, tiny_llama_
 
 @needs_gguf
 def test_built_suite_trains_one_expert_per_domain_on_a_gguf_base(monkeypatch, tmp_path, tiny_gguf_file):
-    from moerge.bench.real_text import build_real_text_suite
+    from moerge.bench.suites.real_text import build_real_text_suite
     from moerge.experts.fingerprint import fingerprint_model
     from moerge.train.lora import TrainConfig
 

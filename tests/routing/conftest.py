@@ -6,7 +6,7 @@ import pytest
 import torch
 from _routing_helpers import TwoLayerMLP
 
-from moerge.models.tiny import build_tiny_model
+from moerge.backbones.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,8 @@ import torch
 from _routing_helpers import make_experts
 from torch import nn
 
-from moerge.model.attach import attach, detach
 from moerge.model.expert_layer import ExpertLayer
+from moerge.recipes.facade import attach, detach
 from moerge.routing.inputs import RoutingInputs
 
 

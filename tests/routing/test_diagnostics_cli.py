@@ -9,7 +9,7 @@ import math
 import torch
 from _routing_helpers import make_experts
 
-from moerge.model.attach import attach, detach
+from moerge.recipes.facade import attach, detach
 from moerge.routing.diagnostics import plot_heatmap, routing_report
 from moerge.routing.inputs import RoutingInputs
 

@@ -11,7 +11,7 @@ from _routing_helpers import save_peft_adapters
 
 from moerge.experts.library import ExpertLibrary
 from moerge.experts.peft_io import read_peft_folder
-from moerge.model.attach import attach, detach
+from moerge.recipes.facade import attach, detach
 from moerge.transforms.arrow import ARROW_CONFIG, ARROW_KIND
 
 peft = pytest.importorskip("peft")

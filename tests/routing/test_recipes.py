@@ -11,12 +11,12 @@ from _routing_helpers import LoopRouterReference, make_experts, replace_layers, 
 
 from moerge.errors import MalformedConfigError, MoergeError, RecipeNotApplicableError
 from moerge.experts.library import ExpertLibrary
-from moerge.model.attach import attach
-from moerge.recipes import AXES, get_recipe, list_recipes, taxonomy_rows
+from moerge.recipes import AXES, BuildContext, get_recipe, list_recipes, taxonomy_rows
+from moerge.recipes.facade import attach
 from moerge.routing.embedding import HiddenStateEmbedder
 from moerge.routing.inputs import RoutingInputs
+from moerge.train.gates import GateTrainConfig, train_phatgoose_gates
 from moerge.transforms.centroids import compute_embedding_centroids, compute_hidden_centroids
-from moerge.transforms.phatgoose import GateTrainConfig, train_phatgoose_gates
 
 TASKS = ["task0", "task1", "task2"]
 
@@ -80,16 +80,17 @@ def test_cli_recipes_prints_every_recipe():
 
 def test_recipes_refuse_settings_their_record_rules_out(lib_setup):
     model, tok, experts, lib, bare = lib_setup
+    on_bare, on_full = BuildContext(model, experts, library=bare), BuildContext(model, experts, library=lib)
     with pytest.raises(RecipeNotApplicableError, match="hidden-state centroids.*compute_hidden_centroids"):
-        get_recipe("average_activation").check_applicable(bare)
+        get_recipe("average_activation").check_applicable(on_bare)
     with pytest.raises(RecipeNotApplicableError, match="PHATGOOSE gate vectors"):
         attach(copy.deepcopy(model), bare, recipe="phatgoose")
     with pytest.raises(RecipeNotApplicableError, match="library"):
         attach(copy.deepcopy(model), experts, recipe="embedding_centroids")
     with pytest.raises(RecipeNotApplicableError, match="held-in"):
-        get_recipe("oracle").check_applicable(lib, generalization="out-of-distribution")
-    get_recipe("average_activation").check_applicable(lib)  # the full library has the statistics
-    get_recipe("arrow").check_applicable(bare)  # Arrow needs weights only
+        get_recipe("oracle").check_applicable(on_full, generalization="out-of-distribution")
+    get_recipe("average_activation").check_applicable(on_full)  # the full library has the statistics
+    get_recipe("arrow").check_applicable(on_bare)  # Arrow needs weights only
     with pytest.raises(MalformedConfigError, match="option"):
         attach(copy.deepcopy(model), experts, recipe="arrow", topk=3)
     with pytest.raises(MoergeError, match="unknown recipe"):
@@ -106,10 +107,11 @@ def std_dot(x, v):
 )
 def test_prototype_recipes_match_a_loop_reference(lib_setup, recipe, kind):
     model, tok, experts, lib, _ = lib_setup
+    from moerge.train.gates import gates_config
     from moerge.transforms.centroids import HIDDEN_CONFIG
-    from moerge.transforms.phatgoose import GATES_CONFIG
 
-    config = GATES_CONFIG if kind == "phatgoose_gates" else HIDDEN_CONFIG
+    config = gates_config(5) if kind == "phatgoose_gates" else HIDDEN_CONFIG
+    options = {"gate_steps": 5} if recipe == "phatgoose" else {}
     vectors = {e.name: lib.get_artifact(kind, config, e.name)[0] for e in experts}
     ids = tok(["abc 123", "XYZ!? ab"], return_tensors="pt", padding=True)
     ref = copy.deepcopy(model)
@@ -125,7 +127,7 @@ def test_prototype_recipes_match_a_loop_reference(lib_setup, recipe, kind):
     )
     with torch.no_grad():
         want = ref(**ids).logits
-        routed = attach(copy.deepcopy(model), lib, recipe=recipe)
+        routed = attach(copy.deepcopy(model), lib, recipe=recipe, **options)
         got = routed(**ids).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
@@ -192,7 +194,7 @@ def test_retrieval_of_experts_votes_per_task(lib_setup):
     )
     with torch.no_grad():
         routed(**enc, routing=RoutingInputs(task_names=tasks, record=True))
-    votes = routed._last_call.plan["votes"].tolist()
+    votes = routed.last_call().plan["votes"].tolist()
     w = next(iter(routed.last_routing().values()))[:, 0]  # [B, E]
     chosen = w.argmax(-1).tolist()
     assert all(row.max() == 1 and row.sum() == 1 for row in w)  # one expert, weight 1
@@ -288,7 +290,7 @@ def test_embedding_model_option_picks_the_embedder(lib_setup, monkeypatch, tmp_p
     )
     with torch.no_grad():
         torch.testing.assert_close(by_option(**enc).logits, explicit(**enc).logits)
-    from moerge.models.embedder import minilm_available
+    from moerge.backbones.embedder import minilm_available
 
     if minilm_available():
         with pytest.raises(RecipeNotApplicableError, match="all-MiniLM-L6-v2"):

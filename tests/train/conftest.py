@@ -7,14 +7,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_llama():
-    from moerge.models.tiny import build_tiny_model
+    from moerge.backbones.tiny import build_tiny_model
 
     return build_tiny_model(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2():
-    from moerge.models.tiny import build_tiny_model
+    from moerge.backbones.tiny import build_tiny_model
 
     return build_tiny_model(
         architecture="gpt2", hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2

@@ -20,18 +20,19 @@ def register(app: typer.Typer) -> None:
 def _load_suite(suite: str, reduced: bool, root: Path | None, rebuild: bool, progress: bool):
     """``(Suite, how)`` for ``synthetic``, ``real-text`` or a suite folder."""
     if suite == "synthetic":
-        from moerge.bench.synthetic import SyntheticSuiteConfig, build_synthetic_suite, is_built, suite_folder
+        from moerge.bench.suites.build import is_built
+        from moerge.bench.suites.synthetic import SyntheticSuiteConfig, build_synthetic_suite, suite_folder
 
         config = SyntheticSuiteConfig.reduced() if reduced else SyntheticSuiteConfig()
         config = config.model_copy(update={"progress": progress})
         cached = is_built(suite_folder(config, root)) and not rebuild
         return build_synthetic_suite(config, root=root, force=rebuild), "cached" if cached else "built"
     if suite in ("real-text", "real_text"):
-        from moerge.bench import real_text
+        from moerge.bench.suites import real_text
 
         config = real_text.RealTextConfig.reduced() if reduced else real_text.RealTextConfig.full()
         return real_text.build_real_text_suite(config, root=root, force=rebuild), "built or cached"
-    from moerge.bench.suite import load_jsonl_suite
+    from moerge.bench.suites.format import load_jsonl_suite
 
     return load_jsonl_suite(suite), "loaded"
 

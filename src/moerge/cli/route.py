@@ -135,7 +135,7 @@ def register(app: typer.Typer) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from moerge.model.attach import attach
+        from moerge.recipes.facade import attach
         from moerge.routing.inputs import RoutingInputs
 
         rows = read_prompts(prompt, prompts)

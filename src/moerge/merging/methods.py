@@ -21,7 +21,7 @@ from moerge.merging.ops import (
 from moerge.merging.ops import (
     slerp as slerp_pair,
 )
-from moerge.merging.registry import merge_method
+from moerge.merging.spec import merge_method
 
 Rescale = Literal["inverse", "l1", "none"]
 

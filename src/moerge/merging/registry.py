@@ -1,138 +1,80 @@
-"""The registry of merge methods: each method is one decorated pure function over stacked tensors.
+"""The registry of merge methods, plus parameter validation and the per-tensor execution of a method.
 
-A method function takes ``x`` (the N input tensors stacked on dim 0, ``[N, *shape]``) and ``weight`` (``[N]``),
-and returns the merged tensor (``shape``). Keyword-only parameters are the method's *parameters*; the
-decorator records their names, types and defaults, so the YAML config, the CLI and ``moerge.merge(...)`` all
-validate them the same way. A few keyword names are *reserved* and filled by the engine, not by the user:
-
-- ``base``: the base tensor (methods in ``space="weights"`` that use a base model);
-- ``stats``: per-model data statistics stacked like ``x`` (Fisher diagonals, Gram matrices);
-- ``generator``: a seeded ``torch.Generator`` (random methods such as DARE; seeded per tensor name);
-- ``layout``: ``"linear"`` or ``"fan_in_fan_out"`` for 2-D weights (RegMean needs to know the input axis).
-
-``space="delta"`` methods see task vectors ``x - base`` (the engine adds the base back); for LoRA experts they
-see the per-module ΔW directly. ``space="weights"`` methods see the weights themselves.
+Methods are one decorated pure function each (`moerge.merging.spec.merge_method`). The registry collects them
+explicitly: the built-ins from `moerge.merging.methods`, then every installed ``moerge.merge_methods`` entry
+point, then plugins given at run time (`moerge.plugins.load_plugins`) or `register_merge_method` from Python.
 """
 
 from __future__ import annotations
 
 import inspect
 import re
-import typing
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from types import ModuleType
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from moerge.errors import MalformedConfigError
+from moerge.errors import MalformedConfigError, PluginError, UnknownNameError
+from moerge.merging.spec import RESERVED, SPEC_ATTR, MethodSpec, merge_method
 
-RESERVED = ("base", "stats", "generator", "layout")
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """What the registry knows about one merge method."""
-
-    name: str
-    fn: Callable[..., torch.Tensor]
-    paper: str
-    space: Literal["delta", "weights"]
-    base: Literal["required", "optional", "none"]
-    per_model: tuple[str, ...]
-    params: dict[str, tuple[Any, Any]]  # name -> (annotation, default); includes per-model ones
-    stats: str | None = None  # kind of per-model statistics the method needs ("fisher", "gram")
-    random: bool = False
-    min_models: int = 1
-    max_models: int | None = None
-    coefficients: Callable[..., torch.Tensor] | None = None  # for methods linear in the inputs
-    doc: str = ""
-    uses: frozenset[str] = field(default_factory=frozenset)  # reserved kwargs the function accepts
-
-    @property
-    def linear(self) -> bool:
-        """True when the result is ``Σ cᵢ xᵢ`` (so LoRA ``exact`` mode can store it without loss)."""
-        return self.coefficients is not None
-
-    @property
-    def global_params(self) -> tuple[str, ...]:
-        return tuple(p for p in self.params if p not in self.per_model)
-
-    def describe(self) -> str:
-        ps = ", ".join(
-            f"{n}={d!r}" + (" (per model)" if n in self.per_model else "")
-            for n, (_, d) in self.params.items()
-        )
-        return f"{self.name}({ps})"
-
+__all__ = [
+    "RESERVED",
+    "MethodSpec",
+    "available_methods",
+    "get_method",
+    "merge_method",
+    "merge_tensor",
+    "register_from",
+    "register_merge_method",
+    "validate_params",
+]
 
 _REGISTRY: dict[str, MethodSpec] = {}
+_LOADED = False
 
 
-def merge_method(
-    name: str,
-    *,
-    paper: str = "",
-    space: Literal["delta", "weights"] = "delta",
-    per_model: tuple[str, ...] = (),
-    stats: str | None = None,
-    min_models: int = 1,
-    max_models: int | None = None,
-    coefficients: Callable[..., torch.Tensor] | None = None,
-    base: Literal["required", "optional", "none"] | None = None,
-) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
-    """Register ``fn(x, weight, *, params...) -> Tensor`` as merge method ``name``.
+def register_merge_method(
+    fn_or_spec: Callable[..., torch.Tensor] | MethodSpec, *, source: str = ""
+) -> MethodSpec:
+    """Register a ``@merge_method`` function (or its spec). A name registered twice is refused."""
+    spec = fn_or_spec if isinstance(fn_or_spec, MethodSpec) else getattr(fn_or_spec, SPEC_ATTR, None)
+    if not isinstance(spec, MethodSpec):
+        raise PluginError(f"{fn_or_spec!r} is not decorated with @merge_method")
+    known = _REGISTRY.get(spec.name)
+    if known is not None and known.fn is not spec.fn:
+        where = f" (from {source})" if source else ""
+        raise PluginError(f"merge method {spec.name!r}{where} is already registered; rename it")
+    _REGISTRY[spec.name] = spec
+    return spec
 
-    ``per_model`` names the keyword parameters that take one value per input model (``weight`` always does);
-    the function receives them as ``[N]`` tensors. ``coefficients(weight, **global_params) -> [N]`` marks a
-    method whose result is ``Σ cᵢ xᵢ``.
-    """
 
-    def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        if name in _REGISTRY:
-            raise ValueError(f"merge method {name!r} is registered twice")
-        sig = inspect.signature(fn)
-        hints = typing.get_type_hints(fn)
-        params: dict[str, tuple[Any, Any]] = {"weight": (float, 1.0)}
-        uses = set()
-        for p in sig.parameters.values():
-            if p.kind is not inspect.Parameter.KEYWORD_ONLY:
-                continue
-            if p.name in RESERVED:
-                uses.add(p.name)
-                continue
-            if p.default is inspect.Parameter.empty:
-                raise TypeError(f"merge method {name!r}: parameter {p.name!r} needs a default")
-            params[p.name] = (hints.get(p.name, Any), p.default)
-        unknown = set(per_model) - set(params)
-        if unknown:
-            raise TypeError(f"merge method {name!r}: per_model names unknown parameters {sorted(unknown)}")
-        base_mode = base or ("required" if space == "delta" else ("optional" if "base" in uses else "none"))
-        _REGISTRY[name] = MethodSpec(
-            name=name,
-            fn=fn,
-            paper=paper,
-            space=space,
-            base=base_mode,
-            per_model=("weight", *per_model),
-            params=params,
-            stats=stats,
-            random="generator" in uses,
-            min_models=min_models,
-            max_models=max_models,
-            coefficients=coefficients,
-            doc=inspect.getdoc(fn) or "",
-            uses=frozenset(uses),
-        )
-        return fn
+def register_from(value: ModuleType | Any, *, source: str = "") -> list[str]:
+    """Register every ``@merge_method`` function a module (or list, or single function) offers."""
+    from moerge.plugins import objects_in
 
-    return wrap
+    _ensure_loaded()
+    found = [o for o in objects_in(value) if isinstance(getattr(o, SPEC_ATTR, None), MethodSpec)]
+    return [register_merge_method(fn, source=source).name for fn in found]
 
 
 def _ensure_loaded() -> None:
-    import moerge.merging.methods  # noqa: F401  (registers the built-in methods)
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+    from moerge.merging import methods
+    from moerge.plugins import MERGE_METHOD_GROUP, entry_point_objects, objects_in
+
+    for obj in objects_in(methods):
+        if isinstance(getattr(obj, SPEC_ATTR, None), MethodSpec):
+            register_merge_method(obj, source="moerge.merging.methods")
+    for label, value in entry_point_objects(MERGE_METHOD_GROUP):
+        for obj in objects_in(value):
+            if isinstance(getattr(obj, SPEC_ATTR, None), MethodSpec):
+                register_merge_method(obj, source=f"entry point {label}")
 
 
 def available_methods() -> list[str]:
@@ -146,8 +88,9 @@ def get_method(name: str) -> MethodSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise MalformedConfigError(
-            f"unknown merge method {name!r}; valid methods: {', '.join(sorted(_REGISTRY))}."
+        raise UnknownNameError(
+            f"unknown merge method {name!r}; valid methods: {', '.join(sorted(_REGISTRY))} "
+            "(a method of your own: --plugin MODULE_OR_FILE, see docs/extending.md)."
         ) from None
 
 

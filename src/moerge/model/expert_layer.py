@@ -24,19 +24,14 @@ z = Σ_k w_k A_k x, y = Σ_k w_k B_k z without forming per-token A.
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 
 from moerge.errors import ShapeMismatchError
 from moerge.experts.expert import LoraModule
+from moerge.routing.call import Aggregation, CallOwner, active_call
 from moerge.routing.selection import Selection
-
-if TYPE_CHECKING:
-    from moerge.model.attach import RoutingContext
-
-Aggregation = Literal["output", "parameter", "factor"]
 
 # Per-token sparse selections use sparse kernels when E > GATHER_RATIO · k; below that one matmul over all
 # experts is cheaper on CPUs (a GEMM runs ~20–30× more multiply-adds per second than a gather moves floats).
@@ -229,18 +224,17 @@ def _example_delta(
 
 
 class ExpertLayer(nn.Module):
-    """A base linear module plus the stacked factors of E experts; routing comes from the shared context."""
+    """A base linear module plus the stacked factors of E experts. The routing comes from the call its routed
+    model has in flight in the current thread (`moerge.routing.call.active_call`); with none, the base alone."""
 
-    def __init__(
-        self, base: nn.Module, name: str, A: torch.Tensor, Bt: torch.Tensor, context: RoutingContext
-    ):
+    def __init__(self, base: nn.Module, name: str, A: torch.Tensor, Bt: torch.Tensor, owner: CallOwner):
         super().__init__()
         self.base = base
         self.module_name = name
         self.d_in, self.d_out = A.shape[2], Bt.shape[2]
         self.register_buffer("A", A, persistent=False)
         self.register_buffer("Bt", Bt, persistent=False)
-        self._context = (context,)  # a tuple so nn.Module does not register it as a child
+        self.owner = owner
 
     @property
     def num_experts(self) -> int:
@@ -252,10 +246,10 @@ class ExpertLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = self.base(x, *args, **kwargs)
-        call = self._context[0].call
+        call = active_call(self.owner)
         if call is None:
             return out
-        sel = call.select(self, x)
+        sel = call.select(self.module_name, x)
         if sel is None:
             return out
         return out + _as(expert_delta(x, self.A, self.Bt, sel, call.aggregation), out.dtype)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
+from moerge.errors import RoutingError
 from moerge.routing.selection import entropy
 
 
@@ -44,7 +45,7 @@ def routing_report(
     if labels is not None:
         missing = sorted({lab for lab in labels if lab not in expert_names})
         if missing:
-            raise ValueError(f"ground-truth labels {missing} are not expert names ({expert_names})")
+            raise RoutingError(f"ground-truth labels {missing} are not expert names ({expert_names})")
         target = torch.tensor([expert_names.index(lab) for lab in labels])
     layers = []
     for module, w in weights.items():

@@ -40,6 +40,13 @@ class Selection:
         out = self.weights.new_zeros(self.rows, num_experts)
         return out.scatter_add_(1, self.indices, self.weights)
 
+    def to(self, device: torch.device) -> Selection:
+        """This selection on ``device`` (itself when already there): the one place selections are moved."""
+        if self.weights.device == device and (self.indices is None or self.indices.device == device):
+            return self
+        idx = None if self.indices is None else self.indices.to(device)
+        return Selection(self.weights.to(device), idx, self.per)
+
     def repeat_rows(self, times: int) -> Selection:
         """Each row repeated ``times`` times (beam search / num_return_sequences expand the batch)."""
         idx = None if self.indices is None else self.indices.repeat_interleave(times, 0)

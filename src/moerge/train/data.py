@@ -15,16 +15,12 @@ from typing import Any
 
 import torch
 
-from moerge.errors import MoergeError
+from moerge.errors import DataFormatError
 
 IGNORE_INDEX = -100
 
 Example = str | Mapping[str, Any]
 DataSource = str | Path | Iterable[Example]
-
-
-class DataFormatError(MoergeError):
-    """A training or evaluation data file (JSONL) or example cannot be read."""
 
 
 def normalize_example(example: Example, where: str) -> dict[str, str]:

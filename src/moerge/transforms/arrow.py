@@ -41,23 +41,12 @@ def expert_prototypes(expert: Expert) -> dict[str, torch.Tensor]:
     return out
 
 
-def arrow_prototypes(
-    experts: list[Expert], modules: list[str], library: Any = None, scale: bool = False
+def stack_prototypes(
+    per_expert: list[dict[str, torch.Tensor]], modules: list[str], scale: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Prototypes per module ``[E, d_in]`` (rows follow ``experts``; zeros where an expert lacks the module).
-
-    With a library, each expert's prototypes are read from (or computed once into) its artifacts. ``scale``
-    multiplies each prototype by its singular value (mttl's ``scale=True``)."""
-    per_expert = []
-    for e in experts:
-        cached = library.get_artifact(ARROW_KIND, ARROW_CONFIG, e.name) if library is not None else None
-        if cached is None:
-            tensors = expert_prototypes(e)
-            if library is not None and e.name in library:
-                library.put_artifact(ARROW_KIND, ARROW_CONFIG, e.name, tensors, {"expert": e.name})
-        else:
-            tensors = cached[0]
-        per_expert.append(tensors)
+    """Prototypes per module ``[E, d_in]`` from each expert's `expert_prototypes` (rows follow the list; zeros
+    where an expert lacks the module). ``scale`` multiplies each prototype by its singular value (mttl's
+    ``scale=True``)."""
     out = {}
     for module in modules:
         d_in = next(t[module].shape[0] for t in per_expert if module in t)

@@ -12,13 +12,27 @@ from typing import Any
 
 import torch
 
+from moerge.backbones.embedder import SentenceEmbedder as Embedder
 from moerge.errors import MoergeError
 from moerge.experts.expert import Expert
-from moerge.routing.embedding import Embedder
 
 HIDDEN_KIND = "hidden_centroids"
 HIDDEN_CONFIG: dict[str, Any] = {"pool": "token_mean", "normalize": "l2", "version": 1}
 EMBED_KIND = "embedding_centroids"
+
+
+def row_text(row: Any) -> str:
+    """The whole text of a training row (``{"prompt", "completion"}``, ``{"text"}`` or a string)."""
+    if isinstance(row, str):
+        return row
+    return row["text"] if "text" in row else row.get("prompt", "") + row.get("completion", "")
+
+
+def row_prompt(row: Any) -> str:
+    """What an example-level router sees of a training row: its prompt (the whole text when it has none)."""
+    if isinstance(row, dict) and row.get("prompt"):
+        return row["prompt"]
+    return row_text(row)
 
 
 def embed_config(embedder_name: str) -> dict[str, Any]:

@@ -7,8 +7,8 @@ given as ``targets`` (character spans) and whose ground-truth routing is given a
 experts that should handle those characters; characters outside every span want no expert).
 
 Iterate a task as tensors with `Task.eval_batches`, which aligns targets and routing labels with tokens
-(any fast tokenizer; the token's first character decides), then score logits with `span_exact_match` or
-`target_nll`:
+(any fast tokenizer; the token's first character decides), then score logits with
+`moerge.bench.metrics.span_exact_match` or `target_nll`:
 
     for batch in task.eval_batches(tokenizer, batch_size=32, experts=suite.experts):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -19,7 +19,7 @@ Exact match is computed under teacher forcing: a target span counts as correct w
 of every one of its tokens is right, which is exactly whether greedy decoding reproduces the span.
 
 A suite on disk (`load_jsonl_suite`) is a folder with ``suite.yaml`` and one JSONL file per task split;
-docs/suites.md has a worked example. The synthetic suite (`moerge.bench.synthetic`) is stored the same way.
+docs/suites.md has a worked example. The synthetic suite (`moerge.bench.suites.synthetic`) is stored the same way.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from moerge.errors import MalformedConfigError
+from moerge.errors import SuiteError
 
 Split = Literal["held_in", "held_out"]
 Metric = Literal["exact_match", "nll"]
@@ -47,10 +47,6 @@ CONDITIONS = {
     "unrelated": "tasks no expert was trained for (the base model is the floor; do no harm)",
     "out_of_distribution": "a held-out task with no more specific condition",
 }
-
-
-class SuiteError(MalformedConfigError):
-    """A suite folder, its suite.yaml or its task files cannot be read or validated."""
 
 
 class RoutingSpan(BaseModel):
@@ -360,65 +356,6 @@ def collate(task: str, examples: Sequence[Example], tokenizer: Any, experts: Seq
     return EvalBatch(task, input_ids, attention, labels, span, routes, list(experts), list(examples), offset)
 
 
-# ---------------------------------------------------------------- metrics (pure functions over tensors)
-
-
-def target_correct(logits, labels):
-    """[B, T] bool: the argmax at ``t - 1`` equals ``labels[t]`` (False where ``labels`` is -100)."""
-    import torch
-
-    pred = logits[:, :-1].argmax(-1)
-    ok = (pred == labels[:, 1:]) & (labels[:, 1:] != IGNORE_INDEX)
-    return torch.cat([torch.zeros_like(ok[:, :1]), ok], dim=1)
-
-
-def span_exact_match(logits, batch: EvalBatch):
-    """[n_spans] float: 1.0 where every token of the span is predicted right (greedy decoding exact match)."""
-    import torch
-
-    ok = target_correct(logits, batch.labels)
-    scored = batch.span >= 0
-    wrong = torch.zeros(batch.n_spans, dtype=torch.long)
-    wrong.index_add_(0, batch.span[scored], (~ok[scored]).long())
-    return (wrong == 0).float()
-
-
-def target_nll(logits, labels):
-    """``(sum of next-token NLL over scored tokens, number of scored tokens)`` in nats."""
-    import torch.nn.functional as F
-
-    lp = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return float(lp), int((labels[:, 1:] != IGNORE_INDEX).sum())
-
-
-def evaluate_task(
-    model: Any, tokenizer: Any, task: Task, batch_size: int = 64, limit: int | None = None
-) -> float:
-    """Score a plain model on a task: mean span exact match, or mean NLL per scored token (nats)."""
-    import torch
-
-    hits, total, nll, count = 0.0, 0, 0.0, 0
-    with torch.no_grad():
-        for batch in task.eval_batches(tokenizer, batch_size, experts=[], limit=limit):
-            logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            if task.metric == "exact_match":
-                em = span_exact_match(logits, batch)
-                hits += float(em.sum())
-                total += em.numel()
-            else:
-                s, c = target_nll(logits, batch.labels)
-                nll += s
-                count += c
-    if task.metric == "exact_match":
-        return hits / max(1, total)
-    return nll / max(1, count)
-
-
 # ---------------------------------------------------------------- suites on disk
 
 
@@ -608,13 +545,8 @@ __all__ = [
     "Example",
     "RoutingSpan",
     "Suite",
-    "SuiteError",
     "Task",
     "collate",
-    "evaluate_task",
     "load_jsonl_suite",
-    "span_exact_match",
-    "target_correct",
-    "target_nll",
     "write_jsonl_suite",
 ]

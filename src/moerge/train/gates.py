@@ -11,11 +11,16 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from moerge.experts.expert import Expert
-from moerge.routing.routers import Router
+from moerge.routing.router import Router
 from moerge.routing.selection import Selection
 
 GATES_KIND = "phatgoose_gates"
 GATES_CONFIG: dict[str, Any] = {"gate": "sigmoid_input", "version": 1}
+
+
+def gates_config(steps: int) -> dict[str, Any]:
+    """The artifact config (cache key) of gates trained for ``steps`` steps with this module's method."""
+    return {**GATES_CONFIG, "steps": steps}
 
 
 class GateTrainConfig(BaseModel):
@@ -36,6 +41,9 @@ class GateRouter(Router):
     def __init__(self, gates: dict[str, torch.Tensor]):
         self.gates = gates
 
+    def experts_per_token(self, num_experts: int) -> float:
+        return 1.0
+
     def select(self, module: str, x: torch.Tensor, call) -> Selection:
         xs = x.reshape(-1, x.shape[-1])
         return Selection(torch.sigmoid(xs @ self.gates[module].to(xs.dtype))[:, None], None, "token")
@@ -45,19 +53,27 @@ def train_phatgoose_gates(
     model: torch.nn.Module,
     tokenizer: Any,
     expert: Expert,
-    texts: list[str],
+    rows: list[Any],
     config: GateTrainConfig | None = None,
     library: Any = None,
+    config_key: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Train ``expert``'s gate vectors on ``texts`` with the causal-LM loss; returns ``{module: v [d_in]}`` and
-    stores them in ``library`` (if given). The model's parameters are left exactly as they were."""
-    from moerge.model.attach import attach, detach
+    """Train ``expert``'s gate vectors on its training ``rows`` (``{"prompt", "completion"}`` or ``{"text"}``
+    or plain strings) with the causal-LM loss; returns ``{module: v [d_in]}`` and stores them in ``library``
+    (if given) under ``config_key`` (default `gates_config(steps)`). The model's parameters are left as they
+    were."""
+    texts = [
+        r if isinstance(r, str) else r.get("text", r.get("prompt", "") + r.get("completion", ""))
+        for r in rows
+    ]
+    from moerge.model.routed import MoErgedModel, detach, inject
 
     cfg = config or GateTrainConfig()
     gates = {m: torch.zeros(lm.d_in, requires_grad=True) for m, lm in expert.lora.items()}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
-    routed = attach(model, [expert], recipe="uniform", router=GateRouter(gates))
+    layers, owner = inject(model, [expert])
+    routed = MoErgedModel(model, layers, [expert.name], GateRouter(gates), "output", owner)
     try:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -88,6 +104,10 @@ def train_phatgoose_gates(
     out = {m: v.detach().clone().contiguous() for m, v in gates.items()}
     if library is not None:
         library.put_artifact(
-            GATES_KIND, GATES_CONFIG, expert.name, out, {**cfg.model_dump(), "final_loss": loss_value}
+            GATES_KIND,
+            config_key or gates_config(cfg.steps),
+            expert.name,
+            out,
+            {**cfg.model_dump(), "final_loss": loss_value},
         )
     return out

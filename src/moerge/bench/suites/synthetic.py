@@ -36,11 +36,11 @@ base, every oracle expert, the multitask LoRA and oracle per-example / per-token
 those scores in ``build.json`` (docs/suites.md lists them).
 
 The build is cached in ``<root>/synthetic-<hash of the config>/`` (``~/.cache/moerge/suites`` by default,
-``$MOERGE_CACHE/suites`` if set) as a suite folder (`moerge.bench.suite.load_jsonl_suite`) plus ``base/``,
+``$MOERGE_CACHE/suites`` if set) as a suite folder (`moerge.bench.suites.format.load_jsonl_suite`) plus ``base/``,
 ``library/`` (held-in experts), ``baselines/`` (``multitask``) and ``build.json`` (timings, base and oracle
 scores). The same config gives the same data and the same weights.
 
-Measure a build: ``python -m moerge.bench.synthetic [--reduced] [--root DIR] [--force]``.
+Measure a build: ``python -m moerge.bench.suites.synthetic [--reduced] [--root DIR] [--force]``.
 """
 
 from __future__ import annotations
@@ -48,9 +48,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,8 +56,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moerge.bench.suite import Example, RoutingSpan, Suite, Task, load_jsonl_suite, write_jsonl_suite
-from moerge.models.tiny import TinyModelConfig
+from moerge.backbones.tiny import TinyModelConfig
+from moerge.bench.suites.build import build_cached, default_root, train_suite_experts
+from moerge.bench.suites.format import Example, RoutingSpan, Suite, Task, write_jsonl_suite
+from moerge.errors import SuiteError
 from moerge.train.lora import TrainConfig
 from moerge.train.pretrain import PretrainConfig
 
@@ -470,17 +470,8 @@ def pretraining_rows(
 # ---------------------------------------------------------------- building and caching
 
 
-def default_root() -> Path:
-    base = os.environ.get("MOERGE_CACHE")
-    return Path(base) / "suites" if base else Path.home() / ".cache" / "moerge" / "suites"
-
-
 def suite_folder(config: SyntheticSuiteConfig, root: str | Path | None = None) -> Path:
     return Path(root or default_root()).expanduser() / f"synthetic-{config.key()}"
-
-
-def is_built(folder: Path) -> bool:
-    return (folder / "build.json").is_file() and (folder / "suite.yaml").is_file()
 
 
 def build_synthetic_suite(
@@ -488,29 +479,7 @@ def build_synthetic_suite(
 ) -> Suite:
     """The synthetic suite for ``config``: loaded from the cache, or built (a few minutes) and cached."""
     config = config or SyntheticSuiteConfig()
-    folder = suite_folder(config, root)
-    if is_built(folder) and not force:
-        return load_jsonl_suite(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = folder.parent / f".{folder.name}.{os.getpid()}.tmp"
-    if staging.exists():
-        shutil.rmtree(staging)
-    try:
-        _build_into(staging, config)
-        if folder.exists():
-            if not force and is_built(folder):  # another process finished first
-                shutil.rmtree(staging)
-                return load_jsonl_suite(folder)
-            shutil.rmtree(folder)
-        try:
-            os.replace(staging, folder)
-        except OSError:
-            if not is_built(folder):  # not a concurrent build finishing first: a real error
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return load_jsonl_suite(folder)
+    return build_cached(suite_folder(config, root), lambda staging: _build_into(staging, config), force)
 
 
 def dense_merged(model, expert):
@@ -542,7 +511,7 @@ def measure_suite(
     """
     import torch
 
-    from moerge.bench.suite import evaluate_task, span_exact_match
+    from moerge.bench.metrics import evaluate_task, span_exact_match
 
     names = list(experts)
     merged = {n: dense_merged(model, experts[n]) for n in names}
@@ -607,10 +576,8 @@ def _build_steps(out: Path, config: SyntheticSuiteConfig) -> None:
     from peft import get_peft_model  # noqa: F401  (import cost outside the timings)
     from transformers import LlamaForCausalLM  # noqa: F401
 
+    from moerge.backbones.tiny import build_tiny_model
     from moerge.experts.fingerprint import fingerprint_model
-    from moerge.experts.library import ExpertLibrary
-    from moerge.models.tiny import build_tiny_model
-    from moerge.train.lora import train_expert, train_multitask_expert
     from moerge.train.pretrain import pretrain_model
 
     timings: dict[str, float] = {}
@@ -636,25 +603,13 @@ def _build_steps(out: Path, config: SyntheticSuiteConfig) -> None:
     fingerprint = fingerprint_model(model)
     timings["pretrain"], cpu["pretrain"] = time.perf_counter() - t, time.process_time() - c
 
-    t, c = time.perf_counter(), time.process_time()
-    lib = ExpertLibrary.create(out / "library", base_model=base_id, base_fingerprint=fingerprint)
-    experts = {}
-    for i, task in enumerate(suite.held_in):
-        cfg = config.expert.model_copy(update={"seed": config.expert.seed + i, "progress": config.progress})
-        experts[task.name] = train_expert(
-            model, tokenizer, task.training_rows(), cfg, library=lib, name=task.name, task=task.name,
-            base_model_id=base_id, tags=["synthetic"], description=task.description,
-        )  # fmt: skip
-    timings["experts"], cpu["experts"] = time.perf_counter() - t, time.process_time() - c
-
-    t, c = time.perf_counter(), time.process_time()
-    baselines = ExpertLibrary.create(out / "baselines", base_model=base_id, base_fingerprint=fingerprint)
-    multitask = train_multitask_expert(
-        model, tokenizer, {k: v for k, v in suite.training_data().items() if k in experts},
-        config.multitask.model_copy(update={"progress": config.progress}), library=baselines, name="multitask",
-        base_model_id=base_id, description="LoRA on the union of the held-in tasks' training data",
+    c = time.process_time()
+    experts, multitask, train_timings = train_suite_experts(
+        model, tokenizer, suite, out, expert_config=config.expert, multitask_config=config.multitask,
+        base_id=base_id, fingerprint=fingerprint, tags=["synthetic"], progress=config.progress,
     )  # fmt: skip
-    timings["multitask"], cpu["multitask"] = time.perf_counter() - t, time.process_time() - c
+    timings.update(train_timings)
+    cpu["experts+multitask"] = time.process_time() - c
     timings["total"], cpu["total"] = time.perf_counter() - t0, time.process_time() - c0
 
     # Measure what the build produced: base, oracle expert, multitask and oracle routings per task.
@@ -663,7 +618,7 @@ def _build_steps(out: Path, config: SyntheticSuiteConfig) -> None:
     timings["measure"], cpu["measure"] = time.perf_counter() - t, time.process_time() - c
 
     suite.info = {
-        "generator": "moerge.bench.synthetic",
+        "generator": "moerge.bench.suites.synthetic",
         "version": SUITE_VERSION,
         "key": key,
         "base_model_id": base_id,
@@ -690,7 +645,7 @@ def _build_steps(out: Path, config: SyntheticSuiteConfig) -> None:
 def read_build_info(suite: Suite) -> dict[str, Any]:
     """The ``build.json`` of a built synthetic suite (timings, training summaries, base/oracle scores)."""
     if not suite.root:
-        raise FileNotFoundError("the suite was not loaded from a folder")
+        raise SuiteError(f"suite {suite.name!r} was not loaded from a folder, so it has no build.json")
     return json.loads((Path(suite.root) / "build.json").read_text())
 
 

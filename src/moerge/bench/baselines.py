@@ -1,0 +1,276 @@
+"""The benchmark's baselines as a registry, like recipes: each is one decorated function that evaluates a
+reference model on every task and records it. ``covers`` names the recipes whose numbers a baseline already
+gives (they are not run again as routed recipes by default).
+
+- ``base``: the base model; ``oracle``: each target token from its ground-truth expert (the reference for
+  normalised quality); ``label_routing``: per-token, per-module routing fed the labels;
+- ``best_single``: every expert alone, the best per split chosen after the fact (an optimistic baseline);
+- ``uniform_merge``, ``task_arithmetic``, ``ties``: static merges of every expert folded into the weights;
+- ``multitask``: the LoRA the suite ships trained on the union of the held-in data.
+
+A new baseline is one ``@baseline("name")`` function ``fn(run: BenchRun) -> None`` that calls ``run.record``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moerge.bench.evaluate import BenchRun, evaluate, timed
+from moerge.bench.metrics import label_weights, peak_memory
+from moerge.bench.results import MethodResult, TaskResult
+from moerge.bench.subjects import LabelRouter, OracleSubject, PlainSubject, RoutedSubject, folded
+from moerge.errors import MoergeError, UnknownNameError
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A registered baseline: ``run(run)`` evaluates and records it; ``finalize(run)`` runs once every
+    method has been evaluated and normalised (e.g. picking the best single expert)."""
+
+    name: str
+    run: Callable[[BenchRun], None]
+    covers: tuple[str, ...] = ()
+    finalize: Callable[[BenchRun], None] | None = None
+    per_expert: bool = False  # evaluates once per expert (for the progress bar's total)
+
+
+BASELINES: dict[str, Baseline] = {}  # in the order the report shows them
+
+
+def baseline(
+    name: str,
+    *,
+    covers: tuple[str, ...] = (),
+    finalize: Callable[[BenchRun], None] | None = None,
+    per_expert: bool = False,
+) -> Callable[[Callable[[BenchRun], None]], Callable[[BenchRun], None]]:
+    """Register ``fn(run)`` as baseline ``name``."""
+
+    def wrap(fn: Callable[[BenchRun], None]) -> Callable[[BenchRun], None]:
+        if name in BASELINES:
+            raise MoergeError(f"a baseline named {name!r} is already registered")
+        BASELINES[name] = Baseline(name, fn, covers, finalize, per_expert)
+        return fn
+
+    return wrap
+
+
+def get_baselines(names: list[str] | None) -> list[Baseline]:
+    """The baselines ``names`` asks for (None: all), in registry order; unknown names are refused."""
+    if names is None:
+        return list(BASELINES.values())
+    unknown = [n for n in names if n not in BASELINES]
+    if unknown:
+        raise UnknownNameError(f"unknown baselines {unknown}; known: {', '.join(BASELINES)}")
+    return [b for n, b in BASELINES.items() if n in names]
+
+
+def covered_recipes() -> frozenset[str]:
+    """Recipes whose numbers some baseline gives."""
+    return frozenset(r for b in BASELINES.values() for r in b.covers)
+
+
+def _one_expert_flops(routed: Any) -> float:
+    """2 × multiply-adds per token of one expert's LoRA in every adapted module."""
+    return float(sum(2 * la.rank * (la.d_in + la.d_out) for la in routed.expert_layers.values()))
+
+
+# ---------------------------------------------------------------------------------------------- references
+@baseline("base", covers=("base",))
+def run_base(run: BenchRun) -> None:
+    meta = MethodResult(
+        name="base", kind="baseline", description="the base model alone", expert_flops_per_token=0.0
+    )
+    with peak_memory(run.config.device) as mem:
+        results = evaluate(run, PlainSubject(run.model), "base", run.tasks_for())
+    run.record(meta, results, mem)
+
+
+@baseline("oracle", covers=("oracle",))
+def run_oracle(run: BenchRun) -> None:
+    from moerge.recipes.facade import attach, detach
+
+    meta = MethodResult(
+        name="oracle",
+        kind="baseline",
+        routed=True,
+        description="each target token predicted by the model of its ground-truth expert(s) (a held-in task's "
+        "own expert; each segment's or character's own expert held-out; the base where none): the reference "
+        "for normalised quality",
+    )
+    with peak_memory(run.config.device) as mem:
+        routed, meta.build_s = timed(lambda: attach(run.model, run.experts))
+        try:
+            meta.expert_flops_per_token = _one_expert_flops(routed)
+            results = evaluate(run, OracleSubject(routed), "oracle", run.tasks_for())
+        finally:
+            detach(routed)
+    run.record(meta, results, mem)
+
+
+@baseline("label_routing")
+def run_label_routing(run: BenchRun) -> None:
+    from moerge.recipes.facade import attach, detach
+
+    meta = MethodResult(
+        name="label_routing",
+        kind="baseline",
+        routed=True,
+        description="per-token, per-module routing fed the ground-truth labels (position t uses token t+1's "
+        "experts, equally weighted): how far perfect per-token module-level routing gets",
+    )
+    with peak_memory(run.config.device) as mem:
+        routed, meta.build_s = timed(lambda: attach(run.model, run.experts, router=LabelRouter()))
+        try:
+            subject = RoutedSubject(routed, lambda b, t: {"extra": {"label_weights": label_weights(b)}})
+            meta.expert_flops_per_token = subject.flops
+            results = evaluate(run, subject, "label_routing", run.tasks_for())
+        finally:
+            detach(routed)
+    run.record(meta, results, mem)
+
+
+# ---------------------------------------------------------------------------------------------- single experts
+def pick_best_single(run: BenchRun) -> None:
+    """``best_single``: per split, the single expert with the best mean normalised (else raw) quality."""
+    singles = [m for m in run.methods if m.kind == "single"]
+    if not singles:
+        return
+    meta = MethodResult(name="best_single", kind="baseline", description="", routed=False)
+    chosen: dict[str, str] = {}
+    results: list[TaskResult] = []
+    for split in ("held_in", "held_out"):
+        if not run.tasks_for(split):
+            continue
+        best, best_key = None, None
+        for m in singles:
+            rs = [r for r in run.results if r.method == m.name and r.split == split and r.status == "ok"]
+            key = _goodness(rs)
+            if key is not None and (best_key is None or key > best_key):
+                best, best_key = m, key
+        if best is None:
+            continue
+        chosen[split] = best.name.removeprefix("single:")
+        for r in run.results:
+            if r.method == best.name and r.split == split:
+                results.append(r.model_copy(update={"method": "best_single"}))
+        meta.expert_flops_per_token = best.expert_flops_per_token
+        meta.build_s += best.build_s
+    meta.description = (
+        "the best single expert per split, chosen after the fact ("
+        + ", ".join(f"{s}: {n}" for s, n in chosen.items())
+        + ")"
+    )
+    meta.options = {"chosen": chosen}
+    meta.eval_s = sum(r.wall_s for r in results)
+    meta.peak_memory_mb = max((m.peak_memory_mb or 0.0 for m in singles), default=None)
+    run.methods.append(meta)
+    run.results.extend(results)
+
+
+def _goodness(rs: list[TaskResult]) -> float | None:
+    """Mean normalised quality if defined, else mean raw quality (higher is better; NLL negated)."""
+    if not rs:
+        return None
+    norm = [r.normalized for r in rs if r.normalized is not None]
+    if norm:
+        return sum(norm) / len(norm)
+    return sum((r.score if r.metric == "exact_match" else -r.score) for r in rs if r.score is not None) / len(
+        rs
+    )
+
+
+@baseline("best_single", covers=("single_expert",), finalize=pick_best_single, per_expert=True)
+def run_singles(run: BenchRun) -> None:
+    """Every expert alone on every task (one attach; explicit one-hot weights per call)."""
+    from moerge.recipes.facade import attach, detach
+
+    E = len(run.experts)
+    routed, build_s = timed(lambda: attach(run.model, run.experts))
+    try:
+        for i, name in enumerate(run.names):
+            meta = MethodResult(
+                name=f"single:{name}", kind="single", routed=False, description=f"expert {name} alone",
+                build_s=build_s / E,
+            )  # fmt: skip
+            onehot = torch.zeros(E)
+            onehot[i] = 1.0
+
+            def inputs(b: Any, t: Any, w: torch.Tensor = onehot) -> dict[str, Any]:
+                return {"weights": w.expand(len(b.examples), -1).clone()}
+
+            with peak_memory(run.config.device) as mem:
+                subject = RoutedSubject(routed, inputs)
+                results = evaluate(run, subject, meta.name, run.tasks_for())
+            meta.expert_flops_per_token = _one_expert_flops(routed)
+            for r in results:  # explicit weights are not routing decisions
+                r.routing_accuracy = r.routing_entropy = r.mean_weights = None
+            run.record(meta, results, mem)
+    finally:
+        detach(routed)
+
+
+# ---------------------------------------------------------------------------------------------- static merges
+def run_merge(run: BenchRun, name: str, method: str, params: dict[str, Any], description: str) -> None:
+    """A static merge of every expert (dense ΔW per module) with ``method``, folded into the base weights."""
+    from moerge.merging.api import merge
+
+    meta = MethodResult(name=name, kind="baseline", description=description, expert_flops_per_token=0.0,
+                        options={"merge_method": method, **params})  # fmt: skip
+    with peak_memory(run.config.device) as mem:
+        try:
+            merged, meta.build_s = timed(
+                lambda: merge(
+                    merge_method=method, experts=run.experts, lora_mode="dense", parameters=params, name=name
+                )  # fmt: skip
+            )
+        except MoergeError as e:
+            run.record(meta, run.skipped(name, run.tasks_for(), "error", str(e)), mem)
+            return
+        with folded(run.model, merged) as model:
+            results = evaluate(run, PlainSubject(model), name, run.tasks_for())
+    run.record(meta, results, mem)
+
+
+@baseline("uniform_merge", covers=("uniform",))
+def run_uniform_merge(run: BenchRun) -> None:
+    run_merge(
+        run, "uniform_merge", "linear", {"normalize": True}, "uniform average of the experts' ΔW (model soup)"
+    )
+
+
+@baseline("task_arithmetic")
+def run_task_arithmetic(run: BenchRun) -> None:
+    scale = run.config.merges.task_arithmetic_scale
+    run_merge(run, "task_arithmetic", "task_arithmetic", {"scale": scale}, f"θ₀ + λ Σ ΔWᵢ with λ = {scale}")
+
+
+@baseline("ties")
+def run_ties(run: BenchRun) -> None:
+    m = run.config.merges
+    run_merge(
+        run, "ties", "ties", {"density": m.ties_density, "scale": m.ties_scale},
+        f"TIES (density {m.ties_density}, λ = {m.ties_scale})",
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- multitask
+@baseline("multitask")
+def run_multitask(run: BenchRun) -> None:
+    meta = MethodResult(name="multitask", kind="baseline", expert_flops_per_token=0.0,
+                        description="a LoRA trained on the union of the held-in tasks' data, folded in")  # fmt: skip
+    lib = run.baselines_library
+    if lib is None or "multitask" not in lib:
+        reason = "the suite ships no multitask expert (it needs the experts' shared data)"
+        meta.status, meta.reason = "not_applicable", reason
+        run.record(meta, run.skipped("multitask", run.tasks_for(), "not_applicable", reason))
+        return
+    with peak_memory(run.config.device) as mem:
+        expert, meta.build_s = timed(lambda: lib.get("multitask"))
+        with folded(run.model, expert) as model:
+            results = evaluate(run, PlainSubject(model), "multitask", run.tasks_for())
+    run.record(meta, results, mem)

@@ -1,0 +1,83 @@
+"""The benchmark's configuration: `BenchConfig` (one object for the Python API, YAML and `moerge bench` flags),
+the merge baselines' parameters, and methods named as ``recipe:key=value,...``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from moerge.errors import MalformedConfigError
+
+
+class MergeBaselineConfig(BaseModel):
+    """Parameters of the static-merge baselines (defaults from the papers, not tuned on the suite)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_arithmetic_scale: float = Field(0.4, gt=0, description="λ of θ₀ + λ Σ τᵢ (Ilharco et al.; 0.3–0.4)")
+    ties_density: float = Field(0.2, gt=0, le=1, description="fraction of each task vector kept (TIES: 20%)")
+    ties_scale: float = Field(1.0, gt=0, description="λ applied to the TIES merge (TIES paper: 1)")
+
+
+class BenchConfig(BaseModel):
+    """What `run_bench` runs and how. The same object drives the Python API, YAML and `moerge bench` flags."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    recipes: list[str] | None = Field(
+        None,
+        description='methods as "recipe" or "recipe:key=value,key=value" (None: every registered recipe that '
+        "no baseline covers, plus the variants each recipe declares, e.g. per-example routing)",
+    )
+    baselines: list[str] | None = Field(
+        None, description="baselines to run (None: every registered one, `moerge.bench.baselines`)"
+    )
+    batch_size: int = Field(64, ge=1)
+    limit: int | None = Field(None, ge=1, description="eval examples per task (None: all)")
+    user_data: Literal["zero-shot", "few-shot", "full"] = "zero-shot"
+    prepare_artifacts: bool = Field(
+        True,
+        description="compute missing routing artifacts (gates, centroids) from the suite's training data",
+    )
+    merges: MergeBaselineConfig = Field(default_factory=MergeBaselineConfig)
+    min_oracle_gap: dict[str, float] = Field(
+        default_factory=lambda: {"exact_match": 0.1, "nll": 0.01},
+        description="normalised quality is left undefined where the oracle beats the base by less than this "
+        "(per metric: accuracy points, nats per token), since the ratio would amplify noise",
+    )
+    device: str = "cpu"
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch CPU threads during the run (None: leave as is; 1 is fastest for tiny models)",
+    )
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    """One routed method: a label (as given), the recipe name and its options."""
+
+    label: str
+    recipe: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_method(text: str) -> RecipeSpec:
+    """``"arrow"`` or ``"arrow:k=2,granularity=example"`` → `RecipeSpec` (values read as YAML scalars)."""
+    import yaml
+
+    name, _, rest = text.partition(":")
+    options: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in rest.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise MalformedConfigError(
+                f"method {text!r}: option {part!r} is not key=value (e.g. arrow:k=2,temperature=0.5)"
+            )
+        options[key.strip()] = yaml.safe_load(value.strip())
+    if not name.strip():
+        raise MalformedConfigError(f"method {text!r} names no recipe; `moerge recipes` lists them")
+    return RecipeSpec(text.strip(), name.strip().replace("-", "_"), options)

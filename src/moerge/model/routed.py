@@ -1,0 +1,305 @@
+"""The routed model: a base model with `ExpertLayer`s injected (in place), and the router that drives them.
+
+    layers, owner = inject(model, experts, target_modules=["q_proj", "v_proj"])
+    routed = MoErgedModel(model, layers, names, router, "output", owner)
+    out = routed(input_ids=ids, routing=RoutingInputs(task_names=[...], record=True))
+    with routed.call(RoutingInputs(record=True), input_ids=ids) as call:   # explicit per-call state
+        logits = routed.model(input_ids=ids).logits
+    weights = call.routing()                     # {module: [B, T, E]}
+    model = detach(routed)                       # the original modules back in place
+
+Routing state lives in a `moerge.routing.call.CallState` made for each call and bound to the current thread
+(a ``ContextVar``), so threads calling one routed model never see each other's experts. Call the routed
+model (or ``routed.generate``), not the inner model: the inner model runs without experts when called
+directly. Recipes build routed models with `moerge.recipes.attach`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import re
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from moerge.errors import MoergeError, RoutingError, ShapeMismatchError
+from moerge.experts.expert import Expert
+from moerge.model.expert_layer import ExpertLayer, module_dims, stack_factors
+from moerge.routing.call import Aggregation, CallOwner, CallState, activate, checkpoint_context_fn
+from moerge.routing.inputs import RoutingInputs
+from moerge.routing.router import Router
+
+
+class MoErgedModel(nn.Module):
+    """A base model with expert layers in place of its target modules, and the router that drives them."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: dict[str, ExpertLayer],
+        expert_names: list[str],
+        router: Router | None,
+        aggregation: Aggregation,
+        owner: CallOwner,
+        recipe: Any = None,
+        options: Any = None,
+        tokenizer: Any = None,
+    ):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.expert_layers = layers  # plain dict: the layers are already children of `model`
+        self.expert_names = list(expert_names)
+        self.router = router
+        self.aggregation: Aggregation = aggregation
+        self.recipe = recipe
+        self.options = options
+        self.owner = owner
+        self._last: dict[int, CallState] = {}  # thread id -> that thread's last call (for last_routing)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.expert_names)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+    # ------------------------------------------------------------------ calls
+    @contextlib.contextmanager
+    def call(
+        self,
+        routing: RoutingInputs | dict | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        batch_size: int | None = None,
+    ) -> Iterator[CallState]:
+        """Route every expert layer for the duration of the block, in this thread only.
+
+        ``input_ids``/``attention_mask`` are what the router may see (an example-level router pools over the
+        masked tokens; the model itself may be called on more). Yields the `CallState`; after the block,
+        ``call.routing()`` holds what was recorded with ``RoutingInputs(record=True)``."""
+        if self.router is None:
+            raise RoutingError(
+                "this routed model has no router (the base recipe); call routed.model directly"
+            )
+        inputs = routing if routing is not None else RoutingInputs()
+        if isinstance(inputs, dict):
+            inputs = RoutingInputs(**inputs)
+        if batch_size is None:
+            batch_size = input_ids.shape[0] if isinstance(input_ids, torch.Tensor) else 1
+        if self.model.training and torch.is_grad_enabled():
+            route_checkpointed_segments(self.model)
+        state = CallState(
+            self.router,
+            inputs,
+            num_experts=self.num_experts,
+            aggregation=self.aggregation,
+            batch_size=batch_size,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            tokenizer=self.tokenizer,
+        )
+        with activate(self.owner, state):
+            yield state
+        self._last[threading.get_ident()] = state
+
+    def _call_from(self, routing: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+        ids = kwargs.get("input_ids")
+        if ids is None and args and isinstance(args[0], torch.Tensor):
+            ids = args[0]
+        ref = ids if ids is not None else kwargs.get("inputs_embeds")
+        batch = ref.shape[0] if isinstance(ref, torch.Tensor) else 1
+        is_ids = ids is not None and not ids.is_floating_point()
+        return self.call(
+            routing,
+            input_ids=ids if is_ids else None,
+            attention_mask=kwargs.get("attention_mask"),
+            batch_size=batch,
+        )
+
+    def forward(self, *args: Any, routing: RoutingInputs | None = None, **kwargs: Any) -> Any:
+        if self.router is None:
+            return self.model(*args, **kwargs)
+        with self._call_from(routing, args, kwargs):
+            return self.model(*args, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, *args: Any, routing: RoutingInputs | None = None, **kwargs: Any) -> Any:
+        """``model.generate`` with the experts routed; token-level routers route every new token."""
+        if self.router is None:
+            return self.model.generate(*args, **kwargs)
+        with self._call_from(routing, args, kwargs):
+            return self.model.generate(*args, **kwargs)
+
+    # ------------------------------------------------------------------ diagnostics
+    def last_call(self) -> CallState | None:
+        """This thread's last finished call (None before the first)."""
+        return self._last.get(threading.get_ident())
+
+    def last_routing(self) -> dict[str, torch.Tensor]:
+        """Each layer's expert weights in this thread's last call made with ``RoutingInputs(record=True)``:
+        ``{module: [B, T, E]}`` (dense, zeros for unselected experts; generate concatenates its steps)."""
+        call = self.last_call()
+        return call.routing() if call is not None else {}
+
+    def routing_report(
+        self, labels: list[str] | None = None, attention_mask: torch.Tensor | None = None
+    ) -> Any:
+        """Diagnostics of this thread's last recorded call (`moerge.routing.diagnostics.RoutingReport`): per
+        layer the mean weights, usage and entropy, and routing accuracy against ``labels`` (ground-truth expert
+        names per example; default: the call's ``RoutingInputs.expert_labels``)."""
+        from moerge.routing.diagnostics import routing_report
+
+        call = self.last_call()
+        if labels is None and call is not None:
+            labels = call.inputs.expert_labels
+        if attention_mask is None and call is not None:
+            attention_mask = call.attention_mask
+        return routing_report(self.last_routing(), self.expert_names, labels, attention_mask)
+
+    def expert_flops_per_token(self) -> float:
+        """Multiply-adds × 2 per token spent on experts and routing (beyond the base model), for the router's
+        nominal number of experts per token: Σ_modules 2·k·R·(d_in + d_out) + routing cost."""
+        if self.router is None:
+            return 0.0
+        k = self.router.experts_per_token(self.num_experts)
+        total = 0.0
+        for layer in self.expert_layers.values():
+            if self.aggregation == "parameter" and self.router.granularity != "token":
+                total += 2 * layer.d_in * layer.d_out  # the merged ΔW runs as one extra matmul
+            else:
+                total += 2 * k * layer.rank * (layer.d_in + layer.d_out)
+        dims = {n: (la.d_in, la.d_out) for n, la in self.expert_layers.items()}
+        return total + self.router.routing_flops_per_token(dims)
+
+
+# ---------------------------------------------------------------------- activation checkpointing
+def route_checkpointed_segments(model: nn.Module) -> None:
+    """Make every activation-checkpointed segment of ``model`` (transformers' ``gradient_checkpointing``)
+    recompute with the routing of the call that first ran it, as PEFT's LoRA layers recompute with their
+    adapters: non-reentrant checkpointing with `checkpoint_context_fn`. Reentrant checkpointing recomputes
+    outside any call, so the experts would vanish from the backward pass: it is refused."""
+    for module in model.modules():
+        if not getattr(module, "gradient_checkpointing", False):
+            continue
+        fn = getattr(module, "_gradient_checkpointing_func", None)
+        if isinstance(fn, functools.partial) and fn.keywords.get("context_fn") is checkpoint_context_fn:
+            continue
+        if not isinstance(fn, functools.partial) or fn.keywords.get("context_fn") is not None:
+            raise RoutingError(
+                f"module {type(module).__name__} uses a custom activation-checkpointing function; routed models "
+                "support transformers' own: model.gradient_checkpointing_enable("
+                'gradient_checkpointing_kwargs={"use_reentrant": False})'
+            )
+        if fn.keywords.get("use_reentrant") is True:
+            raise RoutingError(
+                "reentrant activation checkpointing recomputes each layer outside the routed call, so no "
+                "expert (and no gradient to a router) would reach the backward pass; enable it with "
+                'model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})'
+            )
+        keywords = {**fn.keywords, "use_reentrant": False, "context_fn": checkpoint_context_fn}
+        module._gradient_checkpointing_func = functools.partial(fn.func, *fn.args, **keywords)
+
+
+# ---------------------------------------------------------------------- inject / detach
+def match_target_modules(adapted: Sequence[str], target_modules: str | Sequence[str] | None) -> list[str]:
+    """The adapted module names ``target_modules`` selects, in PEFT's forms: a string is a regular expression
+    matched against the whole name (``re.fullmatch``); a list names modules exactly or by suffix
+    (``"q_proj"`` selects ``model.layers.0.self_attn.q_proj``). A pattern that selects nothing is refused."""
+    names = list(adapted)
+    if target_modules is None:
+        return names
+    shown = ", ".join(sorted({n.rsplit(".", 1)[-1] for n in names})[:8]) or "none"
+    if isinstance(target_modules, str):
+        try:
+            rx = re.compile(target_modules)
+        except re.error as err:
+            raise MoergeError(
+                f"target_modules {target_modules!r} is not a valid regular expression: {err}"
+            ) from err
+        chosen = [n for n in names if rx.fullmatch(n)]
+        if not chosen:
+            raise MoergeError(
+                f"target_modules {target_modules!r} (a regular expression, matched against whole module "
+                f"names) selects none of the modules the experts adapt (e.g. {names[0] if names else 'none'}; "
+                f"module kinds: {shown})"
+            )
+        return chosen
+    chosen_set: set[str] = set()
+    for t in target_modules:
+        hit = [n for n in names if n == t or n.endswith("." + t)]
+        if not hit:
+            raise MoergeError(
+                f"target module {t!r} matches none of the modules the experts adapt (module kinds: {shown}); "
+                "give module names or suffixes such as 'q_proj', or a regular expression string"
+            )
+        chosen_set.update(hit)
+    return [n for n in names if n in chosen_set]
+
+
+def inject(
+    model: nn.Module,
+    experts: list[Expert],
+    target_modules: str | Sequence[str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[dict[str, ExpertLayer], CallOwner]:
+    """Replace each module some expert adapts (or those ``target_modules`` selects, PEFT's forms) by an
+    `ExpertLayer` holding every expert's stacked factors."""
+    if not experts:
+        raise MoergeError("no experts to attach; add LoRA experts to the library first")
+    for e in experts:
+        if e.kind != "lora":
+            raise MoergeError(
+                f"expert {e.name!r} is a dense delta; routing needs LoRA experts (merge it instead)"
+            )
+    modules = match_target_modules(sorted(set().union(*(e.lora for e in experts))), target_modules)
+    owner = CallOwner(f"routed {type(model).__name__}")
+    layers: dict[str, ExpertLayer] = {}
+    for name in modules:
+        try:
+            base = model.get_submodule(name)
+        except AttributeError as err:
+            raise ShapeMismatchError(
+                f"the experts adapt module {name}, which the model does not have; attach them to their base model"
+            ) from err
+        if isinstance(base, ExpertLayer):
+            raise MoergeError(f"module {name} already holds experts; detach the model first")
+        d_in, d_out = module_dims(base)
+        mods = [e.lora.get(name) for e in experts]
+        for e, m in zip(experts, mods):
+            if m is not None and (m.d_in, m.d_out) != (d_in, d_out):
+                raise ShapeMismatchError(
+                    f"expert {e.name!r}, module {name}: LoRA maps {m.d_in}→{m.d_out}, the model's layer {d_in}→{d_out}"
+                )
+        w = getattr(base, "weight", None)
+        A, Bt = stack_factors(mods, d_in, d_out, dtype or (w.dtype if w is not None else torch.float32))
+        if w is not None:
+            A, Bt = A.to(w.device), Bt.to(w.device)
+        layers[name] = ExpertLayer(base, name, A, Bt, owner)
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer)
+    return layers, owner
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def detach(routed: MoErgedModel) -> nn.Module:
+    """Put the original modules back and return the original model (the same object, unchanged)."""
+    model = routed.model
+    for name, layer in routed.expert_layers.items():
+        _set_submodule(model, name, layer.base)
+    routed.expert_layers = {}
+    routed.router = None
+    return model

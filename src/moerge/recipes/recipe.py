@@ -1,0 +1,276 @@
+"""`Recipe`: a named routing method as data — its survey taxonomy record, its options, the per-expert
+signatures it needs (each with the function that computes it) and the builder of its router.
+
+A recipe file defines one or more `Recipe` objects in a module-level ``RECIPES`` list (built-ins) or anywhere
+at module level (plugins); `moerge.recipes.registry` collects them. The benchmark runner and
+`prepare_signatures` compute any missing signature through its `Signature.compute`, without knowing its kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from moerge.errors import MalformedConfigError, RecipeNotApplicableError
+
+if TYPE_CHECKING:
+    import torch
+
+    from moerge.routing.call import Aggregation
+    from moerge.routing.router import Router
+
+AXES = (
+    "training",
+    "expert_data",
+    "routing_data",
+    "granularity",
+    "depth",
+    "selection",
+    "aggregation",
+    "generalization",
+    "user_data",
+)
+
+
+class Taxonomy(BaseModel):
+    """The survey's nine axes (see DESIGN.md and reference/moerging-methods.md §1)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    training: Literal["standard", "custom", "multiple"]
+    expert_data: Literal["private", "shared", "multiple"]
+    routing_data: Literal["none", "expert", "target", "general", "multiple"]
+    granularity: Literal["step", "example", "task", "n/a"]
+    depth: Literal["module", "model", "n/a"]
+    selection: Literal["sparse", "dense", "none"]
+    aggregation: Literal["output", "parameter", "none", "multiple"]
+    generalization: Literal["in-distribution", "out-of-distribution", "multiple"]
+    user_data: Literal["zero-shot", "few-shot", "full", "multiple"]
+
+
+class RecipeOptions(BaseModel):
+    """Base class of a recipe's options (unknown option names are refused)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# Training rows as `moerge train` reads them: {"prompt": …, "completion": …} or {"text": …}.
+Rows = list[dict[str, str]]
+
+
+@dataclass
+class BuildContext:
+    """What a recipe may use to build its router or compute its signatures: the base model (with or without
+    expert layers), the experts (in routing order), the library holding their artifacts, the adapted modules,
+    the tokenizer, and embedders resolved on first use (``embedder`` overrides every choice)."""
+
+    model: Any
+    experts: list[Any]
+    library: Any = None
+    modules: list[str] = field(default_factory=list)
+    tokenizer: Any = None
+    embedder: Any = None
+    embedders: dict[str, Any] = field(
+        default_factory=dict
+    )  # cache per choice, may be shared between contexts
+    progress: Callable[[str], None] | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [e.name for e in self.experts]
+
+    def embedder_for(self, choice: str = "default") -> Any:
+        """The sentence embedder an ``embedding_model`` option picks (made once per choice)."""
+        if self.embedder is not None:
+            return self.embedder
+        if choice not in self.embedders:
+            from moerge.routing.embedding import default_embedder
+
+            self.embedders[choice] = default_embedder(self.model, self.tokenizer, choice=choice)  # type: ignore[arg-type]
+        return self.embedders[choice]
+
+    def describe(self, text: str) -> None:
+        if self.progress is not None:
+            self.progress(text)
+
+    def load(self, signature: Signature, options: BaseModel) -> list[dict[str, torch.Tensor]]:
+        """Each expert's ``signature`` tensors (rows follow ``experts``). Signatures computed from the weights
+        alone are computed and stored where missing; data signatures must have been prepared."""
+        config = signature.config(options, self)
+        missing = [e.name for e in self.experts if not _has(self.library, signature.kind, config, e.name)]
+        computed: dict[str, dict[str, torch.Tensor]] = {}
+        if missing and not signature.needs_data:
+            computed = signature.compute(self, options, {n: [] for n in missing}) or {}
+        out = []
+        for e in self.experts:
+            got = self.library.get_artifact(signature.kind, config, e.name) if e.name not in missing else None
+            tensors = got[0] if got is not None else computed.get(e.name)
+            if tensors is None:
+                raise RecipeNotApplicableError(
+                    f"expert {e.name!r} has no {signature.what} ({signature.kind}) in library "
+                    f"{getattr(self.library, 'url', self.library)}; compute them with {signature.how}"
+                )
+            out.append(tensors)
+        return out
+
+
+def _has(library: Any, kind: str, config: dict[str, Any], name: str) -> bool:
+    return library is not None and library.has_artifact(kind, config, name)
+
+
+SignatureCompute = Callable[[BuildContext, Any, dict[str, Rows]], "dict[str, dict[str, torch.Tensor]] | None"]
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A per-expert artifact a recipe needs (routing prototypes, gates, centroids …), stored in the library.
+
+    ``config(options, ctx)`` is everything that changes its value (the artifact's cache key); ``compute(ctx,
+    options, data)`` computes it for the experts named in ``data`` (``{expert: training rows}``, empty lists
+    for ``needs_data=False``), stores it in ``ctx.library`` when there is one, and returns it. ``how`` tells a
+    user how to compute it outside the benchmark."""
+
+    kind: str
+    what: str
+    compute: SignatureCompute
+    config: Callable[[Any, BuildContext], dict[str, Any]] = lambda options, ctx: {}
+    needs_data: bool = True
+    how: str = "moerge.recipes.prepare_signatures(recipe, model, tokenizer, library, data)"
+
+
+@dataclass(frozen=True)
+class Routing:
+    """What a builder returns: the router and how the selected experts are combined."""
+
+    router: Router
+    aggregation: Aggregation = "output"
+
+
+# Option values → the taxonomy axis value they mean (for `Recipe.taxonomy_for`).
+_AXIS_VALUE = {"token": "step", "example": "example", "task": "task", "output": "output", "parameter": "parameter",
+               "factor": "parameter, factor mix"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named routing method: its taxonomy record plus how it builds a router (``builder(ctx, options)``).
+
+    - ``signatures``: per-expert artifacts it needs (each knows how to compute itself);
+    - ``held_in_only``: it cannot serve a held-out task at all (it routes by the task's own expert). The
+      taxonomy's ``generalization`` records what the paper evaluated, which is no reason to refuse a setting;
+    - ``needs_inputs``: `RoutingInputs` fields every call must carry (e.g. ``task_names``);
+    - ``option_axes``: options that move the method along a taxonomy axis (``{"granularity": "granularity"}``);
+    - ``variants``: option sets the benchmark runs besides the defaults (a callable, evaluated at run time).
+    """
+
+    name: str
+    summary: str
+    taxonomy: Taxonomy
+    builder: Callable[[BuildContext, Any], Router | Routing] | None
+    options: type[BaseModel] = RecipeOptions
+    paper: str | None = None
+    signatures: tuple[Signature, ...] = ()
+    held_in_only: bool = False
+    needs_inputs: tuple[str, ...] = ()
+    option_axes: Mapping[str, str] = field(default_factory=dict)
+    variants: Callable[[], Sequence[dict[str, Any]]] = tuple
+
+    @property
+    def key(self) -> str:
+        """The registry key: the name with hyphens as underscores (``arrow-x`` and ``arrow_x`` are one)."""
+        return canonical_name(self.name)
+
+    def parse_options(self, options: dict[str, Any] | BaseModel | None = None) -> BaseModel:
+        if isinstance(options, self.options):
+            return options
+        if isinstance(options, BaseModel):
+            options = options.model_dump()
+        try:
+            return self.options(**(options or {}))
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            known = ", ".join(self.options.model_fields) or "none"
+            raise MalformedConfigError(
+                f"recipe {self.name!r}: option {loc}: {err['msg']} (its options: {known})"
+            ) from e
+
+    def build(self, ctx: BuildContext, options: BaseModel) -> Routing:
+        from moerge.routing.router import Router
+
+        if self.builder is None:
+            raise RecipeNotApplicableError(f"recipe {self.name!r} needs no router")
+        built = self.builder(ctx, options)
+        return Routing(built) if isinstance(built, Router) else built
+
+    def taxonomy_for(self, options: BaseModel) -> dict[str, str]:
+        """The taxonomy record with the axes these options changed marked ``(option)`` (e.g. Arrow run per
+        example: granularity ``example (option)``)."""
+        tax = self.taxonomy.model_dump()
+        values = options.model_dump()
+        for option, axis in self.option_axes.items():
+            value = _AXIS_VALUE.get(str(values.get(option)))
+            if value is not None and value != tax[axis]:
+                tax[axis] = f"{value} (option)"
+        return tax
+
+    def check_applicable(
+        self,
+        ctx: BuildContext | None = None,
+        *,
+        user_data: str = "zero-shot",
+        generalization: str | None = None,
+        options: dict[str, Any] | BaseModel | None = None,
+    ) -> None:
+        """Raise `RecipeNotApplicableError` when the setting is one the taxonomy record rules out: a user-data
+        mode the recipe cannot serve, a held-out run for a held-in-only method, or a library whose experts lack
+        the data signatures the recipe needs."""
+        t = self.taxonomy
+        order = {"zero-shot": 0, "few-shot": 1, "full": 2}
+        if t.user_data in order and user_data in order and order[t.user_data] > order[user_data]:
+            raise RecipeNotApplicableError(
+                f"recipe {self.name!r} needs {t.user_data} target data, but this run is {user_data}."
+            )
+        if generalization == "out-of-distribution" and self.held_in_only:
+            raise RecipeNotApplicableError(
+                f"recipe {self.name!r} only serves held-in tasks (it needs each task's own expert); "
+                "use it on in-distribution splits."
+            )
+        data_signatures = [s for s in self.signatures if s.needs_data]
+        if not data_signatures or ctx is None:
+            return
+        opts = self.parse_options(options)
+        for sig in data_signatures:
+            if ctx.library is None:
+                raise RecipeNotApplicableError(
+                    f"recipe {self.name!r} needs {sig.what} stored in an expert library; attach a library "
+                    f"(not a list of experts) after computing them with {sig.how}."
+                )
+            cfg = sig.config(opts, ctx)
+            missing = [n for n in ctx.names if not ctx.library.has_artifact(sig.kind, cfg, n)]
+            if missing:
+                shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+                raise RecipeNotApplicableError(
+                    f"recipe {self.name!r} needs {sig.what} for every expert, and {len(missing)} of "
+                    f"{len(ctx.names)} have none ({shown}) in library {getattr(ctx.library, 'url', ctx.library)} "
+                    f"under config {cfg}; compute them with {sig.how}."
+                )
+
+    def missing_signatures(self, ctx: BuildContext, options: BaseModel) -> list[tuple[Signature, list[str]]]:
+        """``(signature, experts lacking it)`` for each data signature some expert lacks."""
+        out = []
+        for sig in self.signatures:
+            if not sig.needs_data:
+                continue
+            cfg = sig.config(options, ctx)
+            missing = [n for n in ctx.names if not _has(ctx.library, sig.kind, cfg, n)]
+            if missing:
+                out.append((sig, missing))
+        return out
+
+
+def canonical_name(name: str) -> str:
+    return name.strip().replace("-", "_")

@@ -1,0 +1,74 @@
+"""The `Router` interface: scores in, `Selection` out. One interface for every family:
+
+- ``begin_call(call)`` runs once per call before the model (example/task-level routers compute their
+  per-example weights here, e.g. from an embedding of the input, and keep them in ``call.plan``);
+- ``select(module, x, call)`` runs in every expert layer on that layer's input ``x`` and returns a
+  `Selection` (or None: no expert for this call).
+
+Routers know nothing of the model layer or the benchmark: they see a `moerge.routing.call.CallState`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+from moerge.errors import MoergeError, RoutingError
+from moerge.routing.selection import Selection
+
+if TYPE_CHECKING:
+    from moerge.routing.call import CallState
+
+Granularity = Literal["token", "example", "task"]
+Score = Literal["abs_dot", "dot", "std_dot", "cos"]
+
+
+class Router:
+    """Base router. ``granularity`` is ``"token"``, ``"example"`` or ``"task"``; ``experts_per_token`` is the
+    nominal number of experts each token uses (for cost accounting; None: every expert)."""
+
+    granularity: Granularity = "token"
+    needs: tuple[str, ...] = ()  # RoutingInputs fields a call must carry, e.g. ("task_names",)
+
+    def begin_call(self, call: CallState) -> None:
+        for field in self.needs:
+            if getattr(call.inputs, field) is None:
+                raise RoutingError(
+                    f"router {type(self).__name__} needs routing={{{field}: ...}} with every call: pass "
+                    f"RoutingInputs({field}=[...]) (one per example)"
+                )
+
+    def select(self, module: str, x: torch.Tensor, call: CallState) -> Selection | None:
+        return call.plan.get("selection")
+
+    def experts_per_token(self, num_experts: int) -> float:
+        """How many experts a token uses (the nominal k), for FLOP accounting."""
+        return float(num_experts)
+
+    def routing_flops_per_token(self, dims: dict[str, tuple[int, int]]) -> float:
+        """Multiply-adds ×2 spent deciding, per token (0 for routers that decide once per example)."""
+        return 0.0
+
+
+def standardize(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm without affine parameters over the last dimension."""
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def prototype_scores(x: torch.Tensor, prototypes: torch.Tensor, score: Score) -> torch.Tensor:
+    """Scores ``[N, E]`` of inputs ``[N, d]`` against prototypes ``[E, d]``.
+
+    ``abs_dot``: |⟨x, v⟩| (Arrow); ``dot``: ⟨x, v⟩; ``std_dot``: ⟨LN(x), LN(v)⟩/√d (PHATGOOSE, average
+    activation); ``cos``: cosine similarity (centroid routers).
+    """
+    if score == "abs_dot":
+        return (x @ prototypes.T).abs()
+    if score == "dot":
+        return x @ prototypes.T
+    if score == "std_dot":
+        return (standardize(x) @ standardize(prototypes).T) / (x.shape[-1] ** 0.5)
+    if score == "cos":
+        xn = torch.nn.functional.normalize(x, dim=-1)
+        return xn @ torch.nn.functional.normalize(prototypes, dim=-1).T
+    raise MoergeError(f"unknown score {score!r}; use one of abs_dot, dot, std_dot, cos")
