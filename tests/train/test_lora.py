@@ -186,7 +186,7 @@ def test_jsonl_path_and_errors(tmp_path, tiny_llama):
     wrong.write_text(json.dumps({"prompt": "a"}) + "\n")
     with pytest.raises(DataFormatError, match=r"wrong\.jsonl:1: .*\"completion\".*found keys: prompt"):
         read_jsonl(wrong)
-    with pytest.raises(FileNotFoundError, match="no such data file"):
+    with pytest.raises(DataFormatError, match="no such data file"):
         read_jsonl(tmp_path / "missing.jsonl")
     model, tok = tiny_llama
     with pytest.raises(DataFormatError, match="example 1"):

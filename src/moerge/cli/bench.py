@@ -11,6 +11,8 @@ from pathlib import Path
 
 import typer
 
+from moerge.cli import plugins as cli_plugins
+
 
 def register(app: typer.Typer) -> None:
     app.command("demo")(demo)
@@ -54,7 +56,9 @@ def _run(
     device: str | None,
     progress: bool,
     threads: int | None = None,
+    plugins: list[str] | None = None,
 ) -> None:
+    from moerge.cli import plugins as cli_plugins
     from moerge.cli.common import console
 
     t0 = time.perf_counter()
@@ -73,6 +77,7 @@ def _run(
     fields.update({k: v for k, v in flags.items() if v is not None})
     fields["progress"] = progress
     config = BenchConfig(**fields)
+    cli_plugins.load(plugins)
 
     suite, how = _load_suite(suite_name, reduced, root, rebuild, progress)
     t_suite = time.perf_counter() - t0
@@ -115,6 +120,7 @@ def demo(
     rebuild: bool = typer.Option(False, "--rebuild", help="rebuild the suite even if cached"),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 is fastest for the tiny models)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    plugin: list[str] = cli_plugins.plugin_option(),
 ) -> None:
     """Every recipe and baseline on the built-in synthetic suite (built if not cached): table and report."""
     _run(
@@ -134,6 +140,7 @@ def demo(
         None,
         progress,
         threads=threads,
+        plugins=plugin,
     )
 
 
@@ -169,7 +176,8 @@ def bench(
     device: str | None = typer.Option(None, "--device", help="cpu (default) or cuda"),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's own)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    plugin: list[str] = cli_plugins.plugin_option(),
 ) -> None:
     """Run recipes and baselines on a suite: quality per task and split, routing accuracy, cost; write a report."""
     _run(suite, recipe, baseline, library, base, out, config, limit, batch_size, reduced, root, rebuild,
-         artifacts, device, progress, threads)  # fmt: skip
+         artifacts, device, progress, threads, plugin)  # fmt: skip

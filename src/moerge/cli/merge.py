@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from moerge.cli import plugins as cli_plugins
 from moerge.cli.common import console, fail
 
 
@@ -36,9 +37,12 @@ def merge_command(
     list_methods: bool = typer.Option(
         False, "--list-methods", help="List merge methods and their parameters."
     ),
+    plugin: list[str] = cli_plugins.plugin_option(),
 ) -> None:
     """Merge models or LoRA experts as the YAML config says (same schema as moerge.merge(...))."""
     from moerge.merging.registry import available_methods, get_method
+
+    cli_plugins.load(plugin)
 
     if list_methods:
         for m in available_methods():

@@ -10,6 +10,7 @@ from typing import Any
 
 import typer
 
+from moerge.cli import plugins as cli_plugins
 from moerge.cli.common import console, fail
 
 # The survey table's abbreviations (reference/moerging-methods.md §2.1).
@@ -94,9 +95,14 @@ def read_prompts(prompt: str | None, prompts: Path | None) -> list[dict[str, Any
 
 def register(app: typer.Typer) -> None:
     @app.command("recipes")
-    def recipes(as_json: bool = typer.Option(False, "--json", help="Print the table as JSON rows.")) -> None:
+    def recipes(
+        as_json: bool = typer.Option(False, "--json", help="Print the table as JSON rows."),
+        plugin: list[str] = cli_plugins.plugin_option(),
+    ) -> None:
         """Print every routing recipe with its taxonomy record (the survey's nine axes)."""
         from moerge.recipes import AXES, taxonomy_rows
+
+        cli_plugins.load(plugin)
 
         rows = taxonomy_rows()
         if as_json:
@@ -130,6 +136,7 @@ def register(app: typer.Typer) -> None:
             False, "--show-routing", help="Print the experts each token went to."
         ),
         top: int = typer.Option(2, "--top", help="Experts shown per token with --show-routing."),
+        plugin: list[str] = cli_plugins.plugin_option(),
     ) -> None:
         """Generate completions from a routed model (greedy)."""
         import torch
@@ -140,6 +147,7 @@ def register(app: typer.Typer) -> None:
 
         rows = read_prompts(prompt, prompts)
         opts = parse_options(option)
+        cli_plugins.load(plugin)
         if not base_model.is_dir():
             fail(f"{base_model}: no such model folder")
         tokenizer = AutoTokenizer.from_pretrained(base_model)

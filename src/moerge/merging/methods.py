@@ -21,7 +21,7 @@ from moerge.merging.ops import (
 from moerge.merging.ops import (
     slerp as slerp_pair,
 )
-from moerge.merging.spec import merge_method
+from moerge.merging.spec import PerModel, merge_method
 
 Rescale = Literal["inverse", "l1", "none"]
 
@@ -106,7 +106,7 @@ def ties(
     x: torch.Tensor,
     weight: torch.Tensor,
     *,
-    density: float = 1.0,
+    density: PerModel = 1.0,
     sign: Literal["mass", "count"] = "mass",
     normalize: bool = True,
     scale: float = 1.0,
@@ -125,7 +125,7 @@ def dare_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     *,
-    density: float = 1.0,
+    density: PerModel = 1.0,
     rescale: Rescale = "inverse",
     normalize: bool = False,
     scale: float = 1.0,
@@ -144,7 +144,7 @@ def dare_ties(
     x: torch.Tensor,
     weight: torch.Tensor,
     *,
-    density: float = 1.0,
+    density: PerModel = 1.0,
     sign: Literal["mass", "count"] = "mass",
     rescale: Rescale = "inverse",
     normalize: bool = False,
@@ -163,7 +163,7 @@ def breadcrumbs(
     x: torch.Tensor,
     weight: torch.Tensor,
     *,
-    density: float = 1.0,
+    density: PerModel = 1.0,
     gamma: float = 0.01,
     sign: Literal["mass", "count"] | None = None,
     normalize: bool = False,
@@ -183,7 +183,7 @@ def della(
     x: torch.Tensor,
     weight: torch.Tensor,
     *,
-    density: float = 1.0,
+    density: PerModel = 1.0,
     epsilon: float = 0.15,
     sign: Literal["mass", "count"] | None = "mass",
     rescale: Rescale = "inverse",

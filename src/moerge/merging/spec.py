@@ -22,11 +22,18 @@ import inspect
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
 SPEC_ATTR = "merge_spec"  # the attribute `merge_method` sets on a decorated function
+
+if TYPE_CHECKING:
+    # A per-model parameter is a float in a config (validated per model) and arrives in the function as the
+    # models' values stacked into a [N] tensor; the type checker is told both are fine.
+    PerModel = Any
+else:
+    PerModel = float
 
 RESERVED = ("base", "stats", "generator", "layout")
 

@@ -24,6 +24,7 @@ z = Σ_k w_k A_k x, y = Σ_k w_k B_k z without forming per-token A.
 from __future__ import annotations
 
 import warnings
+from typing import cast
 
 import torch
 from torch import nn
@@ -48,7 +49,7 @@ def module_dims(module: nn.Module) -> tuple[int, int]:
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        w = module.weight
+        w = cast(torch.Tensor, module.weight)
         return w.shape[0], w.shape[1]
     raise ShapeMismatchError(
         f"module of type {type(module).__name__} is not a linear layer (nn.Linear or Conv1D); "
@@ -138,6 +139,7 @@ def _csr_token_delta(
     N, d_in = xs.shape
     E, R, _ = A.shape
     k = sel.k
+    assert sel.indices is not None  # a sparse selection (the caller checked)
     idx, order = sel.indices.sort(dim=1)  # CSR wants ascending columns within a row
     w = sel.weights.to(xs.dtype).gather(1, order)[..., None]  # [N, k, 1]
     cols = (idx[..., None] * R + torch.arange(R, device=xs.device)).reshape(-1)
@@ -165,6 +167,7 @@ def _grouped_token_delta(
     P = N * k
     b = _block_size(P, E)
     dev = xs.device
+    assert sel.indices is not None  # a sparse selection (the caller checked)
     flat_e = sel.indices.reshape(-1)
     order = torch.argsort(flat_e, stable=True)  # pairs sorted by expert
     sorted_e = flat_e.index_select(0, order)
@@ -226,6 +229,9 @@ def _example_delta(
 class ExpertLayer(nn.Module):
     """A base linear module plus the stacked factors of E experts. The routing comes from the call its routed
     model has in flight in the current thread (`moerge.routing.call.active_call`); with none, the base alone."""
+
+    A: torch.Tensor
+    Bt: torch.Tensor
 
     def __init__(self, base: nn.Module, name: str, A: torch.Tensor, Bt: torch.Tensor, owner: CallOwner):
         super().__init__()

@@ -37,6 +37,9 @@ from moerge.routing.router import Router
 class MoErgedModel(nn.Module):
     """A base model with expert layers in place of its target modules, and the router that drives them."""
 
+    router: Router | None
+    model: Any  # the inner model: any nn.Module; a transformers model also has `generate`
+
     def __init__(
         self,
         model: nn.Module,
@@ -206,7 +209,7 @@ def route_checkpointed_segments(model: nn.Module) -> None:
                 'model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})'
             )
         keywords = {**fn.keywords, "use_reentrant": False, "context_fn": checkpoint_context_fn}
-        module._gradient_checkpointing_func = functools.partial(fn.func, *fn.args, **keywords)
+        setattr(module, "_gradient_checkpointing_func", functools.partial(fn.func, *fn.args, **keywords))  # noqa: B010
 
 
 # ---------------------------------------------------------------------- inject / detach

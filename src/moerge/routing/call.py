@@ -135,12 +135,12 @@ class CallState:
             dense = dense[:, None, :].expand(-1, T, -1)
         else:
             dense = dense.reshape(x.shape[0], -1, self.num_experts)
-        self.recorded.setdefault(module, []).append(dense.cpu())
+        self.recorded.setdefault(module, []).append(dense)  # on the device; moved once, when read
 
     def routing(self) -> dict[str, torch.Tensor]:
         """What this call recorded (with ``RoutingInputs(record=True)``): ``{module: [B, T, E]}``, dense, zeros for
         unselected experts; a generate call concatenates its steps along T."""
-        return {name: torch.cat(chunks, dim=1) for name, chunks in self.recorded.items()}
+        return {name: torch.cat(chunks, dim=1).cpu() for name, chunks in self.recorded.items()}
 
 
 def explicit_selection(weights: torch.Tensor, num_experts: int, batch_size: int) -> Selection:

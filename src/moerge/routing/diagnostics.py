@@ -51,9 +51,8 @@ def routing_report(
     for module, w in weights.items():
         B, T, E = w.shape
         fits = attention_mask is not None and attention_mask.shape[0] == B and attention_mask.shape[1] >= T
-        mask = (
-            attention_mask[:, :T].float() if fits else torch.ones(B, T)
-        )  # generate: the prompt's mask no longer fits
+        # (after generate, the prompt's mask no longer fits the recorded steps)
+        mask = attention_mask[:, :T].float() if attention_mask is not None and fits else torch.ones(B, T)
         m = mask[..., None]
         n = mask.sum().clamp(min=1)
         mean_w = (w * m).sum((0, 1)) / n

@@ -46,7 +46,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, str]]:
     """Read a JSONL file of examples. Errors name the file and the 1-based line number."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file (expected a JSONL file of examples)")
+        raise DataFormatError(f"{path}: no such data file (expected a JSONL file of examples)")
     from moerge.config_io import iter_jsonl
 
     rows = [normalize_example(obj, f"{path}:{lineno}") for lineno, obj in iter_jsonl(path, DataFormatError)]

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from moerge.errors import ModelLoadError, MoergeError
 from moerge.experts.expert import Expert, ExpertMetadata
 from moerge.train.data import DataSource, build_batches, encode_examples, load_examples
 from moerge.train.loop import LoopResult, loop_settings, run_loop
@@ -56,8 +57,8 @@ def load_base(base_model: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, 
     if isinstance(base_model, (str, Path)):
         path = Path(base_model)
         if not path.is_dir():
-            raise FileNotFoundError(
-                f"{path}: no such base model folder (expected a transformers model folder)"
+            raise ModelLoadError(
+                f"{path}: no such base model folder (expected a transformers model folder with config.json)"
             )
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,7 +67,7 @@ def load_base(base_model: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, 
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         return model, tokenizer, str(base_model), True
     if tokenizer is None:
-        raise ValueError("train_expert: pass the tokenizer along with a loaded base model")
+        raise MoergeError("train_expert: pass the tokenizer along with a loaded base model")
     name = getattr(getattr(base_model, "config", None), "_name_or_path", None) or None
     return base_model, tokenizer, name, False
 

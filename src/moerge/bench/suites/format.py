@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from moerge.errors import SuiteError
+from moerge.errors import SuiteError, UnknownNameError
 
 Split = Literal["held_in", "held_out"]
 Metric = Literal["exact_match", "nll"]
@@ -220,7 +220,9 @@ class Suite(BaseModel):
         for t in self.tasks:
             if t.name == name:
                 return t
-        raise KeyError(f"suite {self.name!r} has no task {name!r}; tasks: {', '.join(self.task_names())}")
+        raise UnknownNameError(
+            f"suite {self.name!r} has no task {name!r}; tasks: {', '.join(self.task_names())}"
+        )
 
     def task_names(self, split: Split | None = None, condition: str | None = None) -> list[str]:
         return [t.name for t in self.select(split, condition)]
