@@ -53,7 +53,7 @@ def register_merge_method(
 
 def register_from(value: ModuleType | Any, *, source: str = "") -> list[str]:
     """Register every ``@merge_method`` function a module (or list, or single function) offers."""
-    from moerge.plugins import objects_in
+    from moerge.entrypoints import objects_in
 
     _ensure_loaded()
     found = [o for o in objects_in(value) if isinstance(getattr(o, SPEC_ATTR, None), MethodSpec)]
@@ -65,8 +65,8 @@ def _ensure_loaded() -> None:
     if _LOADED:
         return
     _LOADED = True
+    from moerge.entrypoints import MERGE_METHOD_GROUP, entry_point_objects, objects_in
     from moerge.merging import methods
-    from moerge.plugins import MERGE_METHOD_GROUP, entry_point_objects, objects_in
 
     for obj in objects_in(methods):
         if isinstance(getattr(obj, SPEC_ATTR, None), MethodSpec):

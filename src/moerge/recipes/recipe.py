@@ -219,7 +219,7 @@ class Recipe:
 
     def check_applicable(
         self,
-        ctx: BuildContext | None = None,
+        ctx: BuildContext | Any = None,
         *,
         user_data: str = "zero-shot",
         generalization: str | None = None,
@@ -227,7 +227,10 @@ class Recipe:
     ) -> None:
         """Raise `RecipeNotApplicableError` when the setting is one the taxonomy record rules out: a user-data
         mode the recipe cannot serve, a held-out run for a held-in-only method, or a library whose experts lack
-        the data signatures the recipe needs."""
+        the data signatures the recipe needs. ``ctx`` is a `BuildContext`, or an `ExpertLibrary` (read as its
+        LoRA experts, with no model)."""
+        if ctx is not None and not isinstance(ctx, BuildContext):
+            ctx = BuildContext(model=None, experts=ctx.list(kind="lora"), library=ctx)
         t = self.taxonomy
         order = {"zero-shot": 0, "few-shot": 1, "full": 2}
         if t.user_data in order and user_data in order and order[t.user_data] > order[user_data]:

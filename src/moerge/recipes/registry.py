@@ -28,7 +28,7 @@ def register_recipe(recipe: Recipe, *, source: str = "") -> Recipe:
 
 def register_recipes_from(value: ModuleType | Any, *, source: str = "") -> list[str]:
     """Register every `Recipe` a module (its globals), a list, or a single object offers."""
-    from moerge.plugins import objects_in
+    from moerge.entrypoints import objects_in
 
     _ensure_loaded()
     return [register_recipe(r, source=source).name for r in objects_in(value) if isinstance(r, Recipe)]
@@ -39,7 +39,7 @@ def _ensure_loaded() -> None:
     if _LOADED:
         return
     _LOADED = True
-    from moerge.plugins import RECIPE_GROUP, entry_point_objects, objects_in
+    from moerge.entrypoints import RECIPE_GROUP, entry_point_objects, objects_in
     from moerge.recipes import arrow, average_activation, baselines, embedding, phatgoose
 
     for module in (arrow, phatgoose, average_activation, embedding, baselines):
