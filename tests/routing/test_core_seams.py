@@ -228,3 +228,34 @@ def test_only_embedding_recipes_resolve_an_embedder(tiny_llama, monkeypatch):
     for recipe in ("arrow", "uniform"):
         routed = attach(copy.deepcopy(model), experts, recipe, tokenizer=tok)
         assert routed(input_ids=ids).logits.shape[:2] == ids.shape
+
+
+# ---------------------------------------------------------------------------------------------- recipe options
+def test_aggregation_is_a_recipe_option_validated_by_the_recipe(tiny_llama):
+    from moerge.errors import MalformedConfigError
+
+    model, tok = tiny_llama
+    experts = make_experts(model, 2)
+    with pytest.raises(MalformedConfigError, match="aggregation"):
+        attach(copy.deepcopy(model), experts, "arrow", aggregation="parameter")  # arrow: output or factor
+    assert attach(copy.deepcopy(model), experts, "arrow", aggregation="factor").aggregation == "factor"
+    assert attach(
+        copy.deepcopy(model), experts, router=TrainableGates({}), aggregation="parameter"
+    ).aggregation == ("parameter")
+    with pytest.raises(MoergeError, match="no recipe options"):
+        attach(copy.deepcopy(model), experts, router=TrainableGates({}), k=2)
+
+
+def test_hyphenated_recipe_names_register_and_fetch(monkeypatch):
+    from moerge.recipes import Recipe, Taxonomy, get_recipe, register_recipe
+    from moerge.recipes import registry
+
+    list_recipes()
+    monkeypatch.setattr(registry, "_RECIPES", dict(registry._RECIPES))
+    tax = Taxonomy(training="standard", expert_data="private", routing_data="none", granularity="task",
+                   depth="model", selection="dense", aggregation="output", generalization="multiple",
+                   user_data="zero-shot")  # fmt: skip
+    mine = register_recipe(Recipe(name="my-recipe", summary="s", taxonomy=tax, builder=None))
+    assert get_recipe("my-recipe") is mine and get_recipe("my_recipe") is mine
+    with pytest.raises(MoergeError, match="already registered"):
+        register_recipe(Recipe(name="my_recipe", summary="other", taxonomy=tax, builder=None))
