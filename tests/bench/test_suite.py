@@ -204,3 +204,13 @@ def test_example_from_prompt_labels():
         and ex.as_training_row() == {"prompt": "ab>", "completion": "BA"}
     )
     assert Example.from_row(ex.to_row()) == ex
+
+
+def test_validation_split_round_trips(tmp_path):
+    from moerge.bench.suites.format import Suite, Task
+
+    ex = Example.from_prompt("ab>", "ba", ["e"])
+    task = Task(name="t", split="held_in", experts=["e"], train=[ex], validation=[ex, ex], eval=[ex])
+    write_jsonl_suite(Suite(name="s", tasks=[task], experts=["e"]), tmp_path / "s")
+    again = load_jsonl_suite(tmp_path / "s").task("t")
+    assert [e.text for e in again.validation] == ["ab>ba", "ab>ba"] and len(again.train) == 1

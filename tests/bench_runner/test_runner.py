@@ -230,3 +230,50 @@ def test_label_routing_equals_oracle_on_held_in(bench_results, reduced_suite):
         a = bench_results.result("label_routing", task.name).target_nll
         b = bench_results.result("oracle", task.name).target_nll
         assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_merges_are_tuned_on_held_in_data_and_untuned_rows_kept(bench_results):
+    """λ (and TIES' density) are the argmax of the recorded grid; the untuned defaults are extra rows."""
+    from moerge.bench.config import MergeBaselineConfig
+
+    defaults = MergeBaselineConfig()
+    for name, grid_keys in (("task_arithmetic", {"scale"}), ("ties", {"scale", "density"})):
+        tuned = bench_results.method(name).options["tuned"]
+        grid = tuned["grid"]
+        assert (
+            len(grid) == len(defaults.task_arithmetic_scales)
+            if name == "task_arithmetic"
+            else len(defaults.ties_scales) * len(defaults.ties_densities)
+        )
+        best = max(grid, key=lambda g: (g["quality"], -g["nll"]))
+        assert {k: best[k] for k in grid_keys} == {k: tuned[k] for k in grid_keys}
+        assert "chosen on held-in" in bench_results.method(name).description
+        untuned = bench_results.method(f"{name}:untuned")
+        assert untuned.status == "ok" and "not tuned" in untuned.description
+        assert {r.task for r in bench_results.results if r.method == name} == {
+            t["name"] for t in bench_results.tasks
+        }
+
+
+def test_scaled_fold_equals_merging_with_that_scale(reduced_suite, base_model):
+    """Tuning folds λ·τ_merged(scale=1); that equals the method run with scale=λ (both methods are linear in λ)."""
+    from moerge.bench.subjects import folded
+    from moerge.merging.api import merge
+
+    model, tok = base_model
+    lib = reduced_suite.open_library()
+    experts = [lib.get(n) for n in reduced_suite.experts]
+    ids = tok(["abc>def"], return_tensors="pt")["input_ids"]
+    for method, params in (("task_arithmetic", {}), ("ties", {"density": 0.3})):
+        one = merge(
+            merge_method=method, experts=experts, lora_mode="dense", parameters={**params, "scale": 1.0}
+        )
+        direct = merge(
+            merge_method=method, experts=experts, lora_mode="dense", parameters={**params, "scale": 1.7}
+        )
+        with torch.no_grad():
+            with folded(model, one, 1.7) as m:
+                a = m(input_ids=ids).logits
+            with folded(model, direct) as m:
+                b = m(input_ids=ids).logits
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -35,7 +35,7 @@ class Baseline:
     run: Callable[[BenchRun], None]
     covers: tuple[str, ...] = ()
     finalize: Callable[[BenchRun], None] | None = None
-    per_expert: bool = False  # evaluates once per expert (for the progress bar's total)
+    passes: Callable[[BenchRun], int] = lambda run: 1  # evaluations of every task (the progress bar's total)
 
 
 BASELINES: dict[str, Baseline] = {}  # in the order the report shows them
@@ -46,14 +46,14 @@ def baseline(
     *,
     covers: tuple[str, ...] = (),
     finalize: Callable[[BenchRun], None] | None = None,
-    per_expert: bool = False,
+    passes: Callable[[BenchRun], int] = lambda run: 1,
 ) -> Callable[[Callable[[BenchRun], None]], Callable[[BenchRun], None]]:
     """Register ``fn(run)`` as baseline ``name``."""
 
     def wrap(fn: Callable[[BenchRun], None]) -> Callable[[BenchRun], None]:
         if name in BASELINES:
             raise MoergeError(f"a baseline named {name!r} is already registered")
-        BASELINES[name] = Baseline(name, fn, covers, finalize, per_expert)
+        BASELINES[name] = Baseline(name, fn, covers, finalize, passes)
         return fn
 
     return wrap
@@ -184,7 +184,9 @@ def _goodness(rs: list[TaskResult]) -> float | None:
     )
 
 
-@baseline("best_single", covers=("single_expert",), finalize=pick_best_single, per_expert=True)
+@baseline(
+    "best_single", covers=("single_expert",), finalize=pick_best_single, passes=lambda run: len(run.experts)
+)
 def run_singles(run: BenchRun) -> None:
     """Every expert alone on every task (one attach; explicit one-hot weights per call)."""
     from moerge.recipes.facade import attach, detach
@@ -215,25 +217,100 @@ def run_singles(run: BenchRun) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- static merges
-def run_merge(run: BenchRun, name: str, method: str, params: dict[str, Any], description: str) -> None:
-    """A static merge of every expert (dense ΔW per module) with ``method``, folded into the base weights."""
+def _merged(run: BenchRun, name: str, method: str, params: dict[str, Any]) -> Any:
+    """A static merge of every expert (dense ΔW per module) with ``method``."""
     from moerge.merging.api import merge
 
+    expert_name = name.replace(":", "-")  # an expert name, not a method label
+    return merge(
+        merge_method=method, experts=run.experts, lora_mode="dense", parameters=params, name=expert_name
+    )
+
+
+def run_merge(run: BenchRun, name: str, method: str, params: dict[str, Any], description: str,
+              scale: float = 1.0, extra: dict[str, Any] | None = None) -> None:  # fmt: skip
+    """Evaluate ``scale`` × a static merge of every expert, folded into the base weights."""
     meta = MethodResult(name=name, kind="baseline", description=description, expert_flops_per_token=0.0,
-                        options={"merge_method": method, **params})  # fmt: skip
+                        options={"merge_method": method, **params, **(extra or {})})  # fmt: skip
     with peak_memory(run.config.device) as mem:
         try:
-            merged, meta.build_s = timed(
-                lambda: merge(
-                    merge_method=method, experts=run.experts, lora_mode="dense", parameters=params, name=name
-                )  # fmt: skip
-            )
+            merged, meta.build_s = timed(lambda: _merged(run, name, method, params))
         except MoergeError as e:
             run.record(meta, run.skipped(name, run.tasks_for(), "error", str(e)), mem)
             return
-        with folded(run.model, merged) as model:
+        with folded(run.model, merged, scale) as model:
             results = evaluate(run, PlainSubject(model), name, run.tasks_for())
     run.record(meta, results, mem)
+
+
+def validation_tasks(run: BenchRun) -> tuple[list[Any], str]:
+    """The held-in tasks' validation examples as tasks to score (``(tasks, source)``); a suite without a
+    validation split falls back to the last training examples (seen by the experts; said in the report)."""
+    limit = run.config.merges.validation_limit
+    held_in = run.tasks_for("held_in")
+    if any(t.validation for t in held_in):
+        return [t.model_copy(update={"name": f"{t.name}/validation", "eval": t.validation[:limit]})
+                for t in held_in if t.validation], "validation"  # fmt: skip
+    return [t.model_copy(update={"name": f"{t.name}/train-tail", "eval": t.train[-limit:]})
+            for t in held_in if t.train], "training examples (no validation split)"  # fmt: skip
+
+
+def tune_merge(
+    run: BenchRun, name: str, method: str, settings: list[dict[str, Any]], scales: list[float]
+) -> tuple[dict[str, Any], float, list[dict[str, Any]], str] | None:
+    """Choose the merge's settings and λ on held-in validation data: the best mean quality (exact match, or
+    −NLL for NLL tasks), ties broken by the lower mean NLL per target token. λ scales the merged task vector
+    (both methods compute θ₀ + λ·τ_merged), so each setting is merged once and folded at every λ.
+    Returns ``(settings, λ, every grid point's scores, data source)``, or None without validation data."""
+    tasks, source = validation_tasks(run)
+    if not tasks:
+        return None
+    grid: list[dict[str, Any]] = []
+    best: tuple[tuple[float, float], dict[str, Any], float] | None = None
+    for params in settings:
+        merged = _merged(run, name, method, {**params, "scale": 1.0})
+        for lam in scales:
+            with folded(run.model, merged, lam) as model:
+                rs = evaluate(run, PlainSubject(model), name, tasks, counted=False)
+            quality = sum(r.score if r.metric == "exact_match" else -r.score for r in rs) / len(rs)
+            nll = sum(r.target_nll for r in rs) / len(rs)
+            grid.append({**params, "scale": lam, "quality": quality, "nll": nll})
+            key = (quality, -nll)
+            if best is None or key > best[0]:
+                best = (key, params, lam)
+    assert best is not None
+    return best[1], best[2], grid, source
+
+
+def _run_tuned(run: BenchRun, name: str, method: str, settings: list[dict[str, Any]], scales: list[float],
+               untuned: dict[str, Any], label: str) -> None:  # fmt: skip
+    """The tuned row (``name``) and the untuned defaults (``name:untuned``)."""
+    m = run.config.merges
+    if m.tune:
+        run.describe(f"{name}: tuning on validation data")
+        try:
+            tuned = tune_merge(run, name, method, settings, scales)
+        except MoergeError as e:
+            tuned = None
+            run.notes.append(f"{name}: tuning failed ({e}); only the untuned row is shown")
+        if tuned is None:
+            run.record(
+                MethodResult(name=name, kind="baseline", description=f"{label}, tuned"),
+                run.skipped(name, run.tasks_for(), "not_applicable", "no held-in validation or training data to tune on"),
+            )  # fmt: skip
+        else:
+            params, lam, grid, source = tuned
+            chosen = ", ".join(f"{k} {v}" for k, v in params.items())
+            text = f"{label} with λ = {lam}{', ' + chosen if chosen else ''} chosen on held-in {source}"
+            run_merge(run, name, method, {**params, "scale": 1.0}, text, scale=lam,
+                      extra={"tuned": {"scale": lam, **params, "on": source, "grid": grid}})  # fmt: skip
+    untuned_name = f"{name}:untuned" if m.tune else name
+    text = (
+        f"{label} with its default λ = {untuned['scale']}"
+        + (f", density {untuned['density']}" if "density" in untuned else "")
+        + " (not tuned)"
+    )
+    run_merge(run, untuned_name, method, untuned, text)
 
 
 @baseline("uniform_merge", covers=("uniform",))
@@ -243,19 +320,25 @@ def run_uniform_merge(run: BenchRun) -> None:
     )
 
 
-@baseline("task_arithmetic")
+def _tuned_passes(run: BenchRun) -> int:
+    return 2 if run.config.merges.tune else 1  # the tuned row and the untuned one
+
+
+@baseline("task_arithmetic", passes=_tuned_passes)
 def run_task_arithmetic(run: BenchRun) -> None:
-    scale = run.config.merges.task_arithmetic_scale
-    run_merge(run, "task_arithmetic", "task_arithmetic", {"scale": scale}, f"θ₀ + λ Σ ΔWᵢ with λ = {scale}")
-
-
-@baseline("ties")
-def run_ties(run: BenchRun) -> None:
+    """Task arithmetic (Ilharco et al. 2023): θ₀ + λ Σ τᵢ, λ tuned on held-in validation data."""
     m = run.config.merges
-    run_merge(
-        run, "ties", "ties", {"density": m.ties_density, "scale": m.ties_scale},
-        f"TIES (density {m.ties_density}, λ = {m.ties_scale})",
-    )  # fmt: skip
+    _run_tuned(run, "task_arithmetic", "task_arithmetic", [{}], m.task_arithmetic_scales,
+               {"scale": m.task_arithmetic_scale}, "θ₀ + λ Σ ΔWᵢ")  # fmt: skip
+
+
+@baseline("ties", passes=_tuned_passes)
+def run_ties(run: BenchRun) -> None:
+    """TIES-Merging (Yadav et al. 2023): trim to ``density``, elect sign by mass, disjoint mean, × λ; λ and
+    density tuned on held-in validation data."""
+    m = run.config.merges
+    _run_tuned(run, "ties", "ties", [{"density": d} for d in m.ties_densities], m.ties_scales,
+               {"density": m.ties_density, "scale": m.ties_scale}, "TIES")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- multitask

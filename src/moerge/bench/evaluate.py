@@ -124,8 +124,11 @@ class _Acc:
     trace: dict[str, Any] | None = None
 
 
-def evaluate(run: BenchRun, subject: Subject, method: str, tasks: Sequence[Any]) -> list[TaskResult]:
-    """Score ``subject`` on ``tasks`` (no grad, batched)."""
+def evaluate(
+    run: BenchRun, subject: Subject, method: str, tasks: Sequence[Any], *, counted: bool = True
+) -> list[TaskResult]:
+    """Score ``subject`` on ``tasks`` (no grad, batched). ``counted=False`` for evaluations the progress bar does
+    not count (tuning on validation data)."""
     out = []
     for task in tasks:
         acc = _Acc()
@@ -157,7 +160,8 @@ def evaluate(run: BenchRun, subject: Subject, method: str, tasks: Sequence[Any])
                     acc.weight_n += st["weight_n"]
         acc.wall = time.perf_counter() - t0
         out.append(_task_result(method, task, acc))
-        run.advance()
+        if counted:
+            run.advance()
     return out
 
 

@@ -180,7 +180,7 @@ def run_bench(
     run = BenchRun(suite, config, model, tokenizer, library, expert_list, baselines_library)
     with _threads(config.threads), _progress(config.progress) as progress:
         n_tasks = len(suite.tasks)
-        n_evals = sum(n_tasks * (len(names) if b.per_expert else 1) for b in baselines) + n_tasks * len(specs)
+        n_evals = sum(n_tasks * b.passes(run) for b in baselines) + n_tasks * len(specs)
         run.progress = progress
         if progress is not None:
             run.ptask = progress.add_task("benchmark", total=n_evals)

@@ -113,8 +113,8 @@ class OracleSubject(Subject):
 
 
 @contextlib.contextmanager
-def folded(model: Any, expert: Any) -> Iterator[Any]:
-    """``model`` with ``expert``'s deltas (LoRA or dense) added into its weights; restored on exit."""
+def folded(model: Any, expert: Any, scale: float = 1.0) -> Iterator[Any]:
+    """``model`` with ``scale`` × ``expert``'s deltas (LoRA or dense) added into its weights; restored on exit."""
     saved: dict[str, Any] = {}
     params = dict(model.named_parameters())
     try:
@@ -122,11 +122,11 @@ def folded(model: Any, expert: Any) -> Iterator[Any]:
             for name, lm in expert.lora.items():
                 p = params[name + ".weight"]
                 saved[name + ".weight"] = p.detach().clone()
-                p += lm.delta_for_weight().to(device=p.device, dtype=p.dtype)
+                p += scale * lm.delta_for_weight().to(device=p.device, dtype=p.dtype)
             for name, d in expert.dense.items():
                 p = params[name]
                 saved[name] = p.detach().clone()
-                p += d.to(device=p.device, dtype=p.dtype)
+                p += scale * d.to(device=p.device, dtype=p.dtype)
         yield model
     finally:
         with torch.no_grad():

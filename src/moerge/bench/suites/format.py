@@ -161,6 +161,10 @@ class Task(BaseModel):
     )
     description: str = ""
     train: list[Example] = Field(default_factory=list)
+    validation: list[Example] = Field(
+        default_factory=list,
+        description="held-in: examples for tuning merge hyperparameters (not trained on)",
+    )
     eval: list[Example] = Field(default_factory=list)
 
     @property
@@ -376,6 +380,9 @@ class TaskSpec(BaseModel):
     description: str = ""
     eval: str = Field(description="JSONL file of eval examples, relative to the suite folder")
     train: str | None = Field(None, description="JSONL file of training examples (optional)")
+    validation: str | None = Field(
+        None, description="JSONL file of validation examples for tuning merges (optional; held-in tasks)"
+    )
 
     @model_validator(mode="after")
     def _held_in_has_expert(self) -> TaskSpec:
@@ -469,6 +476,7 @@ def load_jsonl_suite(folder: str | Path) -> Suite:
         condition = t.condition or ("in_distribution" if t.split == "held_in" else "out_of_distribution")
         ceiling = t.ceiling if t.ceiling is not None else (1.0 if t.metric == "exact_match" else None)
         train = _read_examples(folder / t.train, label) if t.train else []
+        validation = _read_examples(folder / t.validation, label) if t.validation else []
         tasks.append(
             Task(
                 name=t.name,
@@ -479,6 +487,7 @@ def load_jsonl_suite(folder: str | Path) -> Suite:
                 experts=names,
                 description=t.description,
                 train=train,
+                validation=validation,
                 eval=_read_examples(folder / t.eval, label),
             )
         )
@@ -520,7 +529,7 @@ def write_jsonl_suite(suite: Suite, folder: str | Path, **paths: str | None) -> 
             entry["ceiling"] = t.ceiling
         if t.description:
             entry["description"] = t.description
-        for part in ("train", "eval"):
+        for part in ("train", "validation", "eval"):
             rows = getattr(t, part)
             if rows:
                 rel = f"tasks/{t.name}.{part}.jsonl"
