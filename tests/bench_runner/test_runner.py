@@ -240,11 +240,11 @@ def test_merges_are_tuned_on_held_in_data_and_untuned_rows_kept(bench_results):
     for name, grid_keys in (("task_arithmetic", {"scale"}), ("ties", {"scale", "density"})):
         tuned = bench_results.method(name).options["tuned"]
         grid = tuned["grid"]
-        assert (
-            len(grid) == len(defaults.task_arithmetic_scales)
-            if name == "task_arithmetic"
-            else len(defaults.ties_scales) * len(defaults.ties_densities)
-        )
+        sizes = {
+            "task_arithmetic": len(defaults.task_arithmetic_scales),
+            "ties": len(defaults.ties_scales) * len(defaults.ties_densities),
+        }
+        assert len(grid) == sizes[name]
         best = max(grid, key=lambda g: (g["quality"], -g["nll"]))
         assert {k: best[k] for k in grid_keys} == {k: tuned[k] for k in grid_keys}
         assert "chosen on held-in" in bench_results.method(name).description

@@ -247,8 +247,7 @@ def test_aggregation_is_a_recipe_option_validated_by_the_recipe(tiny_llama):
 
 
 def test_hyphenated_recipe_names_register_and_fetch(monkeypatch):
-    from moerge.recipes import Recipe, Taxonomy, get_recipe, register_recipe
-    from moerge.recipes import registry
+    from moerge.recipes import Recipe, Taxonomy, get_recipe, register_recipe, registry
 
     list_recipes()
     monkeypatch.setattr(registry, "_RECIPES", dict(registry._RECIPES))
