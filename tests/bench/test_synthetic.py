@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moerge.bench import synthetic
-from moerge.bench.suite import load_jsonl_suite, span_exact_match
+from moerge.bench.suite import load_jsonl_suite, span_exact_match, target_token_accuracy
 from moerge.bench.synthetic import SEP, SyntheticSuiteConfig, build_synthetic_suite, build_tasks, task_defs
 
 
@@ -143,11 +143,18 @@ def test_eval_batches_align_with_tokens(reduced_suite, char_tokenizer):
     target = batch.labels[:, 1:].clamp(min=0)
     logits[:, :-1].scatter_(-1, target.unsqueeze(-1), 1.0)
     assert span_exact_match(logits, batch).tolist() == [1.0] * batch.n_spans
+    n_targets = sum(len(c) for ex in batch.examples for c in ex.completions())
+    assert target_token_accuracy(logits, batch).tolist() == [1.0] * n_targets
     b, t = (batch.span == 1).nonzero()[0].tolist()
     logits[b, t - 1] = 0
     logits[b, t - 1, (batch.labels[b, t] + 1) % len(char_tokenizer)] = 1.0
     em = span_exact_match(logits, batch)
     assert em[1] == 0 and em.sum() == batch.n_spans - 1
+    acc = target_token_accuracy(logits, batch)  # graded: one token of the span is wrong, not the span
+    assert (
+        acc.sum() == n_targets - 1
+        and acc[int((batch.labels[:b] != -100).sum() + (batch.labels[b, :t] != -100).sum())] == 0
+    )
 
 
 def test_data_is_deterministic_from_seed(reduced_config):

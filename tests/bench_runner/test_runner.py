@@ -20,6 +20,11 @@ from moerge.bench.runner import (
 
 def dense_target_nll(model, tokenizer, task, expert=None) -> float:
     """Reference: add scaling·B@A into a copy of each weight, run the model, cross-entropy on the targets."""
+    return dense_reference(model, tokenizer, task, expert)[0]
+
+
+def dense_reference(model, tokenizer, task, expert=None) -> tuple[float, float]:
+    """``(NLL per target token, share of target tokens whose argmax is right)`` with the expert folded in."""
     import copy
 
     ref = copy.deepcopy(model)
@@ -28,7 +33,7 @@ def dense_target_nll(model, tokenizer, task, expert=None) -> float:
             for name, lm in expert.lora.items():
                 w = ref.get_submodule(name).weight
                 w += (lm.alpha / lm.rank) * (lm.B @ lm.A)
-    total, count = 0.0, 0
+    total, count, right = 0.0, 0, 0
     with torch.no_grad():
         for batch in task.eval_batches(tokenizer, batch_size=3, experts=[]):
             logits = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -37,7 +42,8 @@ def dense_target_nll(model, tokenizer, task, expert=None) -> float:
             keep = y != -100
             total += float(-lp.gather(-1, y.clamp(min=0)[..., None])[..., 0][keep].sum())
             count += int(keep.sum())
-    return total / count
+            right += int((lp.argmax(-1) == y)[keep].sum())
+    return total / count, right / count
 
 
 def test_every_method_reports_every_task(bench_results, reduced_suite):
@@ -69,15 +75,21 @@ def test_oracle_and_single_experts_match_dense_reference(bench_results, reduced_
     lib = reduced_suite.open_library()
     for task in reduced_suite.held_in:
         expert = lib.get(task.oracle_expert)
-        want = dense_target_nll(model, tokenizer, task, expert)
+        want, want_acc = dense_reference(model, tokenizer, task, expert)
         oracle = bench_results.result("oracle", task.name)
         single = bench_results.result(f"single:{task.oracle_expert}", task.name)
         assert oracle.target_nll == pytest.approx(want, rel=1e-4)
         assert single.target_nll == pytest.approx(want, rel=1e-4)
+        assert oracle.token_accuracy == pytest.approx(want_acc) == single.token_accuracy
         assert oracle.routing_accuracy == pytest.approx(1.0)
     for task in reduced_suite.tasks:
         base = bench_results.result("base", task.name)
-        assert base.target_nll == pytest.approx(dense_target_nll(model, tokenizer, task), rel=1e-4)
+        nll, acc = dense_reference(model, tokenizer, task)
+        assert base.target_nll == pytest.approx(nll, rel=1e-4)
+        if task.metric == "exact_match":
+            assert base.token_accuracy == pytest.approx(acc)
+        else:
+            assert base.token_accuracy is None
 
 
 def test_oracle_routes_each_switching_segment_to_its_expert(bench_results, reduced_suite, base_model):

@@ -158,6 +158,10 @@ class TaskResult(BaseModel):
     status: Literal["ok", "not_applicable", "error"] = "ok"
     reason: str | None = None
     score: float | None = Field(None, description="exact-match accuracy, or NLL in nats per target token")
+    token_accuracy: float | None = Field(
+        None,
+        description="exact-match tasks: share of target tokens whose argmax prediction is right (graded)",
+    )
     perplexity: float | None = None
     target_nll: float | None = Field(None, description="NLL in nats per target token (every metric)")
     normalized: float | None = Field(None, description="(score - base) / (oracle - base); None if undefined")
@@ -350,6 +354,7 @@ class _Acc:
 
     hits: float = 0.0
     spans: int = 0
+    token_hits: float = 0.0
     nll: float = 0.0
     targets: int = 0
     tokens: int = 0
@@ -610,7 +615,7 @@ def evaluate(run: _Run, subject: Subject, method: str, tasks: Sequence[Any]) -> 
     """Score ``subject`` on ``tasks`` (no grad, batched)."""
     import torch
 
-    from moerge.bench.suite import span_exact_match, target_nll
+    from moerge.bench.suite import span_exact_match, target_nll, target_token_accuracy
 
     out = []
     for task in tasks:
@@ -629,6 +634,7 @@ def evaluate(run: _Run, subject: Subject, method: str, tasks: Sequence[Any]) -> 
                     em = span_exact_match(logits, cpu)
                     acc.hits += float(em.sum())
                     acc.spans += em.numel()
+                    acc.token_hits += float(target_token_accuracy(logits, cpu).sum())
                 if weights is not None:
                     if acc.trace is None:
                         acc.trace = routing_trace(weights.cpu(), cpu, run.tokenizer)
@@ -660,6 +666,7 @@ def _task_result(method: str, task: Any, acc: _Acc) -> TaskResult:
         condition=task.condition,
         metric=task.metric,
         score=score,
+        token_accuracy=acc.token_hits / max(1, acc.targets) if task.metric == "exact_match" else None,
         perplexity=ppl,
         target_nll=nll,
         routing_accuracy=acc.acc_sum / acc.acc_n if acc.acc_n else None,

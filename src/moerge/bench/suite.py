@@ -7,8 +7,8 @@ given as ``targets`` (character spans) and whose ground-truth routing is given a
 experts that should handle those characters; characters outside every span want no expert).
 
 Iterate a task as tensors with `Task.eval_batches`, which aligns targets and routing labels with tokens
-(any fast tokenizer; the token's first character decides), then score logits with `span_exact_match` or
-`target_nll`:
+(any fast tokenizer; the token's first character decides), then score logits with `span_exact_match`,
+`target_token_accuracy` (the graded companion: the share of target tokens predicted right) or `target_nll`:
 
     for batch in task.eval_batches(tokenizer, batch_size=32, experts=suite.experts):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -383,6 +383,14 @@ def span_exact_match(logits, batch: EvalBatch):
     return (wrong == 0).float()
 
 
+def target_token_accuracy(logits, batch: EvalBatch):
+    """[n_target_tokens] float: 1.0 where the argmax prediction of a target token is right (teacher forcing), in
+    batch order. Its mean is the graded companion of `span_exact_match`: a span with one wrong token of five
+    scores 0 in exact match and 0.8 here."""
+    ok = target_correct(logits, batch.labels)
+    return ok[batch.labels != IGNORE_INDEX].float()
+
+
 def target_nll(logits, labels):
     """``(sum of next-token NLL over scored tokens, number of scored tokens)`` in nats."""
     import torch.nn.functional as F
@@ -616,5 +624,6 @@ __all__ = [
     "span_exact_match",
     "target_correct",
     "target_nll",
+    "target_token_accuracy",
     "write_jsonl_suite",
 ]
