@@ -144,6 +144,32 @@ def test_missing_artifacts_and_unknown_recipes_are_reported_not_dropped(reduced_
     assert all(r.status == "ok" for r in res.results if r.method == "base")
 
 
+def test_runner_trains_missing_gates_on_each_experts_training_examples(reduced_suite, base_model, tmp_path):
+    """A library without gates: the runner trains them as the contributor would, on the expert's own training
+    examples (prompt/completion, loss on the completion) and with the expert's batch size and data seed."""
+    from moerge.experts.library import ExpertLibrary
+    from moerge.train.data import encode_examples
+    from moerge.transforms.phatgoose import GATES_CONFIG, GATES_KIND
+
+    model, tokenizer = base_model
+    lib = ExpertLibrary.create(tmp_path / "lib")
+    for n in reduced_suite.experts:
+        lib.add(reduced_suite.open_library().get(n))
+    config = BenchConfig(recipes=["phatgoose"], baselines=["base"], gate_steps=2, limit=1, progress=False)
+    res = run_bench(reduced_suite, config, model=model, tokenizer=tokenizer, library=lib)
+    assert res.method("phatgoose").status == "ok"
+    assert any("phatgoose_gates" in n for n in res.notes)
+    for task in reduced_suite.held_in:
+        tensors, meta = lib.get_artifact(GATES_KIND, GATES_CONFIG, task.name)
+        trained = lib.get_metadata(task.name).training
+        assert set(tensors) == set(lib.get(task.name).lora)
+        assert meta["steps"] == 2 and meta["lr"] == 5e-3
+        assert (meta["batch_size"], meta["seq_len"], meta["seed"]) == (
+            trained["batch_size"], trained["seq_len"], trained["seed"]
+        )  # fmt: skip
+        assert meta["examples"] == len(encode_examples(tokenizer, task.training_rows(), trained["seq_len"]))
+
+
 def test_routing_stats_by_hand():
     # 1 layer, 1 example, 3 positions, 2 experts; tokens 1 and 2 are scored, labelled expert 0 then expert 1
     w = torch.tensor([[[[0.75, 0.25], [0.5, 0.5], [0.0, 1.0]]]])

@@ -81,7 +81,9 @@ class BenchConfig(BaseModel):
         True,
         description="compute missing routing artifacts (gates, centroids) from the suite's training data",
     )
-    gate_steps: int = Field(100, ge=1, description="PHATGOOSE gate-training steps per expert")
+    gate_steps: int = Field(
+        100, ge=1, description="PHATGOOSE gate-training steps per expert (the authors': 100, train_gate.sh)"
+    )
     merges: MergeBaselineConfig = Field(default_factory=MergeBaselineConfig)
     min_oracle_gap: dict[str, float] = Field(
         default_factory=lambda: {"exact_match": 0.1, "nll": 0.01},
@@ -1058,6 +1060,12 @@ def expert_training_texts(suite: Any, expert: str, prompts_only: bool = False) -
     return texts
 
 
+def expert_training_examples(suite: Any, expert: str) -> list[Any]:
+    """Every training `Example` of the held-in task(s) whose expert is ``expert``: the examples the expert was
+    trained on (PHATGOOSE trains its gates on them with the expert's own objective)."""
+    return [ex for t in suite.tasks if t.held_in and t.experts and t.experts[0] == expert for ex in t.train]
+
+
 def prepare_artifacts(run: _Run, specs: Sequence[MethodSpec]) -> list[str]:
     """Compute the routing artifacts the recipes need and the library lacks, from each expert's training data
     (the runner plays the contributors: PHATGOOSE gates, hidden-state and embedding centroids). Experts
@@ -1099,7 +1107,8 @@ def prepare_artifacts(run: _Run, specs: Sequence[MethodSpec]) -> list[str]:
 
             for e in run.experts:
                 if e.name in data:
-                    train_phatgoose_gates(run.model, run.tokenizer, e, data[e.name],
+                    examples = expert_training_examples(run.suite, e.name)
+                    train_phatgoose_gates(run.model, run.tokenizer, e, examples,
                                           GateTrainConfig(steps=run.config.gate_steps), library=lib)  # fmt: skip
         else:
             continue
