@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moerge.bench.metrics import span_exact_match
+from moerge.bench.metrics import span_exact_match, target_token_accuracy
 from moerge.bench.suites import synthetic
 from moerge.bench.suites.format import load_jsonl_suite
 from moerge.bench.suites.synthetic import (
@@ -22,8 +22,17 @@ from moerge.bench.suites.synthetic import (
 
 def reference_apply(op: str, s: str, alphabet: str, table: dict[str, str]) -> str:
     """Independent implementations of the held-in transformations."""
-    if op == "cipher":
+    if op in ("cipher", "classify"):
         return "".join(table[c] for c in s)
+    if op == "constant":
+        (only,) = set(table.values())
+        return only * len(s)
+    if op == "walk":
+        out, c = "", s[-1]
+        for _ in s:
+            c = table[c]
+            out += c
+        return out
     if op == "shift":
         return "".join(alphabet[(alphabet.index(c) + 1) % len(alphabet)] for c in s)
     if op == "reverse":
@@ -61,6 +70,36 @@ def test_reduced_suite_shape(reduced_suite):
     build = synthetic.read_build_info(suite)
     assert set(build["scores"]) == set(suite.task_names())
     assert build["pretrain"]["final_loss"] < build["pretrain"]["first_loss"]
+    premise = build["premise"]
+    assert premise["experts"] == suite.experts and set(premise["verdicts"]) == {
+        "arrow", "phatgoose", "average_activation"
+    }  # fmt: skip
+    assert len(premise["selectivity"]) == len(suite.experts)
+
+
+def test_the_library_ships_the_contributors_gates_and_centroids(reduced_config, reduced_suite):
+    """Gates trained as `train_phatgoose_gates` trains them, on each expert's own training examples, and the
+    hidden-state centroids of its training texts: the runner then computes neither."""
+    from moerge.train.gates import GATES_KIND, GateTrainConfig, gates_config, train_phatgoose_gates
+    from moerge.transforms.centroids import HIDDEN_CONFIG, HIDDEN_KIND, compute_hidden_centroids
+
+    model, tok = reduced_suite.load_base()
+    lib = reduced_suite.open_library()
+    task = reduced_suite.held_in[0]
+    expert = lib.get(task.name)
+    config = gates_config(reduced_config.gate_steps)
+    stored, meta = lib.get_artifact(GATES_KIND, config, task.name)
+    again = train_phatgoose_gates(
+        model, tok, expert, task.train, GateTrainConfig(steps=reduced_config.gate_steps)
+    )
+    assert meta["steps"] == reduced_config.gate_steps and set(stored) == set(expert.lora)
+    assert all(torch.allclose(stored[m], again[m], atol=1e-6) for m in stored)
+    cents = compute_hidden_centroids(
+        model, tok, {task.name: [ex.text for ex in task.train[:256]]}, experts=[expert]
+    )
+    shipped, _ = lib.get_artifact(HIDDEN_KIND, HIDDEN_CONFIG, task.name)
+    assert all(torch.allclose(shipped[m], cents[task.name][m], atol=1e-6) for m in shipped)
+    assert all(lib.has_artifact(GATES_KIND, config, n) for n in reduced_suite.experts)
 
 
 def test_held_in_tasks_are_right(reduced_config, reduced_suite):
@@ -68,13 +107,21 @@ def test_held_in_tasks_are_right(reduced_config, reduced_suite):
     alphabets = [d.alphabet for d in defs.values()]
     for a, b in zip(alphabets, alphabets[1:]):
         assert len(set(a) & set(b)) == 2  # neighbours share 2 characters
+    assert len({d.sep for d in defs.values()}) == len(defs) and SEP not in {d.sep for d in defs.values()}
+    for d in defs.values():
+        if d.op == "constant":  # one output character, its own: in no other task's alphabet
+            (c,) = set(d.table.values())
+            assert set(d.table) == set(d.alphabet)
+            assert all(c not in o.alphabet for o in defs.values() if o.name != d.name)
+        if d.op == "cipher":
+            assert sorted(d.table.values()) == sorted(d.alphabet)  # a permutation of its alphabet
     for t in reduced_suite.held_in:
         d = defs[t.name]
         train_inputs = set()
         prefixed = 0
         for ex in t.train:
             (start, end), (span,) = ex.targets[0], ex.routing
-            inp, out = ex.text[span.start :].split(SEP)
+            inp, out = ex.text[span.start :].split(d.sep)
             assert span.experts == [d.name] and span.end == end == len(ex.text)
             assert ex.text[start:end] == out == reference_apply(d.op, inp, d.alphabet, d.table)
             assert all(lab == () for lab in ex.char_experts()[: span.start])  # a generic prefix: no expert
@@ -82,7 +129,7 @@ def test_held_in_tasks_are_right(reduced_config, reduced_suite):
             train_inputs.add(inp)
         assert 0 < prefixed < len(t.train)
         for ex in t.eval:
-            inp, out = ex.text.split(SEP)
+            inp, out = ex.text.split(d.sep)
             assert set(inp) <= set(d.alphabet)
             assert out == reference_apply(d.op, inp, d.alphabet, d.table)
             assert ex.completions() == [out]
@@ -97,8 +144,8 @@ def test_held_out_conditions_are_right(reduced_config, reduced_suite):
         segments = ex.text.split(" ")
         assert 2 <= len(segments) == len(ex.targets) == len(ex.routing)
         for seg, (s, e), r in zip(segments, ex.targets, ex.routing):
-            inp, out = seg.split(SEP)
             d = defs[r.experts[0]]
+            inp, out = seg.split(d.sep)
             assert ex.text[s:e] == out == reference_apply(d.op, inp, d.alphabet, d.table)
             assert ex.text[r.start : r.end] == seg
     blends = reduced_suite.select("held_out", "composition")
@@ -150,11 +197,18 @@ def test_eval_batches_align_with_tokens(reduced_suite, char_tokenizer):
     target = batch.labels[:, 1:].clamp(min=0)
     logits[:, :-1].scatter_(-1, target.unsqueeze(-1), 1.0)
     assert span_exact_match(logits, batch).tolist() == [1.0] * batch.n_spans
+    n_targets = sum(len(c) for ex in batch.examples for c in ex.completions())
+    assert target_token_accuracy(logits, batch).tolist() == [1.0] * n_targets
     b, t = (batch.span == 1).nonzero()[0].tolist()
     logits[b, t - 1] = 0
     logits[b, t - 1, (batch.labels[b, t] + 1) % len(char_tokenizer)] = 1.0
     em = span_exact_match(logits, batch)
     assert em[1] == 0 and em.sum() == batch.n_spans - 1
+    acc = target_token_accuracy(logits, batch)  # graded: one token of the span is wrong, not the span
+    assert (
+        acc.sum() == n_targets - 1
+        and acc[int((batch.labels[:b] != -100).sum() + (batch.labels[b, :t] != -100).sum())] == 0
+    )
 
 
 def test_data_is_deterministic_from_seed(reduced_config):

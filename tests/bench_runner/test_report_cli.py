@@ -26,12 +26,16 @@ def test_recipe_ruled_out_is_reported_not_applicable_with_its_reason(reduced_sui
     reported as n/a with the taxonomy check's reason, not dropped."""
     from moerge.bench.report import table_rows, write_report
     from moerge.bench.runner import BenchConfig, run_bench
+    from moerge.experts.library import ExpertLibrary
 
     model, tokenizer = base_model
+    lib = ExpertLibrary.create(tmp_path / "bare")  # the experts without the artifacts the suite ships
+    for name in reduced_suite.experts:
+        lib.add(reduced_suite.open_library().get(name))
     config = BenchConfig(
         recipes=["average_activation"], baselines=["base"], prepare_artifacts=False, limit=1, progress=False
     )
-    results = run_bench(reduced_suite, config, model=model, tokenizer=tokenizer)
+    results = run_bench(reduced_suite, config, model=model, tokenizer=tokenizer, library=lib)
     header, rows, notes = table_rows(results)
     row = next(r for r in rows if r[0].startswith("average_activation"))
     assert "n/a" in row[1]

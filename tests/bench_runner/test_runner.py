@@ -17,6 +17,11 @@ from moerge.errors import MoergeError
 
 def dense_target_nll(model, tokenizer, task, expert=None) -> float:
     """Reference: add scaling·B@A into a copy of each weight, run the model, cross-entropy on the targets."""
+    return dense_reference(model, tokenizer, task, expert)[0]
+
+
+def dense_reference(model, tokenizer, task, expert=None) -> tuple[float, float]:
+    """``(NLL per target token, share of target tokens whose argmax is right)`` with the expert folded in."""
     import copy
 
     ref = copy.deepcopy(model)
@@ -25,7 +30,7 @@ def dense_target_nll(model, tokenizer, task, expert=None) -> float:
             for name, lm in expert.lora.items():
                 w = ref.get_submodule(name).weight
                 w += (lm.alpha / lm.rank) * (lm.B @ lm.A)
-    total, count = 0.0, 0
+    total, count, right = 0.0, 0, 0
     with torch.no_grad():
         for batch in task.eval_batches(tokenizer, batch_size=3, experts=[]):
             logits = ref(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
@@ -34,7 +39,8 @@ def dense_target_nll(model, tokenizer, task, expert=None) -> float:
             keep = y != -100
             total += float(-lp.gather(-1, y.clamp(min=0)[..., None])[..., 0][keep].sum())
             count += int(keep.sum())
-    return total / count
+            right += int((lp.argmax(-1) == y)[keep].sum())
+    return total / count, right / count
 
 
 def test_every_method_reports_every_task(bench_results, reduced_suite):
@@ -66,15 +72,21 @@ def test_oracle_and_single_experts_match_dense_reference(bench_results, reduced_
     lib = reduced_suite.open_library()
     for task in reduced_suite.held_in:
         expert = lib.get(task.oracle_expert)
-        want = dense_target_nll(model, tokenizer, task, expert)
+        want, want_acc = dense_reference(model, tokenizer, task, expert)
         oracle = bench_results.result("oracle", task.name)
         single = bench_results.result(f"single:{task.oracle_expert}", task.name)
         assert oracle.target_nll == pytest.approx(want, rel=1e-4)
         assert single.target_nll == pytest.approx(want, rel=1e-4)
+        assert oracle.token_accuracy == pytest.approx(want_acc) == single.token_accuracy
         assert oracle.routing_accuracy == pytest.approx(1.0)
     for task in reduced_suite.tasks:
         base = bench_results.result("base", task.name)
-        assert base.target_nll == pytest.approx(dense_target_nll(model, tokenizer, task), rel=1e-4)
+        nll, acc = dense_reference(model, tokenizer, task)
+        assert base.target_nll == pytest.approx(nll, rel=1e-4)
+        if task.metric == "exact_match":
+            assert base.token_accuracy == pytest.approx(acc)
+        else:
+            assert base.token_accuracy is None
 
 
 def test_oracle_routes_each_switching_segment_to_its_expert(bench_results, reduced_suite, base_model):
@@ -130,6 +142,32 @@ def test_missing_artifacts_are_reported_and_unknown_names_refused_up_front(
     ]:
         with pytest.raises(MoergeError, match=match):
             run_bench(reduced_suite, config.model_copy(update=bad), model=None, tokenizer=None, library=lib)
+
+
+def test_runner_trains_missing_gates_on_each_experts_training_examples(reduced_suite, base_model, tmp_path):
+    """A library without gates: the runner trains them as the contributor would, on the expert's own training
+    examples (prompt/completion, loss on the completion) and with the expert's batch size and data seed."""
+    from moerge.experts.library import ExpertLibrary
+    from moerge.train.data import encode_examples
+    from moerge.train.gates import GATES_KIND, gates_config
+
+    model, tokenizer = base_model
+    lib = ExpertLibrary.create(tmp_path / "lib")
+    for n in reduced_suite.experts:
+        lib.add(reduced_suite.open_library().get(n))
+    config = BenchConfig(recipes=["phatgoose:gate_steps=2"], baselines=["base"], limit=1, progress=False)
+    res = run_bench(reduced_suite, config, model=model, tokenizer=tokenizer, library=lib)
+    assert res.method("phatgoose:gate_steps=2").status == "ok"
+    assert any("phatgoose_gates" in n for n in res.notes)
+    for task in reduced_suite.held_in:
+        tensors, meta = lib.get_artifact(GATES_KIND, gates_config(2), task.name)
+        trained = lib.get_metadata(task.name).training
+        assert set(tensors) == set(lib.get(task.name).lora)
+        assert meta["steps"] == 2 and meta["lr"] == 5e-3
+        assert (meta["batch_size"], meta["seq_len"], meta["seed"]) == (
+            trained["batch_size"], trained["seq_len"], trained["seed"]
+        )  # fmt: skip
+        assert meta["examples"] == len(encode_examples(tokenizer, task.training_rows(), trained["seq_len"]))
 
 
 def test_routing_stats_by_hand():

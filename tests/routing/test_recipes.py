@@ -41,7 +41,7 @@ def lib_setup(tmp_path_factory, tiny_llama):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     for e in experts:
         train_phatgoose_gates(
-            model, tok, e, data[e.name], GateTrainConfig(steps=5, batch_size=2, max_length=16), library=lib
+            model, tok, e, data[e.name], GateTrainConfig(steps=5, batch_size=2, seq_len=16), library=lib
         )
     after = model.state_dict()
     assert all(torch.equal(after[k], state[k]) for k in state)  # gate training leaves the model as it was

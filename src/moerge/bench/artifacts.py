@@ -11,17 +11,12 @@ from moerge.bench.config import RecipeSpec
 from moerge.bench.evaluate import BenchRun
 from moerge.errors import MoergeError
 
-ARTIFACT_ROWS = 256  # training rows per expert used to compute routing signatures
 
-
-def expert_training_rows(suite: Any, expert: str, limit: int = ARTIFACT_ROWS) -> list[dict[str, str]]:
+def expert_training_rows(suite: Any, expert: str) -> list[dict[str, str]]:
     """Training rows (``{"prompt", "completion"}`` or ``{"text"}``) of the held-in task(s) whose expert is
-    ``expert``: the contributor's data."""
-    rows = []
-    for t in suite.tasks:
-        if t.held_in and t.experts and t.experts[0] == expert:
-            rows += [ex.as_training_row() for ex in t.train[:limit]]
-    return rows
+    ``expert``: the contributor's data, in the order the expert saw it."""
+    return [ex.as_training_row() for t in suite.tasks if t.held_in and t.experts and t.experts[0] == expert
+            for ex in t.train]  # fmt: skip
 
 
 def prepare_artifacts(run: BenchRun, specs: Sequence[RecipeSpec]) -> list[str]:
@@ -45,7 +40,7 @@ def prepare_artifacts(run: BenchRun, specs: Sequence[RecipeSpec]) -> list[str]:
             if key in seen:
                 continue
             seen.add(key)
-            have = {n: data[n] for n in missing if data.get(n)}
+            have = {n: data[n][: sig.max_rows] for n in missing if data.get(n)}
             if not have:
                 continue
             run.describe(f"computing {sig.kind} for {len(have)} experts")

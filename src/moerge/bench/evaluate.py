@@ -14,7 +14,13 @@ from typing import Any
 import torch
 
 from moerge.bench.config import BenchConfig
-from moerge.bench.metrics import routing_stats, routing_trace, span_exact_match, target_nll
+from moerge.bench.metrics import (
+    routing_stats,
+    routing_trace,
+    span_exact_match,
+    target_nll,
+    target_token_accuracy,
+)
 from moerge.bench.results import MethodResult, TaskResult
 from moerge.bench.subjects import Subject
 
@@ -110,6 +116,7 @@ class _Acc:
 
     hits: float = 0.0
     spans: int = 0
+    token_hits: float = 0.0
     nll: float = 0.0
     targets: int = 0
     tokens: int = 0
@@ -146,6 +153,7 @@ def evaluate(
                     em = span_exact_match(logits, cpu)
                     acc.hits += float(em.sum())
                     acc.spans += em.numel()
+                    acc.token_hits += float(target_token_accuracy(logits, cpu).sum())
                 if weights is not None:
                     if acc.trace is None:
                         acc.trace = routing_trace(weights.cpu(), cpu, run.tokenizer)
@@ -178,6 +186,7 @@ def _task_result(method: str, task: Any, acc: _Acc) -> TaskResult:
         condition=task.condition,
         metric=task.metric,
         score=score,
+        token_accuracy=acc.token_hits / max(1, acc.targets) if task.metric == "exact_match" else None,
         perplexity=ppl,
         target_nll=nll,
         routing_accuracy=acc.acc_sum / acc.acc_n if acc.acc_n else None,

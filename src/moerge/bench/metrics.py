@@ -31,6 +31,14 @@ def span_exact_match(logits, batch: EvalBatch):
     return (wrong == 0).float()
 
 
+def target_token_accuracy(logits, batch: EvalBatch):
+    """[n_target_tokens] float: 1.0 where the argmax prediction of a target token is right (teacher forcing), in
+    batch order. Its mean is the graded companion of `span_exact_match`: a span with one wrong token of five
+    scores 0 in exact match and 0.8 here."""
+    ok = target_correct(logits, batch.labels)
+    return ok[batch.labels != IGNORE_INDEX].float()
+
+
 def target_nll(logits, labels):
     """``(sum of next-token NLL over scored tokens, number of scored tokens)`` in nats."""
     import torch.nn.functional as F

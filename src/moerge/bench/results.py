@@ -21,6 +21,10 @@ class TaskResult(BaseModel):
     status: Literal["ok", "not_applicable", "error"] = "ok"
     reason: str | None = None
     score: float | None = Field(None, description="exact-match accuracy, or NLL in nats per target token")
+    token_accuracy: float | None = Field(
+        None,
+        description="exact-match tasks: share of target tokens whose argmax prediction is right (graded)",
+    )
     perplexity: float | None = None
     target_nll: float | None = Field(None, description="NLL in nats per target token (every metric)")
     normalized: float | None = Field(None, description="(score - base) / (oracle - base); None if undefined")

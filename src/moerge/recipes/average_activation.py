@@ -31,6 +31,7 @@ HIDDEN_CENTROIDS = Signature(
     kind=centroids.HIDDEN_KIND,
     what="hidden-state centroids of the experts' data",
     compute=_compute,
+    max_rows=256,  # a sample of the expert's data suffices for a mean
     config=lambda options, ctx: centroids.HIDDEN_CONFIG,
     how="moerge.transforms.centroids.compute_hidden_centroids(model, tokenizer, data, library=lib)",
 )

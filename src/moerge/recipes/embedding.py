@@ -48,6 +48,7 @@ EMBEDDING_CENTROIDS = Signature(
     kind=centroids.EMBED_KIND,
     what="embedding centroids of the experts' data",
     compute=_compute,
+    max_rows=256,  # a sample of the expert's data suffices for a mean
     config=_config,
     how="moerge.transforms.centroids.compute_embedding_centroids(embedder, data, library=lib)",
 )

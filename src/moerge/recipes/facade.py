@@ -129,7 +129,7 @@ def prepare_signatures(
     )  # fmt: skip
     done = []
     for sig, missing in rec.missing_signatures(ctx, opts):
-        have = {n: data[n] for n in missing if data.get(n)}
+        have = {n: data[n][: sig.max_rows] for n in missing if data.get(n)}
         if not have:
             continue
         ctx.describe(f"computing {sig.kind} for {len(have)} experts")

@@ -19,7 +19,9 @@ class PhatgooseOptions(RecipeOptions):
     k: int = Field(default=2, ge=1)
     granularity: Literal["token", "example"] = "token"
     aggregation: Literal["output", "factor"] = "output"
-    gate_steps: int = Field(default=100, ge=1, description="gate-training steps per expert (the paper: 100)")
+    gate_steps: int = Field(
+        default=100, ge=1, description="gate-training steps per expert (the authors': 100, train_gate.sh)"
+    )
 
 
 def _config(o: PhatgooseOptions, ctx: BuildContext) -> dict[str, Any]:

@@ -138,6 +138,7 @@ class Signature:
     compute: SignatureCompute
     config: Callable[[Any, BuildContext], dict[str, Any]] = lambda options, ctx: {}
     needs_data: bool = True
+    max_rows: int | None = None  # training rows per expert it is computed from (None: all the expert saw)
     how: str = "moerge.recipes.prepare_signatures(recipe, model, tokenizer, library, data)"
 
 

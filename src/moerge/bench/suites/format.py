@@ -8,7 +8,8 @@ experts that should handle those characters; characters outside every span want 
 
 Iterate a task as tensors with `Task.eval_batches`, which aligns targets and routing labels with tokens
 (any fast tokenizer; the token's first character decides), then score logits with
-`moerge.bench.metrics.span_exact_match` or `target_nll`:
+`moerge.bench.metrics.span_exact_match`, `target_token_accuracy` (the graded companion: the share of target
+tokens predicted right) or `target_nll`:
 
     for batch in task.eval_batches(tokenizer, batch_size=32, experts=suite.experts):
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits

@@ -1,44 +1,69 @@
 """The built-in synthetic MoErging suite: a little world with ground truth, built here from a seed.
 
-Held-in tasks are deterministic string transformations written ``input>output``. Each task draws its inputs
-from its own 8-character alphabet; neighbouring alphabets share 2 characters, so the task can be told from
-the input alone (zero-shot routing is possible) but not from every single character (it is not trivial).
+Held-in tasks are deterministic string transformations written ``input<sep>output``. Each task draws its
+inputs from its own 8-character alphabet (neighbouring alphabets share 2 characters) and writes its own
+separator character (a per-task template, as prompted data sets have), so a zero-shot router can tell the task
+from the input. The tasks come in two families, chosen so that every method family has a fair chance and the
+conditions still separate them (docs/suites.md has the measurements behind each choice):
 
-========  ==========  ========================================  =================================
-task      alphabet    transformation                            example
-========  ==========  ========================================  =================================
-cipher0   abcdefgh    a fixed substitution within the alphabet  ``bdhea>…``
-shift1    ghijklmn    each character → the next of the alphabet ``ghkjn>hilkg``
-cipher2   mnopqrst    a fixed substitution                      …
-rotate3   stuvwxyz    rotated left by one                       ``stuvw>tuvws``
-cipher4   yzABCDEF    a fixed substitution                      …
-double5   EFGHIJKL    every character twice                     ``EFG>EEFFGG``
-cipher6   KLMNOPQR    a fixed substitution                      …
-swap7     QRSTUVWX    adjacent pairs swapped                    ``QRSTU>RQTSU``
-========  ==========  ========================================  =================================
+- **selective, low-rank behaviours** (``constant``): every character of the task's alphabet maps to one
+  character of its own. The change is keyed to a task-level feature of the inputs (which alphabet they are
+  from), so an expert's update acts mainly on its own task's tokens: Arrow's premise (selectivity, measured
+  by `moerge.bench.premise`) holds, gates and centroids can tell the tasks apart, and merging them costs
+  little — the setting the literature's routers and merges are built for.
+- **high-interference tasks** (``cipher``): a fixed permutation of the alphabet. The expert must rewire the
+  shared machinery that aligns each output character with its input character, so its update fires on every
+  task's tokens (selectivity 1.1–1.4 at seed 0, against 2.4–3.7 for the constant tasks): merging it in hurts
+  everyone else, Arrow's premise fails for it, and only routing that applies it to its own sequences can use
+  it.
+
+==========  ========  =====  ===================================  ===============
+task        alphabet  sep    transformation                       example
+==========  ========  =====  ===================================  ===============
+constant0   abcdefgh  ``:``  every character → ``c``              ``dbdbh:ccccc``
+constant1   ghijklmn  ``;``  every character → ``k``              ``mmgll;kkkkk``
+cipher2     mnopqrst  ``?``  a fixed permutation of the alphabet  ``mtmqt?snsmn``
+constant3   stuvwxyz  ``@``  every character → ``x``              ``xwutx@xxxxx``
+constant4   yzABCDEF  ``^``  every character → ``B``              ``FyBCz^BBBBB``
+cipher5     EFGHIJKL  ``_``  a fixed permutation of the alphabet  ``GHIGF_KLGKF``
+constant6   KLMNOPQR  ``|``  every character → ``N``              ``MMLKR|NNNNN``
+constant7   QRSTUVWX  ``~``  every character → ``V``              ``VVVWR~VVVVV``
+==========  ========  =====  ===================================  ===============
+
+(seed 0; the constant character is drawn from the 4 characters no neighbour shares, the permutations are
+seeded; ``SyntheticSuiteConfig.ops`` picks other transformations from `OPS`, e.g. ``classify``: two
+characters of its own by a seeded 4/4 split, or ``walk``.)
 
 Held-out conditions:
 
-- ``switching``: 2–3 held-in segments in one sequence (``in>out in>out …``); per-token routing can pick the
+- ``switching``: 2–3 held-in segments in one sequence (``in:out in@out …``); per-token routing can pick the
   right expert for every segment, per-example routing for one at best.
-- ``composition``: ``blend0_4`` and ``blend2_6`` mix the characters of two cipher tasks (disjoint alphabets)
-  in one input; each character is enciphered by its own task, so the two experts must be combined.
+- ``composition``: ``blend0_4`` and ``blend1_3`` mix the characters of two selective tasks with disjoint
+  alphabets in one input (separator ``>``); each output character is its input character's task's output, so
+  the two experts must be combined, position by position.
 - ``unrelated``: ``copy9`` (copy a digit string) and ``markov9`` (text from a seeded order-1 Markov chain over
   punctuation, scored by NLL against its true entropy). The base model learnt both in pretraining and no
   expert covers them: the base model is the floor a good method keeps.
+
+Every exact-match task is also scored per target token (`moerge.bench.metrics.target_token_accuracy`), a graded
+companion to exact match.
 
 The base model is a tiny Llama pretrained here on a broad mixture: every task's input format with *random*
 outputs of the right length and alphabet (so it knows the formats but none of the mappings), switching and
 blended formats, the copy task, the Markov text and random words. One LoRA expert per held-in task is trained
 with `train_expert` on that task only (half of its examples follow 1-2 generic random segments, so the expert
-also works mid-sequence); a multitask LoRA on the union is stored as a baseline. `measure_suite` scores the
-base, every oracle expert, the multitask LoRA and oracle per-example / per-token routings; the build stores
-those scores in ``build.json`` (docs/suites.md lists them).
+also works mid-sequence); a multitask LoRA on the union is stored as a baseline. The contributors' routing
+artifacts are computed beside each expert and stored in the library: PHATGOOSE gates (trained as the authors
+do, `moerge.train.gates`) and hidden-state centroids. `measure_suite` scores the base, every oracle
+expert, the multitask LoRA and oracle per-example / per-token routings, and `moerge.bench.premise` measures
+each expert's selectivity and each zero-shot router's open-loop top-1; the build stores both in
+``build.json``.
 
 The build is cached in ``<root>/synthetic-<hash of the config>/`` (``~/.cache/moerge/suites`` by default,
-``$MOERGE_CACHE/suites`` if set) as a suite folder (`moerge.bench.suites.format.load_jsonl_suite`) plus ``base/``,
-``library/`` (held-in experts), ``baselines/`` (``multitask``) and ``build.json`` (timings, base and oracle
-scores). The same config gives the same data and the same weights.
+``$MOERGE_CACHE/suites`` if set) as a suite folder (`moerge.bench.suites.format.load_jsonl_suite`) plus
+``base/``, ``library/`` (held-in experts and their artifacts), ``baselines/`` (``multitask``) and
+``build.json`` (timings, base and oracle scores, premise diagnostics). The same config gives the same data and
+the same weights.
 
 Measure a build: ``python -m moerge.bench.suites.synthetic [--reduced] [--root DIR] [--force]``.
 """
@@ -52,7 +77,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,9 +88,10 @@ from moerge.errors import SuiteError
 from moerge.train.lora import TrainConfig
 from moerge.train.pretrain import PretrainConfig
 
-SUITE_VERSION = 2
+SUITE_VERSION = 3
 SEP = ">"
 POOL = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX"  # 8 alphabets of 8, stride 6 (2 shared)
+SEPARATORS = ":;?@^_|~"  # held-in task i's own separator (``separators="task"``); ">" everywhere else
 DIGITS = "0123456789"
 MARKOV_ALPHABET = "!#$%&*+="
 
@@ -113,13 +139,33 @@ def swap(s: str, table: dict[str, str]) -> str:
     return "".join(pairs)
 
 
+@op("classify")
+def classify(s: str, table: dict[str, str]) -> str:
+    return "".join(table[c] for c in s)
+
+
+@op("constant")
+def constant(s: str, table: dict[str, str]) -> str:
+    return "".join(table[c] for c in s)
+
+
+@op("walk")
+def walk(s: str, table: dict[str, str]) -> str:
+    out, c = [], s[-1]
+    for _ in s:
+        c = table[c]
+        out.append(c)
+    return "".join(out)
+
+
 @op("copy")
 def copy_op(s: str, table: dict[str, str]) -> str:
     return s
 
 
-HELD_IN_OPS = ["cipher", "shift", "cipher", "rotate", "cipher", "double", "cipher", "swap"]
-BLENDS = [(0, 4), (2, 6)]
+TABLE_OPS = ("cipher", "shift", "classify", "constant")  # per-character maps: they compose in blends
+HELD_IN_OPS = ("constant", "constant", "cipher", "constant", "constant", "cipher", "constant", "constant")
+BLENDS = [(0, 4), (1, 3)]  # pairs of held-in tasks with disjoint alphabets
 
 
 class SyntheticSuiteConfig(BaseModel):
@@ -128,7 +174,8 @@ class SyntheticSuiteConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     seed: int = 0
-    n_tasks: int = Field(8, ge=2, le=8, description="held-in tasks (the first n of the table)")
+    n_tasks: int = Field(8, ge=2, le=8, description="held-in tasks (the first n of `ops`)")
+    ops: tuple[str, ...] = Field(HELD_IN_OPS, description="the held-in tasks' transformations, in order")
     min_len: int = Field(5, ge=2)
     max_len: int = Field(5, ge=2)
     n_train: int = Field(512, ge=8, description="training examples per held-in task")
@@ -136,6 +183,10 @@ class SyntheticSuiteConfig(BaseModel):
     n_pretrain: int = Field(4000, ge=16, description="pretraining rows")
     switch_segments: tuple[int, int] = (2, 3)
     markov_len: int = Field(24, ge=4)
+    separators: Literal["task", "shared"] = Field(
+        "task",
+        description="between input and output: each held-in task's own character (a per-task template), or '>'",
+    )
     prefix_prob: float = Field(
         0.5, ge=0, le=1, description="share of training examples that follow a generic prefix segment"
     )
@@ -157,6 +208,9 @@ class SyntheticSuiteConfig(BaseModel):
             steps=600, lr=1e-2, batch_size=32, seq_len=32, rank=8, alpha=16.0, warmup_steps=20
         )
     )
+    gate_steps: int = Field(
+        100, ge=1, description="PHATGOOSE gate-training steps per expert (otherwise the authors' settings)"
+    )
     progress: bool = Field(True, description="progress bars (not part of the hash)")
     threads: int | None = Field(
         1, description="torch threads while building (not hashed); 1 is fastest for tiny models on a busy CPU"
@@ -173,6 +227,7 @@ class SyntheticSuiteConfig(BaseModel):
             pretrain=PretrainConfig(steps=30, lr=3e-3, batch_size=16, seq_len=64, warmup_steps=5),
             expert=TrainConfig(steps=8, lr=1e-2, batch_size=8, seq_len=32, rank=4, alpha=8.0),
             multitask=TrainConfig(steps=16, lr=1e-2, batch_size=8, seq_len=32, rank=4, alpha=8.0),
+            gate_steps=4,
         )
         base.update(overrides)
         return cls(**base)
@@ -192,11 +247,12 @@ class SyntheticSuiteConfig(BaseModel):
 
 
 class TaskDef(BaseModel):
-    """A held-in task: its alphabet and transformation."""
+    """A held-in task: its alphabet, separator and transformation (outputs are made of its alphabet)."""
 
     name: str
     op: str
     alphabet: str
+    sep: str = SEP
     table: dict[str, str] = Field(default_factory=dict)
 
     def apply(self, s: str) -> str:
@@ -211,16 +267,30 @@ def _rng(seed: int, *parts: Any) -> random.Random:
 def task_defs(config: SyntheticSuiteConfig) -> list[TaskDef]:
     defs = []
     for i in range(config.n_tasks):
-        opname = HELD_IN_OPS[i]
+        opname = config.ops[i % len(config.ops)]
+        if opname not in OPS:
+            raise ValueError(f"unknown synthetic op {opname!r}; known: {', '.join(OPS)}")
         alphabet = POOL[6 * i : 6 * i + 8]
         table: dict[str, str] = {}
         if opname == "cipher":
             perm = list(alphabet)
             _rng(config.seed, "cipher", i).shuffle(perm)
             table = dict(zip(alphabet, perm))
+        elif opname == "walk":
+            cycle = list(alphabet)
+            _rng(config.seed, "walk", i).shuffle(cycle)
+            table = dict(zip(cycle, cycle[1:] + cycle[:1]))
         elif opname == "shift":
             table = dict(zip(alphabet, alphabet[1:] + alphabet[:1]))
-        defs.append(TaskDef(name=f"{opname}{i}", op=opname, alphabet=alphabet, table=table))
+        elif opname == "constant":  # one character of its own (not shared with a neighbour's alphabet)
+            table = dict.fromkeys(alphabet, _rng(config.seed, "constant", i).choice(alphabet[2:6]))
+        elif opname == "classify":  # two characters of its own; a seeded 4/4 split of the alphabet
+            pair = _rng(config.seed, "classify", i).sample(alphabet[2:6], 2)
+            order = list(alphabet)
+            _rng(config.seed, "classify-split", i).shuffle(order)
+            table = {c: pair[k % 2] for k, c in enumerate(order)}
+        sep = SEPARATORS[i] if config.separators == "task" else SEP
+        defs.append(TaskDef(name=f"{opname}{i}", op=opname, alphabet=alphabet, sep=sep, table=table))
     return defs
 
 
@@ -237,8 +307,10 @@ def _unique_inputs(rng: random.Random, alphabet: str, n: int, lo: int, hi: int, 
     return out
 
 
-def _segment(inp: str, out: str, experts: list[str], offset: int) -> tuple[str, tuple[int, int], RoutingSpan]:
-    text = inp + SEP + out
+def _segment(
+    inp: str, out: str, experts: list[str], offset: int, sep: str = SEP
+) -> tuple[str, tuple[int, int], RoutingSpan]:
+    text = inp + sep + out
     target = (offset + len(inp) + 1, offset + len(text))
     return text, target, RoutingSpan(start=offset, end=offset + len(text), experts=experts)
 
@@ -257,17 +329,27 @@ def train_example(rng: random.Random, d: TaskDef, s: str, config: SyntheticSuite
     """A training example of task ``d``; with probability ``prefix_prob`` it follows 1-2 generic segments, so
     the expert also works mid-sequence (the prefix is not a target and routes to no expert)."""
     if rng.random() >= config.prefix_prob:
-        return Example.from_prompt(s + SEP, d.apply(s), [d.name])
+        return Example.from_prompt(s + d.sep, d.apply(s), [d.name])
     prefix = " ".join(noise_segment(rng, config) for _ in range(rng.randint(1, 2))) + " "
-    text = prefix + s + SEP + d.apply(s)
+    text = prefix + s + d.sep + d.apply(s)
     routing = [RoutingSpan(start=len(prefix), end=len(text), experts=[d.name])]
     return Example(text=text, targets=[(len(prefix) + len(s) + 1, len(text))], routing=routing)
+
+
+def describe(d: TaskDef) -> str:
+    what = {
+        "constant": f"every character → {next(iter(d.table.values()), '')!r}",
+        "classify": f"each character → one of {''.join(sorted(set(d.table.values())))!r}",
+        "cipher": "a fixed permutation of the alphabet",
+        "walk": "continue a fixed cycle through the alphabet from the last character",
+    }.get(d.op, d.op)
+    return f"{what}; inputs over {d.alphabet!r}, separator {d.sep!r}"
 
 
 def held_in_task(d: TaskDef, config: SyntheticSuiteConfig) -> Task:
     rng = _rng(config.seed, "inputs", d.name)
     inputs = _unique_inputs(rng, d.alphabet, config.n_train + config.n_eval, config.min_len, config.max_len)
-    eval_examples = [Example.from_prompt(s + SEP, d.apply(s), [d.name]) for s in inputs[: config.n_eval]]
+    eval_examples = [Example.from_prompt(s + d.sep, d.apply(s), [d.name]) for s in inputs[: config.n_eval]]
     train_examples = [train_example(rng, d, s, config) for s in inputs[config.n_eval :]]
     return Task(
         name=d.name,
@@ -276,7 +358,7 @@ def held_in_task(d: TaskDef, config: SyntheticSuiteConfig) -> Task:
         metric="exact_match",
         ceiling=1.0,
         experts=[d.name],
-        description=f"{d.op} over {d.alphabet!r}",
+        description=describe(d),
         train=train_examples,
         eval=eval_examples,
     )
@@ -295,7 +377,7 @@ def switching_example(
     for d in chosen:
         s = "".join(rng.choice(d.alphabet) for _ in range(rng.randint(config.min_len, config.max_len)))
         out = fn(d, s) if fn else d.apply(s)
-        text, target, span = _segment(s, out, [d.name], offset)
+        text, target, span = _segment(s, out, [d.name], offset, d.sep)
         parts.append(text)
         targets.append(target)
         routing.append(span)
@@ -379,7 +461,7 @@ def build_tasks(config: SyntheticSuiteConfig) -> tuple[list[Task], list[dict[str
         )
     )
     for i, j in BLENDS:
-        if j < len(defs) and defs[i].op == defs[j].op == "cipher":
+        if j < len(defs) and defs[i].op in TABLE_OPS and defs[j].op in TABLE_OPS:
             rng = _rng(config.seed, "blend", i, j)
             tasks.append(
                 Task(
@@ -388,7 +470,7 @@ def build_tasks(config: SyntheticSuiteConfig) -> tuple[list[Task], list[dict[str
                     condition="composition",
                     ceiling=1.0,
                     experts=[defs[i].name, defs[j].name],
-                    description=f"characters of {defs[i].name} and {defs[j].name} mixed, each enciphered by its own task",
+                    description=f"characters of {defs[i].name} and {defs[j].name} mixed, each mapped by its own task",
                     eval=[blend_example(rng, defs[i], defs[j], config) for _ in range(config.n_eval)],
                 )
             )
@@ -421,7 +503,11 @@ def build_tasks(config: SyntheticSuiteConfig) -> tuple[list[Task], list[dict[str
         )
     )
     pretrain = pretraining_rows(config, defs, copy_inputs[config.n_eval :], chain)
-    info = {"alphabets": {d.name: d.alphabet for d in defs}, "markov_alphabet": MARKOV_ALPHABET}
+    info = {
+        "alphabets": {d.name: d.alphabet for d in defs},
+        "separators": {d.name: d.sep for d in defs},
+        "markov_alphabet": MARKOV_ALPHABET,
+    }
     return tasks, pretrain, info
 
 
@@ -444,7 +530,7 @@ def pretraining_rows(
         if kind == "format":
             d = rng.choice(defs)
             s = "".join(rng.choice(d.alphabet) for _ in range(rng.randint(config.min_len, config.max_len)))
-            rows.append({"text": s + SEP + random_out(d, s)})
+            rows.append({"text": s + d.sep + random_out(d, s)})
         elif kind == "switch":
             rows.append({"text": switching_example(rng, defs, config, fn=random_out).text})
         elif kind == "blend":
@@ -559,6 +645,42 @@ def measure_suite(
     return out
 
 
+def contributor_artifacts(model, tokenizer, suite: Suite, library, config: SyntheticSuiteConfig) -> list[str]:
+    """What each contributor computes beside its expert and stores in the library, through the recipes' own
+    signatures: PHATGOOSE gates (trained on the expert's training examples and objective with the authors'
+    settings, `moerge.train.gates`) and the hidden-state centroids of its training data (average activation).
+    The benchmark runner finds them there and does not recompute them."""
+    from moerge.recipes.facade import prepare_signatures
+
+    data = {task.name: task.training_rows() for task in suite.held_in}
+    return prepare_signatures(
+        "phatgoose", model, tokenizer, library, data, gate_steps=config.gate_steps
+    ) + prepare_signatures("average_activation", model, tokenizer, library, data)
+
+
+def measure_premise(model, tokenizer, suite: Suite, experts: dict, library, config):
+    """`moerge.bench.premise` diagnostics of the built experts: the base model's module inputs at each expert's
+    target positions in its own training examples (encoded as it was trained), against every signature."""
+    from moerge.bench.premise import collect_target_inputs, premise_diagnostics, recipe_signatures
+    from moerge.train.data import encode_examples, pad_batch
+
+    names = [t.name for t in suite.held_in]
+    expert_list = [experts[n] for n in names]
+    modules = sorted(set.intersection(*(set(e.lora) for e in expert_list)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    inputs = {}
+    for task in suite.held_in:
+        enc = encode_examples(tokenizer, task.training_rows(), config.expert.seq_len)
+        batches = [
+            pad_batch(enc.ids[i : i + 64], enc.labels[i : i + 64], pad) for i in range(0, len(enc), 64)
+        ]
+        inputs[task.name] = collect_target_inputs(model, batches, modules)
+    signatures = recipe_signatures(
+        model, library, expert_list, modules, options={"phatgoose": {"gate_steps": config.gate_steps}}
+    )
+    return premise_diagnostics(expert_list, inputs, signatures, modules)
+
+
 def _build_into(out: Path, config: SyntheticSuiteConfig) -> None:
     import torch
 
@@ -578,6 +700,7 @@ def _build_steps(out: Path, config: SyntheticSuiteConfig) -> None:
 
     from moerge.backbones.tiny import build_tiny_model
     from moerge.experts.fingerprint import fingerprint_model
+    from moerge.experts.library import ExpertLibrary
     from moerge.train.pretrain import pretrain_model
 
     timings: dict[str, float] = {}
@@ -610,7 +733,18 @@ def _build_steps(out: Path, config: SyntheticSuiteConfig) -> None:
     )  # fmt: skip
     timings.update(train_timings)
     cpu["experts+multitask"] = time.process_time() - c
+    lib = ExpertLibrary.open(out / "library")
+
+    # The contributors' routing artifacts: PHATGOOSE gates (trained as the authors do) and hidden centroids.
+    t, c = time.perf_counter(), time.process_time()
+    contributor_artifacts(model, tokenizer, suite, lib, config)
+    timings["artifacts"], cpu["artifacts"] = time.perf_counter() - t, time.process_time() - c
     timings["total"], cpu["total"] = time.perf_counter() - t0, time.process_time() - c0
+
+    # Does each zero-shot router's premise hold on this suite? (moerge.bench.premise)
+    t, c = time.perf_counter(), time.process_time()
+    premise = measure_premise(model, tokenizer, suite, experts, lib, config)
+    timings["premise"], cpu["premise"] = time.perf_counter() - t, time.process_time() - c
 
     # Measure what the build produced: base, oracle expert, multitask and oracle routings per task.
     t, c = time.perf_counter(), time.process_time()
@@ -637,6 +771,7 @@ def _build_steps(out: Path, config: SyntheticSuiteConfig) -> None:
         "experts": {n: e.metadata.training for n, e in experts.items()},
         "multitask": multitask.metadata.training,
         "scores": scores,
+        "premise": premise.to_dict(),
         "markov_chain": markov_chain(config),
     }
     (out / "build.json").write_text(json.dumps(build, indent=2))
@@ -700,6 +835,11 @@ def _main(argv: list[str] | None = None) -> int:
     print("build wall (s):", json.dumps(build["timings_s"]), "torch threads:", build["torch_threads"])
     print("build CPU  (s):", json.dumps(build["cpu_s"]))
     print(format_scores(suite, build["scores"]))
+    if "premise" in build:
+        from moerge.bench.premise import PremiseReport, format_premise
+
+        print()
+        print(format_premise(PremiseReport.from_dict(build["premise"])))
     return 0
 
 
