@@ -18,8 +18,11 @@ def _grid(start: float, stop: float, step: float) -> list[float]:
 
 class MergeBaselineConfig(BaseModel):
     """The static-merge baselines. Tuned as their papers tune them: λ (and TIES' density) chosen on the held-in
-    tasks' validation split, over the grids of the authors' code (prateeky2806/ties-merging README: task vectors
-    ``linear+0.1+1.01+0.1``, TIES ``topk20_mass_dis-mean_linear+0.8+2.51+0.1``); the untuned defaults are
+    tasks' validation split. Grids: task arithmetic λ ∈ {0.1, …, 1.0}, the authors' (prateeky2806/ties-merging
+    README, ``task-vector_linear+0.1+1.01+0.1``); TIES λ ∈ {0.1, …, 1.0, 1.2, 1.5, 2.0, 2.5}: the authors'
+    range (``linear+0.8+2.51+0.1``) coarsened above 1 and extended down to 0.1, since merging many LoRA experts
+    needs smaller λ (on the synthetic suite λ 0.3 beat λ 1 at every density), and density 0.2 (the authors'
+    ``topk20``) with 0.5 and 1.0. The untuned defaults are
     reported as extra rows (``task_arithmetic:untuned``, ``ties:untuned``)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -29,11 +32,11 @@ class MergeBaselineConfig(BaseModel):
         default_factory=lambda: _grid(0.1, 1.0, 0.1), description="λ grid for task arithmetic"
     )
     ties_scales: list[float] = Field(
-        default_factory=lambda: _grid(0.8, 2.5, 0.1), description="λ grid for TIES"
+        default_factory=lambda: [*_grid(0.1, 1.0, 0.1), 1.2, 1.5, 2.0, 2.5], description="λ grid for TIES"
     )
     ties_densities: list[float] = Field(
-        default_factory=lambda: [0.1, 0.2, 0.3],
-        description="density grid for TIES (the authors' code keeps the top 20%; moerge searches around it)",
+        default_factory=lambda: [0.2, 0.5, 1.0],
+        description="density grid for TIES (the authors' default: 0.2)",
     )
     validation_limit: int = Field(
         32, ge=1, description="validation examples per held-in task used for tuning"
@@ -68,6 +71,9 @@ class BenchConfig(BaseModel):
         description="compute missing routing artifacts (gates, centroids) from the suite's training data",
     )
     merges: MergeBaselineConfig = Field(default_factory=MergeBaselineConfig)
+    premise: bool = Field(
+        True, description="measure each zero-shot router's premise on the suite (moerge.bench.premise)"
+    )
     min_oracle_gap: dict[str, float] = Field(
         default_factory=lambda: {"exact_match": 0.1, "nll": 0.01},
         description="normalised quality is left undefined where the oracle beats the base by less than this "

@@ -110,6 +110,7 @@ def check(
             "claim": e.claim, "paper": e.paper, "better": e.better, "worse": e.worse,
             "where": e.split + (f"/{e.condition}" if e.condition else ""), "runs": len(diffs),
             "difference": None, "interval": None, "verdict": "not measured", "premise": None,
+            "router": e.premise,
         }  # fmt: skip
         if diffs:
             mean, half = mean_interval(diffs)

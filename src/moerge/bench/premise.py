@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from moerge.errors import MoergeError
 from moerge.experts.expert import Expert
 from moerge.routing.router import Score, prototype_scores
 
@@ -125,6 +126,14 @@ class PremiseReport:
         if 2 * len(failing) > E:
             return f"{label} not testable here: premise fails for {len(failing)} of {E} experts ({facts}): {which}"
         return f"premise holds for {E - len(failing)} of {E} experts ({facts}); fails for {which}"
+
+    def untestable(self, router: str) -> str | None:
+        """Why ``router`` cannot be tested on this suite (its premise fails for more than half of the
+        experts), or None."""
+        failing = self.failing_experts(router) if router in self.top1 else {}
+        if 2 * len(failing) > len(self.experts):
+            return self.verdict(router)
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: per expert and module values, means, and a verdict per router."""
@@ -277,7 +286,7 @@ def premise_diagnostics(
     names = [e.name for e in experts]
     missing = [n for n in names if n not in inputs]
     if missing:
-        raise ValueError(f"no inputs for experts {missing}")
+        raise MoergeError(f"premise diagnostics: no inputs for experts {missing}")
     mods = list(modules) if modules is not None else sorted(set.intersection(*(set(e.lora) for e in experts)))
     E, M = len(experts), len(mods)
     selectivity = torch.full((E, M), float("nan"))
@@ -302,6 +311,39 @@ def premise_diagnostics(
                 top1[r][i, j] = float((scores.argmax(-1) == i).float().mean())
     tokens = [min((len(inputs[n][m]) for m in mods if m in inputs[n]), default=0) for n in names]
     return PremiseReport(names, mods, selectivity, top1, tokens)
+
+
+def measure_premise(
+    model: Any,
+    tokenizer: Any,
+    data: Mapping[str, Sequence[Any]],
+    experts: Sequence[Expert],
+    library: Any,
+    *,
+    seq_len: int | None = None,
+    max_rows: int | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> PremiseReport:
+    """Premise diagnostics of ``experts`` from their training rows ``data`` (``{expert: rows}``, encoded as each
+    expert was trained: ``seq_len``, default the expert's recorded one), against the signatures of the zero-shot
+    prototype recipes found in ``library`` (`recipe_signatures`, ``options`` per recipe)."""
+    from moerge.train.data import encode_examples, pad_batch
+
+    experts = [e for e in experts if data.get(e.name)]
+    if len(experts) < 2:
+        raise MoergeError("premise diagnostics need training data for at least two experts")
+    modules = sorted(set.intersection(*(set(e.lora) for e in experts)))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    inputs = {}
+    for e in experts:
+        length = seq_len or int((e.metadata.training or {}).get("seq_len", 128))
+        enc = encode_examples(tokenizer, list(data[e.name])[:max_rows], length)
+        batches = [
+            pad_batch(enc.ids[i : i + 64], enc.labels[i : i + 64], pad) for i in range(0, len(enc), 64)
+        ]
+        inputs[e.name] = collect_target_inputs(model, batches, modules)
+    return premise_diagnostics(experts, inputs, recipe_signatures(model, library, experts, modules, options=options),
+                               modules)  # fmt: skip
 
 
 def format_premise(report: PremiseReport) -> str:
@@ -332,6 +374,7 @@ __all__ = [
     "arrow_signature",
     "collect_target_inputs",
     "format_premise",
+    "measure_premise",
     "recipe_signatures",
     "premise_diagnostics",
     "update_energy",

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from moerge.bench.runner import BenchResults
+from moerge.bench.results import BenchResults
 
 GROUP_TITLES = {
     "held_in/in_distribution": "held-in",
@@ -144,6 +144,67 @@ def condition_ranking(results: BenchResults) -> dict[str, list[tuple[str, float,
     return out
 
 
+# ---------------------------------------------------------------------------------------------- premise, literature
+def literature_checks(runs: list[BenchResults]) -> list[dict[str, Any]]:
+    """The literature's expected orderings checked against these runs (`moerge.bench.literature.check`), with
+    the premise verdicts of the runs: a router untestable on the suite marks its rows ``premise fails``; one
+    whose premise fails for some experts gets that said beside the verdict."""
+    from moerge.bench.literature import check
+
+    premises: dict[str, str] = {}
+    partial: dict[str, str] = {}
+    for res in runs:
+        for router, why in res.untestable().items():
+            premises.setdefault(router, why)
+        report = res.premise_report()
+        if report is not None:
+            for router in report.top1:
+                failing = report.failing_experts(router)
+                if failing and router not in premises:
+                    partial.setdefault(router, f"premise fails for {len(failing)} of {len(report.experts)} experts "
+                                               f"({', '.join(failing)})")  # fmt: skip
+    rows = check(runs, premises)
+    for row in rows:
+        if row["premise"] is None and row["router"] in partial:
+            row["premise_note"] = partial[row["router"]]
+    return rows
+
+
+def literature_rows(runs: list[BenchResults]) -> tuple[list[str], list[list[str]]]:
+    """The literature checks as a table: claim (paper), where, difference (95% interval), verdict."""
+    from moerge.bench.literature import format_difference
+
+    header = ["expected (paper)", "where", "difference (95% interval)", "verdict"]
+    rows = []
+    for r in literature_checks(runs):
+        verdict = r["verdict"] + (f": {r['premise']}" if r["premise"] else "")
+        if r.get("premise_note"):
+            verdict += f" ({r['premise_note']})"
+        rows.append([f"{r['claim']} ({r['paper']})", r["where"], format_difference(r), verdict])
+    return header, rows
+
+
+def premise_lines(results: BenchResults) -> list[str]:
+    """The premise section: per expert, selectivity and each router's open-loop top-1; one verdict per router."""
+    from moerge.bench.premise import format_premise
+
+    report = results.premise_report()
+    if report is None:
+        return []
+    return [
+        "## Do the routers' premises hold on this suite?",
+        "",
+        "Per expert, on its own training data: **selectivity** (‖ΔW_e x‖² on the expert's own target tokens ÷ on "
+        "the other experts' tokens, geometric mean over modules; Arrow assumes it well above 1) and each zero-shot "
+        "router's **open-loop top-1** (the share of the expert's tokens whose best-scoring signature is its own, "
+        f"no expert applied; chance {report.chance:.2f}). A method whose premise fails is not tested by this suite: "
+        "its numbers say nothing about the method (`moerge.bench.premise`).",
+        "",
+        format_premise(report),
+        "",
+    ]
+
+
 # ---------------------------------------------------------------------------------------------- terminal
 def print_table(results: BenchResults, console: Any = None) -> None:
     """Print the summary table (rich) with footnotes for methods that did not run everywhere."""
@@ -173,6 +234,22 @@ def print_table(results: BenchResults, console: Any = None) -> None:
     for n in notes:
         console.print(n, highlight=False, soft_wrap=True)
     console.print(legend(results), style="dim", highlight=False)
+    report = results.premise_report()
+    if report is not None:
+        from moerge.bench.premise import ROUTER_LABELS
+
+        console.print("premise diagnostics (moerge.bench.premise):", style="bold", highlight=False)
+        for r in report.top1:
+            console.print(
+                f"  {ROUTER_LABELS.get(r, r)}: {report.verdict(r)}", highlight=False, soft_wrap=True
+            )
+    lh, lr = literature_rows([results])
+    lit = Table(title="the literature's expected orderings, on this run", title_justify="left")
+    for i, h in enumerate(lh):
+        lit.add_column(h, overflow="fold", ratio=[5, 2, 3, 4][i])
+    for row in lr:
+        lit.add_row(*row)
+    console.print(lit)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -255,6 +332,13 @@ def write_report(results: BenchResults, folder: str | Path, plots: bool = True) 
         markdown_table(th, tr),
         "",
     ]
+    lines += premise_lines(results)
+    lh, lr = literature_rows([results])
+    lines += ["## The literature's expected orderings", "",
+              "Each row: the difference of mean normalised quality (first method − second) where the paper leads us "
+              "to expect it ≥ 0 (> 0 for per-token vs per-example routing). One run gives no interval: "
+              "`moerge bench --seeds N` retrains the experts with N seeds and reports 95% intervals.", "",
+              markdown_table(lh, lr), ""]  # fmt: skip
     ranking = condition_ranking(results)
     if ranking:
         lines += ["## Routed recipes ranked on each held-out condition", ""]

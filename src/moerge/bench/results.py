@@ -75,6 +75,24 @@ class BenchResults(BaseModel):
     environment: dict[str, Any]
     wall_s: float = 0.0
     notes: list[str] = Field(default_factory=list)
+    premise: dict[str, Any] | None = Field(
+        None, description="premise diagnostics (moerge.bench.premise.PremiseReport.to_dict), when measured"
+    )
+
+    def premise_report(self) -> Any:
+        """The premise diagnostics as a `moerge.bench.premise.PremiseReport` (None when not measured)."""
+        if self.premise is None:
+            return None
+        from moerge.bench.premise import PremiseReport
+
+        return PremiseReport.from_dict(self.premise)
+
+    def untestable(self) -> dict[str, str]:
+        """``{router: why}`` for the zero-shot routers whose premise fails on this suite."""
+        report = self.premise_report()
+        if report is None:
+            return {}
+        return {r: why for r in report.top1 if (why := report.untestable(r)) is not None}
 
     def result(self, method: str, task: str) -> TaskResult | None:
         for r in self.results:

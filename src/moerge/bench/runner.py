@@ -42,6 +42,7 @@ from moerge.errors import LibraryError, MoergeError, RecipeNotApplicableError
 __all__ = ["BenchConfig", "BenchResults", "MergeBaselineConfig", "default_methods", "run_bench"]
 
 GENERALIZATION = {"held_in": "in-distribution", "held_out": "out-of-distribution"}
+PREMISE_ROWS = 128  # training rows per expert for the premise diagnostics (≤ 2048 target tokens are kept)
 
 
 def default_methods() -> list[RecipeSpec]:
@@ -131,6 +132,25 @@ def run_recipe(run: BenchRun, spec: RecipeSpec) -> None:
     run.record(meta, results, mem)
 
 
+def measure_run_premise(run: BenchRun, specs: Sequence[RecipeSpec]) -> Any:
+    """Premise diagnostics of the run's experts on their training data in the suite, against the signatures of
+    the per-token zero-shot recipes (with the options the run uses); None, with a note, where not measurable."""
+    from moerge.bench.artifacts import expert_training_rows
+    from moerge.bench.premise import measure_premise
+
+    options = {}
+    for spec in specs:
+        options.setdefault(spec.recipe, spec.options)
+    run.describe("premise diagnostics")
+    data = {e.name: expert_training_rows(run.suite, e.name) for e in run.experts}
+    try:
+        return measure_premise(run.model, run.tokenizer, data, run.experts, run.library, max_rows=PREMISE_ROWS,
+                               options=options)  # fmt: skip
+    except MoergeError as e:
+        run.notes.append(f"premise diagnostics not measured: {e}")
+        return None
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 def run_bench(
     suite: Any,
@@ -186,6 +206,7 @@ def run_bench(
             run.ptask = progress.add_task("benchmark", total=n_evals)
         if config.prepare_artifacts:
             run.notes += prepare_artifacts(run, specs)
+        premise = measure_run_premise(run, specs) if config.premise else None
         for b in baselines:
             run.describe(b.name)
             b.run(run)
@@ -233,14 +254,22 @@ def run_bench(
         },
         wall_s=time.perf_counter() - t_start,
         notes=run.notes,
+        premise=premise.to_dict() if premise is not None else None,
     )
 
 
 def _order(run: BenchRun) -> None:
-    """Methods in a fixed order: the baselines as listed, then recipes, then single experts."""
+    """Methods in a fixed order: the baselines as listed (a tuned merge, then its untuned row), then recipes,
+    then single experts (the sort is stable: recipes keep their order)."""
     rank = {n: i for i, n in enumerate(BASELINES)}
     kinds = {"baseline": 0, "recipe": 1, "single": 2}
-    run.methods.sort(key=lambda m: (kinds[m.kind], rank.get(m.name, 0)))
+    run.methods.sort(
+        key=lambda m: (
+            kinds[m.kind],
+            rank.get(m.name.split(":")[0], len(rank)),
+            m.name if m.kind == "baseline" else "",
+        )
+    )
 
 
 @contextlib.contextmanager

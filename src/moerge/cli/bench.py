@@ -2,6 +2,7 @@
 
 moerge demo                                   # built-in synthetic suite, every recipe and baseline
 moerge bench --suite my_suite/ --recipe arrow --recipe "arrow:granularity=example" --out results/
+moerge bench --suite synthetic --seeds 3      # experts retrained with 3 seeds: means and 95% intervals
 """
 
 from __future__ import annotations
@@ -19,20 +20,27 @@ def register(app: typer.Typer) -> None:
     app.command("bench")(bench)
 
 
-def _load_suite(suite: str, reduced: bool, root: Path | None, rebuild: bool, progress: bool):
-    """``(Suite, how)`` for ``synthetic``, ``real-text`` or a suite folder."""
+BUILT_IN = ("synthetic", "real-text", "real_text")
+
+
+def _load_suite(suite: str, reduced: bool, root: Path | None, rebuild: bool, progress: bool, seed: int = 0):
+    """``(Suite, how)`` for ``synthetic``, ``real-text`` or a suite folder; ``seed`` > 0 retrains a built-in
+    suite's experts with that seed (`moerge.bench.seeds.seeded`)."""
+    from moerge.bench.seeds import seeded
+
     if suite == "synthetic":
         from moerge.bench.suites.build import is_built
         from moerge.bench.suites.synthetic import SyntheticSuiteConfig, build_synthetic_suite, suite_folder
 
         config = SyntheticSuiteConfig.reduced() if reduced else SyntheticSuiteConfig()
-        config = config.model_copy(update={"progress": progress})
+        config = seeded(config.model_copy(update={"progress": progress}), seed)
         cached = is_built(suite_folder(config, root)) and not rebuild
         return build_synthetic_suite(config, root=root, force=rebuild), "cached" if cached else "built"
     if suite in ("real-text", "real_text"):
         from moerge.bench.suites import real_text
 
         config = real_text.RealTextConfig.reduced() if reduced else real_text.RealTextConfig.full()
+        config = seeded(config.model_copy(update={"progress": progress}), seed)
         return real_text.build_real_text_suite(config, root=root, force=rebuild), "built or cached"
     from moerge.bench.suites.format import load_jsonl_suite
 
@@ -57,6 +65,7 @@ def _run(
     progress: bool,
     threads: int | None = None,
     plugins: list[str] | None = None,
+    seeds: int = 1,
 ) -> None:
     from moerge.cli import plugins as cli_plugins
     from moerge.cli.common import console
@@ -78,6 +87,16 @@ def _run(
     fields["progress"] = progress
     config = BenchConfig(**fields)
     cli_plugins.load(plugins)
+    if seeds > 1:
+        if suite_name not in BUILT_IN:
+            from moerge.errors import MoergeError
+
+            raise MoergeError(
+                f"--seeds retrains the experts, which only a built-in suite can do (synthetic, real-text); "
+                f"{suite_name} is a suite folder: run it once per library instead"
+            )
+        _run_seeds(suite_name, seeds, config, out, reduced, root, rebuild, progress, t0)
+        return
 
     suite, how = _load_suite(suite_name, reduced, root, rebuild, progress)
     t_suite = time.perf_counter() - t0
@@ -101,6 +120,37 @@ def _run(
         f"Report: [bold]{report}[/] (results.json and plots alongside, in {out})",
         highlight=False,
     )
+
+
+def _run_seeds(suite_name: str, seeds: int, config, out: Path, reduced: bool, root: Path | None, rebuild: bool,
+               progress: bool, t0: float) -> None:  # fmt: skip
+    """The built-in suite with its experts retrained for each seed, one run each; the interval report."""
+    from rich.table import Table
+
+    from moerge.bench.report import literature_rows
+    from moerge.bench.runner import run_bench
+    from moerge.bench.seeds import interval_rows, write_seed_report
+    from moerge.cli.common import console
+
+    runs = []
+    for s in range(seeds):
+        suite, how = _load_suite(suite_name, reduced, root, rebuild, progress, seed=s)
+        console.print(f"seed {s + 1}/{seeds}: suite [bold]{suite.name}[/] {how}", highlight=False)
+        runs.append(run_bench(suite, config))
+        runs[-1].notes.insert(0, f"expert-training seed {s}")
+    for title, (header, rows) in (
+        (f"moerge bench · {seeds} seeds · mean ± 95% interval", interval_rows(runs)),
+        ("the literature's expected orderings, over the seeds", literature_rows(runs)),
+    ):
+        table = Table(title=title, title_justify="left")
+        for i, h in enumerate(header):
+            table.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    report = write_seed_report(runs, out)
+    console.print(f"total {time.perf_counter() - t0:.1f} s. Report: [bold]{report}[/] (each seed in {out}/seed-<i>/)",
+                  highlight=False)  # fmt: skip
 
 
 def _read_yaml(path: Path) -> dict:
@@ -177,7 +227,13 @@ def bench(
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's own)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     plugin: list[str] = cli_plugins.plugin_option(),
+    seeds: int = typer.Option(
+        1,
+        "--seeds",
+        min=1,
+        help="synthetic / real-text: retrain the experts with N seeds; means and 95% intervals",
+    ),
 ) -> None:
     """Run recipes and baselines on a suite: quality per task and split, routing accuracy, cost; write a report."""
     _run(suite, recipe, baseline, library, base, out, config, limit, batch_size, reduced, root, rebuild,
-         artifacts, device, progress, threads, plugin)  # fmt: skip
+         artifacts, device, progress, threads, plugin, seeds)  # fmt: skip

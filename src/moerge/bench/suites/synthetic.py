@@ -180,6 +180,9 @@ class SyntheticSuiteConfig(BaseModel):
     max_len: int = Field(5, ge=2)
     n_train: int = Field(512, ge=8, description="training examples per held-in task")
     n_eval: int = Field(64, ge=4, description="eval examples per task")
+    n_validation: int = Field(
+        32, ge=0, description="validation examples per held-in task (for tuning merges; never trained on)"
+    )
     n_pretrain: int = Field(4000, ge=16, description="pretraining rows")
     switch_segments: tuple[int, int] = (2, 3)
     markov_len: int = Field(24, ge=4)
@@ -222,6 +225,7 @@ class SyntheticSuiteConfig(BaseModel):
         base: dict[str, Any] = dict(
             n_train=64,
             n_eval=8,
+            n_validation=4,
             n_pretrain=256,
             model=TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
             pretrain=PretrainConfig(steps=30, lr=3e-3, batch_size=16, seq_len=64, warmup_steps=5),
@@ -351,6 +355,11 @@ def held_in_task(d: TaskDef, config: SyntheticSuiteConfig) -> Task:
     inputs = _unique_inputs(rng, d.alphabet, config.n_train + config.n_eval, config.min_len, config.max_len)
     eval_examples = [Example.from_prompt(s + d.sep, d.apply(s), [d.name]) for s in inputs[: config.n_eval]]
     train_examples = [train_example(rng, d, s, config) for s in inputs[config.n_eval :]]
+    # a stream of its own, so adding a validation split changes neither the training nor the eval data
+    used = set(inputs)
+    more = _unique_inputs(_rng(config.seed, "validation", d.name), d.alphabet, config.n_validation,
+                          config.min_len, config.max_len, need=lambda s: s not in used)  # fmt: skip
+    validation = [Example.from_prompt(s + d.sep, d.apply(s), [d.name]) for s in more]
     return Task(
         name=d.name,
         split="held_in",
@@ -360,6 +369,7 @@ def held_in_task(d: TaskDef, config: SyntheticSuiteConfig) -> Task:
         experts=[d.name],
         description=describe(d),
         train=train_examples,
+        validation=validation,
         eval=eval_examples,
     )
 
@@ -658,29 +668,6 @@ def contributor_artifacts(model, tokenizer, suite: Suite, library, config: Synth
     ) + prepare_signatures("average_activation", model, tokenizer, library, data)
 
 
-def measure_premise(model, tokenizer, suite: Suite, experts: dict, library, config):
-    """`moerge.bench.premise` diagnostics of the built experts: the base model's module inputs at each expert's
-    target positions in its own training examples (encoded as it was trained), against every signature."""
-    from moerge.bench.premise import collect_target_inputs, premise_diagnostics, recipe_signatures
-    from moerge.train.data import encode_examples, pad_batch
-
-    names = [t.name for t in suite.held_in]
-    expert_list = [experts[n] for n in names]
-    modules = sorted(set.intersection(*(set(e.lora) for e in expert_list)))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    inputs = {}
-    for task in suite.held_in:
-        enc = encode_examples(tokenizer, task.training_rows(), config.expert.seq_len)
-        batches = [
-            pad_batch(enc.ids[i : i + 64], enc.labels[i : i + 64], pad) for i in range(0, len(enc), 64)
-        ]
-        inputs[task.name] = collect_target_inputs(model, batches, modules)
-    signatures = recipe_signatures(
-        model, library, expert_list, modules, options={"phatgoose": {"gate_steps": config.gate_steps}}
-    )
-    return premise_diagnostics(expert_list, inputs, signatures, modules)
-
-
 def _build_into(out: Path, config: SyntheticSuiteConfig) -> None:
     import torch
 
@@ -699,6 +686,7 @@ def _build_steps(out: Path, config: SyntheticSuiteConfig) -> None:
     from transformers import LlamaForCausalLM  # noqa: F401
 
     from moerge.backbones.tiny import build_tiny_model
+    from moerge.bench.premise import measure_premise
     from moerge.experts.fingerprint import fingerprint_model
     from moerge.experts.library import ExpertLibrary
     from moerge.train.pretrain import pretrain_model
@@ -743,7 +731,10 @@ def _build_steps(out: Path, config: SyntheticSuiteConfig) -> None:
 
     # Does each zero-shot router's premise hold on this suite? (moerge.bench.premise)
     t, c = time.perf_counter(), time.process_time()
-    premise = measure_premise(model, tokenizer, suite, experts, lib, config)
+    premise = measure_premise(
+        model, tokenizer, {t.name: t.training_rows() for t in suite.held_in}, [experts[t.name] for t in suite.held_in],
+        lib, seq_len=config.expert.seq_len, options={"phatgoose": {"gate_steps": config.gate_steps}},
+    )  # fmt: skip
     timings["premise"], cpu["premise"] = time.perf_counter() - t, time.process_time() - c
 
     # Measure what the build produced: base, oracle expert, multitask and oracle routings per task.
