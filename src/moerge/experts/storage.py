@@ -2,6 +2,10 @@
 
 A plain path or ``file://`` URL gives `LocalStorage` (atomic renames, fsync); any other URL (``memory://``,
 ``s3://``, ``hf://`` …) gives `FsspecStorage` through fsspec, where its plugin is installed.
+
+Every relative path either storage is given goes through `moerge.experts.paths.contain` first: a path from a
+catalog row or an expert's JSON that would leave the library (absolute, ``..``, a symlink out) is refused with
+`UnsafePathError` before anything is read, written or deleted.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import shutil
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
+
+from moerge.experts.paths import contain
 
 
 class Storage(Protocol):
@@ -36,7 +42,7 @@ class LocalStorage:
         self.url = str(self.root)
 
     def _p(self, rel: str) -> Path:
-        return self.root / rel if rel else self.root
+        return contain(self.root, rel, what=self.url)  # type: ignore[return-value]
 
     def read_bytes(self, rel: str) -> bytes:
         return self._p(rel).read_bytes()
@@ -60,7 +66,9 @@ class LocalStorage:
 
     def delete(self, rel: str) -> None:
         p = self._p(rel)
-        if p.is_dir():
+        if p.is_symlink():  # a link inside the library: remove the link, never what it points to
+            p.unlink()
+        elif p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         elif p.exists():
             p.unlink()
@@ -85,10 +93,17 @@ class FsspecStorage:
         import fsspec
 
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except (ImportError, ValueError) as e:  # an unknown protocol, or its plugin is not installed
+            from moerge.errors import LibraryError
+
+            raise LibraryError(
+                f"{url}: cannot open this URL ({e}); use a local folder, or install the fsspec plugin for it."
+            ) from None
 
     def _p(self, rel: str) -> str:
-        return f"{self.root}/{rel}" if rel else self.root
+        return contain(self.root, rel, what=self.url)  # type: ignore[return-value]
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self._p(rel))
