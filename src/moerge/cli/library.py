@@ -154,14 +154,17 @@ def verify(
 
     lib = ExpertLibrary.open(library, recover=repair)
     if lib.recovered_catalog:
-        console.print(f"[yellow]repaired:[/] moved the damaged catalog to {escape(lib.recovered_catalog)}")
+        console.print(
+            f"[yellow]repaired:[/] moved the damaged catalog to {escape(lib.recovered_catalog)}",
+            soft_wrap=True,
+        )
     report = lib.verify(repair=repair)
     for action in report.repaired:
-        console.print(f"[yellow]repaired:[/] {escape(action)}")
+        console.print(f"[yellow]repaired:[/] {escape(action)}", soft_wrap=True)
     for p in report.problems:
-        console.print(f"[red]problem:[/] {escape(p)}")
+        console.print(f"[red]problem:[/] {escape(p)}", soft_wrap=True)
     for left in report.leftovers:
-        console.print(f"[yellow]leftover:[/] {escape(left)}")
+        console.print(f"[yellow]leftover:[/] {escape(left)}", soft_wrap=True)
     console.print(
         f"checked {report.checked} experts: {'ok' if report.ok else f'{len(report.problems)} problems'}",
         highlight=False,

@@ -42,9 +42,9 @@ def merge_command(
     ),
 ) -> None:
     """Merge models or LoRA experts as the YAML config says (same schema as moerge.merge(...))."""
-    from moerge.merging.registry import available_methods, get_method
-
     if list_methods:
+        from moerge.merging.registry import available_methods, get_method
+
         for m in available_methods():
             spec = get_method(m)
             console.print(f"[bold]{spec.describe()}[/]  [dim]{spec.paper}[/]", highlight=False)

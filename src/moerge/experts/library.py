@@ -65,7 +65,7 @@ from moerge.experts.formats import (
 )
 from moerge.experts.metadata import ExpertMetadata
 from moerge.experts.paths import atomic_output_dir, check_name, contain
-from moerge.experts.schema import explain, parse_expert_record, parse_library_info
+from moerge.experts.schema import explain, parse_expert_record, parse_json_bytes, parse_library_info
 from moerge.experts.storage import LocalStorage, Storage, storage_for
 
 if TYPE_CHECKING:  # torch is imported only by the operations that touch weights
@@ -227,8 +227,6 @@ class ExpertLibrary:
         """Open an existing library. A read-only one opens for reading. ``recover=True`` (what
         ``moerge library verify --repair`` does) moves an unreadable catalog to ``quarantine/`` and starts a new one
         (`verify` with ``repair=True`` then rebuilds it from the experts' JSON)."""
-        from moerge.experts.peft_io import parse_json_bytes
-
         storage = storage_for(url)
         if not storage.exists(LIBRARY_FILE):
             raise LibraryError(
@@ -496,7 +494,9 @@ class ExpertLibrary:
                 f"experts/; nothing was read, written or deleted there. Run `moerge library verify {self.url} "
                 "--repair` to rebuild the catalog from the experts' own files."
             )
-        return f"experts/{folder}"
+        rel = f"experts/{folder}"
+        self.storage.exists(rel)  # resolves it: a symlink leading out of the library is refused here
+        return rel
 
     def _parse_checksums(self, raw: object, name: str) -> dict[str, str]:
         try:
@@ -528,6 +528,11 @@ class ExpertLibrary:
     def _entry(self, name: str) -> _Entry:
         folder, meta_json, checksums = self._require(name)
         rel = self._expert_rel(folder, name)
+        if not self.storage.exists(rel):
+            raise LibraryError(
+                f"{self.url}: the folder of expert {name!r} ({rel}) is missing; remove the expert "
+                f"(`moerge library rm {self.url} {name}`) or run `moerge library verify {self.url} --repair`."
+            )
         return _Entry(
             name, folder, rel, self._parse_metadata(meta_json, name), self._parse_checksums(checksums, name)
         )
@@ -542,7 +547,7 @@ class ExpertLibrary:
     ) -> list[ExpertMetadata]:
         """Experts' metadata, sorted by name, filtered by task, tag, base model, kind or a name glob."""
         sql = "SELECT name, metadata FROM experts"
-        where, args = [], []
+        where, args = ["typeof(name) = 'text'"], []
         for col, val in (("task", task), ("base_model", base_model), ("kind", kind)):
             if val is not None:
                 where.append(f"{col} = ?")
@@ -560,7 +565,12 @@ class ExpertLibrary:
 
     def names(self, **filters: Any) -> list[str]:
         if not filters:
-            return [r[0] for r in self._conn.execute("SELECT name FROM experts ORDER BY name")]
+            return [
+                r[0]
+                for r in self._conn.execute(
+                    "SELECT name FROM experts WHERE typeof(name)='text' ORDER BY name"
+                )
+            ]
         return [m.name for m in self.list(**filters)]
 
     def tasks(self) -> list[str]:
@@ -613,7 +623,7 @@ class ExpertLibrary:
     def get(self, name: str) -> Expert:
         """Load an expert's weights and metadata (its files checked against their checksums)."""
         from moerge.experts.expert import Expert
-        from moerge.experts.peft_io import load_safetensors, lora_modules_from_peft, parse_json_bytes
+        from moerge.experts.peft_io import load_safetensors, lora_modules_from_peft
 
         entry = self._entry(name)
         md = entry.metadata
@@ -640,6 +650,12 @@ class ExpertLibrary:
         """Validate and add an expert atomically. Refuses a taken name unless ``overwrite``."""
         where = source or f"expert {expert.name!r}"
         expert.check(where)
+        try:  # what is stored must read back as it was written
+            ExpertMetadata.model_validate_json(expert.metadata.model_dump_json())
+        except (ValidationError, ValueError, TypeError) as e:
+            raise MalformedConfigError(
+                f"{where}: the expert's metadata cannot be stored as JSON ({e})."
+            ) from None
         self._check_base(expert, where)
         self._check_module_shapes(expert, where)
         if not overwrite and expert.name in self:
@@ -919,8 +935,6 @@ class ExpertLibrary:
     # ------------------------------------------------------------------ checking & exporting
     def _folder_record(self, folder: str):
         """The validated ``moerge_expert.json`` of ``experts/<folder>``, or None (missing, foreign, invalid)."""
-        from moerge.experts.peft_io import parse_json_bytes
-
         if not _FOLDER.match(folder):
             return None
         try:
@@ -966,6 +980,9 @@ class ExpertLibrary:
         ).fetchall()
         for name, folder, meta_json, checksums in rows:
             report.checked += 1
+            if not isinstance(name, str):
+                report.problems.append(f"a catalog row has no valid name ({name!r}); --repair drops it")
+                continue
             try:
                 rel = self._expert_rel(folder, name)
                 referenced.add(folder)
@@ -1017,6 +1034,9 @@ class ExpertLibrary:
     def _repair(self) -> list[str]:
         actions: list[str] = []
         with self._write() as c:
+            for (rowid,) in c.execute("SELECT rowid FROM experts WHERE typeof(name) != 'text'").fetchall():
+                c.execute("DELETE FROM experts WHERE rowid=?", (rowid,))
+                actions.append(f"dropped a catalog row without a valid name (row {rowid})")
             rows = c.execute("SELECT name, folder, metadata, checksums FROM experts ORDER BY name").fetchall()
             for name, folder, meta_json, checksums in rows:
                 try:
@@ -1119,7 +1139,7 @@ class ExpertLibrary:
     def _loads(self, folder: str, record: Any) -> bool:
         """Whether an intact folder also passes the checks an add makes (config, shapes, finite weights)."""
         from moerge.experts.expert import Expert
-        from moerge.experts.peft_io import load_safetensors, lora_modules_from_peft, parse_json_bytes
+        from moerge.experts.peft_io import load_safetensors, lora_modules_from_peft
 
         base = f"experts/{folder}"
         try:
@@ -1197,7 +1217,7 @@ class ExpertLibrary:
     def get_artifact(
         self, kind: str, config: dict[str, Any], expert: str | None
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        from moerge.experts.peft_io import load_safetensors, parse_json_bytes
+        from moerge.experts.peft_io import load_safetensors
 
         rel = self._artifact_rel(kind, config, expert)
         try:

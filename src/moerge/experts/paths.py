@@ -44,18 +44,20 @@ def _check_relative(rel: object, what: str) -> str:
     return str(PurePosixPath(rel))
 
 
-def contain(root: str | Path, rel: str, *, what: str = "path") -> Path | str:
+def contain(root: str | Path, rel: str, *, what: str = "path", follow: bool = True) -> Path | str:
     """``root``/``rel`` if it stays inside ``root``, else `UnsafePathError` (nothing is touched).
 
     ``root`` is a `Path` for the local disk (symlinks are resolved: one leading out of ``root`` is refused) or a
     ``str`` for an fsspec store (no symlinks there; the check is on the path itself). ``rel`` is ``/``-separated.
+    ``follow=False`` resolves only the parent: for operations on the entry itself (deleting or renaming a link
+    acts on the link, never on what it points to).
     """
     rel = _check_relative(rel, what)
     if isinstance(root, str):
         return f"{root.rstrip('/')}/{rel}" if rel else root
     path = root / rel if rel else root
     real_root = root.resolve()
-    real = path.resolve()
+    real = path.resolve() if follow or not rel else path.parent.resolve() / path.name
     if real != real_root and real_root not in real.parents:
         raise UnsafePathError(
             f"{what}: {path} leads to {real} (through a symlink), outside {real_root}; refused. A library "

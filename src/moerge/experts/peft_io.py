@@ -26,7 +26,7 @@ from moerge.experts.formats import (
     PEFT_PREFIX,
     PICKLE_SUFFIXES,
 )
-from moerge.experts.schema import explain, parse_adapter_config, parse_stored_metadata
+from moerge.experts.schema import explain, parse_adapter_config, parse_json_bytes, parse_stored_metadata
 
 _PATTERN_TIMEOUT_S = 2.0  # a hostile rank/alpha pattern may backtrack for ever; it gets this long per match
 
@@ -50,14 +50,6 @@ def refuse_pickles(folder: Path) -> None:
     pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles and not (folder / ADAPTER_WEIGHTS).exists() and not (folder / DENSE_WEIGHTS).exists():
         raise UnsafeFormatError(conversion_hint(pickles[0]))
-
-
-def parse_json_bytes(data: bytes, source: str) -> Any:
-    """``json.loads`` with every way it can fail on hostile bytes turned into one `MalformedConfigError`."""
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
-        raise MalformedConfigError(f"{source}: not valid JSON ({e}); fix or regenerate the file.") from None
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ Every failure is one `MalformedConfigError` naming the file, the field and the f
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -70,6 +71,14 @@ class ExpertRecord(BaseModel):
                 f"this one for {sorted(self.checksums)}"
             )
         return self
+
+
+def parse_json_bytes(data: bytes, source: str) -> Any:
+    """``json.loads`` with every way it can fail on hostile bytes turned into one `MalformedConfigError`."""
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as e:
+        raise MalformedConfigError(f"{source}: not valid JSON ({e}); fix or regenerate the file.") from None
 
 
 def explain(e: ValidationError, limit: int = 3) -> str:

@@ -41,8 +41,8 @@ class LocalStorage:
         self.root = Path(root).expanduser().resolve()
         self.url = str(self.root)
 
-    def _p(self, rel: str) -> Path:
-        return contain(self.root, rel, what=self.url)  # type: ignore[return-value]
+    def _p(self, rel: str, follow: bool = True) -> Path:
+        return contain(self.root, rel, what=self.url, follow=follow)  # type: ignore[return-value]
 
     def read_bytes(self, rel: str) -> bytes:
         return self._p(rel).read_bytes()
@@ -65,7 +65,7 @@ class LocalStorage:
         return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
 
     def delete(self, rel: str) -> None:
-        p = self._p(rel)
+        p = self._p(rel, follow=False)
         if p.is_symlink():  # a link inside the library: remove the link, never what it points to
             p.unlink()
         elif p.is_dir():
@@ -74,9 +74,10 @@ class LocalStorage:
             p.unlink()
 
     def rename(self, src: str, dst: str) -> None:
-        self._p(dst).parent.mkdir(parents=True, exist_ok=True)
-        os.rename(self._p(src), self._p(dst))
-        _fsync_dir(self._p(dst).parent)
+        dst_path = self._p(dst, follow=False)
+        dst_path.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self._p(src, follow=False), dst_path)
+        _fsync_dir(dst_path.parent)
 
     def makedirs(self, rel: str) -> None:
         self._p(rel).mkdir(parents=True, exist_ok=True)

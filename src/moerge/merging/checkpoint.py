@@ -276,6 +276,13 @@ def iter_merged(
         for i, r in enumerate(readers):  # one tensor per input model, read into its slot
             r.get(key, out=x[i])
         b = base.get(key).to(torch.float32) if base is not None else None
+        if not torch.isfinite(x).all() or (b is not None and not torch.isfinite(b).all()):
+            bad = [r.folder for i, r in enumerate(readers) if not torch.isfinite(x[i]).all()]
+            bad += [base.folder] if b is not None and not torch.isfinite(b).all() else []
+            raise NonFiniteWeightsError(
+                f"{bad[0]}: tensor {key} holds NaN or Inf; nothing was written. Repair or re-save that model "
+                "before merging it."
+            )
         s = None
         if stats is not None and all(key in st for st in stats):
             s = torch.stack([st[key].to(torch.float32) for st in stats])
