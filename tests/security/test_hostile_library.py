@@ -288,3 +288,38 @@ def _apply(record, edits):
     for key, value in edits:
         record = edit_record(record, key, value)
     return record
+
+
+@pytest.mark.parametrize(
+    "name", ["catalog.sqlite-wal", "catalog.sqlite-shm", "catalog.sqlite.lock", "quarantine"]
+)
+def test_library_files_linked_outside_are_refused(tmp_path, name):
+    """SQLite and the lock follow links: a library whose own files lead outside is refused before they are opened."""
+    lib = make_library(tmp_path)
+    lib.close()
+    for suffix in ("-wal", "-shm"):
+        (tmp_path / "lib" / f"catalog.sqlite{suffix}").unlink(missing_ok=True)
+    target = tmp_path / "victim" / "precious.txt"
+    (tmp_path / "lib" / name).unlink(missing_ok=True)
+    os.symlink(target if name != "quarantine" else tmp_path / "victim-dir", tmp_path / "lib" / name)
+    before = outside_state(tmp_path, tmp_path / "lib")
+    if name == "quarantine":  # only used while repairing a damaged catalog
+        (tmp_path / "lib" / "catalog.sqlite").write_bytes(b"not a database" * 100)
+        with pytest.raises(UnsafePathError):
+            ExpertLibrary.open(tmp_path / "lib", recover=True)
+    else:
+        with pytest.raises(UnsafePathError, match="outside"):
+            ExpertLibrary.open(tmp_path / "lib")
+    assert outside_state(tmp_path, tmp_path / "lib") == before
+    assert target.read_text() == "do not touch"
+
+
+def test_a_planted_temporary_file_is_never_written_through(tmp_path):
+    lib = make_library(tmp_path)
+    for pid in (os.getpid(), os.getpid() + 1):  # the old temporary names were predictable
+        os.symlink(tmp_path / "victim" / "precious.txt", tmp_path / "lib" / f".moerge-library.json.{pid}.tmp")
+    lib.record_base_shapes({"model.layers.0.self_attn.q_proj.weight": [8, 8]})
+    assert (tmp_path / "victim" / "precious.txt").read_text() == "do not touch"
+    assert ExpertLibrary.open(tmp_path / "lib").base_shapes == {
+        "model.layers.0.self_attn.q_proj.weight": [8, 8]
+    }

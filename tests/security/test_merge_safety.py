@@ -32,7 +32,13 @@ from security_helpers import (
 )
 
 import moerge
-from moerge.errors import MoergeError, NonFiniteWeightsError, OutputExistsError, ParameterRangeError
+from moerge.errors import (
+    MoergeError,
+    NonFiniteWeightsError,
+    OutputExistsError,
+    ParameterRangeError,
+    UnsafePathError,
+)
 from moerge.experts.library import ExpertLibrary
 
 
@@ -127,6 +133,7 @@ def test_lora_merge_out_is_atomic_too(world, tmp_path):
         ({"density": [0.5, 2.0]}, r"density: 2.0 is outside"),
         ({"density": float("nan")}, "not a finite number"),
         ({"density": 0.5, "scale": float("inf")}, "scale: inf is not a finite number"),
+        ({"density": [{"filter": "mlp", "value": 3}, {"value": 0.5}]}, r"density: 3.0 is outside"),
     ],
 )
 def test_out_of_range_parameters_are_refused(world, tmp_path, params, message):
@@ -363,6 +370,21 @@ def test_hostile_merge_yaml(world):
     lib = ExpertLibrary.open(lib_dir)
     for name in set(lib.names()) - {"e0", "e1"}:  # merged experts added to the library by the examples
         lib.remove(name)
+
+
+def test_a_model_index_cannot_point_outside_its_folder(world, tmp_path):
+    model = tmp_path / "sharded"
+    shutil.copytree(world / "models" / "ft0", model)
+    (model / "model.safetensors").rename(model / "model-00001-of-00001.safetensors")
+    for target in ("../../victim/precious.txt", str(world / "models" / "ft1" / "model.safetensors")):
+        index = {"metadata": {}, "weight_map": {"model.norm.weight": target}}
+        (model / "model.safetensors.index.json").write_text(json.dumps(index))
+        with pytest.raises(UnsafePathError, match="model.safetensors.index.json"):
+            moerge.merge(
+                {"merge_method": "linear", "models": [str(model), str(world / "models" / "ft1")]},
+                tmp_path / "o",
+            )
+    assert not (tmp_path / "o").exists()
 
 
 def test_yaml_that_would_run_code_is_refused(tmp_path):

@@ -278,22 +278,17 @@ class ExpertLibrary:
     def _connect(self, recover: bool) -> sqlite3.Connection:
         """Open the catalog: read-write with WAL, or read-only where the library cannot be written."""
         path = self._catalog_path
+        if self.storage.local_path("") is not None:  # SQLite follows links: none may lead out of the library
+            for suffix in ("", "-wal", "-shm", "-journal", ".lock"):
+                self.storage.local_path(CATALOG_FILE + suffix)
         if not self._writable():
             self.read_only = True
             return self._connect_read_only(path)
-        conn = None
         try:
-            conn = sqlite3.connect(
-                path, timeout=lock_timeout(), isolation_level=None, check_same_thread=False
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.executescript(_SCHEMA)
+            conn = self._fresh_catalog()
             conn.execute("SELECT name, folder, metadata, checksums FROM experts LIMIT 1").fetchall()
             return conn
         except sqlite3.DatabaseError as e:
-            if conn is not None:
-                conn.close()
             if not isinstance(e, sqlite3.OperationalError):
                 return self._catalog_damaged(e, recover)
             if "readonly" in str(e) or "unable to open" in str(e):
@@ -325,28 +320,34 @@ class ExpertLibrary:
             "be repaired in place: copy the library somewhere writable and run `moerge library verify COPY --repair`."
         )
 
-    def _catalog_damaged(self, e: Exception, recover: bool) -> sqlite3.Connection:
-        if not recover:
-            raise LibraryError(
-                f"{self.url}: the catalog {self._catalog_path} is damaged ({e}); run "
-                f"`moerge library verify {self.url} --repair` to rebuild it from the experts' own files."
-            ) from None
-        # move the damaged catalog (and its WAL files) aside, never delete it, and start an empty one
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-        qdir = Path(self._catalog_path).parent / QUARANTINE
-        qdir.mkdir(exist_ok=True)
-        for suffix in ("", "-wal", "-shm"):
-            src = Path(self._catalog_path + suffix)
-            if src.exists():
-                os.replace(src, qdir / f"{CATALOG_FILE}{suffix}.{stamp}-{uuid.uuid4().hex[:6]}")
+    def _fresh_catalog(self) -> sqlite3.Connection:
         conn = sqlite3.connect(
             self._catalog_path, timeout=lock_timeout(), isolation_level=None, check_same_thread=False
         )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.executescript(_SCHEMA)
-        self.recovered_catalog = str(qdir)
         return conn
+
+    def _catalog_damaged(self, e: Exception, recover: bool) -> sqlite3.Connection:
+        if self.storage.local_path("") is None:  # a remote library's catalog is a local cache: start it again
+            for suffix in ("", "-wal", "-shm"):
+                Path(self._catalog_path + suffix).unlink(missing_ok=True)
+            return self._fresh_catalog()
+        if not recover:
+            raise LibraryError(
+                f"{self.url}: the catalog {self._catalog_path} is damaged ({e}); run "
+                f"`moerge library verify {self.url} --repair` to rebuild it from the experts' own files."
+            ) from None
+        # move the damaged catalog (and its WAL files) aside, never delete it, and start an empty one
+        stamp = f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.storage.makedirs(QUARANTINE)
+        qdir = self.storage.local_path(QUARANTINE)
+        for suffix in ("", "-wal", "-shm"):
+            if self.storage.exists(CATALOG_FILE + suffix):
+                self.storage.rename(CATALOG_FILE + suffix, f"{QUARANTINE}/{CATALOG_FILE}{suffix}.{stamp}")
+        self.recovered_catalog = str(qdir)
+        return self._fresh_catalog()
 
     def _sync_remote_catalog(self) -> None:
         """Rebuild the local catalog cache of a remote library from its experts' metadata files."""
@@ -386,7 +387,10 @@ class ExpertLibrary:
         except ImportError:  # pragma: no cover - not POSIX: SQLite's own lock serialises writers
             yield
             return
-        fd = os.open(self._lock_path(), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self._lock_path(), os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            raise LibraryError(f"{self.url}: cannot open the lock file {self._lock_path()} ({e}).") from None
         deadline = time.monotonic() + lock_timeout()
         try:
             while True:
