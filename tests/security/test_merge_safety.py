@@ -96,6 +96,20 @@ def test_out_that_holds_the_library_is_refused(world):
     assert outside_state(world) == before
 
 
+def test_out_inside_the_library_is_refused(world):
+    lib = world / "lib"
+    before, entries = outside_state(world, lib), sorted(p.name for p in (lib / "experts").iterdir())
+    for out in (lib / "merged", lib / "experts" / "merged"):
+        with pytest.raises(OutputExistsError, match="inside the library"):
+            moerge.merge(lora(world), out)
+    with pytest.raises(OutputExistsError, match="inside the library"):
+        ExpertLibrary.open(lib).export_peft("e0", lib / "experts" / "copy")
+    assert outside_state(world, lib) == before and not (lib / "merged").exists()
+    assert (
+        sorted(p.name for p in (lib / "experts").iterdir()) == entries and ExpertLibrary.open(lib).verify().ok
+    )
+
+
 def test_a_failing_merge_leaves_the_earlier_good_merge(world, tmp_path):
     out = tmp_path / "out"
     moerge.merge(full(world), out)
@@ -199,7 +213,7 @@ DISK_FULL = textwrap.dedent(
 
 def test_disk_full_during_a_merge_leaves_out_as_it_was(world, tmp_path):
     """On a 64 KB tmpfs (mounted in a private mount namespace; skipped where that is not allowed) a merge whose
-    output needs ~130 KB fails with one error line, removes its partial files and keeps OUT's old content."""
+    output needs about 180 KB fails with one error line, removes its partial files and keeps OUT's old content."""
     if shutil.which("unshare") is None or sys.platform != "linux":
         pytest.skip("needs Linux unshare to mount a private tmpfs")
     probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs -o size=8k tmpfs {tmp_path}"],
@@ -385,6 +399,20 @@ def test_a_model_index_cannot_point_outside_its_folder(world, tmp_path):
                 tmp_path / "o",
             )
     assert not (tmp_path / "o").exists()
+
+
+def test_sharded_model_linked_like_the_hugging_face_cache_still_merges(world, tmp_path):
+    """In the HF cache a snapshot's shards are links into blobs/: a name in the folder, a file elsewhere."""
+    blobs, snap = tmp_path / "blobs", tmp_path / "snapshots" / "rev"
+    blobs.mkdir()
+    snap.mkdir(parents=True)
+    shutil.copyfile(world / "models" / "ft0" / "model.safetensors", blobs / "abc123")
+    shutil.copyfile(world / "models" / "ft0" / "config.json", snap / "config.json")
+    os.symlink(blobs / "abc123", snap / "model-00001-of-00001.safetensors")
+    weight_map = dict.fromkeys(load_file(str(blobs / "abc123")), "model-00001-of-00001.safetensors")
+    (snap / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    out = moerge.merge({"merge_method": "linear", "models": [str(snap)]}, tmp_path / "o")
+    assert load_file(str(out / "model.safetensors")).keys() == weight_map.keys()
 
 
 def test_yaml_that_would_run_code_is_refused(tmp_path):

@@ -1177,7 +1177,7 @@ class ExpertLibrary:
         checked against their checksums; the folder appears complete or not at all."""
         entry = self._entry(name)
         out = Path(out_dir)
-        with atomic_output_dir(out, overwrite=overwrite, inputs=[self.storage.local_path("")]) as tmp:
+        with atomic_output_dir(out, overwrite=overwrite, libraries=[self.storage.local_path("")]) as tmp:
             for fname in entry.checksums:
                 target = contain(tmp, check_name(fname, f"{self.url}: expert {name!r}"), what=str(out))
                 Path(target).write_bytes(self._read_checked(entry, fname))

@@ -104,12 +104,26 @@ def _holds(outer: Path, inner: Path) -> bool:
 
 
 def check_output_dir(
-    out: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path | None] = (),
+    libraries: Iterable[str | Path | None] = (),
 ) -> Path:
-    """Refuse ``out`` when it is (or holds) an input, is a file, or is a non-empty folder without ``overwrite``.
-    Returns ``out`` with symlinks resolved. Nothing is created."""
+    """Refuse ``out`` when it is (or holds) an input, lies inside a library, is a file, or is a non-empty folder
+    without ``overwrite``. Returns ``out`` with symlinks resolved. Nothing is created."""
     out = Path(out).expanduser()
     real = out.resolve()
+    for lib in libraries:
+        if lib is None or "://" in str(lib) or not Path(lib).expanduser().exists():
+            continue
+        root = Path(lib).expanduser().resolve()
+        if root in real.parents:
+            raise OutputExistsError(
+                f"{out}: the output folder lies inside the library {lib}; a library holds only what moerge puts "
+                "there. Choose a folder outside it."
+            )
+    inputs = [*inputs, *libraries]
     for inp in inputs:
         if inp is None or "://" in str(inp):
             continue
@@ -137,11 +151,15 @@ def check_output_dir(
 
 @contextlib.contextmanager
 def atomic_output_dir(
-    out: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path | None] = (),
+    libraries: Iterable[str | Path | None] = (),
 ) -> Iterator[Path]:
     """Yield a temporary sibling folder of ``out`` to write into; on success it replaces ``out`` (renamed into
     place), on any error it is removed and ``out`` is untouched. See `check_output_dir` for what is refused."""
-    real = check_output_dir(out, overwrite=overwrite, inputs=inputs)
+    real = check_output_dir(out, overwrite=overwrite, inputs=inputs, libraries=libraries)
     parent = real.parent
     parent.mkdir(parents=True, exist_ok=True)
     _remove_dead_temporaries(parent, real.name)

@@ -30,9 +30,14 @@ def _same_path(a: str, b: str | None) -> bool:
 
 
 def _inputs(cfg: MergeConfig) -> list[str | None]:
-    """Every local path a merge reads (models, base, library, statistics): the output may be none of them."""
+    """Every local path a merge reads (models, base, statistics): the output may be none of them."""
     models = [] if cfg.is_lora else [m.model for m in cfg.models]
-    return [*models, cfg.base_model, cfg.library, *(m.stats for m in cfg.models)]
+    return [*models, cfg.base_model, *(m.stats for m in cfg.models)]
+
+
+def _guarded(cfg: MergeConfig) -> dict[str, Any]:
+    """What `check_output_dir` / `atomic_output_dir` protect for this merge: its inputs and its library."""
+    return {"inputs": _inputs(cfg), "libraries": [cfg.library]}
 
 
 def plan(config: MergeConfig) -> tuple[MethodSpec, MergeConfig, dict[str, Any], list[dict[str, Any]]]:
@@ -114,7 +119,7 @@ def merge(
             "lora_mode: merging LoRA experts needs an explicit lora_mode (exact, factor, svd, dense)."
         )
     if out is not None:
-        check_output_dir(out, overwrite=overwrite, inputs=_inputs(cfg))  # before any work
+        check_output_dir(out, overwrite=overwrite, **_guarded(cfg))  # before any work
     if cfg.merge_method == "greedy_soup":
         return _greedy(cfg, out, experts, evaluate, overwrite)
     spec, cfg, g, per_model = plan(cfg)
@@ -141,7 +146,7 @@ def merge(
         recipe=recipe,
         copy_tokenizer=cfg.copy_tokenizer,
         overwrite=overwrite,
-        inputs=_inputs(cfg),
+        inputs=_inputs(cfg) + [cfg.library],
     )
 
 
@@ -165,7 +170,7 @@ def _resolve_experts(cfg: MergeConfig, experts: Sequence[Expert] | None):
 def _write_adapter(expert: Expert, out: str | Path, cfg: MergeConfig, overwrite: bool) -> None:
     from moerge.experts.peft_io import write_peft_folder
 
-    with atomic_output_dir(out, overwrite=overwrite, inputs=_inputs(cfg)) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, **_guarded(cfg)) as tmp:
         write_peft_folder(expert, tmp)
 
 
@@ -258,7 +263,7 @@ def _greedy(cfg: MergeConfig, out, experts, evaluate, overwrite: bool = False) -
     recipe = cfg.model_dump(exclude_none=True) | {
         "greedy_soup": {"chosen": [cfg.models[i].model for i in res.chosen], "score": res.score}
     }
-    with atomic_output_dir(out, overwrite=overwrite, inputs=_inputs(cfg)) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, **_guarded(cfg)) as tmp:
         w = ShardWriter(tmp, parse_size(cfg.shard_size))
         for k, v in res.soup.items():
             w.add(k, v)

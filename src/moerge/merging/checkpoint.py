@@ -88,7 +88,11 @@ class CheckpointReader:
                     f"{self.folder / INDEX}: no weight_map of tensor names to shard files; re-save the model."
                 )
             where = str(self.folder / INDEX)
-            files = sorted({Path(contain(self.folder, v, what=where)) for v in weight_map.values()})
+            # shard names are data: they must name files in this folder (a shard may be a link, as in the
+            # Hugging Face cache, where snapshots link to blobs; the name itself may not leave the folder)
+            files = sorted(
+                {Path(contain(self.folder, v, what=where, follow=False)) for v in weight_map.values()}
+            )
         elif (self.folder / SINGLE).is_file():
             files = [self.folder / SINGLE]
         else:
