@@ -228,3 +228,17 @@ def test_hostile_safetensors_as_an_adapter(sandbox):
         with pytest.raises(MoergeError, match="adapter/adapter_(model.safetensors|config.json)"):
             sandbox.lib.add_peft(sandbox.adapter, name="contrib", overwrite=True)
     sandbox.assert_sound()
+
+
+def test_a_catastrophically_backtracking_pattern_is_cut_off(tmp_path, monkeypatch):
+    """PEFT matches rank/alpha pattern keys as regexes; one that backtracks for ever is refused, not waited on."""
+    from moerge.experts import peft_io
+
+    monkeypatch.setattr(peft_io, "_PATTERN_TIMEOUT_S", 0.2)
+    module = "a" * 40
+    sd = {f"base_model.model.{module}.lora_A.weight": torch.ones(2, 4), f"base_model.model.{module}.lora_B.weight": torch.ones(4, 2)}  # fmt: skip
+    (tmp_path / "adapter_model.safetensors").write_bytes(save(sd))
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "rank_pattern": {"(a|aa)+b": 2}}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(MalformedConfigError, match="takes too long to match"):
+        peft_io.read_peft_folder(tmp_path)
