@@ -72,7 +72,7 @@ def _load_stats(spec: MethodSpec, cfg: MergeConfig) -> tuple[list[dict[str, torc
 
     out, fifo = [], set()
     for m in cfg.models:
-        if not Path(m.stats).is_file():
+        if m.stats is None or not Path(m.stats).is_file():
             raise InputNotFoundError(f"{m.stats}: no such statistics file (stats of model {m.model}).")
         try:
             tensors, kind, f = load_stats(m.stats)
@@ -195,6 +195,7 @@ def _merge_lora(spec, cfg: MergeConfig, g, per_model, out, experts, recipe, over
                     f"(config {cfg.stats_config}); compute them with moerge.merging.stats and lib.put_artifact."
                 )
             stats = [f[0] for f in found]
+    assert cfg.lora_mode is not None  # MergeConfig and merge() refuse LoRA merges without one
     expert = merge_lora_experts(
         spec,
         loaded,

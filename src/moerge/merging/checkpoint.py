@@ -13,7 +13,8 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
@@ -259,7 +260,7 @@ def iter_merged(
     *,
     seed: int = 0,
     stats: list[dict[str, torch.Tensor]] | None = None,
-    fan_in_fan_out: set[str] = frozenset(),
+    fan_in_fan_out: AbstractSet[str] = frozenset(),
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, merged float32 tensor)`` for every tensor, reading one tensor per input at a time."""
     ref = base or readers[0]
@@ -282,7 +283,7 @@ def iter_merged(
         b = base.get(key).to(torch.float32) if base is not None else None
         if not torch.isfinite(x).all() or (b is not None and not torch.isfinite(b).all()):
             bad = [r.folder for i, r in enumerate(readers) if not torch.isfinite(x[i]).all()]
-            bad += [base.folder] if b is not None and not torch.isfinite(b).all() else []
+            bad += [base.folder] if base is not None and b is not None and not torch.isfinite(b).all() else []
             raise NonFiniteWeightsError(
                 f"{bad[0]}: tensor {key} holds NaN or Inf; nothing was written. Repair or re-save that model "
                 "before merging it."
@@ -323,12 +324,12 @@ def merge_checkpoints(
     seed: int = 0,
     shard_size: int | str = "2GB",
     stats: list[dict[str, torch.Tensor]] | None = None,
-    fan_in_fan_out: set[str] = frozenset(),
+    fan_in_fan_out: AbstractSet[str] = frozenset(),
     recipe: dict[str, Any] | None = None,
     copy_tokenizer: bool = True,
     progress: Callable[[str], None] | None = None,
     overwrite: bool = False,
-    inputs: list[str | Path | None] | None = None,
+    inputs: Sequence[str | Path | None] | None = None,
 ) -> Path:
     """Merge transformers folders ``models`` (against ``base_model``) into the folder ``out``, streaming.
 
@@ -365,7 +366,7 @@ def _merge_into(
     seed: int,
     shard_size: int | str,
     stats: list[dict[str, torch.Tensor]] | None,
-    fan_in_fan_out: set[str],
+    fan_in_fan_out: AbstractSet[str],
     recipe: dict[str, Any] | None,
     copy_tokenizer: bool,
     progress: Callable[[str], None] | None,

@@ -123,8 +123,8 @@ def check_param_ranges(
                         f"{name} means something; use a value in {rng}."
                     )
     normalize = global_params.get("normalize")
-    weights = [pm.get("weight") for pm in per_model]
-    scalar = weights and all(isinstance(w, (int, float)) for w in weights)
+    weights = [w for pm in per_model if isinstance(w := pm.get("weight"), (int, float))]
+    scalar = bool(weights) and len(weights) == len(per_model)
     if normalize is True and scalar and abs(math.fsum(weights)) < 1e-8:
         raise ParameterRangeError(
             f"{where}: merge method {method!r} divides by the sum of the weights (normalize: true), and "

@@ -11,7 +11,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -85,6 +85,8 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         if v["dtype"] not in ST_TO_TORCH:
             raise _bad(path, f"tensor {k[:80]!r} has dtype {v['dtype'][:20]!r}, which moerge does not merge")
         shape, offsets = v.get("shape"), v.get("data_offsets")
+        if not isinstance(shape, list) or not isinstance(offsets, list):
+            raise _bad(path, f"tensor {k[:80]!r} has no shape or data_offsets")
         if not _int_list(shape) or len(shape) > 16 or not _int_list(offsets, 2):
             raise _bad(path, f"tensor {k[:80]!r} has a malformed shape or data_offsets")
         start, end = offsets
@@ -111,7 +113,7 @@ def read_tensor(entry: TensorEntry, fd: int, out: torch.Tensor | None = None) ->
         and out.is_contiguous()
         and out.numel() * out.element_size() == nbytes
     ):
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
         got = os.preadv(fd, [view], entry.start) if nbytes else 0
         if got != nbytes:
             raise MalformedConfigError(f"{entry.file}: truncated tensor data")
@@ -171,7 +173,7 @@ class StreamingShardWriter:
         self.out, self.shards, self.meta = out, shards, {"format": "pt", **(metadata or {})}
         self._order = [(si, it) for si, s in enumerate(shards) for it in s.items]
         self._pos = 0
-        self._file = None
+        self._file: BinaryIO | None = None
         self._shard = -1
 
     def _tmp(self, si: int) -> Path:
@@ -189,8 +191,10 @@ class StreamingShardWriter:
             self._file = open(self._tmp(si), "wb")  # noqa: SIM115
             self._file.write(_header_bytes(self.shards[si].items, self.meta))
             self._shard = si
+        assert self._file is not None
         if nbytes:
-            self._file.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+            self._file.write(memoryview(data))  # type: ignore[arg-type]
         self._pos += 1
 
     def finish(self) -> list[Path]:
