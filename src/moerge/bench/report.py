@@ -39,7 +39,7 @@ def format_group(cell: dict[str, Any] | None) -> str:
     v = cell["value"]
     if cell["normalized"]:
         return f"{v:+.2f}"
-    return " ".join(f"{METRIC_SHORT.get(k, k)} {x:.2f}" for k, x in v.items())
+    return " ".join(f"{METRIC_SHORT.get(k, k)}\u00a0{x:.2f}" for k, x in v.items())  # NBSP: kept together
 
 
 def _fmt(v: float | None, spec: str = ".2f", none: str = "—") -> str:
@@ -206,50 +206,73 @@ def premise_lines(results: BenchResults) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- terminal
-def print_table(results: BenchResults, console: Any = None) -> None:
-    """Print the summary table (rich) with footnotes for methods that did not run everywhere."""
-    from rich.console import Console
-    from rich.table import Table
+# Short headers (used with a legend when the full ones do not fit) and the order in which columns are left out
+# on a narrow terminal (lowest first; `moerge.tables`). Quality columns and the method are always shown.
+SHORT_HEADERS = {"held-in": "in", "switching": "switch", "composition": "comp", "unrelated": "unrel",
+                 "held-out": "out", "route acc in": "acc in", "route acc out": "acc out", "route H": "H",
+                 "expert FLOPs/tok": "FLOPs", "eval s": "s", "peak MiB": "MiB", "held-out rank": "rank"}  # fmt: skip
+DROP_ORDER = {"peak MiB": 1, "eval s": 2, "route H": 3, "held-out rank": 4, "route acc in": 5,
+              "expert FLOPs/tok": 6, "route acc out": 7}  # fmt: skip
 
-    console = console or Console()
+
+def summary_table(results: BenchResults) -> Any:
+    """The summary as a `moerge.tables.Table` (baselines and recipes in separate sections; footnotes below)."""
+    from moerge.tables import Column, Table
+
     header, rows, notes = table_rows(results)
-    table = Table(
-        title=f"moerge bench · suite {results.suite} · {len(results.experts)} experts", title_justify="left"
-    )
-    for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
+    columns = [Column(h, short=SHORT_HEADERS.get(h), right=i > 0, drop=DROP_ORDER.get(h))
+               for i, h in enumerate(header)]  # fmt: skip
+    table = Table(f"moerge bench · suite {results.suite} · {len(results.experts)} experts", columns, notes=notes)
     kinds = {m.name: m.kind for m in results.methods}
     previous = None
     for row in rows:
         kind = kinds.get(row[0].split(" [")[0])
-        if previous is not None and kind != previous:
-            table.add_section()
+        table.add_row(*row, section=previous is not None and kind != previous)
         previous = kind
+    return table
+
+
+def literature_table(runs: list[BenchResults], title: str) -> Any:
+    from moerge.tables import Column, Table
+
+    header, rows = literature_rows(runs)
+    table = Table(title, [Column(h) for h in header])
+    for row in rows:
         table.add_row(*row)
-    if (
-        not console.is_terminal
-    ):  # piped output (a file, a CI log): a wide table rather than one squeezed to 80
-        console = Console(file=console.file, width=max(console.width, 200), highlight=False)
-    console.print(table)
-    for n in notes:
-        console.print(n, highlight=False, soft_wrap=True)
-    console.print(legend(results), style="dim", highlight=False)
+    return table
+
+
+def print_table(results: BenchResults, console: Any = None, *, wide: bool = False) -> None:
+    """Print the summary table, its footnotes and legend, the premise verdicts and the literature's orderings:
+    fitted to the terminal's width (``wide``: every column), Markdown when not a terminal (`moerge.tables`)."""
+    from rich.console import Console
+    from rich.text import Text
+
+    from moerge.tables import render
+
+    console = console or Console()
+    terminal = console.is_terminal
+
+    def say(text: str, style: str = "", indent: int = 0) -> None:
+        if terminal:
+            from rich.padding import Padding
+
+            console.print(Padding(Text(text, style=style), (0, 0, 0, indent)), highlight=False)
+        else:
+            console.out(" " * indent + text, highlight=False)
+
+    render(summary_table(results), console, wide=wide)
+    say(legend(results), "dim")
     report = results.premise_report()
     if report is not None:
         from moerge.bench.premise import ROUTER_LABELS
 
-        console.print("premise diagnostics (moerge.bench.premise):", style="bold", highlight=False)
+        say("")
+        say("premise diagnostics (moerge.bench.premise):", "bold")
         for r in report.top1:
-            console.print(
-                f"  {ROUTER_LABELS.get(r, r)}: {report.verdict(r)}", highlight=False, soft_wrap=True
-            )
-    lh, lr = literature_rows([results])
-    lit = Table(title="the literature's expected orderings, on this run", title_justify="left")
-    for i, h in enumerate(lh):
-        lit.add_column(h, overflow="fold", ratio=[5, 2, 3, 4][i])
-    for row in lr:
-        lit.add_row(*row)
-    console.print(lit)
+            say(f"{ROUTER_LABELS.get(r, r)}: {report.verdict(r)}", indent=2)
+    say("")
+    render(literature_table([results], "the literature's expected orderings, on this run"), console, wide=wide)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -266,7 +289,7 @@ def load_results(path: str | Path) -> BenchResults:
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     def esc(s: str) -> str:
-        return s.replace("|", "\\|")
+        return s.replace("|", "\\|").replace("\u00a0", " ")
 
     lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
