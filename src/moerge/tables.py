@@ -42,6 +42,7 @@ class Table:
     rows: list[list[str]] = field(default_factory=list)
     sections: set[int] = field(default_factory=set)  # indices of rows that start a new section
     notes: list[str] = field(default_factory=list)  # lines printed under the table (wrapped at words)
+    styles: dict[str, str] = field(default_factory=dict)  # on a terminal: each of these words in its style
 
     def add_row(self, *cells: Any, section: bool = False) -> None:
         if len(cells) != len(self.columns):
@@ -54,7 +55,8 @@ class Table:
 # ---------------------------------------------------------------------------------------------- wrapping
 # Break points inside a word (an identifier, a path, key=value), coarsest first: before ":" and ",", then after
 # "=" and "/", then after "_". A word is broken at the finest level only where the coarser pieces do not fit.
-_LEVELS = [re.compile(r"(?=[:,])"), re.compile(r"(?<=[=/])"), re.compile(r"(?<=_)")]
+# Never between two digits ("1,234", "3/4" stay whole).
+_LEVELS = [re.compile(r"(?=:)|(?=,(?!\d))"), re.compile(r"(?<==)|(?<=/)(?!\d)"), re.compile(r"(?<=_)")]
 
 
 def _pieces(word: str, width: int, level: int = 0) -> list[str]:
@@ -172,9 +174,7 @@ def _legend(table: Table, shown: list[int], short: bool, dropped: list[int]) -> 
     out = []
     if short:
         named = [
-            f"{c.short} = {c.header}"
-            for i in shown
-            if (c := table.columns[i]).short and c.short != c.header
+            f"{c.short} = {c.header}" for i in shown if (c := table.columns[i]).short and c.short != c.header
         ]
         if named:
             out.append("Columns: " + "; ".join(named) + ".")
@@ -248,7 +248,11 @@ def render(table: Table, console: Any = None, *, wide: bool = False) -> None:
     for k, row in enumerate(table.rows):
         if k in table.sections:
             out.add_section()
-        out.add_row(*[_plain("\n".join(wrap_cell(row[i], w))) for w, i in zip(lay.widths, lay.shown)])
+        cells = [Text(_plain("\n".join(wrap_cell(row[i], w)))) for w, i in zip(lay.widths, lay.shown)]
+        for cell in cells:
+            for word, style in table.styles.items():
+                cell.highlight_regex(rf"(?<![\w.-]){re.escape(word)}(?![\w.-])", style)
+        out.add_row(*cells)
     if wide and lay.total() > console.width:
         console = Console(file=console.file, width=lay.total(), force_terminal=True,
                           color_system=console.color_system)  # fmt: skip

@@ -222,7 +222,9 @@ def summary_table(results: BenchResults) -> Any:
     header, rows, notes = table_rows(results)
     columns = [Column(h, short=SHORT_HEADERS.get(h), right=i > 0, drop=DROP_ORDER.get(h))
                for i, h in enumerate(header)]  # fmt: skip
-    table = Table(f"moerge bench · suite {results.suite} · {len(results.experts)} experts", columns, notes=notes)
+    table = Table(
+        f"moerge bench · suite {results.suite} · {len(results.experts)} experts", columns, notes=notes
+    )
     kinds = {m.name: m.kind for m in results.methods}
     previous = None
     for row in rows:
@@ -272,7 +274,9 @@ def print_table(results: BenchResults, console: Any = None, *, wide: bool = Fals
         for r in report.top1:
             say(f"{ROUTER_LABELS.get(r, r)}: {report.verdict(r)}", indent=2)
     say("")
-    render(literature_table([results], "the literature's expected orderings, on this run"), console, wide=wide)
+    render(
+        literature_table([results], "the literature's expected orderings, on this run"), console, wide=wide
+    )
 
 
 # ---------------------------------------------------------------------------------------------- files

@@ -37,8 +37,26 @@ _OS_HINTS = {
 
 
 def print_error(message: str) -> None:
-    """One ``error:`` line on stderr (the message is printed as is: no markup, no wrapping)."""
-    err_console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True, highlight=False)
+    """One ``error:`` line on stderr, printed as is (no markup): unwrapped when stderr is not a terminal, and on
+    a terminal wrapped at word boundaries (long paths at their ``/``), never inside a word."""
+    if not err_console.is_terminal:
+        err_console.print(
+            Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True, highlight=False
+        )
+        return
+    from moerge.tables import wrap_cell
+
+    first, *rest = wrap_cell(f"error: {message}", max(20, err_console.width))
+    err_console.print(
+        Text.assemble(("error:", "bold red"), first[len("error:") :]), soft_wrap=True, highlight=False
+    )
+    for line in rest:
+        err_console.print(Text(line), soft_wrap=True, highlight=False)
+
+
+def wide_option() -> bool:
+    """``--wide``: every column of a table even when wider than the terminal (tables are otherwise fitted)."""
+    return typer.Option(False, "--wide", help="Show every table column, however wide the table gets.")
 
 
 def fail(message: str) -> None:
