@@ -115,6 +115,7 @@ class Layout:
     headers: list[str]
     widths: list[int]
     legend: list[str]
+    fits: bool = True
 
     def total(self) -> int:
         return _total(self.widths)
@@ -149,7 +150,7 @@ def _fit(
 def layout(table: Table, width: int | None) -> Layout:
     """Fit ``table`` into ``width`` terminal cells (None: no limit): full headers, else the short ones with a
     legend, else without the optional columns (lowest drop rank first) — words broken at "_" only when nothing
-    else fits; at worst the narrowest layout."""
+    else fits; at worst the narrowest layout, marked ``fits=False`` (`render` then prints one block per row)."""
     order = [i for _, i in sorted((c.drop, i) for i, c in enumerate(table.columns) if c.drop is not None)]
     has_short = any(c.short for c in table.columns)
     for level in (len(_LEVELS) - 1, len(_LEVELS)):
@@ -164,10 +165,7 @@ def layout(table: Table, width: int | None) -> Layout:
     headers = [table.columns[i].short or table.columns[i].header for i in shown]
     cells = [[r[i] for r in table.rows] for i in shown]
     widths = [max([_min_width(h), *map(_min_width, cs)]) for h, cs in zip(headers, cells)]
-    if width is not None:  # still too wide: cut the widest columns, the last resort
-        while _total(widths) > width and max(widths) > 4:
-            widths[widths.index(max(widths))] -= 1
-    return Layout(shown, headers, widths, _legend(table, shown, True, dropped))
+    return Layout(shown, headers, widths, _legend(table, shown, True, dropped), fits=width is None)
 
 
 def _legend(table: Table, shown: list[int], short: bool, dropped: list[int]) -> list[str]:
@@ -236,6 +234,9 @@ def render(table: Table, console: Any = None, *, wide: bool = False) -> None:
 
     width = None if wide else console.width
     lay = layout(table, width)
+    if not lay.fits:
+        _render_blocks(table, console)
+        return
     out = RichTable(
         title=Text(table.title, style="bold"), title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
         pad_edge=False, padding=(0, 1, 0, 0), header_style="bold",
@@ -258,4 +259,23 @@ def render(table: Table, console: Any = None, *, wide: bool = False) -> None:
                           color_system=console.color_system)  # fmt: skip
     console.print(out, highlight=False, crop=False)
     for line in [*lay.legend, *table.notes]:
+        console.print(Text(_plain(line), style="dim"), highlight=False)
+
+
+def _render_blocks(table: Table, console: Any) -> None:
+    """A table too wide for the terminal even at its narrowest: one block per row, ``header: value`` lines."""
+    from rich.text import Text
+
+    width = max(20, console.width)
+    console.print(Text(table.title, style="bold"), highlight=False)
+    for row in table.rows:
+        console.print()
+        for line in wrap_cell(_plain(row[0]), width):
+            console.print(Text(line, style="bold"), highlight=False)
+        for col, value in zip(table.columns[1:], row[1:]):
+            first, *rest = wrap_cell(f"{col.header}: {_plain(value)}", width - 2)
+            console.print(Text("  " + first), highlight=False)
+            for line in wrap_cell(" ".join(rest), width - 4) if rest else []:
+                console.print(Text("    " + line), highlight=False)
+    for line in table.notes:
         console.print(Text(_plain(line), style="dim"), highlight=False)

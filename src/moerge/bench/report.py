@@ -578,7 +578,9 @@ def plot_trace(results: BenchResults, path: Path) -> Path | None:
     handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", lw=0.5))
     ax.legend(handles, [*results.experts, "no expert"], fontsize=6, ncol=min(E + 1, 5), loc="upper center",
               bbox_to_anchor=(0.5, -0.12), frameon=False)  # fmt: skip
-    ax.set_title(f"{task}, first example: expert per predicted token (bold: scored; white: no expert)", fontsize=8)
+    ax.set_title(
+        f"{task}, first example: expert per predicted token (bold: scored; white: no expert)", fontsize=8
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -23,8 +23,19 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-console = Console()
-err_console = Console(stderr=True)
+
+class _Console(Console):
+    """A console whose lines are never wrapped when it is not a terminal (a pipe, a file): piped output keeps
+    one line per message; on a terminal rich wraps at word boundaries."""
+
+    def print(self, *objects, soft_wrap: bool | None = None, **kwargs) -> None:  # type: ignore[override]
+        if soft_wrap is None and not self.is_terminal:
+            soft_wrap = True
+        super().print(*objects, soft_wrap=soft_wrap, **kwargs)
+
+
+console = _Console()
+err_console = _Console(stderr=True)
 
 DEBUG_FLAG = "--debug"
 _OS_HINTS = {
