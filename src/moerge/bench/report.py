@@ -39,7 +39,7 @@ def format_group(cell: dict[str, Any] | None) -> str:
     v = cell["value"]
     if cell["normalized"]:
         return f"{v:+.2f}"
-    return " ".join(f"{METRIC_SHORT.get(k, k)} {x:.2f}" for k, x in v.items())
+    return " ".join(f"{METRIC_SHORT.get(k, k)}\u00a0{x:.2f}" for k, x in v.items())  # NBSP: kept together
 
 
 def _fmt(v: float | None, spec: str = ".2f", none: str = "—") -> str:
@@ -206,50 +206,77 @@ def premise_lines(results: BenchResults) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- terminal
-def print_table(results: BenchResults, console: Any = None) -> None:
-    """Print the summary table (rich) with footnotes for methods that did not run everywhere."""
-    from rich.console import Console
-    from rich.table import Table
+# Short headers (used with a legend when the full ones do not fit) and the order in which columns are left out
+# on a narrow terminal (lowest first; `moerge.tables`). Quality columns and the method are always shown.
+SHORT_HEADERS = {"held-in": "in", "switching": "switch", "composition": "comp", "unrelated": "unrel",
+                 "held-out": "out", "route acc in": "acc in", "route acc out": "acc out", "route H": "H",
+                 "expert FLOPs/tok": "FLOPs", "eval s": "s", "peak MiB": "MiB", "held-out rank": "rank"}  # fmt: skip
+DROP_ORDER = {"peak MiB": 1, "eval s": 2, "route H": 3, "held-out rank": 4, "route acc in": 5,
+              "expert FLOPs/tok": 6, "route acc out": 7}  # fmt: skip
 
-    console = console or Console()
+
+def summary_table(results: BenchResults) -> Any:
+    """The summary as a `moerge.tables.Table` (baselines and recipes in separate sections; footnotes below)."""
+    from moerge.tables import Column, Table
+
     header, rows, notes = table_rows(results)
+    columns = [Column(h, short=SHORT_HEADERS.get(h), right=i > 0, drop=DROP_ORDER.get(h))
+               for i, h in enumerate(header)]  # fmt: skip
     table = Table(
-        title=f"moerge bench · suite {results.suite} · {len(results.experts)} experts", title_justify="left"
+        f"moerge bench · suite {results.suite} · {len(results.experts)} experts", columns, notes=notes
     )
-    for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
     kinds = {m.name: m.kind for m in results.methods}
     previous = None
     for row in rows:
         kind = kinds.get(row[0].split(" [")[0])
-        if previous is not None and kind != previous:
-            table.add_section()
+        table.add_row(*row, section=previous is not None and kind != previous)
         previous = kind
+    return table
+
+
+def literature_table(runs: list[BenchResults], title: str) -> Any:
+    from moerge.tables import Column, Table
+
+    header, rows = literature_rows(runs)
+    table = Table(title, [Column(h) for h in header])
+    for row in rows:
         table.add_row(*row)
-    if (
-        not console.is_terminal
-    ):  # piped output (a file, a CI log): a wide table rather than one squeezed to 80
-        console = Console(file=console.file, width=max(console.width, 200), highlight=False)
-    console.print(table)
-    for n in notes:
-        console.print(n, highlight=False, soft_wrap=True)
-    console.print(legend(results), style="dim", highlight=False)
+    return table
+
+
+def print_table(results: BenchResults, console: Any = None, *, wide: bool = False) -> None:
+    """Print the summary table, its footnotes and legend, the premise verdicts and the literature's orderings:
+    fitted to the terminal's width (``wide``: every column), Markdown when not a terminal (`moerge.tables`)."""
+    from rich.console import Console
+    from rich.text import Text
+
+    from moerge.tables import render
+
+    console = console or Console()
+    terminal = console.is_terminal
+
+    def say(text: str, style: str = "", indent: int = 0) -> None:
+        if terminal:
+            from rich.padding import Padding
+
+            console.print(Padding(Text(text, style=style), (0, 0, 0, indent)), highlight=False)
+        else:
+            console.out(" " * indent + text, highlight=False)
+
+    render(summary_table(results), console, wide=wide)
+    say(legend(results), "dim")
     report = results.premise_report()
     if report is not None:
         from moerge.bench.premise import ROUTER_LABELS
 
-        console.print("premise diagnostics (moerge.bench.premise):", style="bold", highlight=False)
+        say("")
+        say("premise diagnostics (moerge.bench.premise):", "bold")
         for r in report.top1:
-            console.print(
-                f"  {ROUTER_LABELS.get(r, r)}: {report.verdict(r)}", highlight=False, soft_wrap=True
-            )
-    lh, lr = literature_rows([results])
-    lit = Table(title="the literature's expected orderings, on this run", title_justify="left")
-    for i, h in enumerate(lh):
-        lit.add_column(h, overflow="fold", ratio=[5, 2, 3, 4][i])
-    for row in lr:
-        lit.add_row(*row)
-    console.print(lit)
+            say(f"{ROUTER_LABELS.get(r, r)}: {report.verdict(r)}", indent=2)
+    say("")
+    render(
+        literature_table([results], "the literature's expected orderings, on this run"), console, wide=wide
+    )
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -266,7 +293,7 @@ def load_results(path: str | Path) -> BenchResults:
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     def esc(s: str) -> str:
-        return s.replace("|", "\\|")
+        return s.replace("|", "\\|").replace("\u00a0", " ")
 
     lines = ["| " + " | ".join(map(esc, header)) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(map(esc, r)) + " |" for r in rows]
@@ -443,13 +470,16 @@ def plot_quality(results: BenchResults, path: Path) -> Path:
 
 
 def plot_cost(results: BenchResults, path: Path) -> Path:
-    """Mean normalised quality (held-in and held-out) against expert FLOPs per token, one point per method."""
+    """Mean normalised quality (held-in and held-out) against expert FLOPs per token, one numbered point per
+    method; the numbers are explained in a legend beside the plots (labels on the points would overlap)."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=False)
+    methods = [m for m in results.methods if m.kind != "single" and m.expert_flops_per_token is not None]
+    number = {m.name: i for i, m in enumerate(methods, start=1)}
+    colours = plt.get_cmap("tab20")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=False)
     for ax, split in zip(axes, ("held_in", "held_out")):
-        for m in results.methods:
-            if m.kind == "single" or m.expert_flops_per_token is None:
-                continue
+        points: list[tuple[float, float, int]] = []
+        for m in methods:
             rs = [
                 r
                 for r in results.results
@@ -459,20 +489,53 @@ def plot_cost(results: BenchResults, path: Path) -> Path:
                 continue
             y = sum(r.normalized for r in rs) / len(rs)
             x = m.expert_flops_per_token
-            marker = "o" if m.kind == "recipe" else "s"
-            ax.scatter([x], [y], marker=marker, s=30)
-            ax.annotate(m.name, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            i = number[m.name]
+            ax.scatter([x], [y], marker="o" if m.kind == "recipe" else "s", s=30, color=colours((i - 1) % 20))
+            points.append((x, y, i))
         ax.set_xscale("symlog", linthresh=1e4, linscale=0.5)
+        _number_points(ax, points)
         ax.set_xlabel("expert FLOPs per token (0 = merged into the weights)")
         ax.set_ylabel("mean normalised quality")
         ax.axhline(0, color="grey", lw=0.5)
         ax.axhline(1, color="grey", lw=0.5, ls="--")
         ax.set_title(split.replace("_", "-") + (" (tasks where the oracle differs from the base)" if split == "held_out" else ""),
                      fontsize=8)  # fmt: skip
-    fig.tight_layout()
+    handles = [
+        plt.Line2D([], [], ls="", marker="o" if m.kind == "recipe" else "s", color=colours((i - 1) % 20))
+        for i, m in enumerate(methods, start=1)
+    ]
+    fig.legend(handles, [f"{number[m.name]}  {m.name}" for m in methods], fontsize=6.5, loc="center right",
+               frameon=False, title="■ baseline  ● recipe", title_fontsize=7)  # fmt: skip
+    fig.tight_layout(rect=(0, 0, 0.77, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _number_points(ax: Any, points: list[tuple[float, float, int]], radius_px: float = 12.0) -> None:
+    """Write each point's number beside it; points closer than ``radius_px`` on screen share one label
+    ("4,5,19") so that no two labels are drawn over each other."""
+    ax.get_xlim(), ax.get_ylim()  # settle the limits, so the data-to-screen transform is final
+    groups: list[tuple[tuple[float, float], tuple[float, float], list[int]]] = []
+    for x, y, i in points:
+        px, py = ax.transData.transform((x, y))
+        for (gx, gy), _, numbers in groups:
+            if abs(gx - px) < radius_px * 2.5 and abs(gy - py) < radius_px:
+                numbers.append(i)
+                break
+        else:
+            groups.append(((px, py), (x, y), [i]))
+    for _, xy, numbers in groups:
+        ax.annotate(",".join(map(str, numbers)), xy, fontsize=7, xytext=(4, 2), textcoords="offset points")
+
+
+# Colours of the experts in the routing trace: tab20 without its greys (a grey expert reads as "no expert",
+# which is drawn white and named in the legend).
+TRACE_COLOURS = [c for i, c in enumerate(
+    ["#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#d62728", "#ff9896", "#9467bd", "#c5b0d5",
+     "#8c564b", "#c49c94", "#e377c2", "#f7b6d2", "#7f7f7f", "#c7c7c7", "#bcbd22", "#dbdb8d", "#17becf", "#9edae5"]
+) if i not in (14, 15)]  # fmt: skip
+TRACE_COLOURS = TRACE_COLOURS[0::2] + TRACE_COLOURS[1::2]  # the strong colours first
 
 
 def plot_trace(results: BenchResults, path: Path) -> Path | None:
@@ -498,9 +561,12 @@ def plot_trace(results: BenchResults, path: Path) -> Path | None:
     width = min(len(x) for x in mat)
     data = np.array([x[:width] for x in mat], dtype=float)
     data[data < 0] = np.nan
-    cmap = plt.get_cmap("tab10" if E <= 10 else "tab20").with_extremes(bad="white")
-    fig, ax = plt.subplots(figsize=(2.0 + 0.22 * width, 1.0 + 0.3 * len(labels)))
-    ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap=cmap, vmin=-0.5, vmax=(10 if E <= 10 else 20) - 0.5,
+    from matplotlib.colors import ListedColormap
+
+    palette = [TRACE_COLOURS[i % len(TRACE_COLOURS)] for i in range(E)]
+    cmap = ListedColormap(palette).with_extremes(bad="white")
+    fig, ax = plt.subplots(figsize=(2.0 + 0.22 * width, 1.3 + 0.3 * len(labels)))
+    ax.imshow(np.ma.masked_invalid(data), aspect="auto", cmap=cmap, vmin=-0.5, vmax=E - 0.5,
               interpolation="nearest")  # fmt: skip
     toks = [t if t.strip() else "␣" for t in first["tokens"][:width]]
     ax.set_xticks(range(width), toks, fontsize=7)
@@ -508,10 +574,13 @@ def plot_trace(results: BenchResults, path: Path) -> Path | None:
         if scored:
             ax.get_xticklabels()[j].set_fontweight("bold")
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=cmap(i)) for i in range(E)]
-    ax.legend(handles, results.experts, fontsize=6, ncol=min(E, 4), loc="upper center", bbox_to_anchor=(0.5, -0.12),
-              frameon=False)  # fmt: skip
-    ax.set_title(f"{task}, first example: expert per predicted token (bold: scored; white: none)", fontsize=8)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=palette[i]) for i in range(E)]
+    handles.append(plt.Rectangle((0, 0), 1, 1, facecolor="white", edgecolor="black", lw=0.5))
+    ax.legend(handles, [*results.experts, "no expert"], fontsize=6, ncol=min(E + 1, 5), loc="upper center",
+              bbox_to_anchor=(0.5, -0.12), frameon=False)  # fmt: skip
+    ax.set_title(
+        f"{task}, first example: expert per predicted token (bold: scored; white: no expert)", fontsize=8
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

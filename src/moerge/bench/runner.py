@@ -294,8 +294,13 @@ def _progress(enabled: bool) -> Iterator[Any]:
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from moerge.progress import shown, stderr_console
+
+    if not shown():  # not a terminal: no bar (a log would get only its last state)
+        yield None
+        return
     with Progress(
         TextColumn("[bold]{task.description:<32}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        transient=False,
+        console=stderr_console(), transient=False,
     ) as p:  # fmt: skip
         yield p

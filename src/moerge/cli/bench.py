@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from moerge.cli import plugins as cli_plugins
+from moerge.cli.common import wide_option
 
 
 def register(app: typer.Typer) -> None:
@@ -67,17 +68,23 @@ def _run(
     plugins: list[str] | None = None,
     seeds: int = 1,
     plots: bool = True,
+    wide: bool = False,
+    as_json: bool = False,
 ) -> None:
     from moerge.cli import plugins as cli_plugins
-    from moerge.cli.common import console
+    from moerge.cli.common import console, err_console
+    from moerge.progress import status
 
+    if as_json:  # stdout carries the JSON only; what is said along the way goes to stderr
+        console = err_console
     t0 = time.perf_counter()
-    from transformers.utils import logging as hf_logging
+    with status("starting (importing torch and transformers)", enabled=progress):
+        from transformers.utils import logging as hf_logging
 
-    from moerge.bench.report import print_table, write_report
+        from moerge.bench.report import print_table, write_report
+        from moerge.bench.runner import BenchConfig, run_bench
 
     hf_logging.disable_progress_bar()  # the per-load "Loading weights" bars
-    from moerge.bench.runner import BenchConfig, run_bench
 
     fields: dict = {}
     if config_file is not None:
@@ -96,10 +103,11 @@ def _run(
                 f"--seeds retrains the experts, which only a built-in suite can do (synthetic, real-text); "
                 f"{suite_name} is a suite folder: run it once per library instead"
             )
-        _run_seeds(suite_name, seeds, config, out, reduced, root, rebuild, progress, t0, plots)
+        _run_seeds(suite_name, seeds, config, out, reduced, root, rebuild, progress, t0, plots, wide, as_json)
         return
 
-    suite, how = _load_suite(suite_name, reduced, root, rebuild, progress)
+    with status(f"loading the {suite_name} suite (built and cached on first use)", enabled=progress):
+        suite, how = _load_suite(suite_name, reduced, root, rebuild, progress)
     t_suite = time.perf_counter() - t0
     console.print(f"suite [bold]{suite.name}[/] {how} in {t_suite:.1f} s ({len(suite.tasks)} tasks, "
                   f"{len(suite.experts)} experts)", highlight=False)  # fmt: skip
@@ -114,14 +122,35 @@ def _run(
         lib = ExpertLibrary.open(library)
     results = run_bench(suite, config, model=model, tokenizer=tokenizer, library=lib)
     results.environment["command"] = command_line()
-    print_table(results, console)
-    report = write_report(results, out, plots=plots)
+    if as_json:
+        print_json(results)
+    else:
+        print_table(results, console, wide=wide)
+    with status(f"writing the report{' and plots' if plots else ''} to {out}", enabled=progress):
+        report = write_report(results, out, plots=plots)
     wall = time.perf_counter() - t0
     console.print(
         f"total {wall:.1f} s (suite {t_suite:.1f} s, benchmark {results.wall_s:.1f} s). "
         f"Report: [bold]{report}[/] (results.json and plots alongside, in {out})",
         highlight=False,
     )
+
+
+def print_json(results) -> None:
+    """The summary and the literature's orderings as JSON on stdout (``--json``): the table's cells by header."""
+    import json
+
+    from moerge.bench.report import literature_table, summary_table
+    from moerge.tables import records
+
+    table = summary_table(results)
+    data = {
+        "suite": results.suite,
+        "summary": records(table),
+        "notes": table.notes,
+        "literature": records(literature_table([results], "literature")),
+    }
+    typer.echo(json.dumps(data, indent=1, ensure_ascii=False))
 
 
 def command_line() -> str:
@@ -133,14 +162,19 @@ def command_line() -> str:
 
 
 def _run_seeds(suite_name: str, seeds: int, config, out: Path, reduced: bool, root: Path | None, rebuild: bool,
-               progress: bool, t0: float, plots: bool) -> None:  # fmt: skip
+               progress: bool, t0: float, plots: bool, wide: bool = False, as_json: bool = False) -> None:  # fmt: skip
     """The built-in suite with its experts retrained for each seed, one run each; the interval report."""
-    from rich.table import Table
+    import json
 
     from moerge.bench.report import literature_rows
     from moerge.bench.runner import run_bench
     from moerge.bench.seeds import interval_rows, write_seed_report
-    from moerge.cli.common import console
+    from moerge.cli.common import console, err_console
+    from moerge.progress import status
+    from moerge.tables import NBSP, Column, Table, records, render
+
+    if as_json:
+        console = err_console
 
     runs = []
     for s in range(seeds):
@@ -149,17 +183,23 @@ def _run_seeds(suite_name: str, seeds: int, config, out: Path, reduced: bool, ro
         runs.append(run_bench(suite, config))
         runs[-1].notes.insert(0, f"expert-training seed {s}")
         runs[-1].environment["command"] = command_line()
-    for title, (header, rows) in (
-        (f"moerge bench · {seeds} seeds · mean ± 95% interval", interval_rows(runs)),
-        ("the literature's expected orderings, over the seeds", literature_rows(runs)),
+    tables = []
+    for title, (header, rows), numbers in (
+        (f"moerge bench · {seeds} seeds · mean ± 95% interval", interval_rows(runs), True),
+        ("the literature's expected orderings, over the seeds", literature_rows(runs), False),
     ):
-        table = Table(title=title, title_justify="left")
-        for i, h in enumerate(header):
-            table.add_column(h, justify="left" if i == 0 else "right", overflow="fold")
+        table = Table(title, [Column(h, right=numbers and i > 0) for i, h in enumerate(header)])
         for row in rows:
-            table.add_row(*row)
-        console.print(table)
-    report = write_seed_report(runs, out, plots=plots)
+            table.add_row(*[c.replace(" ± ", f"{NBSP}±{NBSP}") for c in row])  # "+0.46 ± 0.03" kept whole
+        tables.append(table)
+    if as_json:
+        typer.echo(json.dumps({"summary": records(tables[0]), "literature": records(tables[1])}, indent=1,
+                              ensure_ascii=False))  # fmt: skip
+    else:
+        for table in tables:
+            render(table, console, wide=wide)
+    with status(f"writing the report to {out}", enabled=progress):
+        report = write_seed_report(runs, out, plots=plots)
     console.print(f"total {time.perf_counter() - t0:.1f} s. Report: [bold]{report}[/] (each seed in {out}/seed-<i>/)",
                   highlight=False)  # fmt: skip
 
@@ -180,8 +220,13 @@ def demo(
     ),
     rebuild: bool = typer.Option(False, "--rebuild", help="rebuild the suite even if cached"),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 is fastest for the tiny models)"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(
+        True, "--progress/--no-progress", help="progress on stderr (on a terminal)"
+    ),
     plugin: list[str] = cli_plugins.plugin_option(),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="write the report's plots"),
+    wide: bool = wide_option(),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON instead of tables"),
 ) -> None:
     """Every recipe and baseline on the built-in synthetic suite (built if not cached): table and report."""
     _run(
@@ -202,6 +247,9 @@ def demo(
         progress,
         threads=threads,
         plugins=plugin,
+        plots=plots,
+        wide=wide,
+        as_json=as_json,
     )
 
 
@@ -236,7 +284,9 @@ def bench(
     ),
     device: str | None = typer.Option(None, "--device", help="cpu (default) or cuda"),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's own)"),
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = typer.Option(
+        True, "--progress/--no-progress", help="progress on stderr (on a terminal)"
+    ),
     plugin: list[str] = cli_plugins.plugin_option(),
     seeds: int = typer.Option(
         1,
@@ -245,7 +295,9 @@ def bench(
         help="synthetic / real-text: retrain the experts with N seeds; means and 95% intervals",
     ),
     plots: bool = typer.Option(True, "--plots/--no-plots", help="write the report's plots"),
+    wide: bool = wide_option(),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON instead of tables"),
 ) -> None:
     """Run recipes and baselines on a suite: quality per task and split, routing accuracy, cost; write a report."""
     _run(suite, recipe, baseline, library, base, out, config, limit, batch_size, reduced, root, rebuild,
-         artifacts, device, progress, threads, plugin, seeds, plots)  # fmt: skip
+         artifacts, device, progress, threads, plugin, seeds, plots, wide, as_json)  # fmt: skip

@@ -23,8 +23,19 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-console = Console()
-err_console = Console(stderr=True)
+
+class _Console(Console):
+    """A console whose lines are never wrapped when it is not a terminal (a pipe, a file): piped output keeps
+    one line per message; on a terminal rich wraps at word boundaries."""
+
+    def print(self, *objects, soft_wrap: bool | None = None, **kwargs) -> None:  # type: ignore[override]
+        if soft_wrap is None and not self.is_terminal:
+            soft_wrap = True
+        super().print(*objects, soft_wrap=soft_wrap, **kwargs)
+
+
+console = _Console()
+err_console = _Console(stderr=True)
 
 DEBUG_FLAG = "--debug"
 _OS_HINTS = {
@@ -37,8 +48,26 @@ _OS_HINTS = {
 
 
 def print_error(message: str) -> None:
-    """One ``error:`` line on stderr (the message is printed as is: no markup, no wrapping)."""
-    err_console.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True, highlight=False)
+    """One ``error:`` line on stderr, printed as is (no markup): unwrapped when stderr is not a terminal, and on
+    a terminal wrapped at word boundaries (long paths at their ``/``), never inside a word."""
+    if not err_console.is_terminal:
+        err_console.print(
+            Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True, highlight=False
+        )
+        return
+    from moerge.tables import wrap_cell
+
+    first, *rest = wrap_cell(f"error: {message}", max(20, err_console.width))
+    err_console.print(
+        Text.assemble(("error:", "bold red"), first[len("error:") :]), soft_wrap=True, highlight=False
+    )
+    for line in rest:
+        err_console.print(Text(line), soft_wrap=True, highlight=False)
+
+
+def wide_option() -> bool:
+    """``--wide``: every column of a table even when wider than the terminal (tables are otherwise fitted)."""
+    return typer.Option(False, "--wide", help="Show every table column, however wide the table gets.")
 
 
 def fail(message: str) -> None:

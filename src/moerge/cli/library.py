@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from moerge.cli.common import console
+from moerge.cli.common import console, wide_option
 
 library_app = typer.Typer(help="Create and manage expert libraries.", no_args_is_help=True)
 
@@ -84,6 +84,7 @@ def list_(
     base_model: str | None = typer.Option(None, help="Only experts for this base model."),
     name: str | None = typer.Option(None, help="Only names matching this glob."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON lines instead of a table."),
+    wide: bool = wide_option(),
 ) -> None:
     """List experts, optionally filtered."""
     from moerge.experts.library import ExpertLibrary
@@ -94,11 +95,11 @@ def list_(
         for md in experts:
             typer.echo(md.model_dump_json())
         return
-    from rich.table import Table
+    from moerge.tables import Column, Table, render
 
-    table = Table(title=f"{lib.url} — {len(experts)} of {len(lib)} experts")
-    for col in ("name", "kind", "task", "domain", "tags", "base model", "created"):
-        table.add_column(col)
+    columns = [Column("name"), Column("kind"), Column("task"), Column("domain", drop=3), Column("tags", drop=4),
+               Column("base model", drop=2), Column("created", drop=1)]  # fmt: skip
+    table = Table(f"{lib.url} — {len(experts)} of {len(lib)} experts", columns)
     for md in experts:
         table.add_row(
             md.name,
@@ -107,34 +108,47 @@ def list_(
             md.domain or "",
             ",".join(md.tags),
             md.base_model or "",
-            md.created_at[:16].replace("T", " "),
+            md.created_at[:16].replace("T", "\u00a0"),  # date and time kept on one line
         )
-    console.print(table)
+    render(table, console, wide=wide)
 
 
 @library_app.command("show")
 def show(
     library: str = typer.Argument(..., help="Library folder or URL."),
     name: str = typer.Argument(..., help="Expert name."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metadata and modules as one JSON object."),
+    wide: bool = wide_option(),
 ) -> None:
     """Show one expert's metadata and modules."""
+    import json
+
     from moerge.experts.library import ExpertLibrary
+    from moerge.tables import Column, Table, records, render
 
     lib = ExpertLibrary.open(library)
     expert = lib.get(name)
-    console.print_json(expert.metadata.model_dump_json())
-    from rich.table import Table
-
+    columns = [
+        Column("module"),
+        *[Column(h, right=True) for h in ("rank", "alpha", "d_in", "d_out", "scaling")],
+    ]
     table = Table(
-        title=f"{name}: {len(expert.lora) or len(expert.dense)} modules, {expert.num_parameters():,} parameters"
+        f"{name}: {len(expert.lora) or len(expert.dense)} modules, {expert.num_parameters():,} parameters",
+        columns,
     )
-    for col in ("module", "rank", "alpha", "d_in", "d_out", "scaling"):
-        table.add_column(col)
     for module, lm in sorted(expert.lora.items()):
         table.add_row(module, str(lm.rank), f"{lm.alpha:g}", str(lm.d_in), str(lm.d_out), f"{lm.scaling:.3g}")
     for param, t in sorted(expert.dense.items()):
         table.add_row(param, "dense", "", "", str(tuple(t.shape)), "")
-    console.print(table)
+    if as_json:
+        metadata = json.loads(expert.metadata.model_dump_json())
+        typer.echo(json.dumps({"metadata": metadata, "modules": records(table)}, indent=1))
+        return
+    if console.is_terminal:
+        console.print_json(expert.metadata.model_dump_json())
+    else:
+        console.out(expert.metadata.model_dump_json(indent=1), highlight=False)
+    render(table, console, wide=wide)
 
 
 @library_app.command("verify")

@@ -42,6 +42,9 @@ def merge_command(
         False, "--overwrite", help="Replace a non-empty OUT (once the merge is complete; never an input)."
     ),
     plugin: list[str] = cli_plugins.plugin_option(),
+    progress: bool = typer.Option(
+        True, "--progress/--no-progress", help="A progress bar on stderr (only shown on a terminal)."
+    ),
 ) -> None:
     """Merge models or LoRA experts as the YAML config says (same schema as moerge.merge(...))."""
     cli_plugins.load(plugin)
@@ -59,7 +62,16 @@ def merge_command(
     overrides = dict(lora_mode=lora_mode, rank=rank, dtype=dtype, seed=seed, shard_size=shard_size, name=name)
     if add_to_library:
         overrides["add_to_library"] = True
-    result = merge(config, out, overwrite=overwrite, **{k: v for k, v in overrides.items() if v is not None})
+    from moerge.progress import bar
+
+    with bar(f"merging {config.name}", None, enabled=progress) as advance:
+        result = merge(
+            config,
+            out,
+            overwrite=overwrite,
+            progress=lambda key, done, total: advance(1, total=total),
+            **{k: v for k, v in overrides.items() if v is not None},
+        )
     if isinstance(result, Path):
         console.print(f"merged model written to [bold]{result}[/]")
     else:

@@ -11,7 +11,7 @@ from typing import Any
 import typer
 
 from moerge.cli import plugins as cli_plugins
-from moerge.cli.common import console, fail
+from moerge.cli.common import console, fail, wide_option
 
 # The survey table's abbreviations (reference/moerging-methods.md §2.1).
 SHORT = {
@@ -51,10 +51,26 @@ ABBREV = {
     "full": "Full",
     "n/a": "N/A",
 }
-LEGEND = (
-    "ET expert training, ED expert data, RD routing dataset, IG input granularity, DG depth granularity, "
-    "ES expert selection, EA expert aggregation, Gen generalization, UD user dataset (--json for full values)"
+AXIS_NAMES = {
+    "training": "expert training",
+    "expert_data": "expert data",
+    "routing_data": "routing dataset",
+    "granularity": "input granularity",
+    "depth": "depth granularity",
+    "selection": "expert selection",
+    "aggregation": "expert aggregation",
+    "generalization": "generalization",
+    "user_data": "user dataset",
+}
+VALUES_NOTE = (
+    "Values: "
+    + ", ".join(f"{v} {k}" for k, v in ABBREV.items() if v.lower() != k)
+    + " (--json: full values)."
 )
+# Distinct, readable colours for experts in a routing trace (none grey or dim, which would read as "no expert").
+EXPERT_STYLES = ["bold cyan", "bold magenta", "bold green", "bold yellow", "bold blue", "bold red",
+                 "bright_cyan", "bright_magenta", "bright_green", "bright_yellow", "bright_blue", "bright_red"]  # fmt: skip
+NO_EXPERT = "none (base model only)"
 
 
 def parse_options(pairs: list[str]) -> dict[str, Any]:
@@ -112,6 +128,7 @@ def register(app: typer.Typer) -> None:
     def recipes(
         as_json: bool = typer.Option(False, "--json", help="Print the table as JSON rows."),
         plugin: list[str] = cli_plugins.plugin_option(),
+        wide: bool = wide_option(),
     ) -> None:
         """Print every routing recipe with its taxonomy record (the survey's nine axes)."""
         from moerge.recipes import AXES, taxonomy_rows
@@ -122,16 +139,17 @@ def register(app: typer.Typer) -> None:
         if as_json:
             console.print_json(json.dumps(rows))
             return
-        from rich.table import Table
+        from moerge.tables import Column, Table, render
 
-        table = Table(title="moerge recipes: taxonomy records", caption=LEGEND, show_lines=False)
-        table.add_column("recipe", style="bold", no_wrap=True)
-        for axis in AXES:
-            table.add_column(SHORT[axis], no_wrap=True)
-        table.add_column("paper", overflow="fold")
+        columns = [
+            Column("recipe"),
+            *[Column(AXIS_NAMES[a], short=SHORT[a]) for a in AXES],
+            Column("paper", drop=1),
+        ]
+        table = Table("moerge recipes: taxonomy records", columns, notes=[VALUES_NOTE])
         for r in rows:
             table.add_row(r["recipe"], *[ABBREV.get(r[a], r[a]) for a in AXES], r["paper"])
-        console.print(table)
+        render(table, console, wide=wide)
 
     @app.command("generate")
     def generate(
@@ -151,6 +169,12 @@ def register(app: typer.Typer) -> None:
         ),
         top: int = typer.Option(2, "--top", help="Experts shown per token with --show-routing."),
         plugin: list[str] = cli_plugins.plugin_option(),
+        wide: bool = wide_option(),
+        as_json: bool = typer.Option(
+            False,
+            "--json",
+            help="One JSON object per prompt (completion, and the routing with --show-routing).",
+        ),
     ) -> None:
         """Generate completions from a routed model (greedy)."""
         import torch
@@ -164,9 +188,12 @@ def register(app: typer.Typer) -> None:
         cli_plugins.load(plugin)
         if not base_model.is_dir():
             fail(f"{base_model}: no such model folder")
-        tokenizer = AutoTokenizer.from_pretrained(base_model)
-        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).eval()
-        routed = attach(model, library, recipe=recipe, tokenizer=tokenizer, **opts)
+        from moerge.progress import quiet_transformers, status
+
+        with status(f"loading {base_model.name} and attaching {recipe}"), quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(base_model)
+            model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).eval()
+            routed = attach(model, library, recipe=recipe, tokenizer=tokenizer, **opts)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         for row in rows:
             enc = encode_prompt(tokenizer, row["prompt"])
@@ -179,13 +206,41 @@ def register(app: typer.Typer) -> None:
             )
             n = enc["input_ids"].shape[1]
             text = tokenizer.decode(out[0, n:], skip_special_tokens=True)
-            console.print(f"[bold]{row['prompt']}[/]{text}", highlight=False)
-            if show_routing:
-                print_routing(routed, tokenizer, out[0], top)
+            trace = routing_trace(routed, tokenizer, out[0], top) if show_routing else None
+            if as_json:
+                record = {"prompt": row["prompt"], "completion": text, **({"task": task} if task else {})}
+                if trace is not None:
+                    record["routing"] = [{"position": p, "token": t, "experts": [{"expert": e, "weight": w}
+                                                                                   for e, w in ex]}
+                                         for p, t, ex in trace]  # fmt: skip
+                typer.echo(json.dumps(record, ensure_ascii=False))
+                continue
+            from rich.text import Text
 
-    def print_routing(routed, tokenizer, ids, top: int) -> None:
+            console.print(Text.assemble((row["prompt"], "bold"), text), highlight=False)
+            if trace is not None:
+                print_routing(trace, routed.expert_names, wide)
+
+    def routing_trace(routed, tokenizer, ids, top: int) -> list[tuple[int, str, list[tuple[str, float]]]]:
         from moerge.routing.diagnostics import per_token_experts
 
-        for pos, token_id, experts in per_token_experts(routed.last_routing(), routed.expert_names, ids, top):
-            shown = ", ".join(f"{name} {w:.2f}" for name, w in experts)
-            console.print(f"  {pos:>4} {tokenizer.decode([token_id])!r:>8} → {shown}", highlight=False)
+        return [
+            (pos, tokenizer.decode([token_id]), experts)
+            for pos, token_id, experts in per_token_experts(
+                routed.last_routing(), routed.expert_names, ids, top
+            )
+        ]
+
+    def print_routing(trace, expert_names: list[str], wide: bool) -> None:
+        from moerge.tables import NBSP, Column, Table, render
+
+        table = Table(
+            "routing: experts with the largest mean weight over layers, per position",
+            [Column("position", short="pos", right=True), Column("token"), Column("experts (weight)")],
+            styles={name: EXPERT_STYLES[i % len(EXPERT_STYLES)] for i, name in enumerate(expert_names)},
+        )
+        table.styles[NO_EXPERT] = "italic"
+        for pos, token, experts in trace:
+            shown = ", ".join(f"{name}{NBSP}{w:.2f}" for name, w in experts) or NO_EXPERT
+            table.add_row(pos, repr(token), shown)
+        render(table, console, wide=wide)

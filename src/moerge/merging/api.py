@@ -96,6 +96,7 @@ def merge(
     experts: Sequence[Expert] | None = None,
     evaluate: Callable[[Any], float] | None = None,
     overwrite: bool = False,
+    progress: Callable[[str, int, int], None] | None = None,
     **fields: Any,
 ) -> Path | Expert:
     """Run a merge described by ``config`` (a `MergeConfig`, a dict, or a YAML path) and/or keyword fields.
@@ -106,7 +107,8 @@ def merge(
     ``evaluate(candidate) -> score`` (a state dict or an `Expert`).
 
     ``out`` is written atomically (a temporary sibling renamed into place when complete): a failing merge leaves
-    it as it was. A non-empty ``out`` is refused unless ``overwrite``, and always when it is (or holds) an input."""
+    it as it was. A non-empty ``out`` is refused unless ``overwrite``, and always when it is (or holds) an input.
+    ``progress(tensor name, done, total)`` is called as a full-checkpoint merge writes each tensor."""
     if (
         experts is not None
         and not fields.get("models")
@@ -147,6 +149,7 @@ def merge(
         copy_tokenizer=cfg.copy_tokenizer,
         overwrite=overwrite,
         inputs=_inputs(cfg) + [cfg.library],
+        progress=progress,
     )
 
 

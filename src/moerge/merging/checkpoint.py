@@ -327,7 +327,7 @@ def merge_checkpoints(
     fan_in_fan_out: AbstractSet[str] = frozenset(),
     recipe: dict[str, Any] | None = None,
     copy_tokenizer: bool = True,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
     overwrite: bool = False,
     inputs: Sequence[str | Path | None] | None = None,
 ) -> Path:
@@ -335,7 +335,8 @@ def merge_checkpoints(
 
     The output is written into a temporary sibling folder and renamed into place once complete, so a failed
     merge (bad parameters, NaN, a full disk) leaves ``out`` as it was; a non-empty ``out`` is replaced only with
-    ``overwrite``, and never when it is (or holds) an input (``models``, ``base_model`` and ``inputs``)."""
+    ``overwrite``, and never when it is (or holds) an input (``models``, ``base_model`` and ``inputs``).
+    ``progress(name, done, total)`` is called after each tensor is written."""
     out = Path(out)
     sources = [*models, base_model, *(inputs or [])]
     readers: list[CheckpointReader] = []
@@ -369,7 +370,7 @@ def _merge_into(
     fan_in_fan_out: AbstractSet[str],
     recipe: dict[str, Any] | None,
     copy_tokenizer: bool,
-    progress: Callable[[str], None] | None,
+    progress: Callable[[str, int, int], None] | None,
 ) -> None:
     ref = base or readers[0]
     out_dtype = DTYPES[dtype] if dtype else None
@@ -390,8 +391,9 @@ def _merge_into(
         stats=stats,
         fan_in_fan_out=fan_in_fan_out,
     )
+    total = len(ref.names())
     try:
-        for key, merged in merged_tensors:
+        for done, (key, merged) in enumerate(merged_tensors, 1):
             if torch.is_floating_point(merged) and not torch.isfinite(merged).all():
                 raise NonFiniteWeightsError(
                     f"merged tensor {key} holds NaN/Inf; nothing was written. Check the inputs (NaN weights) and "
@@ -399,7 +401,7 @@ def _merge_into(
                 )
             writer.write(key, merged.to(out_dtype_of(key)))
             if progress:
-                progress(key)
+                progress(key, done, total)
         writer.finish()
     except BaseException:
         writer.abort()

@@ -63,11 +63,14 @@ def _progress(description: str, total: int, enabled: bool):
         return nullcontext(None)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from moerge.progress import stderr_console
+
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
+        console=stderr_console(),  # stdout stays the command's output
         transient=True,
         refresh_per_second=4,
     )

@@ -62,9 +62,12 @@ def load_base(base_model: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, 
             )
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        from moerge.progress import quiet_transformers, status
+
+        with status(f"loading {path.name}"), quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(str(path))
         return model, tokenizer, str(base_model), True
     if tokenizer is None:
         raise MoergeError("train_expert: pass the tokenizer along with a loaded base model")
