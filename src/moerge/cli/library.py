@@ -293,12 +293,13 @@ def prepare(
             )  # fmt: skip
             done += [f"{spec.label}: {line}" for line in lines]
     for line in done:
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, soft_wrap=True)
     if not done:
         console.print(
             f"nothing to compute: experts {', '.join(names)} already have what "
             f"{', '.join(s.label for s in specs)} need{'s' if len(specs) == 1 else ''} in {lib.url}",
             highlight=False,
+            soft_wrap=True,
         )
 
 
@@ -394,9 +395,13 @@ def _signature_progress(enabled: bool) -> Iterator[Any]:
 
     from moerge.recipes.progress import RichSignatureProgress
 
-    with Progress(
+    p = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
-    ) as p:  # fmt: skip
-        bar = RichSignatureProgress(p)
+    )  # fmt: skip
+    bar = RichSignatureProgress(p)  # starts the display at the first computation (none: no empty display)
+    try:
         yield bar
         bar.close()
+    finally:
+        if p.live.is_started:
+            p.stop()

@@ -44,6 +44,8 @@ class ArtifactOverlay:
         self.folder = self.storage.root
 
     def __getattr__(self, name: str) -> Any:
+        if name == "library":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.library, name)
 
     def __contains__(self, name: object) -> bool:

@@ -46,8 +46,9 @@ class DescribeProgress(SignatureProgress):
 
 
 class RichSignatureProgress(SignatureProgress):
-    """Two bars in ``progress`` (a live `rich.progress.Progress`): the computations done (advanced per expert
-    and signature, described by the current one) and the current one's steps (shown while it has steps)."""
+    """Two bars in ``progress`` (a `rich.progress.Progress`, started at the first computation if it is not
+    live yet): the computations done (advanced per expert and signature, described by the current one) and the
+    current one's steps (shown while it has steps)."""
 
     def __init__(self, progress: Any, title: str = "routing artifacts"):
         self.progress = progress
@@ -61,6 +62,8 @@ class RichSignatureProgress(SignatureProgress):
             return
         self.total += total
         if self.task is None:
+            if not self.progress.live.is_started:  # shown from the first computation on, not before
+                self.progress.start()
             self.task = self.progress.add_task(self.title, total=self.total)
         else:
             self.progress.update(self.task, total=self.total)
