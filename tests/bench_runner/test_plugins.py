@@ -66,9 +66,13 @@ def test_plugin_recipe_runs_in_the_benchmark_from_the_cli(
     ran = [r for r in data["results"] if r["method"] == "update_norm"]
     assert ran and all(r["status"] == "ok" for r in ran)
     assert all(r["routing_accuracy"] is not None for r in ran if r["split"] == "held_in")
-    # the signature was computed through its own compute function and cached in the suite's library
+    # the signature was computed through its own compute function and kept in the run's artifacts folder
+    from moerge.experts.artifacts import ArtifactOverlay, default_artifacts_dir
+
     library = reduced_suite.open_library()
-    assert all(library.has_artifact("update_gram", {"version": 1}, n) for n in reduced_suite.experts)
+    kept = ArtifactOverlay(library, default_artifacts_dir(library))
+    assert all(kept.has_artifact("update_gram", {"version": 1}, n) for n in reduced_suite.experts)
+    assert not any(library.has_artifact("update_gram", {"version": 1}, n) for n in reduced_suite.experts)
 
 
 def test_plugin_router_matches_a_dense_reference(plugin_file, isolated_registries, base_model, reduced_suite):

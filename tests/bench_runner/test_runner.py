@@ -147,6 +147,7 @@ def test_missing_artifacts_are_reported_and_unknown_names_refused_up_front(
 def test_runner_trains_missing_gates_on_each_experts_training_examples(reduced_suite, base_model, tmp_path):
     """A library without gates: the runner trains them as the contributor would, on the expert's own training
     examples (prompt/completion, loss on the completion) and with the expert's batch size and data seed."""
+    from moerge.experts.artifacts import ArtifactOverlay
     from moerge.experts.library import ExpertLibrary
     from moerge.train.data import encode_examples
     from moerge.train.gates import GATES_KIND, gates_config
@@ -155,12 +156,24 @@ def test_runner_trains_missing_gates_on_each_experts_training_examples(reduced_s
     lib = ExpertLibrary.create(tmp_path / "lib")
     for n in reduced_suite.experts:
         lib.add(reduced_suite.open_library().get(n))
-    config = BenchConfig(recipes=["phatgoose:gate_steps=2"], baselines=["base"], limit=1, progress=False)
+    config = BenchConfig(recipes=["phatgoose:gate_steps=2"], baselines=["base"], limit=1, progress=False,
+                         write_artifacts=True)  # fmt: skip
     res = run_bench(reduced_suite, config, model=model, tokenizer=tokenizer, library=lib)
     assert res.method("phatgoose:gate_steps=2").status == "ok"
     assert any("phatgoose_gates" in n for n in res.notes)
+    # the same run keeping its artifacts outside the library computes the same gates there
+    other = ExpertLibrary.create(tmp_path / "other")
+    for n in reduced_suite.experts:
+        other.add(lib.get(n))
+    res = run_bench(reduced_suite, config.model_copy(update={"write_artifacts": False, "artifacts_dir": str(
+        tmp_path / "kept")}), model=model, tokenizer=tokenizer, library=other)  # fmt: skip
+    assert res.method("phatgoose:gate_steps=2").status == "ok"
+    assert not other.list_artifacts()
+    kept = ArtifactOverlay(other, tmp_path / "kept")
     for task in reduced_suite.held_in:
+        theirs, _ = kept.get_artifact(GATES_KIND, gates_config(2), task.name)
         tensors, meta = lib.get_artifact(GATES_KIND, gates_config(2), task.name)
+        assert all(torch.equal(theirs[m], tensors[m]) for m in tensors)
         trained = lib.get_metadata(task.name).training
         assert set(tensors) == set(lib.get(task.name).lora)
         assert meta["steps"] == 2 and meta["lr"] == 5e-3

@@ -20,15 +20,23 @@ def expert_training_rows(suite: Any, expert: str) -> list[dict[str, str]]:
 
 def prepare_artifacts(run: BenchRun, specs: Sequence[RecipeSpec]) -> list[str]:
     """Compute the signatures the recipes of ``specs`` need and the library lacks, from each expert's training
-    data (`moerge.recipes.facade.prepare_signatures`). Experts without training data in the suite are left
-    without, so their recipes report not applicable. Returns one note per signature computed."""
+    data (`moerge.recipes.facade.prepare_signatures`), into ``run.library`` (the run's artifacts folder over
+    the user's library unless told to write into it). Experts without training data in the suite are left
+    without, so their recipes report not applicable. With a progress display, a bar counts the (signature,
+    expert) computations, named as it goes, and a second one the steps of the current one (gate training).
+    Returns one note per signature computed."""
     from moerge.recipes.facade import prepare_signatures
+    from moerge.recipes.progress import RichSignatureProgress
 
     data = {e.name: expert_training_rows(run.suite, e.name) for e in run.experts}
+    bar = RichSignatureProgress(run.progress) if run.progress is not None else None
     done: list[str] = []
     for spec in specs:  # a signature computed for one spec is found present by the next that needs it
+        run.describe(f"artifacts for {spec.label}")
         done += prepare_signatures(
             spec.recipe, run.model, run.tokenizer, run.library, data, experts=run.experts,
-            embedders=run.embedders, progress=run.describe, **spec.options,
+            embedders=run.embedders, progress=bar, weights=False, **spec.options,
         )  # fmt: skip
+    if bar is not None:
+        bar.close()
     return done

@@ -66,9 +66,23 @@ class BenchConfig(BaseModel):
     batch_size: int = Field(64, ge=1)
     limit: int | None = Field(None, ge=1, description="eval examples per task (None: all)")
     user_data: Literal["zero-shot", "few-shot", "full"] = "zero-shot"
+    experts: list[str] | None = Field(
+        None,
+        description="route over these experts of the library only, in this order (None: the suite's expert "
+        "list, or every LoRA expert of the library)",
+    )
     prepare_artifacts: bool = Field(
         True,
         description="compute missing routing artifacts (gates, centroids) from the suite's training data",
+    )
+    artifacts_dir: str | None = Field(
+        None,
+        description="folder the run stores the routing artifacts it computes in (None: "
+        "$MOERGE_CACHE/artifacts/<library>); the library's own artifacts are read first",
+    )
+    write_artifacts: bool = Field(
+        False,
+        description="store computed routing artifacts in the expert library itself (default: never modify it)",
     )
     merges: MergeBaselineConfig = Field(default_factory=MergeBaselineConfig)
     premise: bool = Field(

@@ -165,9 +165,12 @@ def run_bench(
     """Run every baseline and recipe of ``config`` on ``suite`` and return the measurements.
 
     The base model, tokenizer and libraries default to the suite's own (``suite.load_base()``,
-    ``suite.open_library()``, ``suite.baselines``); ``experts`` restricts the experts (default: the suite's
-    expert list, which is also the order of its routing labels). Unknown recipes, bad recipe options and
-    unknown baselines are refused before anything runs.
+    ``suite.open_library()``, ``suite.baselines``); ``experts`` (or ``config.experts``) restricts the experts
+    (default: the suite's expert list, which is also the order of its routing labels). Unknown recipes, bad
+    recipe options and unknown baselines are refused before anything runs.
+
+    The library is only read: routing artifacts the run computes go to ``config.artifacts_dir`` (default
+    `moerge.experts.artifacts.default_artifacts_dir`), unless ``config.write_artifacts``.
     """
     import torch
 
@@ -191,11 +194,19 @@ def run_bench(
         from moerge.experts.library import ExpertLibrary
 
         baselines_library = ExpertLibrary.open(suite.baselines)
-    names = list(experts or suite.experts or library.names(kind="lora"))
+    names = list(experts or config.experts or suite.experts or library.names(kind="lora"))
     absent = [n for n in names if n not in library]
     if absent:
-        raise LibraryError(f"suite {suite.name!r} names experts {absent} that library {library.url} lacks")
+        chosen = "were chosen" if experts or config.experts else f"are named by suite {suite.name!r}"
+        raise LibraryError(
+            f"experts {absent} {chosen}, but library {library.url} lacks them (it holds: "
+            f"{', '.join(library.names()) or 'none'})"
+        )
     expert_list = [library.get(n) for n in names]
+    if not config.write_artifacts:
+        from moerge.experts.artifacts import ArtifactOverlay, default_artifacts_dir
+
+        library = ArtifactOverlay(library, config.artifacts_dir or default_artifacts_dir(library))
 
     run = BenchRun(suite, config, model, tokenizer, library, expert_list, baselines_library)
     with _threads(config.threads), _progress(config.progress) as progress:
@@ -205,7 +216,13 @@ def run_bench(
         if progress is not None:
             run.ptask = progress.add_task("benchmark", total=n_evals)
         if config.prepare_artifacts:
-            run.notes += prepare_artifacts(run, specs)
+            done = prepare_artifacts(run, specs)
+            run.notes += done
+            if done and not config.write_artifacts:
+                run.notes.append(
+                    f"routing artifacts computed by this run are kept in {library.folder} (library "
+                    f"{library.url} was not modified; write_artifacts / --write-artifacts stores them in it)"
+                )
         premise = measure_run_premise(run, specs) if config.premise else None
         for b in baselines:
             run.describe(b.name)

@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from moerge.cli import plugins as cli_plugins
+from moerge.cli import routing_options
 from moerge.cli.common import wide_option
 
 
@@ -70,6 +71,9 @@ def _run(
     plots: bool = True,
     wide: bool = False,
     as_json: bool = False,
+    experts: list[str] | None = None,
+    artifacts_dir: Path | None = None,
+    write_artifacts: bool = False,
 ) -> None:
     from moerge.cli import plugins as cli_plugins
     from moerge.cli.common import console, err_console
@@ -90,7 +94,10 @@ def _run(
     if config_file is not None:
         fields.update(_read_yaml(config_file))
     flags = {"recipes": recipes or None, "baselines": baselines or None, "limit": limit, "batch_size": batch_size,
-             "prepare_artifacts": artifacts, "device": device, "threads": threads}  # fmt: skip
+             "prepare_artifacts": artifacts, "device": device, "threads": threads,
+             "experts": routing_options.parse_experts(experts),
+             "artifacts_dir": str(artifacts_dir) if artifacts_dir is not None else None,
+             "write_artifacts": write_artifacts or None}  # fmt: skip
     fields.update({k: v for k, v in flags.items() if v is not None})
     fields["progress"] = progress
     config = BenchConfig(**fields)
@@ -282,6 +289,16 @@ def bench(
         "--artifacts/--no-artifacts",
         help="compute missing routing artifacts from the suite's training data",
     ),
+    artifacts_dir: Path | None = typer.Option(
+        None,
+        "--artifacts-dir",
+        help="folder for the routing artifacts the run computes (default: $MOERGE_CACHE/artifacts/<library>); "
+        "the library itself is not modified",
+    ),
+    write_artifacts: bool = typer.Option(
+        False, "--write-artifacts", help="store the routing artifacts the run computes in the library itself"
+    ),
+    experts: list[str] = routing_options.experts_option(),
     device: str | None = typer.Option(None, "--device", help="cpu (default) or cuda"),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's own)"),
     progress: bool = typer.Option(
@@ -300,4 +317,5 @@ def bench(
 ) -> None:
     """Run recipes and baselines on a suite: quality per task and split, routing accuracy, cost; write a report."""
     _run(suite, recipe, baseline, library, base, out, config, limit, batch_size, reduced, root, rebuild,
-         artifacts, device, progress, threads, plugin, seeds, plots, wide, as_json)  # fmt: skip
+         artifacts, device, progress, threads, plugin, seeds, plots, wide, as_json, experts, artifacts_dir,
+         write_artifacts)  # fmt: skip

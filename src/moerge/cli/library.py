@@ -1,11 +1,17 @@
-"""``moerge library …``: create, fill, inspect, check and export expert libraries."""
+"""``moerge library …``: create, fill, inspect, check and export expert libraries, and prepare the routing
+signatures recipes need (``moerge library prepare``)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import typer
 
+from moerge.cli import plugins as cli_plugins
+from moerge.cli import routing_options
 from moerge.cli.common import console, wide_option
 
 library_app = typer.Typer(help="Create and manage expert libraries.", no_args_is_help=True)
@@ -232,3 +238,184 @@ def rename(
 
     ExpertLibrary.open(library).rename(old, new)
     console.print(f"renamed [bold]{old}[/] to [bold]{new}[/]")
+
+
+@library_app.command("prepare")
+def prepare(
+    library: str = typer.Argument(..., help="Library folder or URL."),
+    recipe: list[str] = typer.Option(
+        ...,
+        "--recipe",
+        "-r",
+        help='Recipe whose signatures to compute: "name" or "name:key=value,…" (repeatable).',
+    ),
+    data: list[str] = typer.Option(
+        [],
+        "--data",
+        metavar="EXPERT_OR_TASK=FILE.jsonl",
+        help='Training data of an expert (JSONL rows {"text": …} or {"prompt": …, "completion": …}), for the '
+        "expert of that name, or every expert whose task it is (repeatable).",
+    ),
+    option: list[str] = typer.Option(
+        [], "--option", "-o", help="Recipe option KEY=VALUE for every --recipe (repeatable)."
+    ),
+    base: Path | None = typer.Option(
+        None, "--base", help="Base model folder (default: the library's base model, if it is a folder)."
+    ),
+    experts: list[str] = routing_options.experts_option(
+        "Prepare these experts only (comma-separated names, repeatable; default: every LoRA expert)."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    plugin: list[str] = cli_plugins.plugin_option(),
+) -> None:
+    """Compute and store the routing signatures (PHATGOOSE gates, centroids, Arrow prototypes …) recipes need
+    for the library's experts, from each expert's training data where the signature needs data."""
+    from moerge.experts.library import ExpertLibrary
+    from moerge.recipes.registry import get_recipe
+
+    cli_plugins.load(plugin)
+    lib = ExpertLibrary.open(library)
+    names = routing_options.parse_experts(experts) or lib.names(kind="lora")
+    absent = [n for n in names if n not in lib]
+    if absent:
+        from moerge.errors import ExpertNotFoundError
+
+        raise ExpertNotFoundError(
+            f"library {lib.url} has no expert {', '.join(map(repr, absent))} (it holds: "
+            f"{', '.join(lib.names()) or 'none'}); check --experts"
+        )
+    specs = [_recipe_spec(text, option) for text in recipe]
+    recipes = [(spec, get_recipe(spec.recipe)) for spec in specs]
+    for spec, rec in recipes:
+        rec.parse_options(spec.options)  # bad options refused before anything loads
+    rows = _read_data(lib, names, data)
+    expert_list = [lib.get(n) for n in names]
+    model = tokenizer = None
+    if any(sig.needs_data for _, rec in recipes for sig in rec.signatures):
+        model, tokenizer = _load_base(lib, base)
+    embedders: dict = {}
+    _refuse_missing_data(lib, recipes, expert_list, model, tokenizer, embedders, rows)
+
+    from moerge.recipes.facade import prepare_signatures
+
+    done: list[str] = []
+    with _signature_progress(progress) as bar:
+        for spec, rec in recipes:
+            lines = prepare_signatures(
+                rec, model, tokenizer, lib, rows, experts=expert_list, embedders=embedders, progress=bar,
+                **spec.options,
+            )  # fmt: skip
+            done += [f"{spec.label}: {line}" for line in lines]
+    for line in done:
+        console.print(line, highlight=False, soft_wrap=True)
+    if not done:
+        console.print(
+            f"nothing to compute: experts {', '.join(names)} already have what "
+            f"{', '.join(s.label for s in specs)} need{'s' if len(specs) == 1 else ''} in {lib.url}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+
+def _recipe_spec(text: str, option: list[str]):
+    """``--recipe name:k=v`` plus the ``-o`` options (which win) as a `RecipeSpec`."""
+    from moerge.bench.config import RecipeSpec, parse_method
+    from moerge.cli.route import parse_options
+
+    spec = parse_method(text)
+    return RecipeSpec(spec.label, spec.recipe, {**spec.options, **parse_options(option)})
+
+
+def _read_data(lib, names: list[str], pairs: list[str]) -> dict[str, list[dict[str, str]]]:
+    """``{expert: rows}`` from ``EXPERT_OR_TASK=FILE`` pairs: a key names an expert, or else a task (every chosen
+    expert whose metadata task it is); rows of several files for one expert are concatenated."""
+    from moerge.errors import UsageError
+    from moerge.train.data import read_jsonl
+
+    tasks = {n: lib.get_metadata(n).task for n in names}
+    out: dict[str, list[dict[str, str]]] = {}
+    for pair in pairs:
+        key, eq, file = pair.partition("=")
+        key = key.strip()
+        if not eq or not key or not file.strip():
+            raise UsageError(
+                f"--data {pair!r} is not EXPERT_OR_TASK=FILE.jsonl (e.g. --data math=math.jsonl)"
+            )
+        targets = [key] if key in names else [n for n in names if tasks[n] == key]
+        if not targets:
+            known = sorted(set(names) | {t for t in tasks.values() if t})
+            raise UsageError(
+                f"--data {key}=…: no expert and no task named {key!r} among the experts prepared "
+                f"(names and tasks: {', '.join(known) or 'none'})"
+            )
+        file_rows = read_jsonl(Path(file.strip()))
+        for n in targets:
+            out.setdefault(n, []).extend(file_rows)
+    return out
+
+
+def _load_base(lib, base: Path | None):
+    """The base model and tokenizer: ``--base``, else the library's recorded base model when it is a folder."""
+    from moerge.errors import ModelLoadError
+    from moerge.train.lora import load_base
+
+    if base is None:
+        recorded = lib.base_model
+        if not recorded or not Path(recorded).is_dir():
+            where = f"records base model {recorded!r}, which is not a model folder here" if recorded else (
+                "records no base model")  # fmt: skip
+            raise ModelLoadError(
+                f"library {lib.url} {where}; pass --base FOLDER (the transformers folder its experts were "
+                "trained from)"
+            )
+        base = Path(recorded)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the per-load "Loading weights" bar
+    model, tokenizer, _, _ = load_base(base)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, tokenizer
+
+
+def _refuse_missing_data(lib, recipes, experts, model, tokenizer, embedders, rows) -> None:
+    """Refuse, before computing anything, when a recipe needs data signatures for experts given no data."""
+    from moerge.errors import RecipeNotApplicableError
+    from moerge.recipes.recipe import BuildContext
+
+    ctx = BuildContext(model=model, experts=experts, library=lib, tokenizer=tokenizer, embedders=embedders)
+    for spec, rec in recipes:
+        for sig, missing in rec.missing_signatures(ctx, rec.parse_options(spec.options)):
+            lacking = [n for n in missing if not rows.get(n)]
+            if lacking:
+                shown = ", ".join(lacking[:5]) + (" …" if len(lacking) > 5 else "")
+                have = [e.name for e in experts if e.name not in lacking]
+                subset = f", or prepare the others only (--experts {','.join(have)})" if have else ""
+                raise RecipeNotApplicableError(
+                    f"recipe {rec.name!r} computes {sig.what} from each expert's training data, and none was "
+                    f"given for {len(lacking)} expert{'s' if len(lacking) > 1 else ''} ({shown}); add "
+                    f"--data EXPERT_OR_TASK=FILE.jsonl for each (e.g. --data {lacking[0]}=FILE.jsonl){subset}"
+                )
+
+
+@contextlib.contextmanager
+def _signature_progress(enabled: bool) -> Iterator[Any]:
+    """A `RichSignatureProgress` over a live progress display (None without ``--progress``)."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from moerge.recipes.progress import RichSignatureProgress
+
+    p = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+    )  # fmt: skip
+    bar = RichSignatureProgress(p)  # starts the display at the first computation (none: no empty display)
+    try:
+        yield bar
+        bar.close()
+    finally:
+        if p.live.is_started:
+            p.stop()

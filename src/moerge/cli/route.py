@@ -11,6 +11,7 @@ from typing import Any
 import typer
 
 from moerge.cli import plugins as cli_plugins
+from moerge.cli import routing_options
 from moerge.cli.common import console, fail, wide_option
 
 # The survey table's abbreviations (reference/moerging-methods.md §2.1).
@@ -168,6 +169,7 @@ def register(app: typer.Typer) -> None:
             False, "--show-routing", help="Print the experts each token went to."
         ),
         top: int = typer.Option(2, "--top", help="Experts shown per token with --show-routing."),
+        experts: list[str] = routing_options.experts_option(),
         plugin: list[str] = cli_plugins.plugin_option(),
         wide: bool = wide_option(),
         as_json: bool = typer.Option(
@@ -185,6 +187,7 @@ def register(app: typer.Typer) -> None:
 
         rows = read_prompts(prompt, prompts)
         opts = parse_options(option)
+        subset = routing_options.parse_experts(experts)
         cli_plugins.load(plugin)
         if not base_model.is_dir():
             fail(f"{base_model}: no such model folder")
@@ -193,7 +196,7 @@ def register(app: typer.Typer) -> None:
         with status(f"loading {base_model.name} and attaching {recipe}"), quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(base_model)
             model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).eval()
-            routed = attach(model, library, recipe=recipe, tokenizer=tokenizer, **opts)
+            routed = attach(model, library, recipe=recipe, experts=subset, tokenizer=tokenizer, **opts)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         for row in rows:
             enc = encode_prompt(tokenizer, row["prompt"])

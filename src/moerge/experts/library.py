@@ -139,6 +139,13 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def artifact_rel(kind: str, config: dict[str, Any], expert: str | None) -> str:
+    """``artifacts/<kind>/<config hash>/<expert or _library>``: where an artifact lives (without extension)."""
+    if not isinstance(kind, str) or not kind.replace("_", "").replace("-", "").isalnum():
+        raise MalformedConfigError(f"artifact kind {kind!r}: use letters, digits, '-' and '_' only.")
+    return f"artifacts/{kind}/{config_hash(config)}/{expert or LIBRARY_ARTIFACT}"
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -1190,9 +1197,13 @@ class ExpertLibrary:
 
     # ------------------------------------------------------------------ artifacts
     def _artifact_rel(self, kind: str, config: dict[str, Any], expert: str | None) -> str:
-        if not isinstance(kind, str) or not kind.replace("_", "").replace("-", "").isalnum():
-            raise MalformedConfigError(f"artifact kind {kind!r}: use letters, digits, '-' and '_' only.")
-        return f"artifacts/{kind}/{config_hash(config)}/{expert or LIBRARY_ARTIFACT}"
+        return artifact_rel(kind, config, expert)
+
+    def expert_digest(self, name: str) -> str:
+        """A digest of an expert's files (from the catalog's checksums): it changes when the expert is
+        replaced, so artifacts kept outside the library can tell they are stale."""
+        checksums = self._parse_checksums(self._require(name)[2], name)
+        return _sha256(json.dumps(checksums, sort_keys=True).encode())[:32]
 
     def put_artifact(
         self,

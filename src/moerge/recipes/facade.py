@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from moerge.errors import MoergeError
+from moerge.errors import ExpertNotFoundError, MoergeError
 from moerge.experts.expert import Expert
 from moerge.model.routed import MoErgedModel, detach, inject
+from moerge.recipes.progress import SignatureProgress, as_progress
 from moerge.recipes.recipe import BuildContext, Recipe, Routing, Rows
 from moerge.recipes.registry import get_recipe
 from moerge.routing.call import CallOwner
@@ -24,14 +25,23 @@ __all__ = ["attach", "detach", "prepare_signatures", "resolve_experts"]
 
 
 def resolve_experts(library_or_experts: Any, names: Sequence[str] | None = None) -> tuple[list[Expert], Any]:
-    """``(experts, library or None)`` from an `ExpertLibrary`, a library path, or a list of `Expert`."""
+    """``(experts, library or None)`` from an `ExpertLibrary` (or an `ArtifactOverlay` over one), a library
+    path, or a list of `Expert`; ``names`` picks a subset, in that order."""
+    from moerge.experts.artifacts import ArtifactOverlay
     from moerge.experts.library import ExpertLibrary
 
     if isinstance(library_or_experts, (str, bytes)) or hasattr(library_or_experts, "__fspath__"):
         library_or_experts = ExpertLibrary.open(library_or_experts)
-    if isinstance(library_or_experts, ExpertLibrary):
+    if isinstance(library_or_experts, (ExpertLibrary, ArtifactOverlay)):
         lib = library_or_experts
         chosen = list(names) if names is not None else lib.names(kind="lora")
+        absent = [n for n in chosen if n not in lib]
+        if absent:
+            held = ", ".join(lib.names()) or "none"
+            raise ExpertNotFoundError(
+                f"library {lib.url} has no expert {', '.join(map(repr, absent))} (it holds: {held}); "
+                "check the names given to experts= / --experts"
+            )
         return [lib.get(n) for n in chosen], lib
     experts = list(library_or_experts)
     if names is not None:
@@ -114,29 +124,42 @@ def prepare_signatures(
     experts: Sequence[str] | Sequence[Expert] | None = None,
     embedder: Any = None,
     embedders: dict[str, Any] | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: SignatureProgress | Callable[[str], None] | None = None,
+    weights: bool = True,
     **options: Any,
 ) -> list[str]:
     """Compute, into ``library``, every signature ``recipe`` needs and its experts lack, from each expert's
     data (``{expert: training rows}``: ``{"prompt", "completion"}`` or ``{"text"}``). Experts without data are
     left without (the recipe then reports them). ``experts``: names in the library, or `Expert` objects already
-    loaded from it (default: every LoRA expert). Returns one line per signature computed."""
+    loaded from it (default: every LoRA expert). ``weights``: also compute the signatures made from the weights
+    alone (Arrow prototypes; otherwise made when the recipe is attached). Each signature is computed one
+    expert at a time, reported to ``progress`` (a `SignatureProgress`, or a ``describe(text)`` callable).
+    Returns one line per signature computed."""
     rec = get_recipe(recipe)
     opts = rec.parse_options(options)
     if experts is not None and all(isinstance(e, Expert) for e in experts):
         expert_list = list(experts)
     else:
         expert_list, _ = resolve_experts(library, experts)
+    bar = as_progress(progress)
     ctx = BuildContext(
         model=model, experts=expert_list, library=library, tokenizer=tokenizer, embedder=embedder,
-        embedders=embedders if embedders is not None else {}, progress=progress,
+        embedders=embedders if embedders is not None else {}, progress=bar.describe, steps=bar.steps,
+        recipe=rec.name,
     )  # fmt: skip
+    todo = []
+    for sig, missing in rec.missing_signatures(ctx, opts, weights=weights):
+        rows = {n: data.get(n, [])[: sig.max_rows] if sig.needs_data else [] for n in missing}
+        have = {n: r for n, r in rows.items() if r or not sig.needs_data}
+        if have:
+            todo.append((sig, have))
+    bar.add(sum(len(have) for _, have in todo))
     done = []
-    for sig, missing in rec.missing_signatures(ctx, opts):
-        have = {n: data[n][: sig.max_rows] for n in missing if data.get(n)}
-        if not have:
-            continue
-        ctx.describe(f"computing {sig.kind} for {len(have)} experts")
-        sig.compute(ctx, opts, have)
-        done.append(f"computed {sig.kind} for {len(have)} experts from their training data")
+    for sig, have in todo:
+        for name, rows in have.items():
+            bar.start(f"{sig.kind} · {name}")
+            sig.compute(ctx, opts, {name: rows})
+            bar.finish()
+        source = "their training data" if sig.needs_data else "their weights"
+        done.append(f"computed {sig.kind} for {len(have)} experts from {source}")
     return done

@@ -35,11 +35,10 @@ def _compute(ctx: BuildContext, o: PhatgooseOptions, data: dict[str, list]) -> d
 
     by_name = {e.name: e for e in ctx.experts}
     out = {}
-    for i, (name, rows) in enumerate(data.items(), 1):
-        ctx.describe(f"PHATGOOSE gates {i}/{len(data)}")
+    for name, rows in data.items():
         out[name] = train_phatgoose_gates(
             ctx.model, ctx.tokenizer, by_name[name], rows, GateTrainConfig(steps=o.gate_steps),
-            library=ctx.library,
+            library=ctx.library, on_step=ctx.report_steps,
         )  # fmt: skip
     return out
 

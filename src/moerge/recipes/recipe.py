@@ -2,8 +2,9 @@
 signatures it needs (each with the function that computes it) and the builder of its router.
 
 A recipe file defines one or more `Recipe` objects in a module-level ``RECIPES`` list (built-ins) or anywhere
-at module level (plugins); `moerge.recipes.registry` collects them. The benchmark runner and
-`prepare_signatures` compute any missing signature through its `Signature.compute`, without knowing its kind.
+at module level (plugins); `moerge.recipes.registry` collects them. The benchmark runner,
+`prepare_signatures` and ``moerge library prepare`` compute any missing signature through its
+`Signature.compute`, without knowing its kind.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ Rows = list[dict[str, str]]
 class BuildContext:
     """What a recipe may use to build its router or compute its signatures: the base model (with or without
     expert layers), the experts (in routing order), the library holding their artifacts, the adapted modules,
-    the tokenizer, and embedders resolved on first use (``embedder`` overrides every choice)."""
+    the tokenizer, and embedders resolved on first use (``embedder`` overrides every choice). ``progress``
+    takes a line of text, ``steps`` the inner steps of a long computation (``report_steps``); ``recipe``
+    names the recipe being built (for its error messages)."""
 
     model: Any
     experts: list[Any]
@@ -77,6 +80,8 @@ class BuildContext:
         default_factory=dict
     )  # cache per choice, may be shared between contexts
     progress: Callable[[str], None] | None = None
+    steps: Callable[[int, int], None] | None = None
+    recipe: str | None = None
 
     @property
     def names(self) -> list[str]:
@@ -96,6 +101,11 @@ class BuildContext:
         if self.progress is not None:
             self.progress(text)
 
+    def report_steps(self, done: int, total: int) -> None:
+        """``done`` of ``total`` steps of the signature being computed are done (e.g. gate training)."""
+        if self.steps is not None:
+            self.steps(done, total)
+
     def load(self, signature: Signature, options: BaseModel) -> list[dict[str, torch.Tensor]]:
         """Each expert's ``signature`` tensors (rows follow ``experts``). Signatures computed from the weights
         alone are computed and stored where missing; data signatures must have been prepared."""
@@ -104,14 +114,20 @@ class BuildContext:
         computed: dict[str, dict[str, torch.Tensor]] = {}
         if missing and not signature.needs_data:
             computed = signature.compute(self, options, {n: [] for n in missing}) or {}
+        lacking = [n for n in missing if n not in computed]
+        if lacking:
+            raise RecipeNotApplicableError(
+                missing_message(self.recipe, signature, lacking, self.names, self.library, options, config)
+            )
         out = []
         for e in self.experts:
             got = self.library.get_artifact(signature.kind, config, e.name) if e.name not in missing else None
             tensors = got[0] if got is not None else computed.get(e.name)
             if tensors is None:
                 raise RecipeNotApplicableError(
-                    f"expert {e.name!r} has no {signature.what} ({signature.kind}) in library "
-                    f"{getattr(self.library, 'url', self.library)}; compute them with {signature.how}"
+                    missing_message(
+                        self.recipe, signature, [e.name], self.names, self.library, options, config
+                    )
                 )
             out.append(tensors)
         return out
@@ -119,6 +135,31 @@ class BuildContext:
 
 def _has(library: Any, kind: str, config: dict[str, Any], name: str) -> bool:
     return library is not None and library.has_artifact(kind, config, name)
+
+
+def missing_message(
+    recipe: str | None, signature: Signature, missing: Sequence[str], names: Sequence[str], library: Any,
+    options: BaseModel | None = None, config: dict[str, Any] | None = None,
+) -> str:  # fmt: skip
+    """One line: which routed experts lack ``signature``, and the ``moerge library prepare`` command (with the
+    recipe's non-default options) that computes it — or the subset of experts that could be routed instead."""
+    where = getattr(library, "url", library)
+    shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+    name = recipe or "RECIPE"
+    opts = options.model_dump(exclude_defaults=True) if options is not None else {}
+    command = " ".join(
+        [f"moerge library prepare {where} --recipe {name}"]
+        + [f"-o {k}={v}" for k, v in opts.items()]
+        + ([f"--data {n}=FILE.jsonl" for n in missing[:3]] + (["…"] if len(missing) > 3 else [])
+           if signature.needs_data else [])
+    )  # fmt: skip
+    have = [n for n in names if n not in missing]
+    subset = f", or route over the experts that have them (--experts {','.join(have)})" if have else ""
+    return (
+        f"recipe {name!r} needs {signature.what} ({signature.kind}) for every routed expert, and {len(missing)} "
+        f"of {len(names)} have none ({shown}) in library {where}{f' under config {config}' if config else ''}; compute them with `{command}`{subset} "
+        f"(Python: {signature.how})"
+    )
 
 
 SignatureCompute = Callable[[BuildContext, Any, dict[str, Rows]], "dict[str, dict[str, torch.Tensor]] | None"]
@@ -204,6 +245,7 @@ class Recipe:
 
         if self.builder is None:
             raise RecipeNotApplicableError(f"recipe {self.name!r} needs no router")
+        ctx.recipe = self.name
         built = self.builder(ctx, options)
         return Routing(built) if isinstance(built, Router) else built
 
@@ -256,18 +298,18 @@ class Recipe:
             cfg = sig.config(opts, ctx)
             missing = [n for n in ctx.names if not ctx.library.has_artifact(sig.kind, cfg, n)]
             if missing:
-                shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
                 raise RecipeNotApplicableError(
-                    f"recipe {self.name!r} needs {sig.what} for every expert, and {len(missing)} of "
-                    f"{len(ctx.names)} have none ({shown}) in library {getattr(ctx.library, 'url', ctx.library)} "
-                    f"under config {cfg}; compute them with {sig.how}."
+                    missing_message(self.name, sig, missing, ctx.names, ctx.library, opts, cfg)
                 )
 
-    def missing_signatures(self, ctx: BuildContext, options: BaseModel) -> list[tuple[Signature, list[str]]]:
-        """``(signature, experts lacking it)`` for each data signature some expert lacks."""
+    def missing_signatures(
+        self, ctx: BuildContext, options: BaseModel, *, weights: bool = False
+    ) -> list[tuple[Signature, list[str]]]:
+        """``(signature, experts lacking it)`` for each data signature some expert lacks (``weights``: also
+        the signatures computed from the weights alone)."""
         out = []
         for sig in self.signatures:
-            if not sig.needs_data:
+            if not sig.needs_data and not weights:
                 continue
             cfg = sig.config(options, ctx)
             missing = [n for n in ctx.names if not _has(ctx.library, sig.kind, cfg, n)]

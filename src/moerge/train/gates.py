@@ -29,7 +29,7 @@ The paper's own text was not available offline to check these numbers against; t
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -110,11 +110,13 @@ def train_phatgoose_gates(
     examples: Iterable[Any],
     config: GateTrainConfig | None = None,
     library: Any = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Train ``expert``'s gate vectors on ``examples`` — the expert's training examples: ``{"prompt",
     "completion"}`` rows (loss on the completion), ``{"text"}`` rows or strings (loss on every token), or suite
     `Example` objects — with the expert's objective; returns ``{module: g [d_in]}`` and stores them in
-    ``library`` (if given) under `gates_config(steps)`. The model's parameters are left exactly as they were."""
+    ``library`` (if given) under `gates_config(steps)`. The model's parameters are left exactly as they were.
+    ``on_step(done, total)`` is called after each training step."""
     from moerge.model.routed import MoErgedModel, detach, inject
     from moerge.train.data import build_batches, encode_examples, load_examples
     from moerge.train.loop import run_loop
@@ -144,6 +146,7 @@ def train_phatgoose_gates(
             grad_clip=cfg.grad_clip,
             progress=cfg.progress,
             description=f"gates of {expert.name}",
+            on_step=on_step,
         )
     finally:
         detach(routed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,8 +97,10 @@ def run_loop(
     grad_clip: float | None = 1.0,
     progress: bool = True,
     description: str = "training",
+    on_step: Callable[[int, int], None] | None = None,
 ) -> LoopResult:
-    """Train ``params`` of ``model`` on the pre-built ``(input_ids, labels)`` batches."""
+    """Train ``params`` of ``model`` on the pre-built ``(input_ids, labels)`` batches; ``on_step(done, total)``
+    is called after each step (a caller's own progress bar)."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(schedule, len(batches), warmup_steps))
     model.train()
@@ -118,6 +121,8 @@ def run_loop(
             losses.append(loss.detach())
             if bar is not None:
                 bar.advance(task)
+            if on_step is not None:
+                on_step(len(losses), len(batches))
     model.eval()
     seconds = time.perf_counter() - start
     return LoopResult(
