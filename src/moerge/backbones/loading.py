@@ -171,6 +171,37 @@ def cached_model_folder(source: str | os.PathLike, *, dtype: Any = "float32", ca
     return folder
 
 
+def model_folder(source: str | os.PathLike, *, dtype: Any = "float32") -> Path:
+    """A local transformers folder for ``source``, for code that reads weight files (the checkpoint merger):
+    a folder as it is, a GGUF file via `cached_model_folder`, a hub id as its snapshot in the local hub cache
+    (downloaded first unless ``HF_HUB_OFFLINE=1``; safetensors, JSON and tokenizer files only). A path to
+    nothing is returned as it is, for the reader's own error."""
+    text = str(source)
+    path = Path(text).expanduser()
+    gguf_dir = path.is_dir() and not (path / "config.json").is_file() and len(list(path.glob("*.gguf"))) == 1
+    if text in SMOLLM2_ALIASES or path.suffix.lower() == ".gguf" and path.is_file() or gguf_dir:
+        return cached_model_folder(source, dtype=dtype)
+    if path.exists() or _looks_like_path(text):
+        return path
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return Path(
+            snapshot_download(
+                text,
+                local_files_only=offline,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+            )
+        )
+    except Exception as exc:  # huggingface_hub's not-found / offline errors have no common base
+        where = "the local hub cache (HF_HUB_OFFLINE=1)" if offline else "the hub (or it is unreachable)"
+        raise ModelLoadError(
+            f"{text}: model not found: not a local folder ({path.absolute()}) nor in {where}; "
+            "pass a transformers folder or a .gguf file, or download the model once with `hf download`"
+        ) from exc
+
+
 def base_model_id(source: str | os.PathLike) -> str:
     """The id stored with experts trained on ``source``, one that `load_base_model` (and, for a transformers
     folder or a hub id, PEFT's ``base_model_name_or_path``) resolves from any working folder: the absolute,
