@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import moerge
-from moerge.errors import MalformedConfigError, ShapeMismatchError, UnsafeFormatError
+from moerge.errors import MalformedConfigError, ModelLoadError, ShapeMismatchError, UnsafeFormatError
 from moerge.merging.checkpoint import CheckpointReader
 
 from .conftest import TINY, perturbed_copy
@@ -227,3 +227,31 @@ def test_greedy_soup_of_checkpoints(model_dirs, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_a_hub_id_base_merges_like_its_folder(model_dirs, tmp_path, monkeypatch):
+    """The base (and a model) may be a hub id, read from the local hub cache (HF_HUB_OFFLINE=1): the merge
+    equals the dense task-arithmetic reference computed from the folders."""
+    import huggingface_hub.constants as hf_constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    for name in ("base", "ft0"):
+        repo = tmp_path / "hub" / f"models--moerge-test--{name}"
+        shutil.copytree(model_dirs[name], repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    out = moerge.merge(
+        merge_method="task_arithmetic",
+        base_model="moerge-test/base",
+        models=["moerge-test/ft0", str(model_dirs["ft1"])],
+        parameters={"lambda": 0.5},
+        out=tmp_path / "merged",
+    )
+    base, ft0, ft1, merged = (
+        state(p) for p in (model_dirs["base"], model_dirs["ft0"], model_dirs["ft1"], out)
+    )
+    for k, b in base.items():
+        torch.testing.assert_close(merged[k], b + 0.5 * ((ft0[k] - b) + (ft1[k] - b)), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ModelLoadError, match="moerge-test/missing: model not found"):
+        moerge.merge(merge_method="linear", models=["moerge-test/missing"], out=tmp_path / "none")

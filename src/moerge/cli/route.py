@@ -110,18 +110,20 @@ def read_prompts(prompt: str | None, prompts: Path | None) -> list[dict[str, Any
     return rows
 
 
-def encode_prompt(tokenizer, prompt: str) -> dict:
-    """The prompt as the experts were trained on it: ``<bos>`` first where the tokenizer has one and does not
-    add it itself (moerge's training encodes ``<bos> prompt completion <eos>``)."""
-    import torch
+def generate_config(max_new_tokens, temperature, top_p, top_k, seed, stop, chat_template):
+    """`moerge generate`'s flags as a `moerge.model.generation.GenerateConfig` (one error line if invalid)."""
+    from pydantic import ValidationError
 
-    enc = tokenizer(prompt, return_tensors="pt")
-    bos = tokenizer.bos_token_id
-    ids = enc["input_ids"]
-    if bos is not None and (ids.shape[1] == 0 or int(ids[0, 0]) != bos):
-        enc["input_ids"] = torch.cat([torch.tensor([[bos]]), ids], dim=1)
-        enc["attention_mask"] = torch.ones_like(enc["input_ids"])
-    return enc
+    from moerge.errors import MalformedConfigError
+    from moerge.model.generation import GenerateConfig
+
+    fields = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                  stop=list(stop), chat_template=chat_template)  # fmt: skip
+    try:
+        return GenerateConfig(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise MalformedConfigError(f"generate options: {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
 
 
 def register(app: typer.Typer) -> None:
@@ -154,8 +156,9 @@ def register(app: typer.Typer) -> None:
 
     @app.command("generate")
     def generate(
-        base_model: Path = typer.Argument(
-            ..., help="Base model folder (transformers format, with tokenizer)."
+        base_model: str = typer.Argument(
+            ...,
+            help="Base model: a transformers folder, a .gguf file or a hub id (as `moerge train --base`).",
         ),
         library: str = typer.Argument(..., help="Expert library path or URL."),
         recipe: str = typer.Option("arrow", "--recipe", "-r", help="Recipe name (see `moerge recipes`)."),
@@ -164,9 +167,37 @@ def register(app: typer.Typer) -> None:
         prompts: Path | None = typer.Option(
             None, "--prompts", help='JSONL: "text" or {"prompt":..., "task":...}.'
         ),
-        max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n"),
-        show_routing: bool = typer.Option(
-            False, "--show-routing", help="Print the experts each token went to."
+        chat: bool = typer.Option(
+            False,
+            "--chat",
+            help="Interactive: load the model once, then complete each line of stdin (until EOF or /exit).",
+        ),
+        max_new_tokens: int = typer.Option(32, "--max-new-tokens", "-n", min=1),
+        temperature: float = typer.Option(
+            0.0, "--temperature", "-t", min=0.0, help="0 = greedy (the default); > 0 samples."
+        ),
+        top_p: float = typer.Option(
+            1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass (with -t > 0)."
+        ),
+        top_k: int = typer.Option(0, "--top-k", min=0, help="Sample among the k likeliest tokens; 0 = all."),
+        seed: int | None = typer.Option(None, "--seed", help="Seed for sampling: each prompt reproducible."),
+        stop: list[str] = typer.Option(
+            [], "--stop", help="Stop at this string and cut it from the output (repeatable)."
+        ),
+        chat_template: bool = typer.Option(
+            False,
+            "--chat-template/--no-chat-template",
+            help="Send prompts through the tokenizer's chat template.",
+        ),
+        target_modules: list[str] = typer.Option(
+            [],
+            "--target-modules",
+            help="Route only these modules (names or suffixes; repeat or comma-separate).",
+        ),
+        show_routing: bool | None = typer.Option(
+            None,
+            "--show-routing/--no-show-routing",
+            help="Print the experts each token went to (on with --chat).",
         ),
         top: int = typer.Option(2, "--top", help="Experts shown per token with --show-routing."),
         experts: list[str] = routing_options.experts_option(),
@@ -178,51 +209,94 @@ def register(app: typer.Typer) -> None:
             help="One JSON object per prompt (completion, and the routing with --show-routing).",
         ),
     ) -> None:
-        """Generate completions from a routed model (greedy)."""
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        """Generate completions from a routed model (greedy by default; sampling with --temperature)."""
+        from moerge.backbones.loading import check_source
+        from moerge.errors import UsageError
 
+        if chat and (prompt is not None or prompts is not None):
+            raise UsageError("give --chat or --prompt/--prompts, not both")
+        rows = [] if chat else read_prompts(prompt, prompts)
+        opts = parse_options(option)
+        config = generate_config(max_new_tokens, temperature, top_p, top_k, seed, stop, chat_template)
+        check_source(base_model)
+        cli_plugins.load(plugin)
+        from transformers.utils import logging as hf_logging
+
+        from moerge.backbones.loading import load_base_model
+        from moerge.cli.common import err_console
+        from moerge.model.generation import has_chat_template
+        from moerge.progress import status
         from moerge.recipes.facade import attach
+
+        subset = routing_options.parse_experts(experts)
+        hf_logging.disable_progress_bar()  # the "Loading weights" bar
+        model, tokenizer = load_base_model(base_model, fingerprint=False)  # with its own status line
+        if chat_template and not has_chat_template(tokenizer):
+            err_console.print(
+                "note: the tokenizer has no chat template; prompts are sent as they are", highlight=False
+            )
+        modules = [m.strip() for v in target_modules for m in v.split(",") if m.strip()] or None
+        with status(f"attaching {recipe}"):
+            routed = attach(
+                model,
+                library,
+                recipe=recipe,
+                experts=subset,
+                tokenizer=tokenizer,
+                target_modules=modules,
+                **opts,
+            )
+        show = chat if show_routing is None else show_routing
+        if not chat:
+            for row in rows:
+                complete_and_print(
+                    routed, tokenizer, row["prompt"], row.get("task"), config, show, top, wide, as_json
+                )
+            return
+        import sys
+
+        interactive = sys.stdin.isatty()
+        while True:
+            if interactive:
+                console.print("[bold]>[/] ", end="")
+            line = sys.stdin.readline()
+            if not line or line.strip() == "/exit":
+                break
+            if line.strip():
+                complete_and_print(
+                    routed, tokenizer, line.rstrip("\r\n"), None, config, show, top, wide, as_json
+                )
+
+    def complete_and_print(
+        routed,
+        tokenizer,
+        text: str,
+        task: str | None,
+        config,
+        show: bool,
+        top: int,
+        wide: bool,
+        as_json: bool,
+    ) -> None:
+        from rich.text import Text
+
+        from moerge.model.generation import complete
         from moerge.routing.inputs import RoutingInputs
 
-        rows = read_prompts(prompt, prompts)
-        opts = parse_options(option)
-        subset = routing_options.parse_experts(experts)
-        cli_plugins.load(plugin)
-        if not base_model.is_dir():
-            fail(f"{base_model}: no such model folder")
-        from moerge.progress import quiet_transformers, status
-
-        with status(f"loading {base_model.name} and attaching {recipe}"), quiet_transformers():
-            tokenizer = AutoTokenizer.from_pretrained(base_model)
-            model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).eval()
-            routed = attach(model, library, recipe=recipe, experts=subset, tokenizer=tokenizer, **opts)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        for row in rows:
-            enc = encode_prompt(tokenizer, row["prompt"])
-            task = row.get("task")
-            routing = RoutingInputs(
-                task_names=[task] if task else None, texts=[row["prompt"]], record=show_routing
-            )
-            out = routed.generate(
-                **enc, routing=routing, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad
-            )
-            n = enc["input_ids"].shape[1]
-            text = tokenizer.decode(out[0, n:], skip_special_tokens=True)
-            trace = routing_trace(routed, tokenizer, out[0], top) if show_routing else None
-            if as_json:
-                record = {"prompt": row["prompt"], "completion": text, **({"task": task} if task else {})}
-                if trace is not None:
-                    record["routing"] = [{"position": p, "token": t, "experts": [{"expert": e, "weight": w}
-                                                                                   for e, w in ex]}
-                                         for p, t, ex in trace]  # fmt: skip
-                typer.echo(json.dumps(record, ensure_ascii=False))
-                continue
-            from rich.text import Text
-
-            console.print(Text.assemble((row["prompt"], "bold"), text), highlight=False)
+        routing = RoutingInputs(task_names=[task] if task else None, texts=[text], record=show)
+        done = complete(routed, tokenizer, text, config, routing=routing)
+        trace = routing_trace(routed, tokenizer, done.ids, top) if show else None
+        if as_json:
+            record = {"prompt": text, "completion": done.text, **({"task": task} if task else {})}
             if trace is not None:
-                print_routing(trace, routed.expert_names, wide)
+                record["routing"] = [{"position": p, "token": t, "experts": [{"expert": e, "weight": w}
+                                                                               for e, w in ex]}
+                                     for p, t, ex in trace]  # fmt: skip
+            typer.echo(json.dumps(record, ensure_ascii=False))
+            return
+        console.print(Text.assemble((text, "bold"), done.text), highlight=False)
+        if trace is not None:
+            print_routing(trace, routed.expert_names, wide)
 
     def routing_trace(routed, tokenizer, ids, top: int) -> list[tuple[int, str, list[tuple[str, float]]]]:
         from moerge.routing.diagnostics import per_token_experts

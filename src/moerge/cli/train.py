@@ -18,7 +18,11 @@ def _split_modules(values: list[str] | None) -> list[str] | None:
 
 
 def train(
-    base: Path = typer.Option(..., "--base", help="base model: a transformers model folder"),
+    base: str = typer.Option(
+        ...,
+        "--base",
+        help="base model: a transformers folder, a .gguf file or a hub id (see docs/training.md)",
+    ),
     data: Path = typer.Option(
         ..., "--data", help='JSONL: {"text": ...} or {"prompt": ..., "completion": ...} rows'
     ),
@@ -41,11 +45,11 @@ def train(
     tag: list[str] | None = typer.Option(None, "--tag", help="tag to store with the expert (repeatable)"),
 ) -> None:
     """Train a LoRA expert with PEFT on a JSONL data file and add it to a library."""
+    from moerge.backbones.loading import check_source
     from moerge.cli.common import console
-    from moerge.errors import InputNotFoundError, MalformedConfigError
+    from moerge.errors import MalformedConfigError
 
-    if not base.is_dir():
-        raise InputNotFoundError(f"{base}: no such base model folder (expected a transformers model folder)")
+    check_source(base)
     # Read the data before loading torch, so a bad file fails fast.
     from moerge.train.data import read_jsonl
 
@@ -84,8 +88,11 @@ def train(
         raise ExpertExistsError(
             f"{library}: an expert named {name!r} exists; pass --overwrite or another --name."
         )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the "Loading weights" bar
     expert = train_expert(
-        str(base),
+        base,
         None,
         rows,
         cfg,

@@ -331,13 +331,18 @@ def merge_checkpoints(
     overwrite: bool = False,
     inputs: Sequence[str | Path | None] | None = None,
 ) -> Path:
-    """Merge transformers folders ``models`` (against ``base_model``) into the folder ``out``, streaming.
+    """Merge transformers folders ``models`` (against ``base_model``) into the folder ``out``, streaming. A model
+    or base may also be a GGUF file or a hub id (`moerge.backbones.loading.model_folder`).
 
     The output is written into a temporary sibling folder and renamed into place once complete, so a failed
     merge (bad parameters, NaN, a full disk) leaves ``out`` as it was; a non-empty ``out`` is replaced only with
     ``overwrite``, and never when it is (or holds) an input (``models``, ``base_model`` and ``inputs``).
     ``progress(name, done, total)`` is called after each tensor is written."""
+    from moerge.backbones.loading import model_folder
+
     out = Path(out)
+    models = [model_folder(m) for m in models]  # a GGUF file or a hub id as a local folder
+    base_model = model_folder(base_model) if base_model is not None else None
     sources = [*models, base_model, *(inputs or [])]
     readers: list[CheckpointReader] = []
     base = None

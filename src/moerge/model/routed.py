@@ -240,12 +240,25 @@ def match_target_modules(adapted: Sequence[str], target_modules: str | Sequence[
     for t in target_modules:
         hit = [n for n in names if n == t or n.endswith("." + t)]
         if not hit:
-            raise MoergeError(
-                f"target module {t!r} matches none of the modules the experts adapt (module kinds: {shown}); "
-                "give module names or suffixes such as 'q_proj', or a regular expression string"
-            )
+            raise unmatched_target_error(t, names, "the experts adapt")
         chosen_set.update(hit)
     return [n for n in names if n in chosen_set]
+
+
+def unmatched_target_error(target: str, names: Sequence[str], whose: str) -> MoergeError:
+    """The one-line error for a target module that matches none of ``names`` (full module names): the near
+    matches (difflib) and the module kinds (last name parts) available."""
+    import difflib
+
+    kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+    depth = target.count(".") + 1  # compare with the names' dotted suffixes of as many parts
+    pool = sorted({".".join(n.split(".")[-depth:]) for n in names})
+    near = difflib.get_close_matches(target, pool, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(repr(n) for n in near)}? " if near else ""
+    return MoergeError(
+        f"target module {target!r} matches none of the modules {whose}; {hint}"
+        f"module names available: {', '.join(kinds) or 'none'} (a name or a dotted suffix of one)"
+    )
 
 
 def inject(

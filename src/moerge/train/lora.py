@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from moerge.errors import ModelLoadError, MoergeError
+from moerge.errors import MoergeError
 from moerge.experts.expert import Expert, ExpertMetadata
 from moerge.train.data import DataSource, build_batches, encode_examples, load_examples
 from moerge.train.loop import LoopResult, loop_settings, run_loop
@@ -50,29 +50,43 @@ class TrainConfig(BaseModel):
 
 
 def load_base(base_model: Any, tokenizer: Any = None) -> tuple[torch.nn.Module, Any, str | None, bool]:
-    """``(model, tokenizer, base_model_id, owned)``: load a transformers folder, or take a loaded model.
+    """``(model, tokenizer, base_model_id, owned)``: load a source with `moerge.backbones.loading.load_base_model`
+    (a transformers folder, a GGUF file or a hub id), or take a loaded model.
 
-    ``owned`` says whether the model was loaded here (so it may be modified in place).
+    ``base_model_id`` resolves from any working folder (`moerge.backbones.loading.base_model_id`): the absolute
+    path of a local folder or file, else the hub id. ``owned`` says whether the model was loaded here (so it
+    may be modified in place).
     """
+    from moerge.backbones.loading import base_model_id, load_base_model
+
     if isinstance(base_model, (str, Path)):
-        path = Path(base_model)
-        if not path.is_dir():
-            raise ModelLoadError(
-                f"{path}: no such base model folder (expected a transformers model folder with config.json)"
-            )
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from moerge.progress import quiet_transformers, status
-
-        with status(f"loading {path.name}"), quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
-            if tokenizer is None:
-                tokenizer = AutoTokenizer.from_pretrained(str(path))
-        return model, tokenizer, str(base_model), True
+        model, loaded_tokenizer = load_base_model(base_model, fingerprint=False)
+        return model, tokenizer or loaded_tokenizer, base_model_id(base_model), True
     if tokenizer is None:
         raise MoergeError("train_expert: pass the tokenizer along with a loaded base model")
-    name = getattr(getattr(base_model, "config", None), "_name_or_path", None) or None
+    name = getattr(base_model, "moerge_base_model", None)
+    if name is None:
+        name = getattr(getattr(base_model, "config", None), "_name_or_path", None) or None
+        name = base_model_id(name) if name else None
     return base_model, tokenizer, name, False
+
+
+def check_target_modules(model: torch.nn.Module, target_modules: list[str] | None) -> None:
+    """Refuse (one line, with near matches) a target module that names none of ``model``'s modules, PEFT's way:
+    a name matches a module whose full name equals it or ends with ``"." + name``."""
+    if not target_modules:
+        return
+    from moerge.model.routed import unmatched_target_error
+
+    names = [n for n, _ in model.named_modules() if n]
+    adaptable = [n for n, m in model.named_modules() if n and _is_adaptable(m)]
+    for t in target_modules:
+        if not any(n == t or n.endswith("." + t) for n in names):
+            raise unmatched_target_error(t, adaptable or names, "the base model has")
+
+
+def _is_adaptable(module: torch.nn.Module) -> bool:
+    return isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or type(module).__name__ == "Conv1D"
 
 
 def lora_config_for(config: TrainConfig):
@@ -153,10 +167,12 @@ def train_expert(
 ) -> Expert:
     """Train a LoRA expert on ``data`` and return it as an `Expert` (added to ``library`` when given).
 
-    ``base_model`` is a loaded causal LM (with ``tokenizer``) or a transformers folder (tokenizer optional).
+    ``base_model`` is a loaded causal LM (with ``tokenizer``) or a source for
+    `moerge.backbones.loading.load_base_model` (a transformers folder, a GGUF file, a hub id; tokenizer optional).
     ``data`` is a JSONL path or an iterable of ``{"text": …}`` / ``{"prompt": …, "completion": …}`` dicts or
-    strings. ``base_model_id`` overrides the base model id stored in the metadata (default: the folder path or
-    the model's ``name_or_path``). Extra keyword arguments are `ExpertMetadata` fields (``tags=…, description=…``).
+    strings. ``base_model_id`` overrides the base model id stored in the metadata and in the exported adapter's
+    ``base_model_name_or_path`` (default: `moerge.backbones.loading.base_model_id` of the source, or of a
+    loaded model's ``name_or_path``: an absolute path for a local folder, so the adapter loads from anywhere). Extra keyword arguments are `ExpertMetadata` fields (``tags=…, description=…``).
     """
     from peft import get_peft_model
 
@@ -165,6 +181,7 @@ def train_expert(
     config = config or TrainConfig()
     examples = load_examples(data)
     model, tokenizer, base_id, owned = load_base(base_model, tokenizer)
+    check_target_modules(model, config.target_modules)
     fingerprint = fingerprint_model(model)
     encoded = encode_examples(tokenizer, examples, config.seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
