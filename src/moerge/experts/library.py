@@ -855,11 +855,12 @@ class ExpertLibrary:
                     f"{where}: module {module} does not exist in this library's base model "
                     f"({self.base_model or 'recorded shapes'}); {hint}"
                 )
-            want = [lm.d_in, lm.d_out] if lm.fan_in_fan_out else [lm.d_out, lm.d_in]
+            want = list(lm.weight_shape)
+            layout = " (embedding)" if lm.embedding else " (fan_in_fan_out)" if lm.fan_in_fan_out else ""
             if list(shape) != want:
                 raise ShapeMismatchError(
                     f"{where}: module {module}: the base weight has shape {tuple(shape)}, the LoRA gives "
-                    f"{tuple(want)}{' (fan_in_fan_out)' if lm.fan_in_fan_out else ''}; {hint}"
+                    f"{tuple(want)}{layout}; {hint}"
                 )
         for param, t in sorted(expert.dense.items()):
             shape = base.get(param)
