@@ -1173,6 +1173,19 @@ class ExpertLibrary:
         self.storage.rename(f"experts/{folder}", dest)
         actions.append(f"moved experts/{folder} to {dest}: {why}")
 
+    def expert_files(self, name: str) -> tuple[str, dict[str, bytes]]:
+        """``(folder, {file name: bytes})`` of an expert as stored: its files, checked against their checksums,
+        and its ``moerge_expert.json`` record (what a copy of the library needs to rebuild its catalog row)."""
+        entry = self._entry(name)
+        files = {fname: self._read_checked(entry, fname) for fname in entry.checksums}
+        record = {
+            "format": FORMAT_VERSION,
+            "metadata": entry.metadata.model_dump(mode="json"),
+            "checksums": entry.checksums,
+        }
+        files[METADATA_FILE] = json.dumps(record, indent=2).encode()
+        return entry.folder, files
+
     def export_peft(self, name: str, out_dir: str | Path, overwrite: bool = False) -> Path:
         """Copy an expert out as a standalone PEFT folder (``PeftModel.from_pretrained`` loads it). Its files are
         checked against their checksums; the folder appears complete or not at all."""
