@@ -156,11 +156,8 @@ def test_hub_id_not_in_the_offline_cache_is_one_error_line(hub, tmp_path, capsys
     lib = tmp_path / "lib"
     ExpertLibrary.create(lib)
     code, _, err = cli(capsys, "library", "add", lib, "org/missing@v2")
-    assert (
-        code == 1
-        and err.startswith("error: org/missing@v2: not in the Hub cache")
-        and "HF_HUB_OFFLINE" in err
-    )
+    assert code == 1 and err.startswith("error: no adapter folder org/missing@v2 here, and as a Hub repo:")
+    assert "org/missing@v2: not in the Hub cache" in err and "HF_HUB_OFFLINE" in err
     assert err.count("\n") == 1
 
 

@@ -76,7 +76,12 @@ def add(
 
     ref = hub_ref_or_none(source)
     if ref is not None:
-        md = add_from_hub(lib, ref, name=name, task=task, overwrite=overwrite, **meta)
+        from moerge.errors import HubError
+
+        try:
+            md = add_from_hub(lib, ref, name=name, task=task, overwrite=overwrite, **meta)
+        except HubError as e:  # it may have been meant as a local folder
+            raise HubError(f"no adapter folder {source} here, and as a Hub repo: {e}") from None
         console.print(f"added [bold]{md.name}[/] ({md.kind}, task={md.task}) from {md.extra.get('source')}")
         return
     folder = Path(source)

@@ -275,7 +275,8 @@ class EmbeddingExpertLayer(ExpertLayer):
 
     An embedding is the linear map ``one_hot(id) ↦ Wᵀ one_hot(id)``, so ``A x`` is column ``id`` of A: each
     token's ``z = A[:, :, id]`` is a lookup, and the rest (weights, output / parameter / factor aggregation) is
-    the linear layer's computation. (Parameter and output aggregation coincide: the map is linear.)
+    the linear layer's computation, over all E experts' ``B`` (unselected ones weighted 0): O(E·R·dim) per
+    token, small beside the model. (Parameter and output aggregation coincide: the map is linear.)
 
     The router is asked for a selection with the base embedding rows ``[..., dim]`` as the layer's input (its
     true input, a one-hot over the vocabulary, carries nothing but the token id). Routers that decide per

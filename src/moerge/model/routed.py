@@ -176,10 +176,10 @@ class MoErgedModel(nn.Module):
         k = self.router.experts_per_token(self.num_experts)
         total = 0.0
         for layer in self.expert_layers.values():
-            if self.aggregation == "parameter" and self.router.granularity != "token":
+            if isinstance(layer, EmbeddingExpertLayer):  # A·one_hot is a lookup; every expert's B runs
+                total += 2 * layer.num_experts * layer.rank * layer.d_out
+            elif self.aggregation == "parameter" and self.router.granularity != "token":
                 total += 2 * layer.d_in * layer.d_out  # the merged ΔW runs as one extra matmul
-            elif isinstance(layer, EmbeddingExpertLayer):
-                total += 2 * k * layer.rank * layer.d_out  # A·one_hot is a lookup
             else:
                 total += 2 * k * layer.rank * (layer.d_in + layer.d_out)
         dims = {n: (la.d_in, la.d_out) for n, la in self.expert_layers.items()}
