@@ -212,15 +212,15 @@ def test_pull_one_expert_into_an_existing_library(hub, tmp_path, capsys):
 def test_push_one_expert_is_a_peft_adapter_repo(hub, peft_adapters, tmp_path, capsys):
     lib = ExpertLibrary.create(tmp_path / "lib")
     lib.add_peft(peft_adapters["llama-patterns"][1], name="pat")
-    code, _, err = cli(capsys, "library", "push", tmp_path / "lib", "org/pat", "--expert", "pat")
+    code, _, err = cli(capsys, "library", "push", tmp_path / "lib", "org/pat-repo", "--expert", "pat")
     assert code == 0, err
-    assert set(hub.files("org/pat")) == {
+    assert set(hub.files("org/pat-repo")) == {
         "adapter_config.json",
         "adapter_model.safetensors",
         "moerge_expert.json",
     }
     other = ExpertLibrary.create(tmp_path / "other")
-    assert cli(capsys, "library", "add", tmp_path / "other", "org/pat")[0] == 0
+    assert cli(capsys, "library", "add", tmp_path / "other", "org/pat-repo")[0] == 0
     same_weights(other.get("pat"), read_peft_folder(peft_adapters["llama-patterns"][1]))
 
 

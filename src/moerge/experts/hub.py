@@ -190,11 +190,22 @@ def add_from_hub(
         _copy_files(folder, staged, [f for f in ADAPTER_FILES if (folder / f).exists()], str(ref))
         extra = dict(metadata.pop("extra", None) or {})
         extra["source"] = f"hub:{ref.repo_id}@{_commit_of(folder)}"
-        expert = read_peft_folder(staged, name=name or _safe_expert_name(ref.repo_id), **metadata)
+        if name is None and not _stored_name(staged):
+            name = _safe_expert_name(ref.repo_id)  # else the name moerge pushed it under
+        expert = read_peft_folder(staged, name=name, **metadata)
         expert.metadata.extra = {**expert.metadata.extra, **extra}
         return library.add(expert, overwrite=overwrite, source=str(ref))
     finally:
         shutil.rmtree(staged, ignore_errors=True)
+
+
+def _stored_name(folder: Path) -> str | None:
+    """The expert name in a folder's ``moerge_expert.json`` (validated), if it has one."""
+    from moerge.experts.peft_io import read_json
+    from moerge.experts.schema import parse_stored_metadata
+
+    f = folder / METADATA_FILE
+    return parse_stored_metadata(read_json(f), str(f)).get("name") if f.is_file() else None
 
 
 def _copy_files(snap: Path, dest: Path, rels: list[str], what: str) -> None:
