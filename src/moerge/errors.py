@@ -54,6 +54,10 @@ class LibraryError(MoergeError):
     """The library folder is missing, corrupt or not a moerge library."""
 
 
+class HubError(MoergeError):
+    """A Hugging Face Hub repo could not be read or written (not in the cache offline, not found, no access)."""
+
+
 # ---------------------------------------------------------------------------------- models and data sources
 class ModelLoadError(MoergeError):
     """A base model cannot be found or loaded (missing file, missing optional package, offline hub)."""

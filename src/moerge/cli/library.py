@@ -31,18 +31,22 @@ def init(
         False, "--fingerprint/--no-fingerprint", help="Load --base-model to record its fingerprint."
     ),
 ) -> None:
-    """Create an empty library. With --base-model FOLDER (a transformers folder) the base's tensor shapes are
-    recorded, and every add checks that the adapter's modules exist in that base with fitting shapes."""
+    """Create an empty library. With --base-model FOLDER (a transformers folder, or a Hub id org/model[@revision]
+    found in the Hub cache) the base's tensor shapes are recorded, and every add checks that the adapter's modules
+    exist in that base with fitting shapes. --fingerprint downloads a Hub base if it is not cached."""
+    from moerge.experts.hub import base_folder
     from moerge.experts.library import ExpertLibrary, base_shapes_of
 
+    folder = base_folder(base_model, download=fingerprint_base) if base_model else None
     fingerprint = None
     if base_model and fingerprint_base:
         from moerge.experts.fingerprint import fingerprint_folder
 
-        fingerprint = fingerprint_folder(base_model)
+        fingerprint = fingerprint_folder(folder or base_model)  # a missing folder: its error names the fix
     shapes = None
-    if base_model and Path(base_model).is_dir():
-        shapes = base_shapes_of(base_model)
+    local = base_model is not None and Path(base_model).expanduser().is_dir()
+    if folder is not None and (local or any(folder.glob("*.safetensors"))):
+        shapes = base_shapes_of(folder)
     lib = ExpertLibrary.create(path, base_model=base_model, base_fingerprint=fingerprint, base_shapes=shapes)
     checked = (
         f"; adapters are checked against the {len(shapes)} tensor shapes of {base_model}" if shapes else ""
@@ -53,7 +57,11 @@ def init(
 @library_app.command("add")
 def add(
     library: str = typer.Argument(..., help="Library folder or URL."),
-    source: Path = typer.Argument(..., help="A PEFT adapter folder, or a folder of PEFT adapter folders."),
+    source: str = typer.Argument(
+        ...,
+        help="A PEFT adapter folder, a folder of PEFT adapter folders, or a Hugging Face Hub repo "
+        "org/adapter[@revision] (when no such path exists; HF_HUB_OFFLINE=1 reads the Hub cache only).",
+    ),
     name: str | None = typer.Option(None, help="Expert name (default: the folder's name)."),
     task: str | None = typer.Option(None, help="Task the expert was trained for."),
     domain: str | None = typer.Option(None, help="Domain of the expert's data."),
@@ -62,7 +70,7 @@ def add(
     license: str | None = typer.Option(None, "--license"),
     overwrite: bool = typer.Option(False, help="Replace an expert of the same name."),
 ) -> None:
-    """Add a PEFT adapter folder (or every adapter folder inside a folder)."""
+    """Add a PEFT adapter folder (or every adapter folder inside a folder, or a Hub repo's adapter)."""
     from moerge.experts.library import ExpertLibrary
     from moerge.experts.peft_io import is_peft_folder
 
@@ -70,14 +78,29 @@ def add(
     meta = {k: v for k, v in dict(domain=domain, contributor=contributor, license=license).items() if v}
     if tag:
         meta["tags"] = tag
-    if not source.exists():
+    from moerge.experts.hub import add_from_hub, hub_ref_or_none
+
+    ref = hub_ref_or_none(source)
+    if ref is not None:
+        from moerge.errors import HubError
+
+        try:
+            md = add_from_hub(lib, ref, name=name, task=task, overwrite=overwrite, **meta)
+        except HubError as e:  # it may have been meant as a local folder
+            raise HubError(f"no adapter folder {source} here, and as a Hub repo: {e}") from None
+        console.print(f"added [bold]{md.name}[/] ({md.kind}, task={md.task}) from {md.extra.get('source')}")
+        return
+    folder = Path(source)
+    if not folder.exists():
         from moerge.errors import InputNotFoundError
 
-        raise InputNotFoundError(f"{source}: no such adapter folder")
-    if is_peft_folder(source) or name:
-        added = [lib.add_peft(source, name=name, task=task, overwrite=overwrite, **meta)]
+        raise InputNotFoundError(
+            f"{folder}: no such adapter folder (and not a Hub repo id org/name[@revision])"
+        )
+    if is_peft_folder(folder) or name:
+        added = [lib.add_peft(folder, name=name, task=task, overwrite=overwrite, **meta)]
     else:
-        added = lib.add_folder(source, overwrite=overwrite, **({"task": task} if task else {}), **meta)
+        added = lib.add_folder(folder, overwrite=overwrite, **({"task": task} if task else {}), **meta)
     for md in added:
         console.print(f"added [bold]{md.name}[/] ({md.kind}, task={md.task})")
 

@@ -6,6 +6,10 @@ Conventions (shared by every part of moerge):
   ``nn.Linear`` convention is ``ΔW = scaling · B @ A`` (``[d_out, d_in]``). For fan-in-fan-out layers (GPT-2's
   ``Conv1D``, whose weight is ``[d_in, d_out]``) the factors keep the same layout; only the base weight is
   transposed, which `LoraModule.delta_for_weight` accounts for.
+- An embedding (``nn.Embedding``, weight ``[num_embeddings, dim]``) is the linear map ``one_hot(id) ↦ Wᵀ·one_hot``
+  from ``num_embeddings`` to ``dim`` features; PEFT's ``lora_embedding_A`` is ``[r, num_embeddings]`` and
+  ``lora_embedding_B`` is ``[dim, r]``, so they are kept as ``A`` and ``B`` unchanged (``d_in = num_embeddings``,
+  ``d_out = dim``) with ``embedding=True``; like fan-in-fan-out, only the weight is stored transposed.
 - Module names are the base model's own module paths (``model.layers.0.self_attn.q_proj``), without PEFT's
   ``base_model.model.`` prefix.
 - Dense deltas (task vectors of full fine-tunes) are keyed by the base model's parameter names.
@@ -27,13 +31,16 @@ __all__ = ["Expert", "ExpertMetadata", "LoraModule"]
 
 @dataclass
 class LoraModule:
-    """One LoRA-adapted linear module: ``ΔW = scaling · B @ A``."""
+    """One LoRA-adapted linear module (or embedding, ``embedding=True``): ``ΔW = scaling · B @ A``."""
 
     A: torch.Tensor  # [r, d_in]
     B: torch.Tensor  # [d_out, r]
     alpha: float
     use_rslora: bool = False
     fan_in_fan_out: bool = False
+    embedding: bool = (
+        False  # an nn.Embedding: d_in = num_embeddings, d_out = embedding dim (PEFT lora_embedding_*)
+    )
 
     @property
     def rank(self) -> int:
@@ -55,10 +62,20 @@ class LoraModule:
         """The dense update ``scaling · B @ A`` in ``nn.Linear`` layout ``[d_out, d_in]``."""
         return (self.B.float() @ self.A.float()) * self.scaling
 
+    @property
+    def transposed(self) -> bool:
+        """Whether the base weight is stored ``[d_in, d_out]`` (fan-in-fan-out layers and embeddings)."""
+        return self.fan_in_fan_out or self.embedding
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        """The shape of the base weight this module adapts."""
+        return (self.d_in, self.d_out) if self.transposed else (self.d_out, self.d_in)
+
     def delta_for_weight(self) -> torch.Tensor:
-        """The dense update in the base weight's own layout (transposed for fan-in-fan-out layers)."""
+        """The dense update in the base weight's own layout (transposed for fan-in-fan-out layers and embeddings)."""
         d = self.delta()
-        return d.T.contiguous() if self.fan_in_fan_out else d
+        return d.T.contiguous() if self.transposed else d
 
     def check(self, where: str) -> None:
         if self.A.ndim != 2 or self.B.ndim != 2 or self.A.shape[0] != self.B.shape[1]:
@@ -137,7 +154,7 @@ class Expert:
             if module not in shapes:
                 raise ShapeMismatchError(f"{where}: module {module} does not exist in the base model.")
             expected = shapes[module]
-            got = (lm.d_in, lm.d_out) if lm.fan_in_fan_out else (lm.d_out, lm.d_in)
+            got = lm.weight_shape
             if tuple(expected) != got:
                 raise ShapeMismatchError(
                     f"{where}: module {module} expects a weight of shape {tuple(expected)}, the LoRA gives {got}."
@@ -154,6 +171,7 @@ class Expert:
                     m.alpha,
                     m.use_rslora,
                     m.fan_in_fan_out,
+                    m.embedding,
                 )
                 for k, m in self.lora.items()
             },

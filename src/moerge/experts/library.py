@@ -862,11 +862,12 @@ class ExpertLibrary:
                     f"{where}: module {module} does not exist in this library's base model "
                     f"({self.base_model or 'recorded shapes'}); {hint}"
                 )
-            want = [lm.d_in, lm.d_out] if lm.fan_in_fan_out else [lm.d_out, lm.d_in]
+            want = list(lm.weight_shape)
+            layout = " (embedding)" if lm.embedding else " (fan_in_fan_out)" if lm.fan_in_fan_out else ""
             if list(shape) != want:
                 raise ShapeMismatchError(
                     f"{where}: module {module}: the base weight has shape {tuple(shape)}, the LoRA gives "
-                    f"{tuple(want)}{' (fan_in_fan_out)' if lm.fan_in_fan_out else ''}; {hint}"
+                    f"{tuple(want)}{layout}; {hint}"
                 )
         for param, t in sorted(expert.dense.items()):
             shape = base.get(param)
@@ -1178,6 +1179,19 @@ class ExpertLibrary:
             dest += f"-{uuid.uuid4().hex[:6]}"
         self.storage.rename(f"experts/{folder}", dest)
         actions.append(f"moved experts/{folder} to {dest}: {why}")
+
+    def expert_files(self, name: str) -> tuple[str, dict[str, bytes]]:
+        """``(folder, {file name: bytes})`` of an expert as stored: its files, checked against their checksums,
+        and its ``moerge_expert.json`` record (what a copy of the library needs to rebuild its catalog row)."""
+        entry = self._entry(name)
+        files = {fname: self._read_checked(entry, fname) for fname in entry.checksums}
+        record = {
+            "format": FORMAT_VERSION,
+            "metadata": entry.metadata.model_dump(mode="json"),
+            "checksums": entry.checksums,
+        }
+        files[METADATA_FILE] = json.dumps(record, indent=2).encode()
+        return entry.folder, files
 
     def export_peft(self, name: str, out_dir: str | Path, overwrite: bool = False) -> Path:
         """Copy an expert out as a standalone PEFT folder (``PeftModel.from_pretrained`` loads it). Its files are

@@ -30,11 +30,22 @@ from moerge.experts.schema import explain, parse_adapter_config, parse_json_byte
 
 _PATTERN_TIMEOUT_S = 2.0  # a hostile rank/alpha pattern may backtrack for ever; it gets this long per match
 
-# adapter_config.json keys moerge understands; the rest are carried through round trips untouched.
-_UNSUPPORTED = {
-    "use_dora": "DoRA adapters are not supported yet",
-    "modules_to_save": "adapters with modules_to_save (fully trained extra modules) are not supported yet",
-}
+# adapter_config.json settings moerge refuses, with the reason and the way out (docs/training.md, "PEFT parity").
+_DORA_WHY = (
+    "DoRA adapters are refused: DoRA rescales each column of W + ΔW to a learned magnitude, m·(W+ΔW)/‖W+ΔW‖, "
+    "which is not linear in ΔW, so it can be neither routed nor merged as a LoRA update. Merge it into its base "
+    "with PEFT (merge_and_unload) and use the full model, or train a plain LoRA"
+)
+_FULL_MODULES_WHY = (
+    "full trained copies of modules are not low-rank updates: moerge routes and merges LoRA deltas only. Adapt "
+    "those modules with LoRA instead (list them in target_modules), or merge the adapter into its base with PEFT "
+    "(merge_and_unload) and use the full model"
+)
+
+# PEFT tensor names: LoRA factors of linear layers, of embeddings, and copies of embedding base weights.
+_LINEAR_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+_EMBEDDING_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_embedding_([AB])(?:\.[^.]+)?$")
+_BASE_LAYER_KEY = re.compile(r"^(?:base_model\.model\.)?(.+)\.base_layer\.weight$")
 
 
 def conversion_hint(path: Path) -> str:
@@ -158,9 +169,11 @@ def lora_modules_from_peft(
     if peft_type != "LORA":
         raise MalformedConfigError(f"{source}: peft_type is {peft_type!r}; moerge reads LoRA adapters only.")
     if cfg.use_dora:
-        raise MalformedConfigError(f"{source}: {_UNSUPPORTED['use_dora']} (use_dora is set).")
+        raise MalformedConfigError(f"{source}: use_dora is set. {_DORA_WHY}.")
     if cfg.modules_to_save:
-        raise MalformedConfigError(f"{source}: {_UNSUPPORTED['modules_to_save']} (modules_to_save is set).")
+        raise MalformedConfigError(
+            f"{source}: modules_to_save is set ({', '.join(cfg.modules_to_save)}); {_FULL_MODULES_WHY}."
+        )
     if cfg.bias not in ("none", None):
         raise MalformedConfigError(
             f"{source}: bias={cfg.bias!r} adapters are not supported; use bias='none'."
@@ -173,15 +186,20 @@ def lora_modules_from_peft(
         _compile_pattern(key, source)
 
     factors: dict[str, dict[str, torch.Tensor]] = {}
+    embeddings: set[str] = set()
+    base_copies: dict[str, torch.Tensor] = {}
     for key, tensor in weights.items():
-        m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
-        if m is None or not isinstance(tensor, torch.Tensor):
-            if "lora_embedding" in key or "lora_magnitude" in key:
-                raise MalformedConfigError(
-                    f"{source}: tensor {key} (embedding LoRA / DoRA) is not supported."
-                )
-            raise MalformedConfigError(f"{source}: unexpected tensor {key} in the adapter weights.")
-        factors.setdefault(m.group(1), {})[m.group(2)] = tensor
+        if not isinstance(tensor, torch.Tensor):
+            raise MalformedConfigError(f"{source}: entry {key} of the adapter weights is not a tensor.")
+        if m := _LINEAR_KEY.match(key):
+            factors.setdefault(m.group(1), {})[m.group(2)] = tensor
+        elif m := _EMBEDDING_KEY.match(key):
+            factors.setdefault(m.group(1), {})[m.group(2)] = tensor
+            embeddings.add(m.group(1))
+        elif m := _BASE_LAYER_KEY.match(key):
+            base_copies[m.group(1)] = tensor  # checked below against the module's LoRA
+        else:
+            raise MalformedConfigError(_unexpected_tensor(key, source))
     if not factors:
         raise MalformedConfigError(f"{source}: the adapter weights hold no lora_A/lora_B tensors.")
 
@@ -202,8 +220,43 @@ def lora_modules_from_peft(
                 f"{source}: module {module}: the config gives rank {r} but lora_A has rank {A.shape[0]}."
             )
         alpha = float(pattern_value(alpha_pattern, module, default_alpha, source))
-        lora[module] = LoraModule(A=A, B=B, alpha=alpha, use_rslora=use_rslora, fan_in_fan_out=fan_in_fan_out)
+        emb = module in embeddings
+        lora[module] = LoraModule(
+            A=A,
+            B=B,
+            alpha=alpha,
+            use_rslora=use_rslora,
+            fan_in_fan_out=fan_in_fan_out and not emb,
+            embedding=emb,
+        )
+    for module, weight in base_copies.items():
+        # PEFT saves the base weights of adapted embedding layers (embed_tokens, lm_head) beside their LoRA
+        # (``save_embedding_layers``) in case the vocabulary was resized. LoRA keeps them frozen, so at the
+        # base's shape they are the base's own weights: moerge drops them (the library's recorded base shapes,
+        # when present, check the shape). A copy of another shape means a resized vocabulary: refused.
+        lm = lora.get(module)
+        if lm is None or tuple(weight.shape) != lm.weight_shape:
+            raise MalformedConfigError(
+                f"{source}: tensor {module}.base_layer.weight {tuple(weight.shape)} is a full weight saved with a "
+                "resized vocabulary (PEFT save_embedding_layers) that does not fit the module's LoRA; moerge routes "
+                "and merges LoRA deltas against an unchanged base: resize the base model itself and re-add."
+            )
     return lora
+
+
+def _unexpected_tensor(key: str, source: str) -> str:
+    """The one-line refusal for a tensor that is not a LoRA factor, naming what it is and what to do."""
+    if "lora_magnitude_vector" in key:
+        return f"{source}: tensor {key} is a DoRA magnitude. {_DORA_WHY}."
+    if key.endswith((".weight", ".bias")) or "modules_to_save" in key:
+        return (
+            f"{source}: tensor {key} is a full module weight, not a LoRA factor (PEFT modules_to_save or "
+            f"trainable tokens); {_FULL_MODULES_WHY}."
+        )
+    return (
+        f"{source}: tensor {key} is not a LoRA factor moerge reads (lora_A/lora_B of linear layers, "
+        "lora_embedding_A/B of embeddings); re-save the adapter with PEFT as a plain LoRA."
+    )
 
 
 def _carried_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -251,7 +304,9 @@ def peft_config_for(expert: Expert, base_model_name_or_path: str | None = None) 
             f"expert {expert.name!r} is a dense delta, not a LoRA; export it with `moerge merge` as a full model."
         )
     mods = expert.lora
-    flags = {(m.use_rslora, m.fan_in_fan_out) for m in mods.values()}
+    flags = {(m.use_rslora, m.fan_in_fan_out) for m in mods.values() if not m.embedding} or {
+        (m.use_rslora, False) for m in mods.values()
+    }
     if len(flags) > 1:
         raise MalformedConfigError(
             f"expert {expert.name!r} mixes rslora/fan_in_fan_out settings across modules; PEFT cannot express that."
@@ -284,10 +339,12 @@ def peft_config_for(expert: Expert, base_model_name_or_path: str | None = None) 
 
 
 def peft_state_dict_for(expert: Expert) -> dict[str, torch.Tensor]:
+    """PEFT's state dict of a LoRA expert (embeddings as ``lora_embedding_A``/``lora_embedding_B``)."""
     sd: dict[str, torch.Tensor] = {}
     for module, m in expert.lora.items():
-        sd[f"{PEFT_PREFIX}{module}.lora_A.weight"] = m.A.contiguous()
-        sd[f"{PEFT_PREFIX}{module}.lora_B.weight"] = m.B.contiguous()
+        a, b = ("lora_embedding_A", "lora_embedding_B") if m.embedding else ("lora_A.weight", "lora_B.weight")
+        sd[f"{PEFT_PREFIX}{module}.{a}"] = m.A.contiguous()
+        sd[f"{PEFT_PREFIX}{module}.{b}"] = m.B.contiguous()
     return sd
 
 

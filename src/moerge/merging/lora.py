@@ -57,7 +57,7 @@ def _check_experts(experts: list[Expert]) -> list[str]:
     modules = sorted(set().union(*(e.lora for e in experts)))
     for m in modules:
         present = [(e.name, e.lora[m]) for e in experts if m in e.lora]
-        shapes = {(lm.d_out, lm.d_in, lm.fan_in_fan_out) for _, lm in present}
+        shapes = {(lm.d_out, lm.d_in, lm.fan_in_fan_out, lm.embedding) for _, lm in present}
         if len(shapes) > 1:
             raise ShapeMismatchError(
                 f"module {m}: the experts disagree on its shape/layout ({', '.join(f'{n}: {lm.d_out}x{lm.d_in}' for n, lm in present)})."
@@ -82,8 +82,14 @@ def _exact(experts: list[Expert], module: str, coef: torch.Tensor) -> LoraModule
             * scale.to(torch.float32).repeat_interleave(reps)[:, None]
         )
         B = torch.cat([lm.B.float() for _, lm in present], dim=1)
-    fifo = present[0][1].fan_in_fan_out
-    return LoraModule(A=A.contiguous(), B=B.contiguous(), alpha=float(A.shape[0]), fan_in_fan_out=fifo)
+    ref = present[0][1]
+    return LoraModule(
+        A=A.contiguous(),
+        B=B.contiguous(),
+        alpha=float(A.shape[0]),
+        fan_in_fan_out=ref.fan_in_fan_out,
+        embedding=ref.embedding,
+    )
 
 
 def _factor(
@@ -105,7 +111,7 @@ def _factor(
     b = torch.stack([lm.B.float() for _, lm in present])
     idx = [i for i, _ in present]
     scal = torch.tensor([lm.scaling for _, lm in present], dtype=torch.float64)
-    fifo = present[0][1].fan_in_fan_out
+    ref = present[0][1]
     sub = [per_model[i] for i in idx]
     # linear methods: the coefficients cᵢ (normalisation, λ included) are the factor weights
     w = (
@@ -146,7 +152,14 @@ def _factor(
             name=module + ".lora_B",
             seed=seed,
         )
-    return LoraModule(A=A.contiguous(), B=B.contiguous(), alpha=alpha, use_rslora=rslora, fan_in_fan_out=fifo)
+    return LoraModule(
+        A=A.contiguous(),
+        B=B.contiguous(),
+        alpha=alpha,
+        use_rslora=rslora,
+        fan_in_fan_out=ref.fan_in_fan_out,
+        embedding=ref.embedding,
+    )
 
 
 def _zero_base(spec: MethodSpec, x: torch.Tensor) -> torch.Tensor | None:
@@ -173,7 +186,7 @@ def _dense_delta(
     s = None
     if stats is not None and all(key in st for st in stats):
         s = torch.stack([st[key].float() for st in stats])
-        if spec.stats == "fisher" and ref.fan_in_fan_out and s.shape[1:] != deltas.shape[1:]:
+        if spec.stats == "fisher" and ref.transposed and s.shape[1:] != deltas.shape[1:]:
             s = s.transpose(1, 2)
     return merge_tensor(
         spec,
@@ -258,11 +271,17 @@ def merge_lora_experts(
                 )
             ref = next(e.lora[m] for e in experts if m in e.lora)
             if mode == "dense":
-                dense[m + ".weight"] = d.T.contiguous() if ref.fan_in_fan_out else d
+                dense[m + ".weight"] = d.T.contiguous() if ref.transposed else d
             else:
                 k = rank or max(e.lora[m].rank for e in experts if m in e.lora)
                 A, B = svd_factors(d, k)
-                lora[m] = LoraModule(A=A, B=B, alpha=float(A.shape[0]), fan_in_fan_out=ref.fan_in_fan_out)
+                lora[m] = LoraModule(
+                    A=A,
+                    B=B,
+                    alpha=float(A.shape[0]),
+                    fan_in_fan_out=ref.fan_in_fan_out,
+                    embedding=ref.embedding,
+                )
     first = experts[0].metadata
     exact = mode == "exact" or (mode == "dense")
     metadata = ExpertMetadata(

@@ -29,7 +29,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from moerge.errors import ShapeMismatchError
+from moerge.errors import RecipeNotApplicableError, RoutingError, ShapeMismatchError
 from moerge.experts.expert import LoraModule
 from moerge.routing.call import Aggregation, CallOwner, active_call
 from moerge.routing.selection import Selection
@@ -45,15 +45,18 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta 
 
 
 def module_dims(module: nn.Module) -> tuple[int, int]:
-    """``(d_in, d_out)`` of a linear-like module: ``nn.Linear`` or transformers' ``Conv1D`` (fan-in-fan-out)."""
+    """``(d_in, d_out)`` of a linear-like module: ``nn.Linear``, transformers' ``Conv1D`` (fan-in-fan-out) or
+    ``nn.Embedding`` (the linear map from a one-hot token: ``(num_embeddings, embedding_dim)``)."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
         w = cast(torch.Tensor, module.weight)
         return w.shape[0], w.shape[1]
     raise ShapeMismatchError(
-        f"module of type {type(module).__name__} is not a linear layer (nn.Linear or Conv1D); "
-        "moerge injects experts into linear layers only — remove it from the experts' target modules."
+        f"module of type {type(module).__name__} is not a linear layer (nn.Linear, Conv1D) or an nn.Embedding; "
+        "moerge injects experts into those only — remove it from the experts' target modules."
     )
 
 
@@ -264,3 +267,63 @@ class ExpertLayer(nn.Module):
         return (
             f"{self.module_name}: E={self.num_experts}, R={self.rank}, d_in={self.d_in}, d_out={self.d_out}"
         )
+
+
+class EmbeddingExpertLayer(ExpertLayer):
+    """An ``nn.Embedding`` plus E experts' embedding LoRAs (PEFT's ``lora_embedding_A [r, vocab]``,
+    ``lora_embedding_B [dim, r]``), stacked as in `ExpertLayer` (``A [E, R, vocab]``, ``Bt [E, R, dim]``).
+
+    An embedding is the linear map ``one_hot(id) ↦ Wᵀ one_hot(id)``, so ``A x`` is column ``id`` of A: each
+    token's ``z = A[:, :, id]`` is a lookup, and the rest (weights, output / parameter / factor aggregation) is
+    the linear layer's computation, over all E experts' ``B`` (unselected ones weighted 0): O(E·R·dim) per
+    token, small beside the model. (Parameter and output aggregation coincide: the map is linear.)
+
+    The router is asked for a selection with the base embedding rows ``[..., dim]`` as the layer's input (its
+    true input, a one-hot over the vocabulary, carries nothing but the token id). Routers that decide per
+    example or task, or from an explicit selection, route it like any layer; routers that score each module's
+    input against per-module signatures (Arrow, PHATGOOSE, average activation) have none in that space, and the
+    call is refused with the fix (docs/routing.md, "Embeddings")."""
+
+    At: torch.Tensor
+
+    def __init__(self, base: nn.Module, name: str, A: torch.Tensor, Bt: torch.Tensor, owner: CallOwner):
+        super().__init__(base, name, A, Bt, owner)
+        self.register_buffer("At", A.permute(2, 0, 1).contiguous(), persistent=False)  # [vocab, E, R]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base(x, *args, **kwargs)
+        call = active_call(self.owner)
+        if call is None:
+            return out
+        try:
+            sel = call.select(self.module_name, out)
+        except (RecipeNotApplicableError, RuntimeError) as err:
+            raise RoutingError(
+                f"module {self.module_name} is an embedding (nn.Embedding): its input is a token id, which this "
+                f"router cannot score against per-module signatures ({str(err).splitlines()[0][:120]}). Route these "
+                "experts with an example- or task-level recipe, leave the embedding out (attach(..., "
+                "target_modules=...) without it), or merge the embedding LoRA into the base."
+            ) from None
+        if sel is None:
+            return out
+        return out + _as(embedding_delta(x, self.At, self.Bt, sel, call.aggregation), out.dtype)
+
+
+def embedding_delta(
+    ids: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, sel: Selection, aggregation: Aggregation
+) -> torch.Tensor:
+    """The experts' contribution to an embedding's output for token ids ``[...]``: ``[..., dim]``
+    (``At [vocab, E, R]`` with each expert's scaling folded in, ``Bt [E, R, dim]``)."""
+    V, E, R = At.shape
+    d_out = Bt.shape[-1]
+    flat = ids.reshape(-1)
+    N = flat.shape[0]
+    w = sel.dense(E).to(Bt.dtype)  # [rows, E]; zeros for unselected experts
+    if sel.per == "example":
+        w = w.repeat_interleave(N // sel.rows, dim=0)
+    elif sel.rows != N:
+        raise ShapeMismatchError(f"a per-token selection has {sel.rows} rows for {N} tokens")
+    z = At.index_select(0, flat)  # [N, E, R]: A x for a one-hot x
+    w3 = w[..., None]
+    z = w3 * (w3 * z).sum(1, keepdim=True) if aggregation == "factor" else w3 * z
+    return (z.reshape(N, E * R) @ Bt.reshape(E * R, d_out)).reshape(*ids.shape, d_out)

@@ -28,7 +28,7 @@ from torch import nn
 
 from moerge.errors import MoergeError, RoutingError, ShapeMismatchError
 from moerge.experts.expert import Expert
-from moerge.model.expert_layer import ExpertLayer, module_dims, stack_factors
+from moerge.model.expert_layer import EmbeddingExpertLayer, ExpertLayer, module_dims, stack_factors
 from moerge.routing.call import Aggregation, CallOwner, CallState, activate, checkpoint_context_fn
 from moerge.routing.inputs import RoutingInputs
 from moerge.routing.router import Router
@@ -176,7 +176,9 @@ class MoErgedModel(nn.Module):
         k = self.router.experts_per_token(self.num_experts)
         total = 0.0
         for layer in self.expert_layers.values():
-            if self.aggregation == "parameter" and self.router.granularity != "token":
+            if isinstance(layer, EmbeddingExpertLayer):  # A·one_hot is a lookup; every expert's B runs
+                total += 2 * layer.num_experts * layer.rank * layer.d_out
+            elif self.aggregation == "parameter" and self.router.granularity != "token":
                 total += 2 * layer.d_in * layer.d_out  # the merged ΔW runs as one extra matmul
             else:
                 total += 2 * k * layer.rank * (layer.d_in + layer.d_out)
@@ -289,20 +291,50 @@ def inject(
         if isinstance(base, ExpertLayer):
             raise MoergeError(f"module {name} already holds experts; detach the model first")
         d_in, d_out = module_dims(base)
+        is_embedding = isinstance(base, nn.Embedding)
         mods = [e.lora.get(name) for e in experts]
         for e, m in zip(experts, mods):
             if m is not None and (m.d_in, m.d_out) != (d_in, d_out):
                 raise ShapeMismatchError(
                     f"expert {e.name!r}, module {name}: LoRA maps {m.d_in}→{m.d_out}, the model's layer {d_in}→{d_out}"
                 )
+            if m is not None and m.embedding != is_embedding:
+                kind = "an nn.Embedding" if is_embedding else "a linear layer"
+                raise ShapeMismatchError(
+                    f"expert {e.name!r}, module {name}: the model's module is {kind} but the expert's LoRA is "
+                    f"{'an embedding' if m.embedding else 'a linear'} LoRA; attach the experts to their base model"
+                )
         w = getattr(base, "weight", None)
         A, Bt = stack_factors(mods, d_in, d_out, dtype or (w.dtype if w is not None else torch.float32))
         if w is not None:
             A, Bt = A.to(w.device), Bt.to(w.device)
-        layers[name] = ExpertLayer(base, name, A, Bt, owner)
+        layer_type = EmbeddingExpertLayer if is_embedding else ExpertLayer
+        layers[name] = layer_type(base, name, A, Bt, owner)
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
     return layers, owner
+
+
+@torch.no_grad()
+def merge_into(model: nn.Module, expert: Expert, weight: float = 1.0) -> nn.Module:
+    """Add ``weight`` × the expert's update to ``model``'s weights in place (PEFT's ``merge_and_unload`` for one
+    adapter): ``W += weight · ΔW`` in each weight's own layout (Linear, Conv1D, Embedding), dense deltas by
+    parameter name. Returns ``model``."""
+    params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under every name
+    updates = {f"{m}.weight": lm.delta_for_weight() for m, lm in expert.lora.items()}
+    updates.update(expert.dense)
+    for key, delta in updates.items():
+        p = params.get(key)
+        if p is None:
+            raise ShapeMismatchError(
+                f"expert {expert.name!r} updates {key}, which the model does not have; merge it into its base model"
+            )
+        if tuple(p.shape) != tuple(delta.shape):
+            raise ShapeMismatchError(
+                f"expert {expert.name!r}: {key} has shape {tuple(p.shape)} in the model, the update {tuple(delta.shape)}"
+            )
+        p.add_(delta.to(device=p.device, dtype=p.dtype), alpha=weight)
+    return model
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
