@@ -83,6 +83,16 @@ def state(folder: Path) -> dict[str, torch.Tensor]:
         return {k: r.get(k).float() for k in r.names()}
 
 
+def stored(folder: Path) -> tuple[dict[str, str], str | None]:
+    """Each tensor's stored safetensors dtype, and config.json's ``torch_dtype``."""
+    from moerge.merging.checkpoint import CheckpointReader
+
+    with CheckpointReader(folder) as r:
+        dtypes = {k: r.dtype(k) for k in r.names()}
+    cfg = json.loads((folder / "config.json").read_text())
+    return dtypes, cfg.get("torch_dtype", cfg.get("dtype"))
+
+
 def configs(m: dict[str, Path]) -> dict[str, dict]:
     fts = [str(m[f"ft{i}"]) for i in range(3)]
     w = [0.3, 0.5, 0.2]
@@ -159,6 +169,35 @@ def configs(m: dict[str, Path]) -> dict[str, dict]:
             "models": [{"model": f, "parameters": {"weight": wi}} for f, wi in zip(fts, w)],
             "dtype": "float32",
         },
+        # dtype is the compute dtype, out_dtype the stored one (default: dtype, else the inputs')
+        "ties, dtype bfloat16": {
+            "merge_method": "ties",
+            "base_model": base,
+            "parameters": {"normalize": True},
+            "models": [{"model": f, "parameters": {"weight": wi, "density": 0.4}} for f, wi in zip(fts, w)],
+            "dtype": "bfloat16",
+        },
+        "task_arithmetic, dtype bfloat16": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "parameters": {"lambda": 0.7},
+            "models": [{"model": f, "parameters": {"weight": wi}} for f, wi in zip(fts, w)],
+            "dtype": "bfloat16",
+        },
+        "task_arithmetic, out_dtype bfloat16": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "parameters": {"lambda": 0.7},
+            "models": [{"model": f, "parameters": {"weight": wi}} for f, wi in zip(fts, w)],
+            "dtype": "float32",
+            "out_dtype": "bfloat16",
+        },
+        "linear, dtype bfloat16, out_dtype float32": {
+            "merge_method": "linear",
+            "models": [{"model": f, "parameters": {"weight": wi}} for f, wi in zip(fts, w)],
+            "dtype": "bfloat16",
+            "out_dtype": "float32",
+        },
     }
 
 
@@ -202,11 +241,12 @@ def main() -> int:
         fts = [state(m[f"ft{i}"]) for i in range(3)]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         for name, cfg in configs(m).items():
-            path = root / f"{name}.yaml"
+            slug = name.replace(", ", "_").replace(" ", "_")
+            path = root / f"{slug}.yaml"
             path.write_text(yaml.safe_dump(cfg))
             t0 = time.time()
             proc = subprocess.run(
-                [str(MERGEKIT_YAML), str(path), str(root / f"mk_{name}"), "--random-seed", "0"],
+                [str(MERGEKIT_YAML), str(path), str(root / f"mk_{slug}"), "--random-seed", "0"],
                 capture_output=True,
                 text=True,
                 env=env,
@@ -218,9 +258,9 @@ def main() -> int:
                 ok = False
                 continue
             t0 = time.time()
-            moerge.merge(path, root / f"mo_{name}")
+            moerge.merge(path, root / f"mo_{slug}")
             t_mo = time.time() - t0
-            a, b = state(root / f"mk_{name}"), state(root / f"mo_{name}")
+            a, b = state(root / f"mk_{slug}"), state(root / f"mo_{slug}")
             if set(a) != set(b):
                 results[name] = {"ok": False, "error": f"tensor names differ: {sorted(set(a) ^ set(b))[:4]}"}
                 ok = False
@@ -241,10 +281,26 @@ def main() -> int:
                 diff = max(float((a[k] - b[k]).abs().max()) for k in a)
                 scale = max(float(a[k].abs().max()) for k in a)
                 good = diff <= 1e-5 * max(scale, 1.0)
-                results[name] = {"ok": good, "comparison": "exact", "max_abs_diff": diff}
+                differing = sum(int((a[k] != b[k]).sum()) for k in a)
+                total = sum(a[k].numel() for k in a)
+                results[name] = {
+                    "ok": good,
+                    "comparison": "exact",
+                    "max_abs_diff": diff,
+                    "differing": [differing, total],
+                }
+            (dt_mk, cfg_mk), (dt_mo, cfg_mo) = stored(root / f"mk_{slug}"), stored(root / f"mo_{slug}")
+            results[name]["stored"] = sorted(set(dt_mo.values()))
+            results[name]["config_dtype"] = cfg_mo
+            if dt_mk != dt_mo or cfg_mk != cfg_mo:
+                results[name]["ok"] = False
+                results[name]["error"] = (
+                    f"stored dtypes mergekit {sorted(set(dt_mk.values()))} (config {cfg_mk}), "
+                    f"moerge {sorted(set(dt_mo.values()))} (config {cfg_mo})"
+                )
             results[name].update({"mergekit_s": round(t_mk, 2), "moerge_s": round(t_mo, 2)})
             ok &= results[name]["ok"]
-    print(f"{'method':24} {'result':6} {'comparison':12} detail")
+    print(f"{'method':42} {'result':6} {'comparison':12} detail")
     for name, r in results.items():
         if r.get("comparison") == "statistical":
             detail = (
@@ -255,7 +311,11 @@ def main() -> int:
             )
         else:
             detail = f"max |Δ| {r.get('max_abs_diff', float('nan')):.2e}" if "error" not in r else r["error"]
-        print(f"{name:24} {'PASS' if r['ok'] else 'FAIL':6} {r.get('comparison', '-'):12} {detail}")
+            if "differing" in r and "error" not in r:
+                detail += f", {r['differing'][0]} of {r['differing'][1]} entries differ"
+        if "stored" in r and "error" not in r:
+            detail += f"; stored {'/'.join(r['stored'])}, config {r['config_dtype']}"
+        print(f"{name:42} {'PASS' if r['ok'] else 'FAIL':6} {r.get('comparison', '-'):12} {detail}")
     print(json.dumps(results, indent=1))
     return 0 if ok else 1
 

@@ -4,14 +4,17 @@
     python -m moerge.bench.results_doc --check     # exit 1 when docs/results.md is not what the files give
 
 Each suite folder (``docs/results/<suite>/``) is the ``--out`` folder of a run of ``moerge bench ... --seeds N
---no-plots``: ``seed-<i>/results.json`` per seed (a single run: ``results.json``). The page shows, per suite,
-the command and environment recorded in the results, the summary with 95% intervals over the seeds, the graded
-per-token accuracy, the premise diagnostics and the literature checks — all computed here from the JSON.
+--no-plots``: ``seed-<i>/results.json`` per seed (a single run: ``results.json``), and optionally the suite
+build's ``build.json`` copied beside it (``seed-<i>/build.json``). The page shows, per suite, the command and
+environment recorded in the results, the summary with 95% intervals over the seeds, the graded per-token
+accuracy, the premise diagnostics, the literature checks and, where ``build.json`` is there, the build's
+timings and reference scores — all computed here from the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -31,6 +34,57 @@ def load_runs(folder: Path) -> list[BenchResults]:
     return [BenchResults.model_validate_json(p.read_text()) for p in paths]
 
 
+def load_builds(folder: Path) -> list[dict]:
+    """The ``build.json`` files beside the runs (``seed-<i>/build.json`` in seed order, else ``build.json``)."""
+    seeds = sorted(folder.glob("seed-*/build.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+    paths = seeds or ([folder / "build.json"] if (folder / "build.json").is_file() else [])
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def build_section(builds: list[dict], run: BenchResults) -> list[str]:
+    """The suite builds: time per phase (every seed) and the reference scores of seed 0's build."""
+    from moerge.bench.report import markdown_table
+    from moerge.bench.suites.synthetic import SCORE_COLUMNS
+
+    def per_seed(kind: str, phase: str) -> str:
+        vals = [b.get(kind, {}).get(phase) for b in builds]
+        return " / ".join("–" if v is None else f"{v:.1f}" for v in vals)
+
+    phases = list(dict.fromkeys(k for b in builds for k in (*b.get("timings_s", {}), *b.get("cpu_s", {}))))
+    threads = sorted({b.get("torch_threads") for b in builds}, key=str)
+    time_rows = [[ph, per_seed("timings_s", ph), per_seed("cpu_s", ph)] for ph in phases]
+    scores = builds[0].get("scores", {})
+    score_rows = []
+    for t in run.tasks:
+        s = scores.get(t["name"], {})
+        cells = [
+            t["name"],
+            t["split"],
+            t["condition"],
+            t["metric"],
+            f"{t['ceiling']:.3f}" if t.get("ceiling") else "-",
+        ]
+        score_rows.append(cells + [f"{s[k]:.3f}" if k in s else "-" for k, _ in SCORE_COLUMNS])
+    head = ["task", "split", "condition", "metric", "ceiling"] + [short for _, short in SCORE_COLUMNS]
+    return [
+        "### The suite builds (`build.json`)",
+        "",
+        f"Time per build phase, seed by seed ({len(builds)} build{'s' if len(builds) > 1 else ''}, torch threads "
+        f"{', '.join(map(str, threads))}; `premise` and `measure` run after the build):",
+        "",
+        markdown_table(["phase", "wall s", "CPU s"], time_rows),
+        "",
+        "Reference scores of seed 0's build (`measure_suite`: exact match, or nats per character for NLL tasks). "
+        "`base`: the base model; `oracle`: the task's own expert; `best1`: the best single expert for the whole "
+        "task; `or/ex`: the best expert per example; `or/tok`: each scored token predicted by the model of its "
+        "ground-truth expert; `merge`: the task's experts' deltas summed into the base; `multi`: the multitask "
+        "LoRA.",
+        "",
+        markdown_table(head, score_rows),
+        "",
+    ]
+
+
 def suite_section(title: str, folder: Path, runs: list[BenchResults], img: str | None) -> list[str]:
     from moerge.bench.premise import format_premise
     from moerge.bench.report import literature_rows, markdown_table
@@ -46,6 +100,7 @@ def suite_section(title: str, folder: Path, runs: list[BenchResults], img: str |
         f"Suite `{runs[0].suite}` (seed 0), {len(runs[0].experts)} experts, {len(runs[0].tasks)} tasks; "
         f"{len(runs)} expert-training seed{'s' if len(runs) > 1 else ''}. Produced by:",
         "",
+        '<!-- doc-test: skip reason="the benchmark run that produced these files (full suite builds: minutes)" -->',
         "```bash",
         command,
         "```",
@@ -80,6 +135,9 @@ def suite_section(title: str, folder: Path, runs: list[BenchResults], img: str |
                     lines += [f"- seed {i}, {r}: {rep.verdict(r)}" for r in rep.top1]
             lines.append("")
     lines += ["### The literature's expected orderings", "", markdown_table(*literature_rows(runs)), ""]
+    builds = load_builds(folder)
+    if builds:
+        lines += build_section(builds, runs[0])
     return lines
 
 

@@ -141,6 +141,7 @@ def merge(
         g,
         per_model,
         dtype=cfg.dtype,
+        out_dtype=cfg.out_dtype,
         seed=cfg.seed,
         shard_size=cfg.shard_size,
         stats=stats,
@@ -212,8 +213,9 @@ def _merge_lora(spec, cfg: MergeConfig, g, per_model, out, experts, recipe, over
         stats=stats,
         recipe=recipe,
     )
-    if cfg.dtype:
-        expert = expert.to(dtype=getattr(torch, cfg.dtype))
+    stored = cfg.out_dtype or cfg.dtype  # LoRA merges compute in float32; the factors are stored in this dtype
+    if stored:
+        expert = expert.to(dtype=getattr(torch, stored))
     if out is not None:
         _write_adapter(expert, out, cfg, overwrite)
     if cfg.add_to_library and lib is not None:
@@ -268,9 +270,10 @@ def _greedy(cfg: MergeConfig, out, experts, evaluate, overwrite: bool = False) -
         "greedy_soup": {"chosen": [cfg.models[i].model for i in res.chosen], "score": res.score}
     }
     with atomic_output_dir(out, overwrite=overwrite, **_guarded(cfg)) as tmp:
+        stored = cfg.out_dtype or cfg.dtype
         w = ShardWriter(tmp, parse_size(cfg.shard_size))
         for k, v in res.soup.items():
-            w.add(k, v)
+            w.add(k, v.to(getattr(torch, stored)) if stored and v.is_floating_point() else v)
         w.finish()
-        write_model_files(Path(cfg.models[res.chosen[0]].model), tmp, cfg.dtype, recipe, cfg.copy_tokenizer)
+        write_model_files(Path(cfg.models[res.chosen[0]].model), tmp, stored, recipe, cfg.copy_tokenizer)
     return out

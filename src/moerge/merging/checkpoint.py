@@ -261,8 +261,10 @@ def iter_merged(
     seed: int = 0,
     stats: list[dict[str, torch.Tensor]] | None = None,
     fan_in_fan_out: AbstractSet[str] = frozenset(),
+    compute_dtype: torch.dtype = torch.float32,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, merged float32 tensor)`` for every tensor, reading one tensor per input at a time."""
+    """Yield ``(name, merged tensor)`` for every tensor, reading one tensor per input at a time. The inputs are
+    read into ``compute_dtype`` and the method computes in it (mergekit's ``dtype``)."""
     ref = base or readers[0]
     keys = ref.names()
     n = len(readers)
@@ -277,10 +279,10 @@ def iter_merged(
             yield key, (base or readers[0]).get(key)
             continue
         shape = readers[0].shape(key)
-        x = torch.empty((n, *shape), dtype=torch.float32)
+        x = torch.empty((n, *shape), dtype=compute_dtype)
         for i, r in enumerate(readers):  # one tensor per input model, read into its slot
             r.get(key, out=x[i])
-        b = base.get(key).to(torch.float32) if base is not None else None
+        b = base.get(key).to(compute_dtype) if base is not None else None
         if not torch.isfinite(x).all() or (b is not None and not torch.isfinite(b).all()):
             bad = [r.folder for i, r in enumerate(readers) if not torch.isfinite(x[i]).all()]
             bad += [base.folder] if base is not None and b is not None and not torch.isfinite(b).all() else []
@@ -290,7 +292,7 @@ def iter_merged(
             )
         s = None
         if stats is not None and all(key in st for st in stats):
-            s = torch.stack([st[key].to(torch.float32) for st in stats])
+            s = torch.stack([st[key].to(compute_dtype) for st in stats])
         g, pm = resolve_params(spec, global_params, per_model, key, num_layers)
         if g is not global_params:  # values that vary by tensor: check them where they apply
             check_param_ranges(spec.name, g, pm, where=f"tensor {key}")
@@ -321,6 +323,7 @@ def merge_checkpoints(
     per_model: list[dict[str, Any]],
     *,
     dtype: str | None = None,
+    out_dtype: str | None = None,
     seed: int = 0,
     shard_size: int | str = "2GB",
     stats: list[dict[str, torch.Tensor]] | None = None,
@@ -333,6 +336,10 @@ def merge_checkpoints(
 ) -> Path:
     """Merge transformers folders ``models`` (against ``base_model``) into the folder ``out``, streaming. A model
     or base may also be a GGUF file or a hub id (`moerge.backbones.loading.model_folder`).
+
+    As in mergekit, ``dtype`` is the compute dtype (the inputs are read into it and merged in it; default
+    float32) and ``out_dtype`` the stored one (default: ``dtype`` when given, else each tensor's dtype in the
+    base).
 
     The output is written into a temporary sibling folder and renamed into place once complete, so a failed
     merge (bad parameters, NaN, a full disk) leaves ``out`` as it was; a non-empty ``out`` is replaced only with
@@ -352,8 +359,8 @@ def merge_checkpoints(
         check_compatible(([base] if base else []) + readers)
         with atomic_output_dir(out, overwrite=overwrite, inputs=sources) as tmp:
             _merge_into(
-                spec, readers, base, tmp, global_params, per_model, dtype, seed, shard_size, stats, fan_in_fan_out,
-                recipe, copy_tokenizer, progress,
+                spec, readers, base, tmp, global_params, per_model, dtype, out_dtype, seed, shard_size, stats,
+                fan_in_fan_out, recipe, copy_tokenizer, progress,
             )  # fmt: skip
     finally:
         for r in readers + ([base] if base else []):
@@ -369,6 +376,7 @@ def _merge_into(
     global_params: dict[str, Any],
     per_model: list[dict[str, Any]],
     dtype: str | None,
+    out_dtype: str | None,
     seed: int,
     shard_size: int | str,
     stats: list[dict[str, torch.Tensor]] | None,
@@ -378,11 +386,12 @@ def _merge_into(
     progress: Callable[[str, int, int], None] | None,
 ) -> None:
     ref = base or readers[0]
-    out_dtype = DTYPES[dtype] if dtype else None
+    stored = out_dtype or dtype  # mergekit: out_dtype, else the compute dtype, else the inputs' own
+    stored_dtype = DTYPES[stored] if stored else None
 
     def out_dtype_of(key: str) -> torch.dtype:
         src = SAFETENSORS_DTYPES.get(ref.dtype(key))
-        return (out_dtype or src) if src is not None else ST_TO_TORCH[ref.dtype(key)]
+        return (stored_dtype or src) if src is not None else ST_TO_TORCH[ref.dtype(key)]
 
     plan = plan_shards([(k, out_dtype_of(k), ref.shape(k)) for k in ref.names()], parse_size(shard_size))
     writer = StreamingShardWriter(out, plan)
@@ -395,6 +404,7 @@ def _merge_into(
         seed=seed,
         stats=stats,
         fan_in_fan_out=fan_in_fan_out,
+        compute_dtype=DTYPES[dtype] if dtype else torch.float32,
     )
     total = len(ref.names())
     try:
@@ -411,7 +421,7 @@ def _merge_into(
     except BaseException:
         writer.abort()
         raise
-    write_model_files(ref.folder, out, dtype, recipe, copy_tokenizer)
+    write_model_files(ref.folder, out, stored, recipe, copy_tokenizer)
 
 
 def write_model_files(

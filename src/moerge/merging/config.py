@@ -1,8 +1,8 @@
 """The merge configuration: one pydantic model behind ``moerge merge CONFIG.yaml OUT`` and ``moerge.merge(...)``.
 
 The shape follows mergekit's YAML (``merge_method``, ``base_model``, ``models`` with per-model ``parameters``,
-global ``parameters``, ``dtype``), so a mergekit config for the methods both tools have runs unchanged; moerge
-adds keys for LoRA experts from a library (``library``, ``lora_mode``, ``rank`` …) and for data statistics.
+global ``parameters``, ``dtype`` — the compute dtype — and ``out_dtype``, the stored one), so a mergekit config
+for the methods both tools have runs unchanged; moerge adds keys for LoRA experts from a library (``library``, ``lora_mode``, ``rank`` …) and for data statistics.
 """
 
 from __future__ import annotations
@@ -165,7 +165,9 @@ class MergeConfig(BaseModel):
     base_model: str | None = Field(default=None, min_length=1, max_length=4096)
     models: list[ModelEntry] = Field(default_factory=list)
     parameters: dict[str, Any] = Field(default_factory=dict)
+    # as in mergekit: `dtype` is the dtype the merge computes in, `out_dtype` the one it stores (default: dtype)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    out_dtype: Literal["float32", "float16", "bfloat16"] | None = None
     seed: int = Field(default=0, ge=0, lt=2**63)
     shard_size: int | str = "2GB"
     copy_tokenizer: bool = True
