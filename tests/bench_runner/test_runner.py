@@ -45,7 +45,8 @@ def dense_reference(model, tokenizer, task, expert=None) -> tuple[float, float]:
 
 def test_every_method_reports_every_task(bench_results, reduced_suite):
     names = {m.name for m in bench_results.methods}
-    assert set(BASELINES) <= names
+    merges = {"uniform_merge", "task_arithmetic", "task_arithmetic:untuned", "ties", "ties:untuned"}
+    assert (set(BASELINES) - {"merges"}) | merges <= names
     assert {"arrow", "arrow:granularity=example", "phatgoose:gate_steps=4", "embedding_centroids"} <= names
     shown = [m for m in bench_results.methods if m.kind != "single"]
     for m in shown:
@@ -194,6 +195,35 @@ def test_routing_stats_by_hand():
     h = lambda p: -sum(x * math.log(x) for x in p if x > 0)  # noqa: E731
     assert st["ent_sum"] == pytest.approx(h([0.75, 0.25]) + h([0.5, 0.5]), rel=1e-5)
     assert st["weight_sum"].tolist() == pytest.approx([1.25, 0.75])
+    assert st["layer_sum"].tolist() == [pytest.approx([1.25, 0.75])]
+
+
+def test_per_layer_routing_weights_by_hand():
+    """Two layers: per layer, the sum over scored positions of each expert's weight; their mean is weight_sum."""
+    w = torch.tensor([[[[0.75, 0.25], [0.5, 0.5], [0.0, 1.0]]], [[[0.25, 0.75], [1.0, 0.0], [0.5, 0.5]]]])
+    routes = torch.tensor([[[False, False], [True, False], [False, True]]])
+    labels = torch.tensor([[-100, 5, 6]])
+    st = routing_stats(w, routes, labels)
+    # positions 0 and 1 predict the scored tokens 1 and 2; position 2 predicts nothing
+    assert st["layer_sum"].tolist() == [pytest.approx([1.25, 0.75]), pytest.approx([1.25, 0.75])]
+    w[1, 0, 1] = torch.tensor([0.0, 1.0])
+    st = routing_stats(w, routes, labels)
+    assert st["layer_sum"].tolist() == [pytest.approx([1.25, 0.75]), pytest.approx([0.25, 1.75])]
+    assert st["weight_sum"].tolist() == pytest.approx([0.75, 1.25])
+
+
+def test_per_layer_weights_are_recorded_for_routed_methods(bench_results):
+    """Each routed recipe records its modules and, per task, one row per module whose mean is the task's mean
+    weight per expert."""
+    arrow = bench_results.method("arrow")
+    assert arrow.layers and all(isinstance(n, str) for n in arrow.layers)
+    for r in bench_results.results:
+        if r.method == "arrow" and r.mean_weights is not None:
+            assert len(r.layer_weights) == len(arrow.layers)
+            mean = torch.tensor(r.layer_weights).mean(0).tolist()
+            assert mean == pytest.approx(r.mean_weights, abs=1e-4)
+    assert bench_results.method("base").layers is None
+    assert all(r.layer_weights is None for r in bench_results.results if r.method.startswith("single:"))
 
 
 def test_normalize_base_zero_oracle_one():
@@ -287,15 +317,12 @@ def test_merges_are_tuned_on_held_in_data_and_untuned_rows_kept(bench_results):
     """λ (and TIES' density) are the argmax of the recorded grid; the untuned defaults are extra rows."""
     from moerge.bench.config import MergeBaselineConfig
 
-    defaults = MergeBaselineConfig()
+    defaults = {m.label: m for m in MergeBaselineConfig().methods}
     for name, grid_keys in (("task_arithmetic", {"scale"}), ("ties", {"scale", "density"})):
         tuned = bench_results.method(name).options["tuned"]
         grid = tuned["grid"]
-        sizes = {
-            "task_arithmetic": len(defaults.task_arithmetic_scales),
-            "ties": len(defaults.ties_scales) * len(defaults.ties_densities),
-        }
-        assert len(grid) == sizes[name]
+        sizes = {"task_arithmetic": 10, "ties": 14 * 3}  # the authors' λ grid; TIES' λ range × 3 densities
+        assert len(grid) == sizes[name] and set(defaults[name].grid) == grid_keys
         best = max(grid, key=lambda g: (g["quality"], -g["nll"]))
         assert {k: best[k] for k in grid_keys} == {k: tuned[k] for k in grid_keys}
         assert "chosen on held-in" in bench_results.method(name).description

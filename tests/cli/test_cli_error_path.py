@@ -23,13 +23,17 @@ def walk(group, path=()):
     for name, sub in sorted(group.commands.items()):
         if hasattr(sub, "commands"):
             yield (*path, name), sub, True
+            if (
+                sub.invoke_without_command
+            ):  # a group that also runs on its own (`moerge bench`) is a command too
+                yield (*path, name), sub, False
             yield from walk(sub, (*path, name))
         else:
             yield (*path, name), sub, False
 
 
 LEAVES = [(path, cmd) for path, cmd, is_group in walk(COMMAND) if not is_group]
-GROUPS = [(path, cmd) for path, cmd, is_group in walk(COMMAND) if is_group]
+GROUPS = [(path, cmd) for path, cmd, is_group in walk(COMMAND) if is_group and not cmd.invoke_without_command]
 ids = [" ".join(p) for p, _ in LEAVES]
 
 

@@ -5,7 +5,8 @@ gives (they are not run again as routed recipes by default).
 - ``base``: the base model; ``oracle``: each target token from its ground-truth expert (the reference for
   normalised quality); ``label_routing``: per-token, per-module routing fed the labels;
 - ``best_single``: every expert alone, the best per split chosen after the fact (an optimistic baseline);
-- ``uniform_merge``, ``task_arithmetic``, ``ties``: static merges of every expert folded into the weights;
+- ``merges``: static merges of every expert folded into the weights, as configured (`BenchConfig.merges`; by
+  default ``uniform_merge``, ``task_arithmetic`` and ``ties``, the last two tuned on validation data);
 - ``multitask``: the LoRA the suite ships trained on the union of the held-in data.
 
 A new baseline is one ``@baseline("name")`` function ``fn(run: BenchRun) -> None`` that calls ``run.record``.
@@ -13,7 +14,7 @@ A new baseline is one ``@baseline("name")`` function ``fn(run: BenchRun) -> None
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,14 +60,19 @@ def baseline(
     return wrap
 
 
-def get_baselines(names: list[str] | None) -> list[Baseline]:
-    """The baselines ``names`` asks for (None: all), in registry order; unknown names are refused."""
+def get_baselines(names: list[str] | None, merges: Sequence[str] = ()) -> list[Baseline]:
+    """The baselines ``names`` asks for (None: all), in registry order; unknown names are refused. The names of
+    the configured merges (``merges``) select the ``merges`` baseline."""
     if names is None:
         return list(BASELINES.values())
-    unknown = [n for n in names if n not in BASELINES]
+    unknown = [n for n in names if n not in BASELINES and n not in merges]
     if unknown:
-        raise UnknownNameError(f"unknown baselines {unknown}; known: {', '.join(BASELINES)}")
-    return [b for n, b in BASELINES.items() if n in names]
+        raise UnknownNameError(
+            f"unknown baselines {unknown}; known: {', '.join([*BASELINES, *merges])} (merges are configured "
+            "in BenchConfig.merges, docs/benchmark.md)"
+        )
+    wanted = set(names) | ({"merges"} if set(names) & set(merges) else set())
+    return [b for n, b in BASELINES.items() if n in wanted]
 
 
 def covered_recipes() -> frozenset[str]:
@@ -210,7 +216,7 @@ def run_singles(run: BenchRun) -> None:
                 results = evaluate(run, subject, meta.name, run.tasks_for())
             meta.expert_flops_per_token = _one_expert_flops(routed)
             for r in results:  # explicit weights are not routing decisions
-                r.routing_accuracy = r.routing_entropy = r.mean_weights = None
+                r.routing_accuracy = r.routing_entropy = r.mean_weights = r.layer_weights = None
             run.record(meta, results, mem)
     finally:
         detach(routed)
@@ -255,20 +261,31 @@ def validation_tasks(run: BenchRun) -> tuple[list[Any], str]:
             for t in held_in if t.train], "training examples (no validation split)"  # fmt: skip
 
 
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a grid's values, the first key varying slowest."""
+    combos: list[dict[str, Any]] = [{}]
+    for key, values in grid.items():
+        combos = [{**c, key: v} for c in combos for v in values]
+    return combos
+
+
 def tune_merge(
     run: BenchRun, name: str, method: str, settings: list[dict[str, Any]], scales: list[float]
 ) -> tuple[dict[str, Any], float, list[dict[str, Any]], str] | None:
     """Choose the merge's settings and λ on held-in validation data: the best mean quality (exact match, or
     −NLL for NLL tasks), ties broken by the lower mean NLL per target token. λ scales the merged task vector
-    (both methods compute θ₀ + λ·τ_merged), so each setting is merged once and folded at every λ.
-    Returns ``(settings, λ, every grid point's scores, data source)``, or None without validation data."""
+    (θ₀ + λ·τ_merged), so each setting is merged once (with ``scale`` 1 where the method has one) and folded at
+    every λ. Returns ``(settings, λ, every grid point's scores, data source)``, or None without validation data."""
+    from moerge.merging.registry import get_method
+
     tasks, source = validation_tasks(run)
     if not tasks:
         return None
+    unit = {"scale": 1.0} if "scale" in get_method(method).params else {}
     grid: list[dict[str, Any]] = []
     best: tuple[tuple[float, float], dict[str, Any], float] | None = None
     for params in settings:
-        merged = _merged(run, name, method, {**params, "scale": 1.0})
+        merged = _merged(run, name, method, {**params, **unit})
         for lam in scales:
             with folded(run.model, merged, lam) as model:
                 rs = evaluate(run, PlainSubject(model), name, tasks, counted=False)
@@ -282,63 +299,76 @@ def tune_merge(
     return best[1], best[2], grid, source
 
 
-def _run_tuned(run: BenchRun, name: str, method: str, settings: list[dict[str, Any]], scales: list[float],
-               untuned: dict[str, Any], label: str) -> None:  # fmt: skip
-    """The tuned row (``name``) and the untuned defaults (``name:untuned``)."""
-    m = run.config.merges
-    if m.tune:
-        run.describe(f"{name}: tuning on validation data")
-        try:
-            tuned = tune_merge(run, name, method, settings, scales)
-        except MoergeError as e:
-            tuned = None
-            run.notes.append(f"{name}: tuning failed ({e}); only the untuned row is shown")
-        if tuned is None:
-            run.record(
-                MethodResult(name=name, kind="baseline", description=f"{label}, tuned"),
-                run.skipped(name, run.tasks_for(), "not_applicable", "no held-in validation or training data to tune on"),
-            )  # fmt: skip
-        else:
-            params, lam, grid, source = tuned
-            chosen = ", ".join(f"{k} {v}" for k, v in params.items())
-            text = f"{label} with λ = {lam}{', ' + chosen if chosen else ''} chosen on held-in {source}"
-            run_merge(run, name, method, {**params, "scale": 1.0}, text, scale=lam,
-                      extra={"tuned": {"scale": lam, **params, "on": source, "grid": grid}})  # fmt: skip
-    untuned_name = f"{name}:untuned" if m.tune else name
-    text = (
-        f"{label} with its default λ = {untuned['scale']}"
-        + (f", density {untuned['density']}" if "density" in untuned else "")
-        + " (not tuned)"
-    )
-    run_merge(run, untuned_name, method, untuned, text)
+def _describe(values: dict[str, Any]) -> str:
+    """``λ = 0.4, density 0.2``: a merge's parameters for the report (λ first)."""
+    parts = [f"λ = {values['scale']}"] if "scale" in values else []
+    return ", ".join(parts + [f"{k} {v}" for k, v in values.items() if k != "scale"])
 
 
-@baseline("uniform_merge", covers=("uniform",))
-def run_uniform_merge(run: BenchRun) -> None:
-    run_merge(
-        run, "uniform_merge", "linear", {"normalize": True}, "uniform average of the experts' ΔW (model soup)"
-    )
+def run_configured_merge(run: BenchRun, m: Any) -> None:
+    """One `moerge.bench.config.MergeBaseline`: the tuned row (``name``) and the untuned one (``name:untuned``)
+    when it has a grid and tuning is on, else one row with its fixed parameters."""
+    from moerge.merging.registry import get_method
+
+    name, method = m.label, m.method
+    label = m.description or f"{method} merge ({get_method(method).paper})"
+    tune = run.config.merges.tune and bool(m.grid)
+    if not tune:
+        text = (
+            label
+            if not m.params or not m.grid
+            else f"{label} with its default {_describe(m.params)} (not tuned)"
+        )
+        run_merge(run, name, method, dict(m.params), text)
+        return
+    run.describe(f"{name}: tuning on validation data")
+    grid = {k: v for k, v in m.grid.items() if k != "scale"}
+    fixed = {k: v for k, v in m.params.items() if k != "scale"}
+    settings = [{**fixed, **p} for p in grid_points(grid)]
+    scales = list(m.grid.get("scale", [1.0]))
+    try:
+        tuned = tune_merge(run, name, method, settings, scales)
+    except MoergeError as e:
+        tuned = None
+        run.notes.append(f"{name}: tuning failed ({e}); only the untuned row is shown")
+    if tuned is None:
+        run.record(
+            MethodResult(name=name, kind="baseline", description=f"{label}, tuned"),
+            run.skipped(name, run.tasks_for(), "not_applicable", "no held-in validation or training data to tune on"),
+        )  # fmt: skip
+    else:
+        params, lam, points, source = tuned
+        unit = {"scale": 1.0} if "scale" in get_method(method).params else {}
+        chosen = {k: v for k, v in params.items() if k in m.grid}
+        text = f"{label} with {_describe({'scale': lam, **chosen})} chosen on held-in {source}"
+        run_merge(run, name, method, {**params, **unit}, text, scale=lam,
+                  extra={"tuned": {"scale": lam, **chosen, "on": source, "grid": points}})  # fmt: skip
+    run_merge(run, f"{name}:untuned", method, dict(m.params),
+              f"{label} with its default {_describe(m.params)} (not tuned)")  # fmt: skip
 
 
-def _tuned_passes(run: BenchRun) -> int:
-    return 2 if run.config.merges.tune else 1  # the tuned row and the untuned one
+def selected_merges(config: Any) -> list[Any]:
+    """The configured merges a run evaluates: all of them, unless ``config.baselines`` names some (or
+    ``merges``, for all)."""
+    wanted = config.baselines
+    methods = list(config.merges.methods)
+    if wanted is None or "merges" in wanted:
+        return methods
+    return [m for m in methods if m.label in wanted]
 
 
-@baseline("task_arithmetic", passes=_tuned_passes)
-def run_task_arithmetic(run: BenchRun) -> None:
-    """Task arithmetic (Ilharco et al. 2023): θ₀ + λ Σ τᵢ, λ tuned on held-in validation data."""
-    m = run.config.merges
-    _run_tuned(run, "task_arithmetic", "task_arithmetic", [{}], m.task_arithmetic_scales,
-               {"scale": m.task_arithmetic_scale}, "θ₀ + λ Σ ΔWᵢ")  # fmt: skip
+def _merge_passes(run: BenchRun) -> int:
+    tune = run.config.merges.tune
+    return sum(2 if tune and m.grid else 1 for m in selected_merges(run.config))
 
 
-@baseline("ties", passes=_tuned_passes)
-def run_ties(run: BenchRun) -> None:
-    """TIES-Merging (Yadav et al. 2023): trim to ``density``, elect sign by mass, disjoint mean, × λ; λ and
-    density tuned on held-in validation data."""
-    m = run.config.merges
-    _run_tuned(run, "ties", "ties", [{"density": d} for d in m.ties_densities], m.ties_scales,
-               {"density": m.ties_density, "scale": m.ties_scale}, "TIES")  # fmt: skip
+@baseline("merges", covers=("uniform",), passes=_merge_passes)
+def run_merges(run: BenchRun) -> None:
+    """The static merges of `BenchConfig.merges` (default: uniform average, task arithmetic, TIES), each of
+    every expert folded into the base weights."""
+    for m in selected_merges(run.config):
+        run.describe(m.label)
+        run_configured_merge(run, m)
 
 
 # ---------------------------------------------------------------------------------------------- multitask

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from moerge.errors import MalformedConfigError
 
@@ -16,38 +16,114 @@ def _grid(start: float, stop: float, step: float) -> list[float]:
     return [round(start + i * step, 6) for i in range(n)]
 
 
-class MergeBaselineConfig(BaseModel):
-    """The static-merge baselines. Tuned as their papers tune them: λ (and TIES' density) chosen on the held-in
-    tasks' validation split. Grids: task arithmetic λ ∈ {0.1, …, 1.0}, the authors' (prateeky2806/ties-merging
-    README, ``task-vector_linear+0.1+1.01+0.1``); TIES λ ∈ {0.1, …, 1.0, 1.2, 1.5, 2.0, 2.5}: the authors'
-    range (``linear+0.8+2.51+0.1``) coarsened above 1 and extended down to 0.1, since merging many LoRA experts
-    needs smaller λ (on the synthetic suite λ 0.3 beat λ 1 at every density), and density 0.2 (the authors'
-    ``topk20``) with 0.5 and 1.0. The untuned defaults are
-    reported as extra rows (``task_arithmetic:untuned``, ``ties:untuned``)."""
+class MergeBaseline(BaseModel):
+    """One static-merge baseline: a registered merge method (`moerge.merging.registry`, plugins included), its
+    fixed parameters and the grid tuned on the held-in tasks' validation split.
+
+    ``grid`` maps parameter names to the values tried; each grid point overrides ``params``. ``scale`` (λ, the
+    multiplier of the merged task vector, θ₀ + λ·τ) is tuned the cheap way: each other grid point is merged once
+    with ``scale`` 1 and folded into the weights at every λ, which equals merging with ``scale`` λ for every
+    built-in method (each multiplies its merged delta by ``scale``). With a grid and ``tune``, the row ``name``
+    is the tuned merge and ``name:untuned`` keeps ``params``; without a grid, ``name`` is the merge with
+    ``params``. Names and values are checked against the method's parameters when the config is made."""
 
     model_config = ConfigDict(extra="forbid")
 
-    tune: bool = Field(True, description="choose λ / density on the held-in validation split")
-    task_arithmetic_scales: list[float] = Field(
-        default_factory=lambda: _grid(0.1, 1.0, 0.1), description="λ grid for task arithmetic"
+    method: str = Field(description="a registered merge method (`moerge merge --help` / docs/merging.md)")
+    name: str | None = Field(None, description="the row's name (default: the method's)")
+    params: dict[str, Any] = Field(
+        default_factory=dict, description="fixed parameters; the untuned row's values (method defaults else)"
     )
-    ties_scales: list[float] = Field(
-        default_factory=lambda: [*_grid(0.1, 1.0, 0.1), 1.2, 1.5, 2.0, 2.5], description="λ grid for TIES"
+    grid: dict[str, list[Any]] = Field(
+        default_factory=dict, description="parameter → values tried on validation data (empty: not tuned)"
     )
-    ties_densities: list[float] = Field(
-        default_factory=lambda: [0.2, 0.5, 1.0],
-        description="density grid for TIES (the authors' default: 0.2)",
-    )
+    description: str | None = Field(None, description="what the row is, for the report (default: the method)")
+
+    @property
+    def label(self) -> str:
+        return self.name or self.method
+
+    @model_validator(mode="after")
+    def _check(self) -> MergeBaseline:
+        check_merge_baseline(self)
+        return self
+
+
+def check_merge_baseline(m: MergeBaseline, n_models: int | None = None) -> None:
+    """Refuse an unknown method, parameter or value (through the merge registry's own validation), naming the
+    fix; with ``n_models``, also a method that cannot merge that many experts."""
+    from moerge.merging.registry import get_method, validate_params
+
+    where = f"merges: {m.label}"
+    if not m.label or ":" in m.label:
+        raise MalformedConfigError(f"{where}: a merge baseline's name must be non-empty and without ':'")
+    for key, values in m.grid.items():
+        if not values:
+            raise MalformedConfigError(f"{where}: grid.{key} is empty; give at least one value or drop it")
+    spec = get_method(m.method)
+    n = n_models if n_models is not None else max(spec.min_models, min(2, spec.max_models or 2))
+    points = [dict(zip(m.grid, vals)) for vals in _product(list(m.grid.values()))] or [{}]
+    for point in points:
+        validate_params(spec, {**m.params, **point}, [{} for _ in range(n)], where=where)
+
+
+def _product(lists: list[list[Any]]) -> list[tuple[Any, ...]]:
+    import itertools
+
+    return list(itertools.product(*lists)) if lists else []
+
+
+def default_merges() -> list[MergeBaseline]:
+    """The three static merges of the survey's baselines, tuned as their papers tune them: the uniform average
+    (model soup); task arithmetic with λ ∈ {0.1, …, 1.0}, the authors' grid (prateeky2806/ties-merging README,
+    ``task-vector_linear+0.1+1.01+0.1``), untuned λ 0.4 (Ilharco et al.: 0.3–0.5); TIES with λ ∈ {0.1, …, 1.0,
+    1.2, 1.5, 2.0, 2.5} — the authors' range (``linear+0.8+2.51+0.1``) coarsened above 1 and extended down to 0.1,
+    since merging many LoRA experts needs smaller λ (on the synthetic suite λ 0.3 beat λ 1 at every density) —
+    and density 0.2 (the authors' ``topk20``), 0.5, 1.0; untuned density 0.2, λ 1."""
+    return [
+        MergeBaseline(method="linear", name="uniform_merge", params={"normalize": True},
+                      description="uniform average of the experts' ΔW (model soup)"),
+        MergeBaseline(method="task_arithmetic", params={"scale": 0.4}, grid={"scale": _grid(0.1, 1.0, 0.1)},
+                      description="θ₀ + λ Σ ΔWᵢ"),
+        MergeBaseline(method="ties", params={"density": 0.2, "scale": 1.0},
+                      grid={"density": [0.2, 0.5, 1.0], "scale": [*_grid(0.1, 1.0, 0.1), 1.2, 1.5, 2.0, 2.5]},
+                      description="TIES"),
+    ]  # fmt: skip
+
+
+class MergeBaselineConfig(BaseModel):
+    """The static-merge baselines (`MergeBaseline`, any registered merge method) and how they are tuned. The
+    default: uniform average, task arithmetic and TIES (`default_merges`), the last two tuned on validation
+    data with their untuned defaults kept as extra rows (``task_arithmetic:untuned``, ``ties:untuned``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    methods: list[MergeBaseline] = Field(default_factory=default_merges, description="the merges, in order")
+    tune: bool = Field(True, description="tune each merge's grid on the held-in validation split")
     validation_limit: int = Field(
         32, ge=1, description="validation examples per held-in task used for tuning"
     )
-    task_arithmetic_scale: float = Field(
-        0.4, gt=0, description="untuned λ of θ₀ + λ Σ τᵢ (Ilharco et al.: 0.3–0.5)"
-    )
-    ties_density: float = Field(
-        0.2, gt=0, le=1, description="untuned fraction of each task vector kept (TIES: 20%)"
-    )
-    ties_scale: float = Field(1.0, gt=0, description="untuned λ applied to the TIES merge (TIES: ≈1)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_fields(cls, data: Any) -> Any:
+        old = {"task_arithmetic_scales", "ties_scales", "ties_densities", "task_arithmetic_scale",
+               "ties_density", "ties_scale"}  # fmt: skip
+        if isinstance(data, dict) and old & set(data):
+            raise MalformedConfigError(
+                f"merges: {', '.join(sorted(old & set(data)))} are gone; give the merges as a list, e.g. "
+                "merges: {methods: [{method: ties, params: {density: 0.2, scale: 1.0}, "
+                "grid: {density: [0.2, 0.5], scale: [0.3, 1.0]}}]} (docs/benchmark.md)"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _unique(self) -> MergeBaselineConfig:
+        labels = [m.label for m in self.methods]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise MalformedConfigError(f"merges: two merges are named {', '.join(twice)}; give each a name")
+        return self
 
 
 class BenchConfig(BaseModel):

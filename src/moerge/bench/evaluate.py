@@ -42,6 +42,9 @@ class BenchRun:
     results: list[TaskResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     embedders: dict[str, Any] = field(default_factory=dict)  # made once per choice, shared by every recipe
+    layers: dict[str, list[str]] = field(
+        default_factory=dict
+    )  # method -> its routed modules, in weight order
     _batches: dict[str, list[tuple[Any, Any]]] = field(default_factory=dict)
 
     @property
@@ -87,6 +90,8 @@ class BenchRun:
         tokens = sum(r.tokens for r in ran)
         meta.tokens_per_s = tokens / meta.eval_s if meta.eval_s > 0 else None
         meta.peak_memory_mb = (mem or {}).get("mb")
+        if any(r.layer_weights for r in results):
+            meta.layers = meta.layers or self.layers.get(meta.name)
         if not ran and meta.status == "ok":
             meta.status = results[0].status if results else "not_applicable"
             meta.reason = meta.reason or (results[0].reason if results else None)
@@ -127,6 +132,7 @@ class _Acc:
     ent_n: int = 0
     weight_sum: Any = None
     weight_n: int = 0
+    layer_sum: Any = None
     wall: float = 0.0
     trace: dict[str, Any] | None = None
 
@@ -166,7 +172,12 @@ def evaluate(
                         st["weight_sum"] if acc.weight_sum is None else acc.weight_sum + st["weight_sum"]
                     )
                     acc.weight_n += st["weight_n"]
+                    acc.layer_sum = (
+                        st["layer_sum"] if acc.layer_sum is None else acc.layer_sum + st["layer_sum"]
+                    )
         acc.wall = time.perf_counter() - t0
+        if getattr(subject, "layers", None) and counted:
+            run.layers.setdefault(method, list(subject.layers))
         out.append(_task_result(method, task, acc))
         if counted:
             run.advance()
@@ -192,6 +203,9 @@ def _task_result(method: str, task: Any, acc: _Acc) -> TaskResult:
         routing_accuracy=acc.acc_sum / acc.acc_n if acc.acc_n else None,
         routing_entropy=acc.ent_sum / acc.ent_n if acc.ent_n else None,
         mean_weights=(acc.weight_sum / acc.weight_n).tolist() if acc.weight_n else None,
+        layer_weights=[[round(v, 4) for v in row] for row in (acc.layer_sum / acc.weight_n).tolist()]
+        if acc.weight_n
+        else None,
         trace=acc.trace,
         examples=acc.examples,
         targets=acc.targets,

@@ -116,7 +116,8 @@ def peak_memory(device: str) -> Iterator[dict[str, float | None]]:
 
 
 def routing_stats(weights: Any, routes: Any, labels: Any) -> dict[str, Any]:
-    """Sums over target tokens of routing mass on the ground truth, entropy, and weights per expert.
+    """Sums over target tokens of routing mass on the ground truth, entropy, and weights per expert (averaged
+    over layers, and per layer: ``layer_sum`` ``[L, E]``).
 
     ``weights`` ``[L, B, T, E]`` (per layer), ``routes`` ``[B, T, E]`` bool (ground truth per token),
     ``labels`` ``[B, T]`` (-100 where not scored). Weights at ``t`` are compared with the label of ``t + 1``.
@@ -139,6 +140,7 @@ def routing_stats(weights: Any, routes: Any, labels: Any) -> dict[str, Any]:
         "ent_n": int(scored.sum()),
         "weight_sum": w[:, scored].sum((0, 1)) / L if scored.any() else torch.zeros(w.shape[-1]),
         "weight_n": int(scored.sum()),
+        "layer_sum": w[:, scored].sum(1) if scored.any() else torch.zeros(L, w.shape[-1]),  # [L, E]
     }
 
 

@@ -326,7 +326,8 @@ def _slug(name: str) -> str:
 
 
 def write_report(results: BenchResults, folder: str | Path, plots: bool = True) -> Path:
-    """Write ``results.json``, ``report.md`` and the plots into ``folder``; returns the report's path."""
+    """Write ``results.json``, ``report.md``, ``report.html`` (`moerge.bench.html_report`) and the plots into
+    ``folder``; returns the Markdown report's path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     write_json(results, folder / "results.json")
@@ -403,6 +404,9 @@ def write_report(results: BenchResults, folder: str | Path, plots: bool = True) 
     lines += ["", "Configuration:", "", "```json", json.dumps(results.config, indent=1), "```", ""]
     path = folder / "report.md"
     path.write_text("\n".join(lines))
+    from moerge.bench.html_report import write_html
+
+    write_html(results, folder / "report.html")
     return path
 
 

@@ -33,6 +33,10 @@ class TaskResult(BaseModel):
     mean_weights: list[float] | None = Field(
         None, description="[E] mean weight per expert over target tokens"
     )
+    layer_weights: list[list[float]] | None = Field(
+        None,
+        description="[L, E] mean weight per routed module (the method's ``layers``) and expert over target tokens",
+    )
     trace: dict[str, Any] | None = Field(
         None,
         description="the first example, per position t: the token predicted (t+1), its ground-truth expert index "
@@ -56,6 +60,9 @@ class MethodResult(BaseModel):
     status: Literal["ok", "not_applicable", "error"] = "ok"
     reason: str | None = None
     routed: bool = False
+    layers: list[str] | None = Field(
+        None, description="the routed modules, in the order of each task's ``layer_weights`` rows"
+    )
     expert_flops_per_token: float | None = None
     build_s: float = 0.0
     eval_s: float = 0.0

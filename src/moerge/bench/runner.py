@@ -25,21 +25,37 @@ examples whose every character is scored (perplexity texts) are routed on the wh
 from __future__ import annotations
 
 import contextlib
+import datetime
+import hashlib
 import platform
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from moerge.bench.artifacts import prepare_artifacts
-from moerge.bench.baselines import BASELINES, covered_recipes, get_baselines
-from moerge.bench.config import BenchConfig, MergeBaselineConfig, RecipeSpec, parse_method
+from moerge.bench.baselines import BASELINES, covered_recipes, get_baselines, selected_merges
+from moerge.bench.config import (
+    BenchConfig,
+    MergeBaseline,
+    MergeBaselineConfig,
+    RecipeSpec,
+    check_merge_baseline,
+    parse_method,
+)
 from moerge.bench.evaluate import BenchRun, evaluate, timed
 from moerge.bench.metrics import peak_memory
 from moerge.bench.results import BenchResults, MethodResult, TaskResult, normalize
 from moerge.bench.subjects import RoutedSubject
 from moerge.errors import LibraryError, MoergeError, RecipeNotApplicableError
 
-__all__ = ["BenchConfig", "BenchResults", "MergeBaselineConfig", "default_methods", "run_bench"]
+__all__ = [
+    "BenchConfig",
+    "BenchResults",
+    "MergeBaseline",
+    "MergeBaselineConfig",
+    "default_methods",
+    "run_bench",
+]
 
 GENERALIZATION = {"held_in": "in-distribution", "held_out": "out-of-distribution"}
 PREMISE_ROWS = 128  # training rows per expert for the premise diagnostics (≤ 2048 target tokens are kept)
@@ -176,9 +192,10 @@ def run_bench(
 
     config = config or BenchConfig()
     t_start = time.perf_counter()
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     specs = [parse_method(m) for m in config.recipes] if config.recipes is not None else default_methods()
     check_methods(specs)
-    baselines = get_baselines(config.baselines)
+    baselines = get_baselines(config.baselines, [m.label for m in config.merges.methods])
     if model is None:
         model, tok = suite.load_base()
         tokenizer = tokenizer or tok
@@ -203,6 +220,9 @@ def run_bench(
             f"{', '.join(library.names()) or 'none'})"
         )
     expert_list = [library.get(n) for n in names]
+    if any(b.name == "merges" for b in baselines):
+        for m in selected_merges(config):
+            check_merge_baseline(m, n_models=len(names))
     if not config.write_artifacts:
         from moerge.experts.artifacts import ArtifactOverlay, default_artifacts_dir
 
@@ -263,6 +283,10 @@ def run_bench(
         results=run.results,
         config=config.model_dump(mode="json"),
         environment={
+            "started": started,
+            "suite_hash": suite_hash(suite),
+            "moerge": _version("moerge"),
+            "transformers": _version("transformers"),
             "torch": torch.__version__,
             "threads": config.threads or torch.get_num_threads(),
             "device": config.device,
@@ -275,15 +299,33 @@ def run_bench(
     )
 
 
+def suite_hash(suite: Any) -> str:
+    """The first 16 hex digits of the SHA-256 of what a suite evaluates and trains on (its tasks, expert order and
+    info; not where its files lie), so two runs' reports say whether they ran the same suite."""
+    data = suite.model_dump_json(include={"name", "tasks", "experts", "info"})
+    return hashlib.sha256(data.encode()).hexdigest()[:16]
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 def _order(run: BenchRun) -> None:
-    """Methods in a fixed order: the baselines as listed (a tuned merge, then its untuned row), then recipes,
-    then single experts (the sort is stable: recipes keep their order)."""
-    rank = {n: i for i, n in enumerate(BASELINES)}
+    """Methods in a fixed order: the baselines as listed (the merges in their configured order, a tuned merge
+    before its untuned row), then recipes, then single experts (the sort is stable: recipes keep their order)."""
+    rank = {n: (i, 0) for i, n in enumerate(BASELINES)}
+    merges = rank.get("merges", (len(rank), 0))[0]
+    rank.update({m.label: (merges, j) for j, m in enumerate(run.config.merges.methods)})
     kinds = {"baseline": 0, "recipe": 1, "single": 2}
     run.methods.sort(
         key=lambda m: (
             kinds[m.kind],
-            rank.get(m.name.split(":")[0], len(rank)),
+            rank.get(m.name.split(":")[0], (len(BASELINES), 0)),
             m.name if m.kind == "baseline" else "",
         )
     )

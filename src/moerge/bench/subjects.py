@@ -45,6 +45,7 @@ class RoutedSubject(Subject):
     def __init__(self, routed: Any, inputs: Callable[[Any, Any], dict[str, Any]] | None = None):
         self.model = routed
         self.inputs = inputs
+        self.layers: list[str] | None = None  # the routed modules, in the order of the recorded weights
         self.flops = float(routed.expert_flops_per_token())
 
     def forward(self, batch: Any, task: Any) -> tuple[Any, Any]:
@@ -60,6 +61,7 @@ class RoutedSubject(Subject):
         rec = call.routing()
         if not rec:
             return logits, None
+        self.layers = list(rec)
         return logits, torch.stack([w[:, : batch.input_ids.shape[1]] for w in rec.values()])
 
 

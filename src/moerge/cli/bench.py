@@ -3,6 +3,8 @@
 moerge demo                                   # built-in synthetic suite, every recipe and baseline
 moerge bench --suite my_suite/ --recipe arrow --recipe "arrow:granularity=example" --out results/
 moerge bench --suite synthetic --seeds 3      # experts retrained with 3 seeds: means and 95% intervals
+moerge bench report RUN_DIR                   # report.md / report.html again from RUN_DIR/results.json
+moerge bench compare RUN1 RUN2                # what changed between two runs
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ from moerge.cli.common import wide_option
 
 def register(app: typer.Typer) -> None:
     app.command("demo")(demo)
-    app.command("bench")(bench)
+    group = typer.Typer(no_args_is_help=False, add_completion=False, pretty_exceptions_enable=False)
+    group.callback(invoke_without_command=True)(bench)
+    group.command("report")(report)
+    group.command("compare")(compare)
+    app.add_typer(group, name="bench")
 
 
 BUILT_IN = ("synthetic", "real-text", "real_text")
@@ -86,7 +92,7 @@ def _run(
         from transformers.utils import logging as hf_logging
 
         from moerge.bench.report import print_table, write_report
-        from moerge.bench.runner import BenchConfig, run_bench
+        from moerge.bench.runner import run_bench
 
     hf_logging.disable_progress_bar()  # the per-load "Loading weights" bars
 
@@ -100,8 +106,8 @@ def _run(
              "write_artifacts": write_artifacts or None}  # fmt: skip
     fields.update({k: v for k, v in flags.items() if v is not None})
     fields["progress"] = progress
-    config = BenchConfig(**fields)
-    cli_plugins.load(plugins)
+    cli_plugins.load(plugins)  # before the config: its merges may name a plugin's merge method
+    config = _config(fields, config_file)
     if seeds > 1:
         if suite_name not in BUILT_IN:
             from moerge.errors import MoergeError
@@ -211,6 +217,21 @@ def _run_seeds(suite_name: str, seeds: int, config, out: Path, reduced: bool, ro
                   highlight=False)  # fmt: skip
 
 
+def _config(fields: dict, config_file: Path | None):
+    """`BenchConfig` from YAML fields and flags; a bad field is one error line naming it."""
+    from pydantic import ValidationError
+
+    from moerge.bench.config import BenchConfig
+    from moerge.errors import MalformedConfigError
+
+    try:
+        return BenchConfig(**fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = str(config_file) if config_file is not None else "bench options"
+        raise MalformedConfigError(f"{where}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+
+
 def _read_yaml(path: Path) -> dict:
     from moerge.config_io import read_yaml_mapping
 
@@ -261,6 +282,7 @@ def demo(
 
 
 def bench(
+    ctx: typer.Context,
     suite: str = typer.Option(
         "synthetic", "--suite", help="synthetic, real-text, or a suite folder (suite.yaml + JSONL task files)"
     ),
@@ -273,7 +295,7 @@ def bench(
         None,
         "--baseline",
         help="baselines to run (repeatable; default: all of base, oracle, label_routing, best_single, "
-        "uniform_merge, task_arithmetic, ties, multitask)",
+        "the merges — uniform_merge, task_arithmetic, ties unless configured otherwise — and multitask)",
     ),  # fmt: skip
     library: str | None = typer.Option(None, "--library", help="expert library (default: the suite's)"),
     base: str | None = typer.Option(
@@ -317,7 +339,68 @@ def bench(
     wide: bool = wide_option(),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON instead of tables"),
 ) -> None:
-    """Run recipes and baselines on a suite: quality per task and split, routing accuracy, cost; write a report."""
+    """Run recipes and baselines on a suite: quality, routing, cost; write report.md, report.html, results.json."""
+    if ctx.invoked_subcommand is not None:
+        return
     _run(suite, recipe, baseline, library, base, out, config, limit, batch_size, reduced, root, rebuild,
          artifacts, device, progress, threads, plugin, seeds, plots, wide, as_json, experts, artifacts_dir,
          write_artifacts)  # fmt: skip
+
+
+def report(
+    run_dir: Path = typer.Argument(
+        ..., help="a `moerge bench` output folder (with results.json), or a seeds folder"
+    ),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="also redraw the PNG plots of report.md"),
+) -> None:
+    """Write report.md and report.html again from a run's results.json (a --seeds folder: every seed's)."""
+    from moerge.bench.compare import load_run
+    from moerge.cli.common import console
+
+    if (run_dir / "seeds.json").is_file() and not (run_dir / "results.json").is_file():
+        from moerge.bench.seeds import write_seed_report
+
+        seeds = sorted(run_dir.glob("seed-*/results.json"), key=lambda p: int(p.parent.name.split("-")[-1]))
+        if not seeds:
+            from moerge.errors import DataFormatError
+
+            raise DataFormatError(f"{run_dir}: seeds.json but no seed-<i>/results.json")
+        path = write_seed_report([load_run(p) for p in seeds], run_dir, plots=plots)
+    else:
+        from moerge.bench.report import write_report
+
+        path = write_report(load_run(run_dir), run_dir, plots=plots)
+    console.print(f"wrote {path} and {path.with_name('report.html')}", highlight=False)
+
+
+def compare(
+    run1: Path = typer.Argument(
+        ..., help="the first run: a `moerge bench` output folder or its results.json"
+    ),
+    run2: Path = typer.Argument(..., help="the second run"),
+    everything: bool = typer.Option(False, "--all", help="also the rows that did not change"),
+    as_json: bool = typer.Option(False, "--json", help="print the differences as JSON"),
+    wide: bool = wide_option(),
+) -> None:
+    """What changed from RUN1 to RUN2: scores and routing per method and split, methods, configuration."""
+    import json
+
+    from moerge.bench.compare import compare_lines, compare_runs, compare_table, load_run
+    from moerge.cli.common import console
+
+    diff = compare_runs(load_run(run1), load_run(run2))
+    if as_json:
+        print(json.dumps(diff, indent=1, ensure_ascii=False))
+        return
+    header, rows = compare_table(diff, everything)
+    if rows:
+        from moerge.tables import Column, Table, render
+
+        table = Table(f"{run1} → {run2}", [Column(h, right=i >= 2) for i, h in enumerate(header)])
+        for row in rows:
+            table.add_row(*row)
+        render(table, console, wide=wide)
+    else:
+        console.print("no score or routing accuracy changed.", highlight=False)
+    for line in compare_lines(diff, everything):
+        console.print(line, highlight=False, soft_wrap=True)

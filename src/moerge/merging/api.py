@@ -213,7 +213,9 @@ def _merge_lora(spec, cfg: MergeConfig, g, per_model, out, experts, recipe, over
         stats=stats,
         recipe=recipe,
     )
-    stored = cfg.out_dtype or cfg.dtype  # LoRA merges compute in float32; the factors are stored in this dtype
+    stored = (
+        cfg.out_dtype or cfg.dtype
+    )  # LoRA merges compute in float32; the factors are stored in this dtype
     if stored:
         expert = expert.to(dtype=getattr(torch, stored))
     if out is not None:
