@@ -31,3 +31,30 @@ def tiny_gpt2_dir(tmp_path_factory):
     from moerge.backbones.tiny import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny-gpt2"), architecture="gpt2", seed=0)
+
+
+# ---------------------------------------------------------------------------------------------- one built suite
+@pytest.fixture(scope="session")
+def suite_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("suites")
+
+
+@pytest.fixture(scope="session")
+def reduced_config():
+    """The reduced synthetic suite (8 held-in tasks, a few training steps: its numbers are not meaningful, its
+    shapes and code paths are), shared by the suite tests and the benchmark-runner tests."""
+    from moerge.bench.suites.synthetic import SyntheticSuiteConfig
+    from moerge.train.pretrain import PretrainConfig
+
+    return SyntheticSuiteConfig.reduced(
+        n_eval=6,
+        pretrain=PretrainConfig(steps=10, lr=3e-3, batch_size=16, seq_len=64, warmup_steps=2, progress=False),
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def reduced_suite(reduced_config, suite_root):
+    from moerge.bench.suites.synthetic import build_synthetic_suite
+
+    return build_synthetic_suite(reduced_config, root=suite_root)

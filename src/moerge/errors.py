@@ -82,3 +82,36 @@ class UnknownNameError(MalformedConfigError):
 
 class PluginError(MoergeError):
     """A plugin (``--plugin MODULE_OR_FILE`` or an installed entry point) cannot be loaded or is malformed."""
+
+
+# ---------------------------------------------------------------------------------- command line, paths, outputs
+class UsageError(MoergeError):
+    """The command line was used wrongly (a missing or contradictory argument); the CLI exits with status 2."""
+
+    exit_code = 2
+
+
+class UnsafePathError(MoergeError):
+    """A path read from a library, an expert's files or a config points outside the folder it must stay in
+    (an absolute path, ``..``, or a symlink leaving the folder); nothing is read, written or deleted there."""
+
+
+class ChecksumMismatchError(LibraryError):
+    """An expert's file no longer matches the checksum recorded when it was added (bit rot or an edit)."""
+
+
+class LibraryLockedError(LibraryError):
+    """Another process holds the library's write lock longer than the lock timeout."""
+
+
+class OutputExistsError(MoergeError):
+    """The output folder already holds files (or is one of the inputs); pass --overwrite, or pick a new one."""
+
+
+class ParameterRangeError(MalformedConfigError):
+    """A merge parameter lies outside the range where the method means anything (density, t, weights …)."""
+
+
+class InputNotFoundError(MoergeError, FileNotFoundError):
+    """A file or folder the user named (an adapter, a model, a config, a data file) does not exist. Also a
+    `FileNotFoundError`, so code that catches that keeps working."""

@@ -1,31 +1,11 @@
-"""Fixtures for the benchmark-runner tests: a reduced synthetic suite built once per session (5 held-in tasks,
-a few training steps; its numbers are not meaningful, its shapes and code paths are), and one runner pass."""
+"""Fixtures for the benchmark-runner tests: one runner pass over the shared reduced synthetic suite
+(tests/conftest.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-RECIPES = ["arrow", "arrow:granularity=example", "phatgoose:gate_steps=3", "embedding_centroids", "uniform"]
-
-
-@pytest.fixture(scope="session")
-def reduced_suite(tmp_path_factory):
-    from moerge.bench.suites.synthetic import SyntheticSuiteConfig, build_synthetic_suite
-    from moerge.train.pretrain import PretrainConfig
-
-    config = SyntheticSuiteConfig.reduced(
-        n_tasks=5,
-        n_eval=6,
-        pretrain=PretrainConfig(steps=10, lr=3e-3, batch_size=16, seq_len=64, warmup_steps=2, progress=False),
-        progress=False,
-    )
-    config = config.model_copy(
-        update={
-            "expert": config.expert.model_copy(update={"progress": False}),
-            "multitask": config.multitask.model_copy(update={"progress": False}),
-        }
-    )
-    return build_synthetic_suite(config, root=tmp_path_factory.mktemp("suites"))
+RECIPES = ["arrow", "arrow:granularity=example", "phatgoose:gate_steps=4", "embedding_centroids", "uniform"]
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from moerge.experts.library import ExpertLibrary
 
@@ -82,8 +83,25 @@ def test_kill_mid_add_leaves_library_as_it_was(tmp_path, phase, overwrite):
     report = after.verify()
     assert report.ok
     assert report.leftovers, "the killed add leaves a leftover, which verify reports"
-    assert after.verify(repair=True).leftovers and not after.verify().leftovers
-    after.add(make_expert("victim", seed=2), overwrite=overwrite)  # the name is usable again
+    repaired = after.verify(repair=True)
+    assert repaired.repaired and not repaired.leftovers and repaired.ok
+    assert not after.verify().leftovers
+    if phase == "after_move" and not overwrite:
+        # the killed add had moved a complete, checksummed expert into experts/: repair adds it back
+        assert after.names() == sorted([*before, "victim"])
+        assert torch.equal(
+            after.get("victim").lora["layer.q"].A, make_expert("victim", seed=1).lora["layer.q"].A
+        )
+        assert any("added 'victim' back" in a for a in repaired.repaired)
+    else:
+        # a staging leftover is removed; an uncommitted copy of an existing expert goes to quarantine/
+        assert after.names() == sorted(before)
+        if phase == "after_move":
+            assert any("quarantine" in a for a in repaired.repaired)
+            assert len(list((tmp_path / "lib" / "quarantine").iterdir())) == 1
+        for name, a in before.items():
+            assert torch.equal(after.get(name).lora["layer.q"].A, a), "repair changed a committed expert"
+    after.add(make_expert("victim", seed=2), overwrite=True)  # the name is usable again
     assert after.verify().ok
 
 

@@ -110,7 +110,11 @@ def test_taken_name_is_refused_unless_overwrite(lib):
             "the config gives rank 5 but lora_A has rank 8",
         ),
         (lambda c: json.dumps({**c, "use_dora": True}), MalformedConfigError, "DoRA"),
-        (lambda c: json.dumps({**c, "lora_alpha": "big"}), MalformedConfigError, "must be numbers"),
+        (
+            lambda c: json.dumps({**c, "lora_alpha": "big"}),
+            MalformedConfigError,
+            "lora_alpha: Input should be a valid number",
+        ),
         (lambda c: json.dumps([1, 2]), MalformedConfigError, "expected a JSON object"),
     ],
 )

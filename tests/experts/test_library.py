@@ -8,7 +8,7 @@ import pytest
 import torch
 from library_helpers import make_expert
 
-from moerge.errors import ExpertNotFoundError, LibraryError
+from moerge.errors import ExpertNotFoundError, OutputExistsError
 from moerge.experts.library import ExpertLibrary
 
 
@@ -82,9 +82,15 @@ def test_export_refuses_non_empty_folder(lib, tmp_path):
     lib.add(make_expert("a"))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("keep me")
-    with pytest.raises(LibraryError, match="not empty"):
+    with pytest.raises(OutputExistsError, match="not empty.*--overwrite"):
         lib.export_peft("a", tmp_path / "out")
     assert (tmp_path / "out" / "x").read_text() == "keep me"
+    lib.export_peft("a", tmp_path / "out", overwrite=True)  # replaced once the export is complete
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "moerge_expert.json",
+    ]
 
 
 def test_library_level_artifact_and_metadata_update(lib):

@@ -9,7 +9,6 @@ from typing import Any
 
 from moerge.bench.config import RecipeSpec
 from moerge.bench.evaluate import BenchRun
-from moerge.errors import MoergeError
 
 
 def expert_training_rows(suite: Any, expert: str) -> list[dict[str, str]]:
@@ -21,29 +20,15 @@ def expert_training_rows(suite: Any, expert: str) -> list[dict[str, str]]:
 
 def prepare_artifacts(run: BenchRun, specs: Sequence[RecipeSpec]) -> list[str]:
     """Compute the signatures the recipes of ``specs`` need and the library lacks, from each expert's training
-    data. Experts without training data in the suite are left without, so their recipes report not
-    applicable. Returns one note per signature computed."""
-    from moerge.recipes.registry import get_recipe
+    data (`moerge.recipes.facade.prepare_signatures`). Experts without training data in the suite are left
+    without, so their recipes report not applicable. Returns one note per signature computed."""
+    from moerge.recipes.facade import prepare_signatures
 
-    ctx = run.build_context()
     data = {e.name: expert_training_rows(run.suite, e.name) for e in run.experts}
     done: list[str] = []
-    seen: set[tuple[str, str]] = set()
-    for spec in specs:
-        try:
-            rec = get_recipe(spec.recipe)
-            opts = rec.parse_options(spec.options)
-        except MoergeError:
-            continue  # reported when the recipe runs
-        for sig, missing in rec.missing_signatures(ctx, opts):
-            key = (sig.kind, repr(sorted(sig.config(opts, ctx).items())))
-            if key in seen:
-                continue
-            seen.add(key)
-            have = {n: data[n][: sig.max_rows] for n in missing if data.get(n)}
-            if not have:
-                continue
-            run.describe(f"computing {sig.kind} for {len(have)} experts")
-            sig.compute(ctx, opts, have)
-            done.append(f"computed {sig.kind} for {len(have)} experts from their training data")
+    for spec in specs:  # a signature computed for one spec is found present by the next that needs it
+        done += prepare_signatures(
+            spec.recipe, run.model, run.tokenizer, run.library, data, experts=run.experts,
+            embedders=run.embedders, progress=run.describe, **spec.options,
+        )  # fmt: skip
     return done

@@ -67,10 +67,37 @@ def interval_cell(values: list[float]) -> str:
     return f"{mean:+.2f}" if half is None else f"{mean:+.2f} ± {half:.2f}"
 
 
+def token_accuracy_rows(runs: Sequence[BenchResults]) -> tuple[list[str], list[list[str]]]:
+    """The graded companion of the summary: per method and split/condition, the mean per-token accuracy on
+    target tokens (exact-match tasks) ± its 95% interval over the runs."""
+    from moerge.bench.report import group_title
+
+    first = runs[0]
+    groups = [(s, c) for s, c in first.groups()
+              if any(t["metric"] == "exact_match" for t in first.tasks if (t["split"], t["condition"]) == (s, c))]  # fmt: skip
+    header = ["method", *[group_title(f"{s}/{c}") for s, c in groups]]
+    rows = []
+    for m in first.methods:
+        if m.kind == "single":
+            continue
+        row = [m.name]
+        for split, cond in groups:
+            means = []
+            for res in runs:
+                vals = [r.token_accuracy for r in res.results
+                        if r.method == m.name and r.split == split and r.condition == cond and r.status == "ok"
+                        and r.token_accuracy is not None]  # fmt: skip
+                if vals:
+                    means.append(sum(vals) / len(vals))
+            row.append(interval_cell(means).lstrip("+") if len(means) == len(runs) else "n/a")
+        rows.append(row)
+    return header, rows
+
+
 def interval_rows(runs: Sequence[BenchResults]) -> tuple[list[str], list[list[str]]]:
     """The summary table over seeds: per method and split/condition the mean normalised quality ± the half-width
     of its 95% interval (raw means where normalisation is undefined), and the routing accuracy likewise."""
-    from moerge.bench.report import group_title
+    from moerge.bench.report import METRIC_SHORT, group_title
 
     first = runs[0]
     groups = first.groups()
@@ -87,7 +114,7 @@ def interval_rows(runs: Sequence[BenchResults]) -> tuple[list[str], list[list[st
                 row.append(interval_cell(normalized))
             elif all(c and c["status"] == "ok" for c in cells):
                 metrics = sorted({k for c in cells for k in c["value"]}) if not cells[0]["normalized"] else []
-                row.append(" ".join(f"{k} {interval_cell([c['value'][k] for c in cells]).lstrip('+')}"
+                row.append(" ".join(f"{METRIC_SHORT.get(k, k)} {interval_cell([c['value'][k] for c in cells]).lstrip('+')}"
                                     for k in metrics) or "mixed")  # fmt: skip
             else:
                 row.append("n/a")
@@ -129,6 +156,10 @@ def write_seed_report(runs: Sequence[BenchResults], folder: str | Path, plots: b
         "## Summary",
         "",
         markdown_table(header, rows),
+        "",
+        "## Graded: per-token accuracy on target tokens",
+        "",
+        markdown_table(*token_accuracy_rows(runs)),
         "",
         "## The literature's expected orderings",
         "",

@@ -1,5 +1,6 @@
 """The ``moerge`` command. Sub-command modules import torch & co. inside their commands, never at import,
-so ``moerge --help`` stays instant."""
+so ``moerge --help`` stays instant. Every command ends through `moerge.cli.common.run_app`: usage errors exit
+2, errors exit 1 with one ``error:`` line (``--debug`` or ``MOERGE_DEBUG=1`` adds the traceback)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(
+        False, "--debug", help="Print the traceback of an error (also MOERGE_DEBUG=1); may stand anywhere."
+    ),
+) -> None:
+    """MoErging toolkit: a library of expert models, routed among and merged."""
+
+
 # Each module defines `register(app)`; add a module here to add a command group.
 COMMAND_MODULES = ["library", "train", "merge", "route", "bench"]
 
@@ -30,7 +41,7 @@ for _name in COMMAND_MODULES:
 
 
 def main() -> None:
-    """Entry point: user mistakes (`MoergeError`, missing files) print one line and exit 1."""
+    """Entry point: see `moerge.cli.common.run_app` for exit statuses and error lines."""
     from moerge.cli.common import run_app
 
     sys.exit(run_app(app))

@@ -66,6 +66,7 @@ def _run(
     threads: int | None = None,
     plugins: list[str] | None = None,
     seeds: int = 1,
+    plots: bool = True,
 ) -> None:
     from moerge.cli import plugins as cli_plugins
     from moerge.cli.common import console
@@ -95,7 +96,7 @@ def _run(
                 f"--seeds retrains the experts, which only a built-in suite can do (synthetic, real-text); "
                 f"{suite_name} is a suite folder: run it once per library instead"
             )
-        _run_seeds(suite_name, seeds, config, out, reduced, root, rebuild, progress, t0)
+        _run_seeds(suite_name, seeds, config, out, reduced, root, rebuild, progress, t0, plots)
         return
 
     suite, how = _load_suite(suite_name, reduced, root, rebuild, progress)
@@ -112,8 +113,9 @@ def _run(
 
         lib = ExpertLibrary.open(library)
     results = run_bench(suite, config, model=model, tokenizer=tokenizer, library=lib)
+    results.environment["command"] = command_line()
     print_table(results, console)
-    report = write_report(results, out)
+    report = write_report(results, out, plots=plots)
     wall = time.perf_counter() - t0
     console.print(
         f"total {wall:.1f} s (suite {t_suite:.1f} s, benchmark {results.wall_s:.1f} s). "
@@ -122,8 +124,16 @@ def _run(
     )
 
 
+def command_line() -> str:
+    """The command as typed (for the results' record of what produced them)."""
+    import shlex
+    import sys
+
+    return shlex.join(["moerge", *sys.argv[1:]])
+
+
 def _run_seeds(suite_name: str, seeds: int, config, out: Path, reduced: bool, root: Path | None, rebuild: bool,
-               progress: bool, t0: float) -> None:  # fmt: skip
+               progress: bool, t0: float, plots: bool) -> None:  # fmt: skip
     """The built-in suite with its experts retrained for each seed, one run each; the interval report."""
     from rich.table import Table
 
@@ -138,6 +148,7 @@ def _run_seeds(suite_name: str, seeds: int, config, out: Path, reduced: bool, ro
         console.print(f"seed {s + 1}/{seeds}: suite [bold]{suite.name}[/] {how}", highlight=False)
         runs.append(run_bench(suite, config))
         runs[-1].notes.insert(0, f"expert-training seed {s}")
+        runs[-1].environment["command"] = command_line()
     for title, (header, rows) in (
         (f"moerge bench · {seeds} seeds · mean ± 95% interval", interval_rows(runs)),
         ("the literature's expected orderings, over the seeds", literature_rows(runs)),
@@ -148,7 +159,7 @@ def _run_seeds(suite_name: str, seeds: int, config, out: Path, reduced: bool, ro
         for row in rows:
             table.add_row(*row)
         console.print(table)
-    report = write_seed_report(runs, out)
+    report = write_seed_report(runs, out, plots=plots)
     console.print(f"total {time.perf_counter() - t0:.1f} s. Report: [bold]{report}[/] (each seed in {out}/seed-<i>/)",
                   highlight=False)  # fmt: skip
 
@@ -233,7 +244,8 @@ def bench(
         min=1,
         help="synthetic / real-text: retrain the experts with N seeds; means and 95% intervals",
     ),
+    plots: bool = typer.Option(True, "--plots/--no-plots", help="write the report's plots"),
 ) -> None:
     """Run recipes and baselines on a suite: quality per task and split, routing accuracy, cost; write a report."""
     _run(suite, recipe, baseline, library, base, out, config, limit, batch_size, reduced, root, rebuild,
-         artifacts, device, progress, threads, plugin, seeds)  # fmt: skip
+         artifacts, device, progress, threads, plugin, seeds, plots)  # fmt: skip

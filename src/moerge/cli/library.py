@@ -25,16 +25,23 @@ def init(
         False, "--fingerprint/--no-fingerprint", help="Load --base-model to record its fingerprint."
     ),
 ) -> None:
-    """Create an empty library."""
-    from moerge.experts.library import ExpertLibrary
+    """Create an empty library. With --base-model FOLDER (a transformers folder) the base's tensor shapes are
+    recorded, and every add checks that the adapter's modules exist in that base with fitting shapes."""
+    from moerge.experts.library import ExpertLibrary, base_shapes_of
 
     fingerprint = None
     if base_model and fingerprint_base:
         from moerge.experts.fingerprint import fingerprint_folder
 
         fingerprint = fingerprint_folder(base_model)
-    lib = ExpertLibrary.create(path, base_model=base_model, base_fingerprint=fingerprint)
-    console.print(f"created library [bold]{lib.url}[/]")
+    shapes = None
+    if base_model and Path(base_model).is_dir():
+        shapes = base_shapes_of(base_model)
+    lib = ExpertLibrary.create(path, base_model=base_model, base_fingerprint=fingerprint, base_shapes=shapes)
+    checked = (
+        f"; adapters are checked against the {len(shapes)} tensor shapes of {base_model}" if shapes else ""
+    )
+    console.print(f"created library [bold]{lib.url}[/]{checked}", highlight=False)
 
 
 @library_app.command("add")
@@ -58,7 +65,9 @@ def add(
     if tag:
         meta["tags"] = tag
     if not source.exists():
-        raise FileNotFoundError(f"{source}: no such adapter folder")
+        from moerge.errors import InputNotFoundError
+
+        raise InputNotFoundError(f"{source}: no such adapter folder")
     if is_peft_folder(source) or name:
         added = [lib.add_peft(source, name=name, task=task, overwrite=overwrite, **meta)]
     else:
@@ -104,7 +113,10 @@ def list_(
 
 
 @library_app.command("show")
-def show(library: str, name: str) -> None:
+def show(
+    library: str = typer.Argument(..., help="Library folder or URL."),
+    name: str = typer.Argument(..., help="Expert name."),
+) -> None:
     """Show one expert's metadata and modules."""
     from moerge.experts.library import ExpertLibrary
 
@@ -127,35 +139,65 @@ def show(library: str, name: str) -> None:
 
 @library_app.command("verify")
 def verify(
-    library: str,
-    repair: bool = typer.Option(False, help="Delete leftovers of interrupted adds."),
+    library: str = typer.Argument(..., help="Library folder or URL."),
+    repair: bool = typer.Option(
+        False,
+        help="Rebuild the catalog from the experts' own files: drop rows naming unsafe or missing folders, add "
+        "complete experts back, move unaccounted-for folders to quarantine/ (never deleted), remove staging "
+        "folders of interrupted adds.",
+    ),
 ) -> None:
-    """Check every expert's files against their checksums."""
+    """Check every expert's files against their checksums; exit status 1 when an expert is damaged."""
+    from rich.markup import escape
+
     from moerge.experts.library import ExpertLibrary
 
-    report = ExpertLibrary.open(library).verify(repair=repair)
+    lib = ExpertLibrary.open(library, recover=repair)
+    if lib.recovered_catalog:
+        console.print(
+            f"[yellow]repaired:[/] moved the damaged catalog to {escape(lib.recovered_catalog)}",
+            soft_wrap=True,
+        )
+    report = lib.verify(repair=repair)
+    for action in report.repaired:
+        console.print(f"[yellow]repaired:[/] {escape(action)}", soft_wrap=True)
     for p in report.problems:
-        console.print(f"[red]problem:[/] {p}")
+        console.print(f"[red]problem:[/] {escape(p)}", soft_wrap=True)
     for left in report.leftovers:
-        console.print(f"[yellow]leftover:[/] {left}{' (removed)' if repair else ''}")
+        console.print(f"[yellow]leftover:[/] {escape(left)}", soft_wrap=True)
     console.print(
-        f"checked {report.checked} experts: {'ok' if report.ok else f'{len(report.problems)} problems'}"
+        f"checked {report.checked} experts: {'ok' if report.ok else f'{len(report.problems)} problems'}",
+        highlight=False,
     )
     if not report.ok:
+        from moerge.cli.common import print_error
+
+        print_error(
+            f"{library}: {len(report.problems)} damaged experts (listed above); restore their files from a "
+            "backup, or remove them with `moerge library rm`."
+        )
         raise typer.Exit(1)
 
 
 @library_app.command("export")
-def export(library: str, name: str, out_dir: Path) -> None:
-    """Write an expert as a standalone PEFT adapter folder."""
+def export(
+    library: str = typer.Argument(..., help="Library folder or URL."),
+    name: str = typer.Argument(..., help="Expert to export."),
+    out_dir: Path = typer.Argument(..., help="Output folder (new or empty)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
+) -> None:
+    """Write an expert as a standalone PEFT adapter folder (checked against its checksums)."""
     from moerge.experts.library import ExpertLibrary
 
-    out = ExpertLibrary.open(library).export_peft(name, out_dir)
-    console.print(f"exported [bold]{name}[/] to {out}")
+    out = ExpertLibrary.open(library).export_peft(name, out_dir, overwrite=overwrite)
+    console.print(f"exported [bold]{name}[/] to {out}", highlight=False)
 
 
 @library_app.command("rm")
-def rm(library: str, name: list[str] = typer.Argument(..., help="Expert name(s) to remove.")) -> None:
+def rm(
+    library: str = typer.Argument(..., help="Library folder or URL."),
+    name: list[str] = typer.Argument(..., help="Expert name(s) to remove."),
+) -> None:
     """Remove experts (and their artifacts)."""
     from moerge.experts.library import ExpertLibrary
 
@@ -166,7 +208,11 @@ def rm(library: str, name: list[str] = typer.Argument(..., help="Expert name(s) 
 
 
 @library_app.command("rename")
-def rename(library: str, old: str, new: str) -> None:
+def rename(
+    library: str = typer.Argument(..., help="Library folder or URL."),
+    old: str = typer.Argument(..., help="Current name."),
+    new: str = typer.Argument(..., help="New name."),
+) -> None:
     """Rename an expert."""
     from moerge.experts.library import ExpertLibrary
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import typer
 
 from moerge.cli import plugins as cli_plugins
-from moerge.cli.common import console, fail
+from moerge.cli.common import console
+from moerge.errors import UsageError
 
 
 def register(app: typer.Typer) -> None:
@@ -37,26 +38,28 @@ def merge_command(
     list_methods: bool = typer.Option(
         False, "--list-methods", help="List merge methods and their parameters."
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a non-empty OUT (once the merge is complete; never an input)."
+    ),
     plugin: list[str] = cli_plugins.plugin_option(),
 ) -> None:
     """Merge models or LoRA experts as the YAML config says (same schema as moerge.merge(...))."""
-    from moerge.merging.registry import available_methods, get_method
-
     cli_plugins.load(plugin)
-
     if list_methods:
+        from moerge.merging.registry import available_methods, get_method
+
         for m in available_methods():
             spec = get_method(m)
             console.print(f"[bold]{spec.describe()}[/]  [dim]{spec.paper}[/]", highlight=False)
         return
     if config is None:
-        fail("give a merge config: moerge merge CONFIG.yaml OUT (or --list-methods)")
+        raise UsageError("give a merge config: moerge merge CONFIG.yaml OUT (or --list-methods)")
     from moerge.merging.api import merge
 
     overrides = dict(lora_mode=lora_mode, rank=rank, dtype=dtype, seed=seed, shard_size=shard_size, name=name)
     if add_to_library:
         overrides["add_to_library"] = True
-    result = merge(config, out, **{k: v for k, v in overrides.items() if v is not None})
+    result = merge(config, out, overwrite=overwrite, **{k: v for k, v in overrides.items() if v is not None})
     if isinstance(result, Path):
         console.print(f"merged model written to [bold]{result}[/]")
     else:

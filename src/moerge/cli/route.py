@@ -93,6 +93,20 @@ def read_prompts(prompt: str | None, prompts: Path | None) -> list[dict[str, Any
     return rows
 
 
+def encode_prompt(tokenizer, prompt: str) -> dict:
+    """The prompt as the experts were trained on it: ``<bos>`` first where the tokenizer has one and does not
+    add it itself (moerge's training encodes ``<bos> prompt completion <eos>``)."""
+    import torch
+
+    enc = tokenizer(prompt, return_tensors="pt")
+    bos = tokenizer.bos_token_id
+    ids = enc["input_ids"]
+    if bos is not None and (ids.shape[1] == 0 or int(ids[0, 0]) != bos):
+        enc["input_ids"] = torch.cat([torch.tensor([[bos]]), ids], dim=1)
+        enc["attention_mask"] = torch.ones_like(enc["input_ids"])
+    return enc
+
+
 def register(app: typer.Typer) -> None:
     @app.command("recipes")
     def recipes(
@@ -155,7 +169,7 @@ def register(app: typer.Typer) -> None:
         routed = attach(model, library, recipe=recipe, tokenizer=tokenizer, **opts)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         for row in rows:
-            enc = tokenizer(row["prompt"], return_tensors="pt")
+            enc = encode_prompt(tokenizer, row["prompt"])
             task = row.get("task")
             routing = RoutingInputs(
                 task_names=[task] if task else None, texts=[row["prompt"]], record=show_routing

@@ -60,10 +60,10 @@ def train(
 ) -> None:
     """Train a LoRA expert with PEFT on a JSONL data file and add it to a library."""
     from moerge.cli.common import console
-    from moerge.errors import MalformedConfigError
+    from moerge.errors import InputNotFoundError, MalformedConfigError
 
     if not base.is_dir():
-        raise FileNotFoundError(f"{base}: no such base model folder (expected a transformers model folder)")
+        raise InputNotFoundError(f"{base}: no such base model folder (expected a transformers model folder)")
     # Read the data before loading torch, so a bad file fails fast.
     from moerge.train.data import read_jsonl
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from moerge.errors import NonFiniteWeightsError, ShapeMismatchError
+from moerge.errors import MalformedConfigError, NonFiniteWeightsError, ShapeMismatchError
 from moerge.experts.metadata import ExpertMetadata
 
 __all__ = ["Expert", "ExpertMetadata", "LoraModule"]
@@ -66,8 +66,21 @@ class LoraModule:
                 f"{where}: LoRA factors do not fit: A is {tuple(self.A.shape)} and B is {tuple(self.B.shape)}; "
                 "expected A [r, d_in] and B [d_out, r] with the same r."
             )
+        if min(self.rank, self.d_in, self.d_out) < 1:
+            raise ShapeMismatchError(
+                f"{where}: LoRA factors A {tuple(self.A.shape)} and B {tuple(self.B.shape)} are empty; "
+                "rank, d_in and d_out must be at least 1."
+            )
+        if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+            raise MalformedConfigError(
+                f"{where}: lora_alpha is {self.alpha!r}; it must be a finite number > 0 (fix adapter_config.json)."
+            )
         for label, t in (("lora_A", self.A), ("lora_B", self.B)):
-            if not torch.isfinite(t).all():
+            if not t.is_floating_point():
+                raise MalformedConfigError(
+                    f"{where}.{label} has dtype {t.dtype}; LoRA factors are floating point. Re-save the adapter."
+                )
+            if not torch.isfinite(t.float() if t.element_size() == 1 else t).all():
                 raise NonFiniteWeightsError(
                     f"{where}.{label} holds NaN or Inf values; retrain or repair the adapter before adding it."
                 )
@@ -110,7 +123,11 @@ class Expert:
         for module, lm in self.lora.items():
             lm.check(f"{where}: module {module}")
         for param, t in self.dense.items():
-            if not torch.isfinite(t).all():
+            if not t.is_floating_point():
+                raise MalformedConfigError(
+                    f"{where}: dense delta {param} has dtype {t.dtype}; weight deltas are floating point."
+                )
+            if not torch.isfinite(t.float() if t.element_size() == 1 else t).all():
                 raise NonFiniteWeightsError(f"{where}: dense delta {param} holds NaN or Inf values.")
 
     def check_against_shapes(self, shapes: dict[str, tuple[int, ...]], source: str | None = None) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from moerge.errors import InputNotFoundError
+
 _SAMPLE = 8
 
 
@@ -40,7 +42,7 @@ def fingerprint_folder(path: str | Path) -> str:
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{path}: no *.safetensors weights to fingerprint")
+        raise InputNotFoundError(f"{path}: no *.safetensors weights to fingerprint")
     named = []
     for f in files:
         with safe_open(str(f), framework="pt") as sf:

@@ -2,30 +2,41 @@
 
 Layout of a library (the same on every storage)::
 
-    moerge-library.json                 format version, base model id and fingerprint
+    moerge-library.json                 format version, base model id and fingerprint (and its tensor shapes)
     experts/<name>-<id>/                one PEFT folder per expert (adapter_config.json,
                                         adapter_model.safetensors) or a dense delta (delta_model.safetensors),
                                         plus moerge_expert.json (metadata + checksums)
     artifacts/<kind>/<config-hash>/<expert>.safetensors (+ .json)   derived data (signatures, gates …)
     catalog.sqlite                      the catalog (local libraries; remote ones keep it in a local cache)
+    catalog.sqlite.lock                 the write lock (holds the pid of the last writer)
+    quarantine/                         what `verify --repair` could not account for (never deleted)
 
 The catalog is the source of truth: an expert exists once its catalog row is committed. Adding writes the
-expert into a staging folder, then, holding the catalog's write lock, renames it into ``experts/`` and
+expert into a staging folder, then, holding the library's write lock, renames it into ``experts/`` and
 commits the row. A process killed at any point leaves either the old library or the new one; leftovers
-(staging folders, unreferenced expert folders) are invisible and are cleaned by the next writer.
+(staging folders, unreferenced expert folders) are invisible, reported by `verify`, and with ``repair`` staging
+folders are removed, complete experts missing from the catalog are added back (the catalog is rebuilt from the
+experts' own JSON) and anything else is moved to ``quarantine/``.
+
+A library is data from strangers: every folder and file name read from the catalog or an expert's JSON is
+checked (`moerge.experts.paths.contain`) before anything is read, written or deleted, and an expert's files are
+checked against their checksums when loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import hashlib
 import json
 import os
+import re
 import sqlite3
+import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,14 +44,28 @@ from pydantic import ValidationError
 
 from moerge.errors import (
     BaseModelMismatchError,
+    ChecksumMismatchError,
     ExpertExistsError,
     ExpertNotFoundError,
+    InputNotFoundError,
     LibraryError,
+    LibraryLockedError,
     MalformedConfigError,
+    MoergeError,
     ShapeMismatchError,
+    UnsafePathError,
 )
-from moerge.experts.formats import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DENSE_WEIGHTS, METADATA_FILE
+from moerge.experts.formats import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    DENSE_WEIGHTS,
+    EXPERT_FILES,
+    FORMAT_VERSION,
+    METADATA_FILE,
+)
 from moerge.experts.metadata import ExpertMetadata
+from moerge.experts.paths import atomic_output_dir, check_name, contain
+from moerge.experts.schema import explain, parse_expert_record, parse_json_bytes, parse_library_info
 from moerge.experts.storage import LocalStorage, Storage, storage_for
 
 if TYPE_CHECKING:  # torch is imported only by the operations that touch weights
@@ -50,8 +75,14 @@ if TYPE_CHECKING:  # torch is imported only by the operations that touch weights
 
 LIBRARY_FILE = "moerge-library.json"
 CATALOG_FILE = "catalog.sqlite"
-FORMAT_VERSION = 1
+QUARANTINE = "quarantine"
 LIBRARY_ARTIFACT = "_library"
+DEFAULT_LOCK_TIMEOUT_S = 10.0
+_FOLDER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,200}$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_SAFE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,200}$")  # artifact kinds, hashes and file names
+# (path, size, mtime_ns, inode) -> sha256 of files already checked in this process
+_VERIFIED: dict[tuple[str, int, int, int], str] = {}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS experts (
@@ -75,15 +106,31 @@ CREATE TABLE IF NOT EXISTS modules (module TEXT PRIMARY KEY, d_in INTEGER NOT NU
 
 @dataclass
 class VerifyReport:
-    """What `ExpertLibrary.verify` found. ``ok`` is true when no expert is damaged."""
+    """What `ExpertLibrary.verify` found. ``ok`` is true when no catalogued expert is damaged.
+
+    ``leftovers`` are entries the catalog does not use (staging folders of interrupted adds, expert folders
+    without a catalog row); ``repaired`` says what ``repair=True`` did (rows rebuilt or dropped, experts added
+    back, folders moved to quarantine)."""
 
     checked: int = 0
     problems: list[str] = field(default_factory=list)
-    leftovers: list[str] = field(default_factory=list)  # staging folders / unreferenced expert folders
+    leftovers: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+@dataclass
+class _Entry:
+    """One catalog row, checked: a safe folder, its metadata and its checksums."""
+
+    name: str
+    folder: str
+    rel: str  # experts/<folder>
+    metadata: ExpertMetadata
+    checksums: dict[str, str]
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -96,21 +143,54 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def lock_timeout() -> float:
+    """Seconds a writer waits for the library's lock (``MOERGE_LOCK_TIMEOUT``, default 10)."""
+    try:
+        return max(0.0, float(os.environ.get("MOERGE_LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT_S)))
+    except ValueError:
+        return DEFAULT_LOCK_TIMEOUT_S
+
+
+def base_shapes_of(folder: str | Path) -> dict[str, list[int]]:
+    """``{tensor name: shape}`` of a transformers folder's safetensors files, from their headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
+    if not files:
+        raise InputNotFoundError(f"{folder}: no *.safetensors weights to read the base model's shapes from")
+    shapes: dict[str, list[int]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for key in sf.keys():  # noqa: SIM118
+                    shapes[key] = list(sf.get_slice(key).get_shape())
+        except (SafetensorError, ValueError, OSError) as e:
+            raise MalformedConfigError(f"{f}: not a readable safetensors file ({e}).") from None
+    return shapes
+
+
 class ExpertLibrary:
     """A catalogued collection of experts sharing one base model. Open with `create` or `open`."""
 
-    def __init__(self, storage: Storage, info: dict[str, Any]):
+    def __init__(self, storage: Storage, info: dict[str, Any], *, recover: bool = False):
         self.storage = storage
         self.info = info
+        self.read_only = False
+        self._lock_depth = 0
+        self.recovered_catalog: str | None = None  # where `recover=True` moved a damaged catalog
         self._catalog_path = self._catalog_location()
-        self._conn = sqlite3.connect(
-            self._catalog_path, timeout=120, isolation_level=None, check_same_thread=False
-        )
-        self._conn.execute("PRAGMA journal_mode=WAL")
-        self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(_SCHEMA)
+        fresh = self._catalog_path != ":memory:" and not Path(self._catalog_path).exists()
+        self._conn = self._connect(recover)
         if not isinstance(storage, LocalStorage):
             self._sync_remote_catalog()
+        elif fresh and self.storage.listdir("experts"):
+            # a local library whose catalog file is gone: rebuild it from the experts' own JSON
+            if self.read_only:
+                self._adopt_orphans(self._conn, [])
+            else:
+                with self._write() as c:
+                    self._adopt_orphans(c, [])
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -120,8 +200,10 @@ class ExpertLibrary:
         base_model: str | None = None,
         base_fingerprint: str | None = None,
         exist_ok: bool = False,
+        base_shapes: dict[str, list[int]] | None = None,
     ) -> ExpertLibrary:
-        """Create an empty library at ``url`` (a folder path or an fsspec URL)."""
+        """Create an empty library at ``url`` (a folder path or an fsspec URL). ``base_shapes``
+        (``{tensor name: shape}``, see `base_shapes_of`) makes every add check its modules against the base."""
         storage = storage_for(url)
         if storage.exists(LIBRARY_FILE):
             if not exist_ok:
@@ -135,27 +217,32 @@ class ExpertLibrary:
             )
         storage.makedirs("experts")
         info = {"format": FORMAT_VERSION, "base_model": base_model, "base_fingerprint": base_fingerprint}
+        if base_shapes:
+            info["base_shapes"] = {k: [int(d) for d in v] for k, v in base_shapes.items()}
         storage.write_bytes(LIBRARY_FILE, json.dumps(info, indent=2).encode())
         return cls(storage, info)
 
     @classmethod
-    def open(cls, url: str | Path) -> ExpertLibrary:
-        """Open an existing library."""
+    def open(cls, url: str | Path, *, recover: bool = False) -> ExpertLibrary:
+        """Open an existing library. A read-only one opens for reading. ``recover=True`` (what
+        ``moerge library verify --repair`` does) moves an unreadable catalog to ``quarantine/`` and starts a new one
+        (`verify` with ``repair=True`` then rebuilds it from the experts' JSON)."""
         storage = storage_for(url)
         if not storage.exists(LIBRARY_FILE):
             raise LibraryError(
                 f"{storage.url}: not a moerge library (no {LIBRARY_FILE}); create one with "
                 f"`moerge library init {url}`."
             )
+        where = f"{storage.url}/{LIBRARY_FILE}"
         try:
-            info = json.loads(storage.read_bytes(LIBRARY_FILE))
-        except json.JSONDecodeError as e:
-            raise LibraryError(f"{storage.url}/{LIBRARY_FILE}: corrupt ({e}).") from e
+            info = parse_library_info(parse_json_bytes(storage.read_bytes(LIBRARY_FILE), where), where)
+        except MalformedConfigError as e:
+            raise LibraryError(f"{e} (the library file is corrupt)") from None
         if info.get("format", 0) > FORMAT_VERSION:
             raise LibraryError(
                 f"{storage.url}: library format {info['format']} is newer than this moerge; upgrade."
             )
-        return cls(storage, info)
+        return cls(storage, info, recover=recover)
 
     @property
     def url(self) -> str:
@@ -169,6 +256,10 @@ class ExpertLibrary:
     def base_fingerprint(self) -> str | None:
         return self.info.get("base_fingerprint")
 
+    @property
+    def base_shapes(self) -> dict[str, list[int]] | None:
+        return self.info.get("base_shapes") or None
+
     def _catalog_location(self) -> str:
         local = self.storage.local_path(CATALOG_FILE)
         if local is not None:
@@ -177,31 +268,188 @@ class ExpertLibrary:
         cache.mkdir(parents=True, exist_ok=True)
         return str(cache / f"{hashlib.sha256(self.storage.url.encode()).hexdigest()[:16]}.sqlite")
 
+    def _writable(self) -> bool:
+        root = self.storage.local_path("")
+        if root is None:
+            return True
+        catalog = Path(self._catalog_path)
+        return os.access(root, os.W_OK) and (not catalog.exists() or os.access(catalog, os.W_OK))
+
+    def _connect(self, recover: bool) -> sqlite3.Connection:
+        """Open the catalog: read-write with WAL, or read-only where the library cannot be written."""
+        path = self._catalog_path
+        if self.storage.local_path("") is not None:  # SQLite follows links: none may lead out of the library
+            for suffix in ("", "-wal", "-shm", "-journal", ".lock"):
+                self.storage.local_path(CATALOG_FILE + suffix)
+        if not self._writable():
+            self.read_only = True
+            return self._connect_read_only(path)
+        try:
+            conn = self._fresh_catalog()
+            conn.execute("SELECT name, folder, metadata, checksums FROM experts LIMIT 1").fetchall()
+            return conn
+        except sqlite3.DatabaseError as e:
+            if not isinstance(e, sqlite3.OperationalError):
+                return self._catalog_damaged(e, recover)
+            if "readonly" in str(e) or "unable to open" in str(e):
+                self.read_only = True
+                return self._connect_read_only(path)
+            if "locked" in str(e):
+                raise LibraryLockedError(
+                    f"{self.url}: the catalog is locked by another process ({e}); wait for it and retry."
+                ) from None
+            return self._catalog_damaged(e, recover)
+
+    def _connect_read_only(self, path: str) -> sqlite3.Connection:
+        if not Path(path).exists():  # nothing to read: an in-memory catalog, rebuilt from the experts' JSON
+            conn = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            conn.executescript(_SCHEMA)
+            return conn
+        last: Exception | None = None
+        for query in ("mode=ro", "immutable=1"):  # immutable: a WAL catalog on a read-only file system
+            try:
+                conn = sqlite3.connect(
+                    f"{Path(path).as_uri()}?{query}", uri=True, isolation_level=None, check_same_thread=False
+                )
+                conn.execute("SELECT name, folder, metadata, checksums FROM experts LIMIT 1").fetchall()
+                return conn
+            except sqlite3.DatabaseError as e:
+                last = e
+        raise LibraryError(
+            f"{self.url}: the catalog {path} cannot be read ({last}); the library is read-only here, so it cannot "
+            "be repaired in place: copy the library somewhere writable and run `moerge library verify COPY --repair`."
+        )
+
+    def _fresh_catalog(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(
+            self._catalog_path, timeout=lock_timeout(), isolation_level=None, check_same_thread=False
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.executescript(_SCHEMA)
+        return conn
+
+    def _catalog_damaged(self, e: Exception, recover: bool) -> sqlite3.Connection:
+        if self.storage.local_path("") is None:  # a remote library's catalog is a local cache: start it again
+            for suffix in ("", "-wal", "-shm"):
+                Path(self._catalog_path + suffix).unlink(missing_ok=True)
+            return self._fresh_catalog()
+        if not recover:
+            raise LibraryError(
+                f"{self.url}: the catalog {self._catalog_path} is damaged ({e}); run "
+                f"`moerge library verify {self.url} --repair` to rebuild it from the experts' own files."
+            ) from None
+        # move the damaged catalog (and its WAL files) aside, never delete it, and start an empty one
+        stamp = f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.storage.makedirs(QUARANTINE)
+        qdir = self.storage.local_path(QUARANTINE)
+        for suffix in ("", "-wal", "-shm"):
+            if self.storage.exists(CATALOG_FILE + suffix):
+                self.storage.rename(CATALOG_FILE + suffix, f"{QUARANTINE}/{CATALOG_FILE}{suffix}.{stamp}")
+        self.recovered_catalog = str(qdir)
+        return self._fresh_catalog()
+
     def _sync_remote_catalog(self) -> None:
         """Rebuild the local catalog cache of a remote library from its experts' metadata files."""
         with self._write() as c:
             c.execute("DELETE FROM experts")
             c.execute("DELETE FROM tags")
+            seen: dict[str, str] = {}
             for folder in self.storage.listdir("experts"):
-                try:
-                    stored = json.loads(self.storage.read_bytes(f"experts/{folder}/{METADATA_FILE}"))
-                    md = ExpertMetadata(**stored["metadata"])
-                except (FileNotFoundError, KeyError, ValueError, ValidationError):
-                    continue  # a half-written folder: invisible
-                self._insert_row(c, md, folder, stored.get("checksums", {}))
+                record = self._folder_record(folder)
+                if record is None:
+                    continue  # a half-written or foreign folder: invisible (verify reports it)
+                md = record.metadata
+                if md.name in seen and seen[md.name] >= md.created_at:
+                    continue  # two folders claim one name: the newer wins, verify reports the other
+                if md.name in seen:
+                    c.execute("DELETE FROM experts WHERE name=?", (md.name,))
+                    c.execute("DELETE FROM tags WHERE name=?", (md.name,))
+                seen[md.name] = md.created_at
+                self._insert_row(c, md, folder, dict(record.checksums))
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction holding the catalog's lock (across processes)."""
-        c = self._conn
-        c.execute("BEGIN IMMEDIATE")
+    # ------------------------------------------------------------------ locking
+    def _lock_path(self) -> str:
+        return self._catalog_path + ".lock"
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """The library's write lock (an ``flock`` across processes), waiting at most `lock_timeout` seconds."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
         try:
-            yield c
-        except BaseException:
-            c.execute("ROLLBACK")
-            raise
-        else:
-            c.execute("COMMIT")
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX: SQLite's own lock serialises writers
+            yield
+            return
+        try:
+            fd = os.open(self._lock_path(), os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        except OSError as e:
+            raise LibraryError(f"{self.url}: cannot open the lock file {self._lock_path()} ({e}).") from None
+        deadline = time.monotonic() + lock_timeout()
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise LibraryLockedError(self._locked_message(fd)) from None
+                    time.sleep(0.05)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _locked_message(self, fd: int) -> str:
+        try:
+            pid = int(os.pread(fd, 32, 0).decode().strip() or "0")
+        except (OSError, ValueError):
+            pid = 0
+        holder = f"process {pid}" if pid else "another process"
+        state = "" if not pid or _pid_alive(str(pid)) else " (which has exited: retry)"
+        return (
+            f"{self.url}: the library is locked by {holder}{state}; waited {lock_timeout():g} s. Wait for it to "
+            f"finish (or stop it if it hangs: kill {pid or 'PID'}) and retry; MOERGE_LOCK_TIMEOUT sets the wait."
+        )
+
+    def _require_writable(self) -> None:
+        if self.read_only:
+            raise LibraryError(
+                f"{self.url}: the library is read-only here (no write permission); it can be listed, shown, "
+                "verified and exported, not changed. Copy it somewhere writable to change it."
+            )
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction holding the library's lock (across processes)."""
+        self._require_writable()
+        with self._lock():
+            c = self._conn
+            try:
+                c.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                raise LibraryLockedError(
+                    f"{self.url}: the catalog is locked ({e}); another program holds it. Retry when it is done."
+                ) from None
+            try:
+                yield c
+            except BaseException:
+                c.execute("ROLLBACK")
+                raise
+            else:
+                c.execute("COMMIT")
 
     def close(self) -> None:
         self._conn.close()
@@ -236,6 +484,63 @@ class ExpertLibrary:
             raise ExpertNotFoundError(f"{self.url}: no expert named {name!r}.{hint}")
         return row
 
+    def _damaged_row(self, name: str, what: str) -> LibraryError:
+        return LibraryError(
+            f"{self.url}: the catalog row of {name!r} {what}; the catalog was edited or damaged. Run "
+            f"`moerge library verify {self.url} --repair` to rebuild it from the experts' own files."
+        )
+
+    def _expert_rel(self, folder: object, name: str) -> str:
+        """``experts/<folder>`` for a folder name read from the catalog; `UnsafePathError` for anything else."""
+        if not isinstance(folder, str) or not _FOLDER.match(folder):
+            raise UnsafePathError(
+                f"{self.url}: the catalog row of {name!r} names the folder {folder!r}, which is not a folder inside "
+                f"experts/; nothing was read, written or deleted there. Run `moerge library verify {self.url} "
+                "--repair` to rebuild the catalog from the experts' own files."
+            )
+        rel = f"experts/{folder}"
+        self.storage.exists(rel)  # resolves it: a symlink leading out of the library is refused here
+        return rel
+
+    def _parse_checksums(self, raw: object, name: str) -> dict[str, str]:
+        try:
+            sums = json.loads(raw) if isinstance(raw, str) else None
+        except (ValueError, RecursionError):
+            sums = None
+        if (
+            not isinstance(sums, dict)
+            or not sums
+            or any(
+                k not in EXPERT_FILES or not isinstance(v, str) or not _SHA256.match(v)
+                for k, v in sums.items()
+            )
+        ):
+            raise self._damaged_row(
+                name, f"holds checksums {str(raw)[:80]!r} for files an expert does not have"
+            )
+        return sums
+
+    def _parse_metadata(self, raw: object, name: str) -> ExpertMetadata:
+        try:
+            md = ExpertMetadata.model_validate_json(raw if isinstance(raw, (str, bytes)) else "null")
+        except ValidationError as e:
+            raise self._damaged_row(name, f"holds invalid metadata ({explain(e, limit=1)})") from None
+        if md.name != name:
+            raise self._damaged_row(name, f"holds the metadata of {md.name!r}")
+        return md
+
+    def _entry(self, name: str) -> _Entry:
+        folder, meta_json, checksums = self._require(name)
+        rel = self._expert_rel(folder, name)
+        if not self.storage.exists(rel):
+            raise LibraryError(
+                f"{self.url}: the folder of expert {name!r} ({rel}) is missing; remove the expert "
+                f"(`moerge library rm {self.url} {name}`) or run `moerge library verify {self.url} --repair`."
+            )
+        return _Entry(
+            name, folder, rel, self._parse_metadata(meta_json, name), self._parse_checksums(checksums, name)
+        )
+
     def list(
         self,
         task: str | None = None,
@@ -245,8 +550,8 @@ class ExpertLibrary:
         name: str | None = None,
     ) -> list[ExpertMetadata]:
         """Experts' metadata, sorted by name, filtered by task, tag, base model, kind or a name glob."""
-        sql = "SELECT metadata FROM experts"
-        where, args = [], []
+        sql = "SELECT name, metadata FROM experts"
+        where, args = ["typeof(name) = 'text'"], []
         for col, val in (("task", task), ("base_model", base_model), ("kind", kind)):
             if val is not None:
                 where.append(f"{col} = ?")
@@ -260,11 +565,16 @@ class ExpertLibrary:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY name"
-        return [ExpertMetadata.model_validate_json(r[0]) for r in self._conn.execute(sql, args)]
+        return [self._parse_metadata(r[1], r[0]) for r in self._conn.execute(sql, args)]
 
     def names(self, **filters: Any) -> list[str]:
         if not filters:
-            return [r[0] for r in self._conn.execute("SELECT name FROM experts ORDER BY name")]
+            return [
+                r[0]
+                for r in self._conn.execute(
+                    "SELECT name FROM experts WHERE typeof(name)='text' ORDER BY name"
+                )
+            ]
         return [m.name for m in self.list(**filters)]
 
     def tasks(self) -> list[str]:
@@ -276,25 +586,65 @@ class ExpertLibrary:
         ]
 
     def get_metadata(self, name: str) -> ExpertMetadata:
-        return ExpertMetadata.model_validate_json(self._require(name)[1])
+        return self._parse_metadata(self._require(name)[1], name)
+
+    def _stat_key(self, rel: str) -> tuple[str, int, int, int] | None:
+        local = self.storage.local_path(rel)
+        if local is None:
+            return None
+        try:
+            st = local.stat()
+        except OSError:
+            return None
+        return (str(local), st.st_size, st.st_mtime_ns, st.st_ino)
+
+    def _read_checked(self, entry: _Entry, fname: str) -> bytes:
+        """An expert file's bytes, checked against the catalog's checksum (skipped when this process already
+        checked the file and its size, mtime and inode are unchanged)."""
+        rel = f"{entry.rel}/{check_name(fname, self.url)}"
+        digest = entry.checksums.get(fname)
+        if digest is None:
+            raise self._damaged_row(entry.name, f"has no checksum for {fname}")
+        before = self._stat_key(rel)
+        try:
+            data = self.storage.read_bytes(rel)
+        except FileNotFoundError:
+            raise LibraryError(
+                f"{self.url}: expert {entry.name!r}: {rel} is missing; restore it or remove the expert "
+                f"(`moerge library rm {self.url} {entry.name}`)."
+            ) from None
+        if before is not None and _VERIFIED.get(before) == digest and self._stat_key(rel) == before:
+            return data
+        if _sha256(data) != digest:
+            raise ChecksumMismatchError(
+                f"{self.url}: expert {entry.name!r}: {rel} does not match its checksum (corrupted or edited since it "
+                f"was added). Run `moerge library verify {self.url}`, then restore the file or re-add the expert."
+            )
+        if before is not None and self._stat_key(rel) == before:
+            _VERIFIED[before] = digest
+        return data
 
     def get(self, name: str) -> Expert:
-        """Load an expert's weights and metadata."""
-        from safetensors.torch import load
-
+        """Load an expert's weights and metadata (its files checked against their checksums)."""
         from moerge.experts.expert import Expert
-        from moerge.experts.peft_io import lora_modules_from_peft
+        from moerge.experts.peft_io import load_safetensors, lora_modules_from_peft
 
-        folder, meta_json, _ = self._require(name)
-        md = ExpertMetadata.model_validate_json(meta_json)
-        base = f"experts/{folder}"
+        entry = self._entry(name)
+        md = entry.metadata
+        where = f"{self.url}/{entry.rel}"
         if md.kind == "dense":
-            return Expert(metadata=md, dense=load(self.storage.read_bytes(f"{base}/{DENSE_WEIGHTS}")))
-        config = json.loads(self.storage.read_bytes(f"{base}/{ADAPTER_CONFIG}"))
-        weights = load(self.storage.read_bytes(f"{base}/{ADAPTER_WEIGHTS}"))
-        lora = lora_modules_from_peft(config, weights, source=f"{self.url}/{base}/{ADAPTER_CONFIG}")
-        carried = {k: config[k] for k in ("task_type", "base_model_name_or_path") if config.get(k)}
-        return Expert(metadata=md, lora=lora, peft_config=carried)
+            dense = load_safetensors(self._read_checked(entry, DENSE_WEIGHTS), f"{where}/{DENSE_WEIGHTS}")
+            expert = Expert(metadata=md, dense=dense)
+        else:
+            config = parse_json_bytes(self._read_checked(entry, ADAPTER_CONFIG), f"{where}/{ADAPTER_CONFIG}")
+            weights = load_safetensors(
+                self._read_checked(entry, ADAPTER_WEIGHTS), f"{where}/{ADAPTER_WEIGHTS}"
+            )
+            lora = lora_modules_from_peft(config, weights, source=f"{where}/{ADAPTER_CONFIG}")
+            carried = {k: config[k] for k in ("task_type", "base_model_name_or_path") if config.get(k)}
+            expert = Expert(metadata=md, lora=lora, peft_config=carried)
+        expert.check(f"{self.url}: expert {name!r}")
+        return expert
 
     def get_many(self, names: list[str] | None = None) -> list[Expert]:
         return [self.get(n) for n in (names if names is not None else self.names())]
@@ -304,6 +654,12 @@ class ExpertLibrary:
         """Validate and add an expert atomically. Refuses a taken name unless ``overwrite``."""
         where = source or f"expert {expert.name!r}"
         expert.check(where)
+        try:  # what is stored must read back as it was written
+            ExpertMetadata.model_validate_json(expert.metadata.model_dump_json())
+        except (ValidationError, ValueError, TypeError) as e:
+            raise MalformedConfigError(
+                f"{where}: the expert's metadata cannot be stored as JSON ({e})."
+            ) from None
         self._check_base(expert, where)
         self._check_module_shapes(expert, where)
         if not overwrite and expert.name in self:
@@ -311,6 +667,7 @@ class ExpertLibrary:
                 f"{self.url}: an expert named {expert.name!r} already exists ({where}); choose another name or "
                 "pass overwrite=True (--overwrite)."
             )
+        self._require_writable()
         files = self._serialise(expert)
         checksums = {fname: _sha256(data) for fname, data in files.items()}
         files[METADATA_FILE] = json.dumps(
@@ -323,7 +680,7 @@ class ExpertLibrary:
         ).encode()
         staging = self._stage(files)
         folder = f"{expert.name}-{uuid.uuid4().hex[:8]}"
-        old_folder = None
+        old: str | None = None
         try:
             with self._write() as c:
                 row = c.execute("SELECT folder FROM experts WHERE name=?", (expert.name,)).fetchone()
@@ -331,9 +688,9 @@ class ExpertLibrary:
                     raise ExpertExistsError(
                         f"{self.url}: an expert named {expert.name!r} was added meanwhile ({where}); pass overwrite=True."
                     )
-                old_folder = row[0] if row else None
+                old = self._expert_rel(row[0], expert.name) if row else None
                 self._move_into_place(staging, f"experts/{folder}")
-                if old_folder is not None:
+                if old is not None:
                     c.execute("DELETE FROM tags WHERE name=?", (expert.name,))
                     c.execute("DELETE FROM experts WHERE name=?", (expert.name,))
                 self._insert_row(c, expert.metadata, folder, checksums)
@@ -345,8 +702,8 @@ class ExpertLibrary:
             if not self._folder_referenced(folder):
                 self.storage.delete(f"experts/{folder}")
             raise
-        if old_folder is not None:
-            self.storage.delete(f"experts/{old_folder}")
+        if old is not None:
+            self._discard_folder(old.split("/", 1)[1], expert.name)
             self._drop_artifacts(expert.name)
         return expert.metadata
 
@@ -372,7 +729,7 @@ class ExpertLibrary:
 
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: no such folder")
+            raise InputNotFoundError(f"{folder}: no such folder")
         subs = sorted(
             p for p in folder.iterdir() if p.is_dir() and (is_peft_folder(p) or (p / DENSE_WEIGHTS).exists())
         )
@@ -405,8 +762,12 @@ class ExpertLibrary:
 
     def _stage(self, files: dict[str, bytes]) -> str:
         staging = f".staging/{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        for fname, data in files.items():
-            self.storage.write_bytes(f"{staging}/{fname}", data)
+        try:
+            for fname, data in files.items():
+                self.storage.write_bytes(f"{staging}/{fname}", data)
+        except BaseException:
+            self.storage.delete(staging)
+            raise
         return staging
 
     def _move_into_place(self, staging: str, final: str) -> None:
@@ -447,7 +808,19 @@ class ExpertLibrary:
         self.info["base_model"] = self.info.get("base_model") or md.base_model
         self.storage.write_bytes(LIBRARY_FILE, json.dumps(self.info, indent=2).encode())
 
+    def record_base_shapes(self, shapes_or_folder: dict[str, list[int]] | str | Path) -> None:
+        """Record the base model's tensor shapes (a dict, or a transformers folder read with `base_shapes_of`):
+        from then on every add checks that each module exists in the base with a fitting shape."""
+        shapes = shapes_or_folder if isinstance(shapes_or_folder, dict) else base_shapes_of(shapes_or_folder)
+        with self._write():
+            self.info["base_shapes"] = {k: [int(d) for d in v] for k, v in shapes.items()}
+            self.storage.write_bytes(LIBRARY_FILE, json.dumps(self.info, indent=2).encode())
+
     def _check_module_shapes(self, expert: Expert, where: str) -> None:
+        base = self.base_shapes
+        if base:
+            self._check_against_base(expert, where, base)
+            return
         known = dict(
             ((m, (i, o)) for m, i, o in self._conn.execute("SELECT module, d_in, d_out FROM modules"))
         )
@@ -462,6 +835,39 @@ class ExpertLibrary:
                 raise ShapeMismatchError(
                     f"{where}: dense delta {param} has a different shape from the library's."
                 )
+        mine = set(expert.lora) | set(expert.dense)
+        if known and not (mine & set(known)):
+            roots = {m.split(".", 1)[0] for m in known}
+            if not {m.split(".", 1)[0] for m in mine} & roots:
+                raise ShapeMismatchError(
+                    f"{where}: none of its modules ({sorted(mine)[0]} …) is under {', '.join(sorted(roots))}, where "
+                    "this library's experts adapt the base model; it was made for another model. If it is for the "
+                    "same base, record the base's shapes (`moerge library init LIB --base-model FOLDER`, or "
+                    "lib.record_base_shapes(FOLDER)) and add it again."
+                )
+
+    def _check_against_base(self, expert: Expert, where: str, base: dict[str, list[int]]) -> None:
+        hint = "the adapter was made for another base model; add it to a library for its own base."
+        for module, lm in sorted(expert.lora.items()):
+            shape = base.get(f"{module}.weight")
+            if shape is None:
+                raise ShapeMismatchError(
+                    f"{where}: module {module} does not exist in this library's base model "
+                    f"({self.base_model or 'recorded shapes'}); {hint}"
+                )
+            want = [lm.d_in, lm.d_out] if lm.fan_in_fan_out else [lm.d_out, lm.d_in]
+            if list(shape) != want:
+                raise ShapeMismatchError(
+                    f"{where}: module {module}: the base weight has shape {tuple(shape)}, the LoRA gives "
+                    f"{tuple(want)}{' (fan_in_fan_out)' if lm.fan_in_fan_out else ''}; {hint}"
+                )
+        for param, t in sorted(expert.dense.items()):
+            shape = base.get(param)
+            if shape is None or list(shape) != list(t.shape):
+                got = "does not exist" if shape is None else f"has shape {tuple(shape)}"
+                raise ShapeMismatchError(
+                    f"{where}: dense delta {param} {tuple(t.shape)}: the base tensor {got}; {hint}"
+                )
 
     def _record_module_shapes(self, c: sqlite3.Connection, expert: Expert, where: str) -> None:
         rows = [(m, lm.d_in, lm.d_out) for m, lm in expert.lora.items()]
@@ -471,8 +877,8 @@ class ExpertLibrary:
     # ------------------------------------------------------------------ changing
     def rename(self, old: str, new: str) -> None:
         """Rename an expert (its artifacts follow)."""
-        folder, meta_json, checksums = self._require(old)
-        md = ExpertMetadata.model_validate_json(meta_json).model_copy(update={"name": new})
+        entry = self._entry(old)
+        md = entry.metadata.model_copy(update={"name": new})
         try:
             md = ExpertMetadata(**md.model_dump())
         except ValidationError as e:
@@ -482,15 +888,15 @@ class ExpertLibrary:
                 raise ExpertExistsError(f"{self.url}: an expert named {new!r} already exists.")
             c.execute("UPDATE experts SET name=?, metadata=? WHERE name=?", (new, md.model_dump_json(), old))
             c.execute("UPDATE tags SET name=? WHERE name=?", (new, old))
-            self._write_metadata_file(folder, md, json.loads(checksums))
+            self._write_metadata_file(entry.rel, md, entry.checksums)
         self._move_artifacts(old, new)
 
     def update_metadata(self, name: str, **fields: Any) -> ExpertMetadata:
         """Change metadata fields (task, tags, scores, …); not the name (use `rename`)."""
         if "name" in fields or "kind" in fields:
             raise MalformedConfigError("use rename() to change a name; the kind of an expert cannot change.")
-        folder, meta_json, checksums = self._require(name)
-        current = ExpertMetadata.model_validate_json(meta_json).model_dump()
+        entry = self._entry(name)
+        current = entry.metadata.model_dump()
         current.update(fields)
         try:
             md = ExpertMetadata(**current)
@@ -503,73 +909,288 @@ class ExpertLibrary:
             )
             c.execute("DELETE FROM tags WHERE name=?", (name,))
             c.executemany("INSERT INTO tags VALUES (?,?)", [(name, t) for t in md.tags])
-            self._write_metadata_file(folder, md, json.loads(checksums))
+            self._write_metadata_file(entry.rel, md, entry.checksums)
         return md
 
-    def _write_metadata_file(self, folder: str, md: ExpertMetadata, checksums: dict) -> None:
+    def _write_metadata_file(self, rel: str, md: ExpertMetadata, checksums: dict) -> None:
         blob = {"format": FORMAT_VERSION, "metadata": md.model_dump(mode="json"), "checksums": checksums}
-        self.storage.write_bytes(f"experts/{folder}/{METADATA_FILE}", json.dumps(blob, indent=2).encode())
+        self.storage.write_bytes(f"{rel}/{METADATA_FILE}", json.dumps(blob, indent=2).encode())
 
     def remove(self, name: str) -> None:
         """Remove an expert and its artifacts."""
         folder = self._require(name)[0]
+        self._expert_rel(folder, name)  # refuse a row naming anything but a folder in experts/
         with self._write() as c:
             c.execute("DELETE FROM experts WHERE name=?", (name,))
             c.execute("DELETE FROM tags WHERE name=?", (name,))
-        self.storage.delete(f"experts/{folder}")
+        self._discard_folder(folder, name)
         self._drop_artifacts(name)
 
+    def _discard_folder(self, folder: str, name: str) -> None:
+        """Delete ``experts/<folder>`` once no row uses it — only if it is ``name``'s (its own JSON says so, or
+        it has none); a folder holding another expert is left for `verify --repair` to account for."""
+        if self._folder_referenced(folder):
+            return
+        record = self._folder_record(folder)
+        if record is not None and record.metadata.name != name:
+            return
+        self.storage.delete(f"experts/{folder}")
+
     # ------------------------------------------------------------------ checking & exporting
+    def _folder_record(self, folder: str):
+        """The validated ``moerge_expert.json`` of ``experts/<folder>``, or None (missing, foreign, invalid)."""
+        if not _FOLDER.match(folder):
+            return None
+        try:
+            raw = self.storage.read_bytes(f"experts/{folder}/{METADATA_FILE}")
+            return parse_expert_record(parse_json_bytes(raw, METADATA_FILE), METADATA_FILE)
+        except (OSError, MoergeError):
+            return None
+
+    def _inspect_folder(self, folder: str) -> tuple[Any, str | None]:
+        """``(record, None)`` for a complete expert folder (valid JSON, files matching it), else ``(record or
+        None, why not)``."""
+        if not _FOLDER.match(folder):
+            return None, "not a folder name moerge writes"
+        record = self._folder_record(folder)
+        if record is None:
+            return None, f"no valid {METADATA_FILE}"
+        for fname, digest in record.checksums.items():
+            try:
+                data = self.storage.read_bytes(f"experts/{folder}/{fname}")
+            except (OSError, MoergeError):
+                return record, f"{fname} is missing"
+            if _sha256(data) != digest:
+                return record, f"{fname} does not match its checksum"
+        return record, None
+
     def verify(self, repair: bool = False) -> VerifyReport:
-        """Check every expert's files against its checksums; report (and with ``repair``, delete) leftovers."""
+        """Check every expert's files against its checksums, and what else is in ``experts/`` and ``.staging/``.
+
+        With ``repair``: catalog rows naming unsafe or missing folders are dropped, rows that disagree with an
+        intact expert folder are rebuilt from its JSON, complete experts missing from the catalog are added back,
+        other unaccounted-for folders are moved to ``quarantine/`` (never deleted), and staging folders of dead
+        processes are removed. The returned report is the state after repairing, with ``repaired`` listing what
+        was done."""
+        if repair:
+            actions = self._repair()
+            report = self.verify()
+            report.repaired = actions
+            return report
         report = VerifyReport()
-        referenced = set()
-        for name, folder, checksums in self._conn.execute(
-            "SELECT name, folder, checksums FROM experts ORDER BY name"
-        ):
-            referenced.add(folder)
+        referenced: set[str] = set()
+        rows = self._conn.execute(
+            "SELECT name, folder, metadata, checksums FROM experts ORDER BY name"
+        ).fetchall()
+        for name, folder, meta_json, checksums in rows:
             report.checked += 1
-            for fname, digest in json.loads(checksums).items():
-                rel = f"experts/{folder}/{fname}"
+            if not isinstance(name, str):
+                report.problems.append(f"a catalog row has no valid name ({name!r}); --repair drops it")
+                continue
+            try:
+                rel = self._expert_rel(folder, name)
+                referenced.add(folder)
+                self._parse_metadata(meta_json, name)
+                sums = self._parse_checksums(checksums, name)
+            except MoergeError as e:
+                report.problems.append(f"{name}: {e}")
+                continue
+            record = self._folder_record(folder)
+            if record is not None and record.metadata.name != name:
+                report.problems.append(
+                    f"{name}: the catalog row names {rel}, which holds expert {record.metadata.name!r} "
+                    "(--repair drops the row)"
+                )
+                continue
+            for fname, digest in sums.items():
                 try:
-                    data = self.storage.read_bytes(rel)
-                except FileNotFoundError:
-                    report.problems.append(f"{name}: {rel} is missing")
+                    data = self.storage.read_bytes(f"{rel}/{fname}")
+                except (FileNotFoundError, NotADirectoryError):
+                    report.problems.append(f"{name}: {rel}/{fname} is missing")
+                    continue
+                except (OSError, MoergeError) as e:
+                    report.problems.append(f"{name}: {rel}/{fname} cannot be read ({e})")
                     continue
                 if _sha256(data) != digest:
-                    report.problems.append(f"{name}: {rel} does not match its checksum (corrupted or edited)")
+                    report.problems.append(
+                        f"{name}: {rel}/{fname} does not match its checksum (corrupted or edited)"
+                    )
+        catalogued = {r[0] for r in rows}
         for folder in self.storage.listdir("experts"):
-            if folder not in referenced:
-                report.leftovers.append(f"experts/{folder}")
+            if folder in referenced:
+                continue
+            record, why = self._inspect_folder(folder)
+            if why is None and record.metadata.name not in catalogued:
+                report.leftovers.append(
+                    f"experts/{folder}: a complete expert {record.metadata.name!r} missing from the catalog "
+                    "(--repair adds it back)"
+                )
+            elif why is None:
+                report.leftovers.append(
+                    f"experts/{folder}: a copy of {record.metadata.name!r} the catalog does not use "
+                    "(--repair moves it to quarantine/)"
+                )
+            else:
+                report.leftovers.append(f"experts/{folder}: {why} (--repair moves it to quarantine/)")
         report.leftovers += [f".staging/{s}" for s in self.storage.listdir(".staging")]
-        if repair and report.leftovers:
-            with self._write():  # holding the lock: nobody is between rename and commit
-                for rel in report.leftovers:
-                    if rel.startswith(".staging/") and _pid_alive(rel.split("/", 1)[1].split("-", 1)[0]):
-                        continue
-                    if rel.startswith("experts/") and self._folder_referenced(rel.split("/", 1)[1]):
-                        continue
-                    self.storage.delete(rel)
         return report
 
-    def export_peft(self, name: str, out_dir: str | Path) -> Path:
-        """Copy an expert out as a standalone PEFT folder (``PeftModel.from_pretrained`` loads it)."""
-        folder, meta_json, checksums = self._require(name)
-        md = ExpertMetadata.model_validate_json(meta_json)
+    def _repair(self) -> list[str]:
+        actions: list[str] = []
+        with self._write() as c:
+            for (rowid,) in c.execute("SELECT rowid FROM experts WHERE typeof(name) != 'text'").fetchall():
+                c.execute("DELETE FROM experts WHERE rowid=?", (rowid,))
+                actions.append(f"dropped a catalog row without a valid name (row {rowid})")
+            rows = c.execute("SELECT name, folder, metadata, checksums FROM experts ORDER BY name").fetchall()
+            for name, folder, meta_json, checksums in rows:
+                try:
+                    rel = self._expert_rel(folder, name)
+                except UnsafePathError:
+                    self._drop_row(c, name)
+                    actions.append(
+                        f"dropped the catalog row of {name!r}: it named {folder!r}, outside experts/"
+                    )
+                    continue
+                if not self.storage.exists(rel):
+                    self._drop_row(c, name)
+                    actions.append(f"dropped the catalog row of {name!r}: its folder {rel} is gone")
+                    continue
+                row_sums = self._row_checksums_if_valid(name, meta_json, checksums)
+                if row_sums is not None and self._files_match(rel, row_sums):
+                    record = self._folder_record(folder)
+                    if record is not None and record.metadata.name != name:
+                        self._drop_row(c, name)  # the folder is another expert's, by its own JSON
+                        actions.append(
+                            f"dropped the catalog row of {name!r}: {rel} holds expert {record.metadata.name!r}"
+                        )
+                        continue
+                    if record is None or dict(record.checksums) != row_sums:
+                        md = self._parse_metadata(meta_json, name)
+                        self._write_metadata_file(rel, md, row_sums)
+                        actions.append(f"rewrote {rel}/{METADATA_FILE} from the catalog row of {name!r}")
+                    continue
+                record, why = self._inspect_folder(folder)
+                if why is None and record.metadata.name == name:
+                    self._drop_row(c, name)
+                    self._insert_row(c, record.metadata, folder, dict(record.checksums))
+                    actions.append(f"rebuilt the catalog row of {name!r} from {rel}/{METADATA_FILE}")
+                elif why is None:  # the folder holds another expert: the row is wrong
+                    self._drop_row(c, name)
+                    actions.append(
+                        f"dropped the catalog row of {name!r}: {rel} holds expert {record.metadata.name!r}"
+                    )
+                # else: the expert's files are damaged; nothing to rebuild them from (verify reports it)
+            referenced = {r[0] for r in c.execute("SELECT folder FROM experts")}
+            orphans = [f for f in self.storage.listdir("experts") if f not in referenced]
+            self._adopt_orphans(c, orphans, actions)
+            for s in self.storage.listdir(".staging"):
+                pid = s.split("-", 1)[0]
+                if pid.isdigit() and _pid_alive(pid):
+                    continue
+                with contextlib.suppress(UnsafePathError):
+                    self.storage.delete(f".staging/{s}")
+                    actions.append(f"removed .staging/{s} (an interrupted add)")
+        return actions
+
+    def _row_checksums_if_valid(
+        self, name: str, meta_json: object, checksums: object
+    ) -> dict[str, str] | None:
+        try:
+            self._parse_metadata(meta_json, name)
+            return self._parse_checksums(checksums, name)
+        except MoergeError:
+            return None
+
+    def _files_match(self, rel: str, sums: dict[str, str]) -> bool:
+        for fname, digest in sums.items():
+            try:
+                if _sha256(self.storage.read_bytes(f"{rel}/{fname}")) != digest:
+                    return False
+            except (OSError, MoergeError):
+                return False
+        return True
+
+    def _drop_row(self, c: sqlite3.Connection, name: str) -> None:
+        c.execute("DELETE FROM experts WHERE name=?", (name,))
+        c.execute("DELETE FROM tags WHERE name=?", (name,))
+
+    def _adopt_orphans(
+        self, c: sqlite3.Connection, folders: list[str] | None, actions: list[str] | None = None
+    ) -> None:
+        """Add complete expert folders missing from the catalog back into it (newest first per name); move every
+        other unaccounted-for folder to quarantine (when ``actions`` is given, i.e. while repairing)."""
+        if not folders:
+            referenced = {r[0] for r in c.execute("SELECT folder FROM experts")}
+            folders = [f for f in self.storage.listdir("experts") if f not in referenced]
+        found = []
+        for folder in folders:
+            record, why = self._inspect_folder(folder)
+            if why is None and self._loads(folder, record):
+                found.append((record.metadata.created_at, folder, record))
+            elif actions is not None:
+                self._quarantine(folder, actions, why or "does not load as a valid expert")
+        for _, folder, record in sorted(found, key=lambda t: t[0], reverse=True):
+            name = record.metadata.name
+            taken = c.execute("SELECT 1 FROM experts WHERE name=?", (name,)).fetchone()
+            if taken:
+                if actions is not None:
+                    self._quarantine(folder, actions, f"an older or unused copy of {name!r}")
+                continue
+            self._insert_row(c, record.metadata, folder, dict(record.checksums))
+            if actions is not None:
+                actions.append(f"added {name!r} back to the catalog from experts/{folder}")
+
+    def _loads(self, folder: str, record: Any) -> bool:
+        """Whether an intact folder also passes the checks an add makes (config, shapes, finite weights)."""
+        from moerge.experts.expert import Expert
+        from moerge.experts.peft_io import load_safetensors, lora_modules_from_peft
+
+        base = f"experts/{folder}"
+        try:
+            if record.metadata.kind == "dense":
+                expert = Expert(
+                    record.metadata,
+                    dense=load_safetensors(self.storage.read_bytes(f"{base}/{DENSE_WEIGHTS}"), base),
+                )
+            else:
+                config = parse_json_bytes(self.storage.read_bytes(f"{base}/{ADAPTER_CONFIG}"), base)
+                weights = load_safetensors(self.storage.read_bytes(f"{base}/{ADAPTER_WEIGHTS}"), base)
+                expert = Expert(record.metadata, lora=lora_modules_from_peft(config, weights, base))
+            expert.check(base)
+        except (MoergeError, OSError):
+            return False
+        return True
+
+    def _quarantine(self, folder: str, actions: list[str], why: str) -> None:
+        """Move ``experts/<folder>`` to ``quarantine/`` (never deleted) and say so in ``actions``."""
+        if not _FOLDER.match(folder):
+            actions.append(f"left experts/{folder!r} alone: {why}, and its name is not one moerge writes")
+            return
+        dest = f"{QUARANTINE}/{folder}"
+        if self.storage.exists(dest):
+            dest += f"-{uuid.uuid4().hex[:6]}"
+        self.storage.rename(f"experts/{folder}", dest)
+        actions.append(f"moved experts/{folder} to {dest}: {why}")
+
+    def export_peft(self, name: str, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Copy an expert out as a standalone PEFT folder (``PeftModel.from_pretrained`` loads it). Its files are
+        checked against their checksums; the folder appears complete or not at all."""
+        entry = self._entry(name)
         out = Path(out_dir)
-        if out.exists() and any(out.iterdir()):
-            raise LibraryError(f"{out}: the output folder is not empty; choose an empty or new folder.")
-        out.mkdir(parents=True, exist_ok=True)
-        for fname in json.loads(checksums):
-            (out / fname).write_bytes(self.storage.read_bytes(f"experts/{folder}/{fname}"))
-        (out / METADATA_FILE).write_text(
-            json.dumps({"format": FORMAT_VERSION, "metadata": md.model_dump(mode="json")}, indent=2)
-        )
+        with atomic_output_dir(out, overwrite=overwrite, libraries=[self.storage.local_path("")]) as tmp:
+            for fname in entry.checksums:
+                target = contain(tmp, check_name(fname, f"{self.url}: expert {name!r}"), what=str(out))
+                Path(target).write_bytes(self._read_checked(entry, fname))
+            (tmp / METADATA_FILE).write_text(
+                json.dumps(
+                    {"format": FORMAT_VERSION, "metadata": entry.metadata.model_dump(mode="json")}, indent=2
+                )
+            )
         return out
 
     # ------------------------------------------------------------------ artifacts
     def _artifact_rel(self, kind: str, config: dict[str, Any], expert: str | None) -> str:
-        if not kind.replace("_", "").replace("-", "").isalnum():
+        if not isinstance(kind, str) or not kind.replace("_", "").replace("-", "").isalnum():
             raise MalformedConfigError(f"artifact kind {kind!r}: use letters, digits, '-' and '_' only.")
         return f"artifacts/{kind}/{config_hash(config)}/{expert or LIBRARY_ARTIFACT}"
 
@@ -600,29 +1221,40 @@ class ExpertLibrary:
     def get_artifact(
         self, kind: str, config: dict[str, Any], expert: str | None
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        from safetensors.torch import load
+        from moerge.experts.peft_io import load_safetensors
 
         rel = self._artifact_rel(kind, config, expert)
         try:
-            meta = json.loads(self.storage.read_bytes(rel + ".json"))
-            tensors = load(self.storage.read_bytes(rel + ".safetensors"))
+            meta = parse_json_bytes(self.storage.read_bytes(rel + ".json"), f"{self.url}/{rel}.json")
+            tensors = load_safetensors(
+                self.storage.read_bytes(rel + ".safetensors"), f"{self.url}/{rel}.safetensors"
+            )
         except FileNotFoundError:
             return None
-        return tensors, meta.get("info", {})
+        info = meta.get("info", {}) if isinstance(meta, dict) else None
+        if not isinstance(info, dict):
+            raise MalformedConfigError(
+                f"{self.url}/{rel}.json: not an artifact record; delete it to recompute it."
+            )
+        return tensors, info
 
     def has_artifact(self, kind: str, config: dict[str, Any], expert: str | None) -> bool:
         rel = self._artifact_rel(kind, config, expert)
         return self.storage.exists(rel + ".json") and self.storage.exists(rel + ".safetensors")
 
     def list_artifacts(self, kind: str | None = None) -> list[tuple[str, str, str]]:
-        """``(kind, config_hash, expert)`` triples."""
+        """``(kind, config_hash, expert)`` triples (entries with names moerge does not write are skipped)."""
         out = []
         for k in [kind] if kind else self.storage.listdir("artifacts"):
+            if not _SAFE.match(k):
+                continue
             for h in self.storage.listdir(f"artifacts/{k}"):
+                if not _SAFE.match(h):
+                    continue
                 out += [
                     (k, h, f[: -len(".json")])
                     for f in self.storage.listdir(f"artifacts/{k}/{h}")
-                    if f.endswith(".json")
+                    if f.endswith(".json") and _SAFE.match(f)
                 ]
         return out
 
@@ -636,13 +1268,14 @@ class ExpertLibrary:
         for k, h, e in self.list_artifacts():
             if e == old:
                 for ext in (".safetensors", ".json"):
-                    self.storage.rename(f"artifacts/{k}/{h}/{old}{ext}", f"artifacts/{k}/{h}/{new}{ext}")
+                    if self.storage.exists(f"artifacts/{k}/{h}/{old}{ext}"):
+                        self.storage.rename(f"artifacts/{k}/{h}/{old}{ext}", f"artifacts/{k}/{h}/{new}{ext}")
 
 
 def _pid_alive(pid: str) -> bool:
     try:
         os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
+    except (ValueError, ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
@@ -655,4 +1288,4 @@ def open_or_create(url: str | Path) -> ExpertLibrary:
     return ExpertLibrary.open(url) if storage.exists(LIBRARY_FILE) else ExpertLibrary.create(url)
 
 
-__all__ = ["ExpertLibrary", "VerifyReport", "config_hash", "open_or_create"]
+__all__ = ["ExpertLibrary", "VerifyReport", "base_shapes_of", "config_hash", "open_or_create"]

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from moerge.errors import MalformedConfigError, ShapeMismatchError, UnsafeFormatError
+from moerge.errors import InputNotFoundError, MalformedConfigError, ShapeMismatchError, UnsafeFormatError
 from moerge.experts.expert import Expert, ExpertMetadata, LoraModule
 from moerge.experts.formats import (
     ADAPTER_CONFIG,
@@ -26,6 +26,9 @@ from moerge.experts.formats import (
     PEFT_PREFIX,
     PICKLE_SUFFIXES,
 )
+from moerge.experts.schema import explain, parse_adapter_config, parse_json_bytes, parse_stored_metadata
+
+_PATTERN_TIMEOUT_S = 2.0  # a hostile rank/alpha pattern may backtrack for ever; it gets this long per match
 
 # adapter_config.json keys moerge understands; the rest are carried through round trips untouched.
 _UNSUPPORTED = {
@@ -50,21 +53,62 @@ def refuse_pickles(folder: Path) -> None:
 
 
 def read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MalformedConfigError(f"{path}: not valid JSON ({e}); fix or regenerate the file.") from e
+    data = parse_json_bytes(path.read_bytes(), str(path))
     if not isinstance(data, dict):
         raise MalformedConfigError(f"{path}: expected a JSON object, found {type(data).__name__}.")
     return data
 
 
-def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+def load_safetensors(data: bytes | Path, source: str) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file (or its bytes); a malformed or hostile header is one `MalformedConfigError`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load, load_file
+
+    try:
+        return load(data) if isinstance(data, bytes) else load_file(str(data))
+    except (SafetensorError, ValueError, TypeError, RuntimeError, OverflowError, MemoryError) as e:
+        detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise MalformedConfigError(
+            f"{source}: not a readable safetensors file ({detail}); re-save the weights with safetensors."
+        ) from None
+
+
+def _compile_pattern(key: str, source: str) -> Any:
+    try:
+        re.compile(rf"(.*\.)?({key})$")  # PEFT matches with `re`: refuse what `re` cannot compile
+    except (re.error, RecursionError, OverflowError, ValueError) as e:
+        raise MalformedConfigError(
+            f"{source}: rank_pattern/alpha_pattern key {key!r} is not a valid regular expression ({e}); "
+            "use module names (PEFT matches keys as regexes against module paths)."
+        ) from None
+    try:
+        import regex  # the same syntax, with a timeout (a dependency of transformers)
+    except ImportError:  # pragma: no cover
+        return re.compile(rf"(.*\.)?({key})$")
+    try:
+        return regex.compile(rf"(.*\.)?({key})$", flags=regex.VERSION0)
+    except Exception as e:  # regex and re disagree on a corner of the syntax: refuse it as well
+        raise MalformedConfigError(
+            f"{source}: rank_pattern/alpha_pattern key {key!r} is not a regular expression moerge accepts ({e})."
+        ) from None
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any, source: str = ADAPTER_CONFIG) -> Any:
     """PEFT's rank/alpha pattern lookup: a key matches a module path ending in it (keys are regexes)."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        compiled = _compile_pattern(key, source)
+        try:
+            hit = (
+                compiled.match(module, timeout=_PATTERN_TIMEOUT_S)
+                if compiled.__class__.__module__.startswith("_regex")
+                else compiled.match(module)
+            )
+        except TimeoutError:
+            raise MalformedConfigError(
+                f"{source}: rank_pattern/alpha_pattern key {key!r} takes too long to match {module!r} "
+                "(a catastrophically backtracking regex); use plain module names."
+            ) from None
+        if hit:
             return value
     return default
 
@@ -81,11 +125,11 @@ def read_peft_folder(path: str | Path, metadata: ExpertMetadata | None = None, *
     """
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such adapter folder")
+        raise InputNotFoundError(f"{path}: no such adapter folder")
     refuse_pickles(path)
     stored: dict[str, Any] = {}
     if (path / METADATA_FILE).is_file():
-        stored = read_json(path / METADATA_FILE)
+        stored = parse_stored_metadata(read_json(path / METADATA_FILE), str(path / METADATA_FILE))
     if (path / DENSE_WEIGHTS).is_file() and not (path / ADAPTER_CONFIG).is_file():
         return _read_dense(path, stored, metadata, meta)
     if not (path / ADAPTER_CONFIG).is_file():
@@ -97,7 +141,7 @@ def read_peft_folder(path: str | Path, metadata: ExpertMetadata | None = None, *
     weights_file = path / ADAPTER_WEIGHTS
     if not weights_file.is_file():
         raise MalformedConfigError(f"{path}: {ADAPTER_WEIGHTS} is missing next to {ADAPTER_CONFIG}.")
-    weights = load_file(str(weights_file))
+    weights = load_safetensors(weights_file, str(weights_file))
     lora = lora_modules_from_peft(config, weights, source=str(path / ADAPTER_CONFIG))
     md = _metadata(path, stored, metadata, meta, kind="lora", config=config)
     expert = Expert(metadata=md, lora=lora, peft_config=_carried_config(config))
@@ -108,33 +152,30 @@ def read_peft_folder(path: str | Path, metadata: ExpertMetadata | None = None, *
 def lora_modules_from_peft(
     config: dict[str, Any], weights: dict[str, torch.Tensor], source: str = ADAPTER_CONFIG
 ) -> dict[str, LoraModule]:
-    """Turn a PEFT LoRA config and its state dict into ``{module: LoraModule}``."""
-    peft_type = str(config.get("peft_type", "LORA")).upper()
+    """Turn a PEFT LoRA config and its state dict into ``{module: LoraModule}`` (the config validated strictly)."""
+    cfg = parse_adapter_config(config, source)
+    peft_type = cfg.peft_type.upper()
     if peft_type != "LORA":
         raise MalformedConfigError(f"{source}: peft_type is {peft_type!r}; moerge reads LoRA adapters only.")
-    for key, why in _UNSUPPORTED.items():
-        if config.get(key):
-            raise MalformedConfigError(f"{source}: {why} ({key} is set).")
-    if config.get("bias", "none") not in ("none", None):
+    if cfg.use_dora:
+        raise MalformedConfigError(f"{source}: {_UNSUPPORTED['use_dora']} (use_dora is set).")
+    if cfg.modules_to_save:
+        raise MalformedConfigError(f"{source}: {_UNSUPPORTED['modules_to_save']} (modules_to_save is set).")
+    if cfg.bias not in ("none", None):
         raise MalformedConfigError(
-            f"{source}: bias={config['bias']!r} adapters are not supported; use bias='none'."
+            f"{source}: bias={cfg.bias!r} adapters are not supported; use bias='none'."
         )
-    try:
-        default_r = int(config.get("r", 8))
-        default_alpha = float(config.get("lora_alpha", default_r))
-    except (TypeError, ValueError) as e:
-        raise MalformedConfigError(f"{source}: r / lora_alpha must be numbers ({e}).") from e
-    rank_pattern = config.get("rank_pattern") or {}
-    alpha_pattern = config.get("alpha_pattern") or {}
-    if not isinstance(rank_pattern, dict) or not isinstance(alpha_pattern, dict):
-        raise MalformedConfigError(f"{source}: rank_pattern and alpha_pattern must be JSON objects.")
-    use_rslora = bool(config.get("use_rslora", False))
-    fan_in_fan_out = bool(config.get("fan_in_fan_out", False))
+    default_r, default_alpha = cfg.r, cfg.alpha
+    rank_pattern = cfg.rank_pattern or {}
+    alpha_pattern = cfg.alpha_pattern or {}
+    use_rslora, fan_in_fan_out = cfg.use_rslora, cfg.fan_in_fan_out
+    for key in (*rank_pattern, *alpha_pattern):
+        _compile_pattern(key, source)
 
     factors: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():
         m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
-        if m is None:
+        if m is None or not isinstance(tensor, torch.Tensor):
             if "lora_embedding" in key or "lora_magnitude" in key:
                 raise MalformedConfigError(
                     f"{source}: tensor {key} (embedding LoRA / DoRA) is not supported."
@@ -151,7 +192,7 @@ def lora_modules_from_peft(
                 f"{source}: module {module} has lora_{''.join(ab)} but not both factors."
             )
         A, B = ab["A"], ab["B"]
-        r = int(pattern_value(rank_pattern, module, default_r))
+        r = int(pattern_value(rank_pattern, module, default_r, source))
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
             raise ShapeMismatchError(
                 f"{source}: module {module}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not fit."
@@ -160,7 +201,7 @@ def lora_modules_from_peft(
             raise ShapeMismatchError(
                 f"{source}: module {module}: the config gives rank {r} but lora_A has rank {A.shape[0]}."
             )
-        alpha = float(pattern_value(alpha_pattern, module, default_alpha))
+        alpha = float(pattern_value(alpha_pattern, module, default_alpha, source))
         lora[module] = LoraModule(A=A, B=B, alpha=alpha, use_rslora=use_rslora, fan_in_fan_out=fan_in_fan_out)
     return lora
 
@@ -191,18 +232,12 @@ def _metadata(
     try:
         return ExpertMetadata(**fields)
     except ValidationError as e:
-        raise MalformedConfigError(f"{path}: invalid expert metadata: {_first_error(e)}") from e
-
-
-def _first_error(e: ValidationError) -> str:
-    err = e.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"])
-    return f"{loc}: {err['msg']}"
+        raise MalformedConfigError(f"{path}: invalid expert metadata: {explain(e, limit=1)}") from e
 
 
 def _read_dense(path: Path, stored: dict[str, Any], metadata, meta) -> Expert:
     md = _metadata(path, stored, metadata, meta, kind="dense")
-    dense = load_file(str(path / DENSE_WEIGHTS))
+    dense = load_safetensors(path / DENSE_WEIGHTS, str(path / DENSE_WEIGHTS))
     expert = Expert(metadata=md, dense=dense)
     expert.check(str(path))
     return expert

@@ -2,15 +2,22 @@
 
 A plain path or ``file://`` URL gives `LocalStorage` (atomic renames, fsync); any other URL (``memory://``,
 ``s3://``, ``hf://`` …) gives `FsspecStorage` through fsspec, where its plugin is installed.
+
+Every relative path either storage is given goes through `moerge.experts.paths.contain` first: a path from a
+catalog row or an expert's JSON that would leave the library (absolute, ``..``, a symlink out) is refused with
+`UnsafePathError` before anything is read, written or deleted.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
+
+from moerge.experts.paths import contain
 
 
 class Storage(Protocol):
@@ -35,8 +42,8 @@ class LocalStorage:
         self.root = Path(root).expanduser().resolve()
         self.url = str(self.root)
 
-    def _p(self, rel: str) -> Path:
-        return self.root / rel if rel else self.root
+    def _p(self, rel: str, follow: bool = True) -> Path:
+        return contain(self.root, rel, what=self.url, follow=follow)  # type: ignore[return-value]
 
     def read_bytes(self, rel: str) -> bytes:
         return self._p(rel).read_bytes()
@@ -44,12 +51,18 @@ class LocalStorage:
     def write_bytes(self, rel: str, data: bytes) -> None:
         path = self._p(rel)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        # a fresh file (never one planted in the library, nor a link's target), renamed over the old one
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def exists(self, rel: str) -> bool:
         return self._p(rel).exists()
@@ -59,16 +72,19 @@ class LocalStorage:
         return sorted(c.name for c in p.iterdir()) if p.is_dir() else []
 
     def delete(self, rel: str) -> None:
-        p = self._p(rel)
-        if p.is_dir():
+        p = self._p(rel, follow=False)
+        if p.is_symlink():  # a link inside the library: remove the link, never what it points to
+            p.unlink()
+        elif p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         elif p.exists():
             p.unlink()
 
     def rename(self, src: str, dst: str) -> None:
-        self._p(dst).parent.mkdir(parents=True, exist_ok=True)
-        os.rename(self._p(src), self._p(dst))
-        _fsync_dir(self._p(dst).parent)
+        dst_path = self._p(dst, follow=False)
+        dst_path.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(self._p(src, follow=False), dst_path)
+        _fsync_dir(dst_path.parent)
 
     def makedirs(self, rel: str) -> None:
         self._p(rel).mkdir(parents=True, exist_ok=True)
@@ -85,10 +101,17 @@ class FsspecStorage:
         import fsspec
 
         self.url = url.rstrip("/")
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        except (ImportError, ValueError) as e:  # an unknown protocol, or its plugin is not installed
+            from moerge.errors import LibraryError
+
+            raise LibraryError(
+                f"{url}: cannot open this URL ({e}); use a local folder, or install the fsspec plugin for it."
+            ) from None
 
     def _p(self, rel: str) -> str:
-        return f"{self.root}/{rel}" if rel else self.root
+        return contain(self.root, rel, what=self.url)  # type: ignore[return-value]
 
     def read_bytes(self, rel: str) -> bytes:
         return self.fs.cat_file(self._p(rel))

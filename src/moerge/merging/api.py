@@ -18,14 +18,26 @@ from typing import Any
 
 import torch
 
-from moerge.errors import MalformedConfigError
+from moerge.errors import ExpertExistsError, InputNotFoundError, MalformedConfigError
 from moerge.experts.expert import Expert
-from moerge.merging.config import MergeConfig, load_config
+from moerge.experts.paths import atomic_output_dir, check_output_dir
+from moerge.merging.config import MergeConfig, check_param_ranges, load_config
 from moerge.merging.registry import MethodSpec, get_method, validate_params
 
 
 def _same_path(a: str, b: str | None) -> bool:
     return b is not None and Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _inputs(cfg: MergeConfig) -> list[str | None]:
+    """Every local path a merge reads (models, base, statistics): the output may be none of them."""
+    models = [] if cfg.is_lora else [m.model for m in cfg.models]
+    return [*models, cfg.base_model, *(m.stats for m in cfg.models)]
+
+
+def _guarded(cfg: MergeConfig) -> dict[str, Any]:
+    """What `check_output_dir` / `atomic_output_dir` protect for this merge: its inputs and its library."""
+    return {"inputs": _inputs(cfg), "libraries": [cfg.library]}
 
 
 def plan(config: MergeConfig) -> tuple[MethodSpec, MergeConfig, dict[str, Any], list[dict[str, Any]]]:
@@ -44,6 +56,7 @@ def plan(config: MergeConfig) -> tuple[MethodSpec, MergeConfig, dict[str, Any], 
         )
     cfg = config.model_copy(update={"models": models})
     g, per_model = validate_params(spec, global_params, [m.parameters for m in models], where="merge config")
+    check_param_ranges(spec.name, g, per_model)
     if spec.stats and not config.is_lora and any(m.stats is None for m in models):
         raise MalformedConfigError(
             f"merge method {spec.name!r} needs {spec.stats} statistics for every model: set `stats: FILE` on each "
@@ -59,7 +72,14 @@ def _load_stats(spec: MethodSpec, cfg: MergeConfig) -> tuple[list[dict[str, torc
 
     out, fifo = [], set()
     for m in cfg.models:
-        tensors, kind, f = load_stats(m.stats)
+        if m.stats is None or not Path(m.stats).is_file():
+            raise InputNotFoundError(f"{m.stats}: no such statistics file (stats of model {m.model}).")
+        try:
+            tensors, kind, f = load_stats(m.stats)
+        except Exception as e:  # safetensors' own error type, or malformed JSON in its metadata
+            raise MalformedConfigError(
+                f"{m.stats}: not a statistics file written by moerge.merging.stats.save_stats ({str(e)[:120]})."
+            ) from None
         if kind is not None and kind != spec.stats:
             raise MalformedConfigError(
                 f"{m.stats}: holds {kind} statistics; merge method {spec.name!r} needs {spec.stats}."
@@ -75,6 +95,7 @@ def merge(
     *,
     experts: Sequence[Expert] | None = None,
     evaluate: Callable[[Any], float] | None = None,
+    overwrite: bool = False,
     **fields: Any,
 ) -> Path | Expert:
     """Run a merge described by ``config`` (a `MergeConfig`, a dict, or a YAML path) and/or keyword fields.
@@ -82,7 +103,10 @@ def merge(
     Full checkpoints (folders) are merged into the folder ``out`` (returned). LoRA experts (``library=...`` or
     ``experts=[...]``, with ``lora_mode``) give an `Expert`, also written to ``out`` as a PEFT folder when
     ``out`` is given and added to the library when ``add_to_library``. ``merge_method="greedy_soup"`` needs
-    ``evaluate(candidate) -> score`` (a state dict or an `Expert`)."""
+    ``evaluate(candidate) -> score`` (a state dict or an `Expert`).
+
+    ``out`` is written atomically (a temporary sibling renamed into place when complete): a failing merge leaves
+    it as it was. A non-empty ``out`` is refused unless ``overwrite``, and always when it is (or holds) an input."""
     if (
         experts is not None
         and not fields.get("models")
@@ -94,12 +118,14 @@ def merge(
         raise MalformedConfigError(
             "lora_mode: merging LoRA experts needs an explicit lora_mode (exact, factor, svd, dense)."
         )
+    if out is not None:
+        check_output_dir(out, overwrite=overwrite, **_guarded(cfg))  # before any work
     if cfg.merge_method == "greedy_soup":
-        return _greedy(cfg, out, experts, evaluate)
+        return _greedy(cfg, out, experts, evaluate, overwrite)
     spec, cfg, g, per_model = plan(cfg)
     recipe = cfg.model_dump(exclude_none=True, exclude_defaults=False)
     if cfg.is_lora:
-        return _merge_lora(spec, cfg, g, per_model, out, experts, recipe)
+        return _merge_lora(spec, cfg, g, per_model, out, experts, recipe, overwrite)
     if out is None:
         raise MalformedConfigError("out: a full-checkpoint merge needs an output folder.")
     from moerge.merging.checkpoint import merge_checkpoints
@@ -119,6 +145,8 @@ def merge(
         fan_in_fan_out=fifo,
         recipe=recipe,
         copy_tokenizer=cfg.copy_tokenizer,
+        overwrite=overwrite,
+        inputs=_inputs(cfg) + [cfg.library],
     )
 
 
@@ -139,11 +167,22 @@ def _resolve_experts(cfg: MergeConfig, experts: Sequence[Expert] | None):
     return [lib.get(m.model) for m in cfg.models], lib
 
 
-def _merge_lora(spec, cfg: MergeConfig, g, per_model, out, experts, recipe) -> Expert:
+def _write_adapter(expert: Expert, out: str | Path, cfg: MergeConfig, overwrite: bool) -> None:
     from moerge.experts.peft_io import write_peft_folder
+
+    with atomic_output_dir(out, overwrite=overwrite, **_guarded(cfg)) as tmp:
+        write_peft_folder(expert, tmp)
+
+
+def _merge_lora(spec, cfg: MergeConfig, g, per_model, out, experts, recipe, overwrite: bool) -> Expert:
     from moerge.merging.lora import merge_lora_experts
 
     loaded, lib = _resolve_experts(cfg, experts)
+    name = cfg.name or f"{spec.name}-{cfg.lora_mode}-merge"
+    if cfg.add_to_library and lib is not None and name in lib:
+        raise ExpertExistsError(
+            f"{lib.url}: an expert named {name!r} exists; give the merged expert another name (name: / --name)."
+        )
     stats = None
     if spec.stats:
         stats, _ = _load_stats(spec, cfg)
@@ -156,7 +195,7 @@ def _merge_lora(spec, cfg: MergeConfig, g, per_model, out, experts, recipe) -> E
                     f"(config {cfg.stats_config}); compute them with moerge.merging.stats and lib.put_artifact."
                 )
             stats = [f[0] for f in found]
-    name = cfg.name or f"{spec.name}-{cfg.lora_mode}-merge"
+    assert cfg.lora_mode is not None  # MergeConfig and merge() refuse LoRA merges without one
     expert = merge_lora_experts(
         spec,
         loaded,
@@ -173,13 +212,13 @@ def _merge_lora(spec, cfg: MergeConfig, g, per_model, out, experts, recipe) -> E
     if cfg.dtype:
         expert = expert.to(dtype=getattr(torch, cfg.dtype))
     if out is not None:
-        write_peft_folder(expert, out)
+        _write_adapter(expert, out, cfg, overwrite)
     if cfg.add_to_library and lib is not None:
         lib.add(expert)
     return expert
 
 
-def _greedy(cfg: MergeConfig, out, experts, evaluate) -> Path | Expert:
+def _greedy(cfg: MergeConfig, out, experts, evaluate, overwrite: bool = False) -> Path | Expert:
     from moerge.merging.greedy import greedy_soup
 
     if evaluate is None:
@@ -207,9 +246,7 @@ def _greedy(cfg: MergeConfig, out, experts, evaluate) -> Path | Expert:
             "score": res.score,
         }
         if out is not None:
-            from moerge.experts.peft_io import write_peft_folder
-
-            write_peft_folder(soup, out)
+            _write_adapter(soup, out, cfg, overwrite)
         return soup
     from moerge.merging.checkpoint import CheckpointReader
 
@@ -220,16 +257,17 @@ def _greedy(cfg: MergeConfig, out, experts, evaluate) -> Path | Expert:
         with CheckpointReader(m.model) as r:
             candidates.append({k: r.get(k) for k in r.names()})
     res = greedy_soup(candidates, evaluate)
-    from moerge.merging.checkpoint import ShardWriter, parse_size, write_model_files
+    from moerge.merging.checkpoint import ShardWriter, write_model_files
+    from moerge.merging.config import parse_size
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    w = ShardWriter(out, parse_size(cfg.shard_size))
-    for k, v in res.soup.items():
-        w.add(k, v)
-    w.finish()
     recipe = cfg.model_dump(exclude_none=True) | {
         "greedy_soup": {"chosen": [cfg.models[i].model for i in res.chosen], "score": res.score}
     }
-    write_model_files(Path(cfg.models[res.chosen[0]].model), out, cfg.dtype, recipe, cfg.copy_tokenizer)
+    with atomic_output_dir(out, overwrite=overwrite, **_guarded(cfg)) as tmp:
+        w = ShardWriter(tmp, parse_size(cfg.shard_size))
+        for k, v in res.soup.items():
+            w.add(k, v)
+        w.finish()
+        write_model_files(Path(cfg.models[res.chosen[0]].model), tmp, cfg.dtype, recipe, cfg.copy_tokenizer)
     return out

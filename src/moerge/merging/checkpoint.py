@@ -13,14 +13,23 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from moerge.errors import MalformedConfigError, ShapeMismatchError, UnsafeFormatError
+from moerge.errors import (
+    InputNotFoundError,
+    MalformedConfigError,
+    NonFiniteWeightsError,
+    ShapeMismatchError,
+    UnsafeFormatError,
+)
+from moerge.experts.paths import atomic_output_dir, contain
+from moerge.merging.config import check_param_ranges, parse_size
 from moerge.merging.registry import MethodSpec, count_layers, merge_tensor, resolve_params
 from moerge.merging.st_io import (
     ST_TO_TORCH,
@@ -54,6 +63,16 @@ SAFETENSORS_DTYPES = {
 }
 
 
+def _read_json_file(path: Path, what: str) -> Any:
+    """A JSON file of a model folder; unreadable or malformed ones are one `MalformedConfigError`."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise MalformedConfigError(
+            f"{path}: not valid JSON ({str(e)[:100]}); fix or re-save the {what}."
+        ) from None
+
+
 class CheckpointReader:
     """Access to one transformers folder's safetensors tensors (single file or sharded with an index), one tensor
     at a time via ``pread``."""
@@ -61,10 +80,20 @@ class CheckpointReader:
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         if not self.folder.is_dir():
-            raise FileNotFoundError(f"{self.folder}: no such model folder")
+            raise InputNotFoundError(f"{self.folder}: no such model folder")
         if (self.folder / INDEX).is_file():
-            index = json.loads((self.folder / INDEX).read_text())
-            files = sorted({self.folder / v for v in index["weight_map"].values()})
+            index = _read_json_file(self.folder / INDEX, "model")
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise MalformedConfigError(
+                    f"{self.folder / INDEX}: no weight_map of tensor names to shard files; re-save the model."
+                )
+            where = str(self.folder / INDEX)
+            # shard names are data: they must name files in this folder (a shard may be a link, as in the
+            # Hugging Face cache, where snapshots link to blobs; the name itself may not leave the folder)
+            files = sorted(
+                {Path(contain(self.folder, v, what=where, follow=False)) for v in weight_map.values()}
+            )
         elif (self.folder / SINGLE).is_file():
             files = [self.folder / SINGLE]
         else:
@@ -85,7 +114,10 @@ class CheckpointReader:
                 )
             self.entries.update(read_header(f)[0])
         cfg = self.folder / "config.json"
-        self.config: dict[str, Any] = json.loads(cfg.read_text()) if cfg.is_file() else {}
+        config = _read_json_file(cfg, "model config") if cfg.is_file() else {}
+        if not isinstance(config, dict):
+            raise MalformedConfigError(f"{cfg}: expected a JSON object; re-save the model.")
+        self.config: dict[str, Any] = config
         self._fds: dict[Path, int] = {}
 
     def names(self) -> list[str]:
@@ -123,10 +155,14 @@ def _tokenizer_vocab_hash(folder: Path) -> str | None:
     tj = folder / "tokenizer.json"
     if not tj.is_file():
         return None
-    data = json.loads(tj.read_text())
+    data = _read_json_file(tj, "tokenizer")
+    model = data.get("model") if isinstance(data, dict) else None
+    added = data.get("added_tokens") if isinstance(data, dict) else None
     vocab = {
-        "model": data.get("model", {}).get("vocab"),
-        "added": [t.get("content") for t in data.get("added_tokens", [])],
+        "model": model.get("vocab") if isinstance(model, dict) else None,
+        "added": [t.get("content") if isinstance(t, dict) else t for t in added]
+        if isinstance(added, list)
+        else None,
     }
     return hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest()
 
@@ -163,18 +199,6 @@ def check_compatible(readers: list[CheckpointReader]) -> None:
                     f"{where}: tensor {key} has shape {other.shape(key)} vs {ref.shape(key)}; the models differ in "
                     "size and cannot be merged tensor by tensor."
                 )
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from ``123``, ``"500MB"``, ``"2GB"``, ``"1.5GiB"``."""
-    if isinstance(size, int):
-        return size
-    s = size.strip().upper().replace(" ", "")
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for u, mult in units.items():
-        if s.endswith(u):
-            return int(float(s[: -len(u)]) * mult)
-    return int(float(s))
 
 
 class ShardWriter:
@@ -236,7 +260,7 @@ def iter_merged(
     *,
     seed: int = 0,
     stats: list[dict[str, torch.Tensor]] | None = None,
-    fan_in_fan_out: set[str] = frozenset(),
+    fan_in_fan_out: AbstractSet[str] = frozenset(),
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, merged float32 tensor)`` for every tensor, reading one tensor per input at a time."""
     ref = base or readers[0]
@@ -257,10 +281,19 @@ def iter_merged(
         for i, r in enumerate(readers):  # one tensor per input model, read into its slot
             r.get(key, out=x[i])
         b = base.get(key).to(torch.float32) if base is not None else None
+        if not torch.isfinite(x).all() or (b is not None and not torch.isfinite(b).all()):
+            bad = [r.folder for i, r in enumerate(readers) if not torch.isfinite(x[i]).all()]
+            bad += [base.folder] if base is not None and b is not None and not torch.isfinite(b).all() else []
+            raise NonFiniteWeightsError(
+                f"{bad[0]}: tensor {key} holds NaN or Inf; nothing was written. Repair or re-save that model "
+                "before merging it."
+            )
         s = None
         if stats is not None and all(key in st for st in stats):
             s = torch.stack([st[key].to(torch.float32) for st in stats])
         g, pm = resolve_params(spec, global_params, per_model, key, num_layers)
+        if g is not global_params:  # values that vary by tensor: check them where they apply
+            check_param_ranges(spec.name, g, pm, where=f"tensor {key}")
         yield (
             key,
             merge_tensor(
@@ -291,64 +324,94 @@ def merge_checkpoints(
     seed: int = 0,
     shard_size: int | str = "2GB",
     stats: list[dict[str, torch.Tensor]] | None = None,
-    fan_in_fan_out: set[str] = frozenset(),
+    fan_in_fan_out: AbstractSet[str] = frozenset(),
     recipe: dict[str, Any] | None = None,
     copy_tokenizer: bool = True,
     progress: Callable[[str], None] | None = None,
+    overwrite: bool = False,
+    inputs: Sequence[str | Path | None] | None = None,
 ) -> Path:
-    """Merge transformers folders ``models`` (against ``base_model``) into the folder ``out``, streaming."""
+    """Merge transformers folders ``models`` (against ``base_model``) into the folder ``out``, streaming.
+
+    The output is written into a temporary sibling folder and renamed into place once complete, so a failed
+    merge (bad parameters, NaN, a full disk) leaves ``out`` as it was; a non-empty ``out`` is replaced only with
+    ``overwrite``, and never when it is (or holds) an input (``models``, ``base_model`` and ``inputs``)."""
     out = Path(out)
-    readers = [CheckpointReader(m) for m in models]
-    base = CheckpointReader(base_model) if base_model is not None else None
+    sources = [*models, base_model, *(inputs or [])]
+    readers: list[CheckpointReader] = []
+    base = None
     try:
+        readers = [CheckpointReader(m) for m in models]
+        base = CheckpointReader(base_model) if base_model is not None else None
         check_compatible(([base] if base else []) + readers)
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in [*out.glob("model*.safetensors"), out / INDEX]:  # a previous merge's shards
-            stale.unlink(missing_ok=True)
-        ref = base or readers[0]
-        out_dtype = DTYPES[dtype] if dtype else None
-
-        def out_dtype_of(key: str) -> torch.dtype:
-            src = SAFETENSORS_DTYPES.get(ref.dtype(key))
-            return (out_dtype or src) if src is not None else ST_TO_TORCH[ref.dtype(key)]
-
-        plan = plan_shards([(k, out_dtype_of(k), ref.shape(k)) for k in ref.names()], parse_size(shard_size))
-        writer = StreamingShardWriter(out, plan)
-        merged_tensors = iter_merged(
-            spec,
-            readers,
-            base,
-            global_params,
-            per_model,
-            seed=seed,
-            stats=stats,
-            fan_in_fan_out=fan_in_fan_out,
-        )
-        try:
-            for key, merged in merged_tensors:
-                if torch.is_floating_point(merged) and not torch.isfinite(merged).all():
-                    raise ShapeMismatchError(
-                        f"merged tensor {key} holds NaN/Inf; check the inputs and parameters."
-                    )
-                writer.write(key, merged.to(out_dtype_of(key)))
-                if progress:
-                    progress(key)
-            writer.finish()
-        except BaseException:
-            writer.abort()
-            raise
-        write_model_files(ref.folder, out, dtype, recipe, copy_tokenizer)
+        with atomic_output_dir(out, overwrite=overwrite, inputs=sources) as tmp:
+            _merge_into(
+                spec, readers, base, tmp, global_params, per_model, dtype, seed, shard_size, stats, fan_in_fan_out,
+                recipe, copy_tokenizer, progress,
+            )  # fmt: skip
     finally:
         for r in readers + ([base] if base else []):
             r.close()
     return out
 
 
+def _merge_into(
+    spec: MethodSpec,
+    readers: list[CheckpointReader],
+    base: CheckpointReader | None,
+    out: Path,
+    global_params: dict[str, Any],
+    per_model: list[dict[str, Any]],
+    dtype: str | None,
+    seed: int,
+    shard_size: int | str,
+    stats: list[dict[str, torch.Tensor]] | None,
+    fan_in_fan_out: AbstractSet[str],
+    recipe: dict[str, Any] | None,
+    copy_tokenizer: bool,
+    progress: Callable[[str], None] | None,
+) -> None:
+    ref = base or readers[0]
+    out_dtype = DTYPES[dtype] if dtype else None
+
+    def out_dtype_of(key: str) -> torch.dtype:
+        src = SAFETENSORS_DTYPES.get(ref.dtype(key))
+        return (out_dtype or src) if src is not None else ST_TO_TORCH[ref.dtype(key)]
+
+    plan = plan_shards([(k, out_dtype_of(k), ref.shape(k)) for k in ref.names()], parse_size(shard_size))
+    writer = StreamingShardWriter(out, plan)
+    merged_tensors = iter_merged(
+        spec,
+        readers,
+        base,
+        global_params,
+        per_model,
+        seed=seed,
+        stats=stats,
+        fan_in_fan_out=fan_in_fan_out,
+    )
+    try:
+        for key, merged in merged_tensors:
+            if torch.is_floating_point(merged) and not torch.isfinite(merged).all():
+                raise NonFiniteWeightsError(
+                    f"merged tensor {key} holds NaN/Inf; nothing was written. Check the inputs (NaN weights) and "
+                    "the parameters (weights summing to 0 with normalize, extreme scale)."
+                )
+            writer.write(key, merged.to(out_dtype_of(key)))
+            if progress:
+                progress(key)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    write_model_files(ref.folder, out, dtype, recipe, copy_tokenizer)
+
+
 def write_model_files(
     ref: Path, out: Path, dtype: str | None, recipe: dict[str, Any] | None, copy_tokenizer: bool
 ) -> None:
     """config.json (dtype updated), generation config, the tokenizer (from the base) and a model card."""
-    cfg = json.loads((ref / "config.json").read_text()) if (ref / "config.json").is_file() else {}
+    cfg = _read_json_file(ref / "config.json", "model config") if (ref / "config.json").is_file() else {}
     if dtype:
         cfg["torch_dtype"] = dtype
         cfg["dtype"] = dtype

@@ -7,12 +7,14 @@ adds keys for LoRA experts from a library (``library``, ``lora_mode``, ``rank`` 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from moerge.errors import MalformedConfigError
+from moerge.errors import MalformedConfigError, ParameterRangeError
+from moerge.experts.metadata import EXPERT_NAME_PATTERN
 
 # mergekit names that are presets of a moerge method
 METHOD_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -25,15 +27,133 @@ METHOD_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
 PARAM_ALIASES = {"lambda": "scale"}
 IGNORED_PARAMS = {"int8_mask"}  # mergekit memory options with no effect on the result
 
+# Where each parameter means something: (low, high, low inclusive, high inclusive). Outside, a merge would be
+# silently clamped, extrapolated or degenerate (density -0.5 keeps nothing and writes the base), so it is refused.
+PARAM_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "density": (0.0, 1.0, False, True),
+    "t": (0.0, 1.0, True, True),
+    "epsilon": (0.0, 1.0, True, False),
+    "gamma": (0.0, 1.0, True, False),
+    "alpha": (0.0, 1.0, True, True),
+    "fisher_floor": (0.0, math.inf, True, False),
+    "eps": (0.0, math.inf, False, False),
+}
+SIZE_UNITS = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+              "TB": 10**12, "B": 1}  # fmt: skip
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from ``123``, ``"500MB"``, ``"2GB"``, ``"1.5GiB"``; anything else (or ≤ 0) is refused."""
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise MalformedConfigError(f"shard_size: expected a size like 2GB or 500MB, got {size!r}.")
+    if isinstance(size, int):
+        value = float(size)
+    else:
+        s = size.strip().upper().replace(" ", "")
+        mult = 1
+        for unit, m in SIZE_UNITS.items():
+            if s.endswith(unit):
+                s, mult = s[: -len(unit)], m
+                break
+        try:
+            value = float(s) * mult
+        except ValueError:
+            value = math.nan
+    if not math.isfinite(value) or value < 1 or value > 2**60:
+        raise MalformedConfigError(
+            f"shard_size: expected a size like 2GB or 500MB (at least 1 byte), got {size!r}."
+        )
+    return int(value)
+
+
+def _values(v: Any) -> list[Any]:
+    """The scalar values inside a parameter: itself, or those of a gradient / conditional `Setting`."""
+    gradient = getattr(v, "gradient", None)
+    conditions = getattr(v, "conditions", None)
+    if gradient is not None:
+        return [x for g in gradient for x in _values(g)]
+    if conditions is not None:
+        return [x for _, c in conditions for x in _values(c)]
+    return [v]
+
+
+def _check_filters(
+    global_params: dict[str, Any], per_model: list[dict[str, Any]], method: str, where: str
+) -> None:
+    """Conditional parameters (``[{filter: …, value: …}]``) need string filters (or none)."""
+
+    def walk(v: Any, label: str) -> None:
+        for flt, inner in getattr(v, "conditions", None) or []:
+            if flt is not None and not isinstance(flt, str):
+                raise MalformedConfigError(
+                    f"{where}: merge method {method!r}, parameter {label}: filter {flt!r} is not a string; write "
+                    "the part of a tensor name it should match (e.g. mlp, self_attn)."
+                )
+            walk(inner, label)
+
+    for k, v in global_params.items():
+        walk(v, k)
+    for i, pm in enumerate(per_model):
+        for k, v in pm.items():
+            walk(v, f"models[{i}].{k}")
+
+
+def check_param_ranges(
+    method: str, global_params: dict[str, Any], per_model: list[dict[str, Any]], where: str = "merge config"
+) -> None:
+    """Refuse non-finite numbers, values outside `PARAM_RANGES`, and weights that sum to zero where the method
+    divides by their sum (``normalize: true``). Parameters are those `validate_params` returned."""
+    _check_filters(global_params, per_model, method, where)
+    labelled = [(k, v, k) for k, v in global_params.items()]
+    labelled += [(k, v, f"models[{i}].{k}") for i, pm in enumerate(per_model) for k, v in pm.items()]
+    for name, value, label in labelled:
+        for x in _values(value):
+            if isinstance(x, bool) or not isinstance(x, (int, float)):
+                continue
+            if not math.isfinite(x):
+                raise ParameterRangeError(
+                    f"{where}: merge method {method!r}, parameter {label}: {x} is not a finite number."
+                )
+            if name in PARAM_RANGES:
+                lo, hi, lo_in, hi_in = PARAM_RANGES[name]
+                if (x < lo or (x == lo and not lo_in)) or (x > hi or (x == hi and not hi_in)):
+                    rng = f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+                    raise ParameterRangeError(
+                        f"{where}: merge method {method!r}, parameter {label}: {x} is outside {rng}, where "
+                        f"{name} means something; use a value in {rng}."
+                    )
+    normalize = global_params.get("normalize")
+    weights = [w for pm in per_model if isinstance(w := pm.get("weight"), (int, float))]
+    scalar = bool(weights) and len(weights) == len(per_model)
+    if normalize is True and scalar and abs(math.fsum(weights)) < 1e-8:
+        raise ParameterRangeError(
+            f"{where}: merge method {method!r} divides by the sum of the weights (normalize: true), and "
+            f"{weights} sum to 0; change the weights or set normalize: false."
+        )
+
 
 class ModelEntry(BaseModel):
     """One input: a model folder, or an expert name when ``library`` is set."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
+    model: str = Field(min_length=1, max_length=4096)
     parameters: dict[str, Any] = Field(default_factory=dict)
-    stats: str | None = None  # safetensors file from moerge.merging.stats.save_stats (Fisher / Gram)
+    stats: str | None = Field(
+        default=None, min_length=1, max_length=4096
+    )  # from moerge.merging.stats.save_stats
+
+    @field_validator("model", "stats")
+    @classmethod
+    def _no_nul(cls, v: str | None) -> str | None:
+        if v is not None and "\x00" in v:
+            raise ValueError("a path cannot hold a NUL character")
+        return v
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_params(cls, v: Any) -> Any:
+        return {} if v is None else v
 
 
 class MergeConfig(BaseModel):
@@ -41,20 +161,20 @@ class MergeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    merge_method: str
-    base_model: str | None = None
+    merge_method: str = Field(min_length=1, max_length=200)
+    base_model: str | None = Field(default=None, min_length=1, max_length=4096)
     models: list[ModelEntry] = Field(default_factory=list)
     parameters: dict[str, Any] = Field(default_factory=dict)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**63)
     shard_size: int | str = "2GB"
     copy_tokenizer: bool = True
     # moerge extensions: LoRA experts
-    library: str | None = None
+    library: str | None = Field(default=None, min_length=1, max_length=4096)
     lora_mode: Literal["exact", "factor", "svd", "dense"] | None = None
     rank: int | None = Field(default=None, ge=1)
     factor_weights: Literal["sqrt", "linear"] = "sqrt"
-    name: str | None = None
+    name: str | None = Field(default=None, pattern=EXPERT_NAME_PATTERN)  # of the merged expert
     add_to_library: bool = False
     stats_config: dict[str, Any] = Field(default_factory=dict)  # library artifact config for Fisher / Gram
 
@@ -63,6 +183,22 @@ class MergeConfig(BaseModel):
     def _models_shorthand(cls, v: Any) -> Any:
         if isinstance(v, list):
             return [{"model": m} if isinstance(m, str) else m for m in v]
+        return v
+
+    @field_validator("base_model", "library")
+    @classmethod
+    def _no_nul(cls, v: str | None) -> str | None:
+        if v is not None and "\x00" in v:
+            raise ValueError("a path cannot hold a NUL character")
+        return v
+
+    @field_validator("shard_size")
+    @classmethod
+    def _size(cls, v: int | str) -> int | str:
+        try:
+            parse_size(v)
+        except MalformedConfigError as e:
+            raise ValueError(str(e).removeprefix("shard_size: ")) from None
         return v
 
     @field_validator("parameters", mode="before")

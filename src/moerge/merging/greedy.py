@@ -10,6 +10,8 @@ from typing import Generic, TypeVar
 
 import torch
 
+from moerge.errors import MalformedConfigError
+
 T = TypeVar("T")
 
 
@@ -41,7 +43,7 @@ def greedy_soup(
     ``linear`` merge). ``evaluate`` returns a held-out score, higher is better; an ingredient is kept when the
     score improves by more than ``tolerance``."""
     if not candidates:
-        raise ValueError("greedy_soup needs at least one candidate")
+        raise MalformedConfigError("greedy_soup needs at least one candidate")
     scores = [float(evaluate(c)) for c in candidates]
     order = sorted(range(len(candidates)), key=lambda i: -scores[i])
     chosen = [order[0]]

@@ -18,8 +18,15 @@ from typing import Any, Literal
 
 import torch
 
-from moerge.errors import BaseModelMismatchError, MalformedConfigError, ShapeMismatchError
+from moerge.errors import (
+    BaseModelMismatchError,
+    MalformedConfigError,
+    NonFiniteWeightsError,
+    ParameterRangeError,
+    ShapeMismatchError,
+)
 from moerge.experts.expert import Expert, ExpertMetadata, LoraModule
+from moerge.merging.config import check_param_ranges
 from moerge.merging.registry import (
     MethodSpec,
     Setting,
@@ -41,6 +48,7 @@ def _check_experts(experts: list[Expert]) -> list[str]:
             raise MalformedConfigError(
                 f"expert {e.name!r} is a dense delta; LoRA modes merge LoRA experts only."
             )
+        e.check(f"expert {e.name!r}")
     fps = {e.metadata.base_fingerprint for e in experts if e.metadata.base_fingerprint}
     if len(fps) > 1:
         raise BaseModelMismatchError(
@@ -220,18 +228,34 @@ def merge_lora_experts(
     num_layers = count_layers(modules)
 
     def at(module: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Parameters for this module (gradients over layers and name filters evaluated)."""
-        return resolve_params(spec, global_params, per_model, module + ".weight", num_layers)
+        """Parameters for this module (gradients over layers and name filters evaluated), range-checked."""
+        g, pm = resolve_params(spec, global_params, per_model, module + ".weight", num_layers)
+        check_param_ranges(spec.name, g, pm, where=f"module {module}")
+        return g, pm
+
+    def coefficients(module: str) -> torch.Tensor:
+        c = linear_coefficients(spec, *at(module))
+        if not torch.isfinite(c).all():
+            raise ParameterRangeError(
+                f"module {module}: merge method {spec.name!r} gives the coefficients {c.tolist()} (weights summing to 0 "
+                "with normalize?); change the weights or set normalize: false."
+            )
+        return c
 
     lora: dict[str, LoraModule] = {}
     dense: dict[str, torch.Tensor] = {}
     if mode == "exact":
-        lora = {m: _exact(experts, m, linear_coefficients(spec, *at(m))) for m in modules}
+        lora = {m: _exact(experts, m, coefficients(m)) for m in modules}
     elif mode == "factor":
         lora = {m: _factor(spec, experts, m, *at(m), factor_weights, seed) for m in modules}
     else:
         for m in modules:
             d = _dense_delta(spec, experts, m, *at(m), seed, stats)
+            if not torch.isfinite(d).all():
+                raise NonFiniteWeightsError(
+                    f"module {m}: the {spec.name} merge of ΔW holds NaN/Inf; nothing was written. Check the "
+                    "parameters (weights summing to 0 with normalize, extreme scale) and statistics."
+                )
             ref = next(e.lora[m] for e in experts if m in e.lora)
             if mode == "dense":
                 dense[m + ".weight"] = d.T.contiguous() if ref.fan_in_fan_out else d
@@ -270,4 +294,12 @@ def merge_lora_experts(
         },
     )
     peft_config = dict(experts[0].peft_config)
-    return Expert(metadata=metadata, lora=lora, dense=dense, peft_config=peft_config)
+    merged = Expert(metadata=metadata, lora=lora, dense=dense, peft_config=peft_config)
+    try:
+        merged.check(f"the {spec.name} merge")
+    except NonFiniteWeightsError as e:
+        raise NonFiniteWeightsError(
+            f"{e} Nothing was written: check the experts for NaN weights and the parameters (weights summing to 0 "
+            "with normalize, extreme scale)."
+        ) from None
+    return merged

@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 
+from moerge.errors import MalformedConfigError
 from moerge.merging.ops import (
     bernoulli_drop,
     della_drop,
@@ -195,8 +196,6 @@ def della(
     probability density ± ``epsilon``), rescales kept entries by 1/p, then elects signs and merges (TIES-style;
     ``sign: null`` gives mergekit's ``della_linear``)."""
     if not all(float(d) - epsilon > 0 and float(d) + epsilon <= 1 or float(d) >= 1 for d in density.tolist()):
-        from moerge.errors import MalformedConfigError
-
         raise MalformedConfigError(
             f"della: density ± epsilon must lie in (0, 1]; got density {density.tolist()}, epsilon {epsilon}."
         )
@@ -221,7 +220,7 @@ def slerp(
     elif x.shape[0] == 1:
         return x[0].clone()
     else:
-        raise ValueError("slerp takes a base and one model, or two models")
+        raise MalformedConfigError("slerp takes a base and one model, or two models")
     return slerp_pair(t, v0, v1)
 
 

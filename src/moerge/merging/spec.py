@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from moerge.errors import PluginError
+
 SPEC_ATTR = "merge_spec"  # the attribute `merge_method` sets on a decorated function
 
 if TYPE_CHECKING:
@@ -106,11 +108,11 @@ def merge_method(
                 uses.add(p.name)
                 continue
             if p.default is inspect.Parameter.empty:
-                raise TypeError(f"merge method {name!r}: parameter {p.name!r} needs a default")
+                raise PluginError(f"merge method {name!r}: parameter {p.name!r} needs a default value")
             params[p.name] = (hints.get(p.name, Any), p.default)
         unknown = set(per_model) - set(params)
         if unknown:
-            raise TypeError(f"merge method {name!r}: per_model names unknown parameters {sorted(unknown)}")
+            raise PluginError(f"merge method {name!r}: per_model names unknown parameters {sorted(unknown)}")
         base_mode = base or ("required" if space == "delta" else ("optional" if "base" in uses else "none"))
         spec = MethodSpec(
             name=name,

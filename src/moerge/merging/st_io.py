@@ -5,12 +5,13 @@ a JSON header ``{name: {dtype, shape, data_offsets}}`` padded with spaces to 8 b
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -33,24 +34,72 @@ class TensorEntry:
     end: int
 
 
+MAX_HEADER_BYTES = 100_000_000
+
+
+def _bad(path: Path, why: str) -> MalformedConfigError:
+    return MalformedConfigError(
+        f"{path}: not a valid safetensors file ({why}); re-save it with safetensors (save_pretrained)."
+    )
+
+
+def _int_list(v: Any, n: int | None = None) -> bool:
+    return (
+        isinstance(v, list)
+        and (n is None or len(v) == n)
+        and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**62 for x in v)
+    )
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """The tensor entries (absolute offsets) and the ``__metadata__`` of a safetensors file."""
+    """The tensor entries (absolute offsets) and the ``__metadata__`` of a safetensors file. Everything in the
+    header is checked before it is used: the length against the file, each tensor's dtype, shape and byte range
+    (inside the data, of the size its dtype and shape need), so a hostile header is one `MalformedConfigError`."""
+    path = Path(path)
+    size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise MalformedConfigError(f"{path}: truncated safetensors file")
+            raise _bad(path, "truncated: no header")
         (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
-            raise MalformedConfigError(f"{path}: not a safetensors file (header of {n} bytes)")
-        header = json.loads(f.read(n))
+        if n < 2 or n > MAX_HEADER_BYTES or n > size - 8:
+            raise _bad(path, f"a header of {n} bytes in a file of {size} bytes")
+        blob = f.read(n)
+    try:
+        header = json.loads(blob.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _bad(path, f"the header is not JSON: {str(e)[:100]}") from None
+    if not isinstance(header, dict):
+        raise _bad(path, "the header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise _bad(path, "__metadata__ is not a map of strings")
     base = 8 + n
-    entries = {
-        k: TensorEntry(
-            path, v["dtype"], tuple(v["shape"]), base + v["data_offsets"][0], base + v["data_offsets"][1]
-        )
-        for k, v in header.items()
-    }
+    data_len = size - base
+    entries = {}
+    for k, v in header.items():
+        if not isinstance(v, dict) or not isinstance(v.get("dtype"), str):
+            raise _bad(path, f"tensor {k[:80]!r} has no dtype")
+        if v["dtype"] not in ST_TO_TORCH:
+            raise _bad(path, f"tensor {k[:80]!r} has dtype {v['dtype'][:20]!r}, which moerge does not merge")
+        shape, offsets = v.get("shape"), v.get("data_offsets")
+        if not isinstance(shape, list) or not isinstance(offsets, list):
+            raise _bad(path, f"tensor {k[:80]!r} has no shape or data_offsets")
+        if not _int_list(shape) or len(shape) > 16 or not _int_list(offsets, 2):
+            raise _bad(path, f"tensor {k[:80]!r} has a malformed shape or data_offsets")
+        start, end = offsets
+        numel = 1
+        for d in shape:
+            numel *= d
+        itemsize = torch.empty((), dtype=ST_TO_TORCH[v["dtype"]]).element_size()
+        if not start <= end <= data_len or end - start != numel * itemsize:
+            raise _bad(
+                path,
+                f"tensor {k[:80]!r}: bytes {start}..{end} do not hold a {v['dtype']}{tuple(shape)} inside the data",
+            )
+        entries[k] = TensorEntry(path, v["dtype"], tuple(shape), base + start, base + end)
     return entries, meta
 
 
@@ -64,7 +113,7 @@ def read_tensor(entry: TensorEntry, fd: int, out: torch.Tensor | None = None) ->
         and out.is_contiguous()
         and out.numel() * out.element_size() == nbytes
     ):
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
         got = os.preadv(fd, [view], entry.start) if nbytes else 0
         if got != nbytes:
             raise MalformedConfigError(f"{entry.file}: truncated tensor data")
@@ -124,7 +173,7 @@ class StreamingShardWriter:
         self.out, self.shards, self.meta = out, shards, {"format": "pt", **(metadata or {})}
         self._order = [(si, it) for si, s in enumerate(shards) for it in s.items]
         self._pos = 0
-        self._file = None
+        self._file: BinaryIO | None = None
         self._shard = -1
 
     def _tmp(self, si: int) -> Path:
@@ -142,8 +191,10 @@ class StreamingShardWriter:
             self._file = open(self._tmp(si), "wb")  # noqa: SIM115
             self._file.write(_header_bytes(self.shards[si].items, self.meta))
             self._shard = si
+        assert self._file is not None
         if nbytes:
-            self._file.write(memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()))
+            data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+            self._file.write(memoryview(data))  # type: ignore[arg-type]
         self._pos += 1
 
     def finish(self) -> list[Path]:
@@ -165,7 +216,12 @@ class StreamingShardWriter:
         return paths
 
     def abort(self) -> None:
+        """Close and remove the partial shards; never raises (it runs while another error propagates, e.g. a
+        full disk, where closing the file fails too)."""
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
         for si in range(len(self.shards)):
-            self._tmp(si).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self._tmp(si).unlink(missing_ok=True)

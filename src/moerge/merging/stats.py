@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Literal
 
@@ -109,7 +110,10 @@ def gram_matrices(
 
 
 def save_stats(
-    tensors: dict[str, torch.Tensor], path: str | Path, kind: str, fan_in_fan_out: set[str] = frozenset()
+    tensors: dict[str, torch.Tensor],
+    path: str | Path,
+    kind: str,
+    fan_in_fan_out: AbstractSet[str] = frozenset(),
 ):
     """Write statistics as safetensors (``kind`` and the fan-in-fan-out names in the header)."""
     meta = {"moerge_stats": kind, "fan_in_fan_out": json.dumps(sorted(fan_in_fan_out))}

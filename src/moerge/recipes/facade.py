@@ -111,7 +111,7 @@ def prepare_signatures(
     library: Any,
     data: dict[str, Rows],
     *,
-    experts: Sequence[str] | None = None,
+    experts: Sequence[str] | Sequence[Expert] | None = None,
     embedder: Any = None,
     embedders: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
@@ -119,10 +119,14 @@ def prepare_signatures(
 ) -> list[str]:
     """Compute, into ``library``, every signature ``recipe`` needs and its experts lack, from each expert's
     data (``{expert: training rows}``: ``{"prompt", "completion"}`` or ``{"text"}``). Experts without data are
-    left without (the recipe then reports them). Returns one line per signature computed."""
+    left without (the recipe then reports them). ``experts``: names in the library, or `Expert` objects already
+    loaded from it (default: every LoRA expert). Returns one line per signature computed."""
     rec = get_recipe(recipe)
     opts = rec.parse_options(options)
-    expert_list, _ = resolve_experts(library, experts)
+    if experts is not None and all(isinstance(e, Expert) for e in experts):
+        expert_list = list(experts)
+    else:
+        expert_list, _ = resolve_experts(library, experts)
     ctx = BuildContext(
         model=model, experts=expert_list, library=library, tokenizer=tokenizer, embedder=embedder,
         embedders=embedders if embedders is not None else {}, progress=progress,

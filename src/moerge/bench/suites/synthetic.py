@@ -90,7 +90,7 @@ from moerge.bench.suites.build import (
     train_suite_experts,
 )
 from moerge.bench.suites.format import Example, RoutingSpan, Suite, Task, write_jsonl_suite
-from moerge.errors import SuiteError
+from moerge.errors import MalformedConfigError, SuiteError
 from moerge.train.lora import TrainConfig
 from moerge.train.pretrain import PretrainConfig
 
@@ -279,7 +279,7 @@ def task_defs(config: SyntheticSuiteConfig) -> list[TaskDef]:
     for i in range(config.n_tasks):
         opname = config.ops[i % len(config.ops)]
         if opname not in OPS:
-            raise ValueError(f"unknown synthetic op {opname!r}; known: {', '.join(OPS)}")
+            raise MalformedConfigError(f"unknown synthetic op {opname!r}; known: {', '.join(OPS)}")
         alphabet = POOL[6 * i : 6 * i + 8]
         table: dict[str, str] = {}
         if opname == "cipher":
