@@ -165,3 +165,20 @@ def test_collect_target_inputs_keeps_the_positions_that_predict_targets():
     got = collect_target_inputs(model, [(ids, labels)], [module])
     torch.testing.assert_close(got[module], torch.stack(want))
     assert len(collect_target_inputs(model, [(ids, labels)], [module], max_tokens=3)[module]) == 3
+
+
+def test_collect_target_inputs_from_a_later_layer_matches_the_full_model():
+    # inputs_embeds = what the layers below give (moerge.train.prefix): the same module inputs are collected
+    from moerge.backbones.tiny import build_tiny_model
+    from moerge.train.prefix import prefix_batches, truncated
+
+    model, _ = build_tiny_model(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=24, seed=1)
+    module = "model.layers.1.mlp.up_proj"
+    ids = torch.tensor([[1, 10, 11, 12, 13, 0], [1, 20, 21, 22, 23, 24]])
+    labels = torch.tensor([[-100, 10, 11, 12, 13, -100], [-100, -100, 21, 22, 23, 24]])
+    full = collect_target_inputs(model, [(ids, labels)], [module])
+    cached = prefix_batches(model, [(ids, labels)], 1)
+    with truncated(model, 1):
+        part = collect_target_inputs(model, cached, [module])
+    torch.testing.assert_close(part[module], full[module], atol=1e-5, rtol=1e-5)
+    assert len(full[module]) == 8

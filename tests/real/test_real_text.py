@@ -29,6 +29,21 @@ def test_passages_pack_short_documents_and_cut_long_ones():
     assert one_line == ["x" * 100, "x" * 100, "x" * 50]
 
 
+def test_document_window_is_whole_lines_of_about_the_budget_from_a_seeded_start():
+    import random
+
+    text = "\n".join(f"line {i:03d}" for i in range(100))  # 9 characters a line with its line break
+    a = rt.document_window(text, 45, random.Random(3))
+    assert a == rt.document_window(text, 45, random.Random(3))  # seeded
+    lines = a.split("\n")
+    assert 1 <= len(a) <= 45 and len(lines) == 5 and all(line in text.split("\n") for line in lines)
+    assert "\n".join(lines) in text  # consecutive lines
+    starts = {rt.document_window(text, 45, random.Random(s)).split("\n")[0] for s in range(20)}
+    assert len(starts) > 5  # not always the head of the document
+    assert rt.document_window("short", 45, random.Random(0)) == "short"
+    assert rt.document_window(text, None, random.Random(0)) == text
+
+
 def _fake_reader(n_docs: int):
     docs = [(f"doc{i:03d}", f"document {i}\n" + "word " * (10 + i % 7)) for i in range(n_docs)]
     return lambda: rt.SourceDocs(rt._text_docs(docs), {"fake": "1.0"})
@@ -44,21 +59,35 @@ def test_split_is_deterministic_and_document_level(monkeypatch):
         DomainSpec(name="c", reader="fake_c", split="held_out", condition="unrelated"),
     ]
     config = RealTextConfig(
-        passage_chars=80, train_passages=20, eval_passages=5, switch_docs=6, domains=domains
+        passage_chars=80,
+        train_passages=20,
+        eval_passages=5,
+        validation_passages=3,
+        switch_docs=6,
+        domains=domains,
     )
     first, again = build_real_text(config), build_real_text(config)
     other_seed = build_real_text(config.model_copy(update={"seed": 1}))
+
+    def docs(passages):
+        return {line for p in passages for line in p.split("\n") if line.startswith("document")}
+
     for name in "abc":
-        assert first.domains[name].train == again.domains[name].train
-        assert first.domains[name].eval == again.domains[name].eval
-        train_docs = {
-            line for p in first.domains[name].train for line in p.split("\n") if line.startswith("document")
-        }
-        eval_docs = {
-            line for p in first.domains[name].eval for line in p.split("\n") if line.startswith("document")
-        }
+        d = first.domains[name]
+        assert (d.train, d.validation, d.eval) == (
+            again.domains[name].train,
+            again.domains[name].validation,
+            again.domains[name].eval,
+        )
+        train_docs, val_docs, eval_docs = docs(d.train), docs(d.validation), docs(d.eval)
         assert eval_docs and not train_docs & eval_docs
+        assert not val_docs & train_docs and not val_docs & eval_docs  # three disjoint sets of documents
         assert bool(train_docs) == (name != "c")  # held-out domains have no training text
+        assert len(d.validation) == (3 if name != "c" else 0)  # nor validation text
+    no_val = build_real_text(config.model_copy(update={"validation_passages": 0}))
+    assert no_val.domains["a"].validation == [] and no_val.domains["a"].eval == first.domains["a"].eval
+    # the validation documents are carved from the training side: without them they are trained on
+    assert docs(first.domains["a"].validation) <= docs(no_val.domains["a"].train)
     assert other_seed.domains["a"].eval != first.domains["a"].eval
     assert first.domains["c"].train == [] and first.versions() == {"fake": "1.0"}
     assert len(first.switch) == 6
@@ -146,9 +175,14 @@ def test_suite_has_nll_tasks_with_domain_routing_labels(monkeypatch, tiny_llama_
 
 @needs_gguf
 def test_built_suite_trains_one_expert_per_domain_on_a_gguf_base(monkeypatch, tmp_path, tiny_gguf_file):
+    import json
+    from pathlib import Path
+
     from moerge.bench.suites.real_text import build_real_text_suite
     from moerge.experts.fingerprint import fingerprint_model
+    from moerge.train.gates import GATES_KIND, gates_config
     from moerge.train.lora import TrainConfig
+    from moerge.transforms.centroids import HIDDEN_CONFIG, HIDDEN_KIND
 
     monkeypatch.setenv("MOERGE_CACHE", str(tmp_path / "cache"))  # the dequantised base goes here
     for name, n in (("fake_a", 24), ("fake_b", 24), ("fake_c", 12)):
@@ -158,17 +192,59 @@ def test_built_suite_trains_one_expert_per_domain_on_a_gguf_base(monkeypatch, tm
         DomainSpec(name="b", reader="fake_b", split="held_in", condition="in_distribution"),
         DomainSpec(name="c", reader="fake_c", split="held_out", condition="unrelated"),
     ]
-    train = TrainConfig(steps=2, batch_size=2, seq_len=32, rank=2, alpha=4.0, progress=False)
+    train = TrainConfig(steps=2, batch_size=2, seq_len=32, rank=2, alpha=4.0, layers=[-1], progress=False)
     config = RealTextConfig(
-        passage_chars=60, train_passages=4, eval_passages=2, switch_docs=2, domains=domains,
-        base_model=str(tiny_gguf_file[0]), expert=train, multitask=train, progress=False,
+        passage_chars=60, train_passages=4, eval_passages=2, validation_passages=2, switch_docs=2,
+        domains=domains, base_model=str(tiny_gguf_file[0]), expert=train, multitask=train, gate_steps=3,
+        progress=False,
     )  # fmt: skip
     suite = build_real_text_suite(config, root=tmp_path / "suites")
     assert suite.experts == ["a", "b"] and suite.task_names("held_out") == ["c", "domain_switch"]
+    assert [len(suite.task(n).validation) for n in ("a", "b", "c")] == [2, 2, 0]  # written and read back
     lib, baselines = suite.open_library(), suite.library.replace("library", "baselines")
     assert lib.names() == ["a", "b"] and "multitask" in type(lib).open(baselines)
     model, _ = suite.load_base()  # the dequantised cache folder, as a plain transformers folder
     assert lib.base_fingerprint == fingerprint_model(model) == suite.info["base_fingerprint"]
-    assert lib.get_metadata("a").training["steps"] == 2 and lib.get_metadata("a").task == "a"
+    meta = lib.get_metadata("a")
+    assert meta.training["steps"] == 2 and meta.task == "a" and meta.training["frozen_prefix_layers"] == 1
+    assert {m.split(".")[2] for m in lib.get("a").lora} == {"1"}  # the top layer of two only
+    # the contributors' signatures are in the library: gates at the configured steps, hidden centroids
+    for name in ("a", "b"):
+        gates, info = lib.get_artifact(GATES_KIND, gates_config(3), name)
+        assert set(gates) == set(lib.get(name).lora) and info["steps"] == 3 and info["batch_size"] == 2
+        assert lib.get_artifact(HIDDEN_KIND, HIDDEN_CONFIG, name) is not None
+    build = json.loads((Path(suite.root) / "build.json").read_text())
+    premise = build["premise"]
+    assert premise["experts"] == ["a", "b"] and len(premise["modules"]) == 7
+    assert set(premise["top1"]) == {"arrow", "phatgoose", "average_activation"}
+    assert set(premise["verdicts"]) == set(premise["top1"])
+    scores = build["scores"]
+    assert set(scores["validation"]) == {"base", "a", "b", "multitask"} and set(scores["per_expert"]) == {
+        "a",
+        "b",
+    }
+    assert set(scores["validation"]["a"]) == {"a", "b"}  # the held-in domains' validation passages
+    delta = scores["validation"]["a"]["a"] - scores["validation"]["base"]["a"]
+    assert scores["per_expert"]["a"]["own_delta"] == pytest.approx(delta, abs=1e-3)
+    assert build["gates"]["a"]["steps"] == 3 and set(build["timings_s"]) >= {
+        "experts",
+        "signatures",
+        "premise",
+    }
+    # The benchmark runs the frozen layer once per passage for every method: the same scores as without.
+    from moerge.bench.runner import BenchConfig, run_bench
+
+    bench = dict(recipes=["arrow", "phatgoose:gate_steps=3", "average_activation"], limit=2, progress=False,
+                 baselines=["base", "oracle", "uniform_merge", "ties", "multitask"])  # fmt: skip
+    bench["merges"] = {"ties_scales": [0.5, 1.0], "ties_densities": [0.5], "validation_limit": 1}
+    fast = run_bench(suite, BenchConfig(**bench))
+    slow = run_bench(suite, BenchConfig(**bench, cache_prefix=False))
+    assert any("ran once per distinct input row" in n for n in fast.notes)
+    assert not any("ran once per distinct input row" in n for n in slow.notes)
+    scores = [(r.method, r.task, r.status) for r in fast.results]
+    assert scores == [(r.method, r.task, r.status) for r in slow.results] and len(scores) > 20
+    for a, b in zip(fast.results, slow.results):
+        assert a.score == pytest.approx(b.score, abs=1e-4), (a.method, a.task)
+    assert fast.premise["mean"] == pytest.approx(slow.premise["mean"], abs=1e-4)
     again = build_real_text_suite(config, root=tmp_path / "suites")  # cached: nothing is retrained
     assert again.root == suite.root and len(list((tmp_path / "suites").iterdir())) == 1

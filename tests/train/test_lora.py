@@ -255,3 +255,10 @@ def test_cli_train_into_library(tmp_path, tiny_llama_dir):
         md.task == "reverse" and md.tags == ["cli"] and md.training["steps"] == 3 and md.training["rank"] == 2
     )
     assert md.base_model == str(tiny_llama_dir)
+    args = ["train", "--base", str(tiny_llama_dir), "--data", str(data), "--library", str(tmp_path / "lib"),
+            "--name", "top", "--steps", "2", "--config", str(cfg), "--layers=-1"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert {m.split(".")[2] for m in lib.get("top").lora} == {"1"} and lib.get_metadata("top").training[
+        "layers"
+    ] == [-1]

@@ -132,3 +132,25 @@ def test_defaults_are_the_authors_and_batches_are_the_experts(tiny_llama, tmp_pa
     tensors, meta = lib.get_artifact(GATES_KIND, gates_config(2), "e")
     assert set(tensors) == set(expert.lora)
     assert (meta["batch_size"], meta["seq_len"], meta["seed"], meta["examples"]) == (5, 20, 7, len(rows))
+
+
+def test_gates_of_a_top_layer_expert_trained_on_the_frozen_prefix_match_the_reference(
+    tiny_llama, rows, tmp_path
+):
+    # The expert adapts layer 1 only: its gates train from layer 0's outputs computed once per example
+    # (moerge.train.prefix), and must equal the written-out reference run through the whole model.
+    from moerge.experts.library import ExpertLibrary
+    from moerge.train.gates import GATES_KIND, gates_config
+
+    model, tok = tiny_llama
+    expert = random_expert(model, seed=4, training={"batch_size": len(rows), "seq_len": 32, "seed": 3})
+    expert.lora = {n: m for n, m in expert.lora.items() if n.startswith("model.layers.1.")}
+    lib = ExpertLibrary.create(tmp_path / "lib")
+    lib.add(expert)
+    got = train_phatgoose_gates(model, tok, expert, rows, GateTrainConfig(steps=3), library=lib)
+    want = reference_gates(model, tok, expert, rows, steps=3, lr=5e-3)
+    for name in got:
+        torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=1e-5)
+    assert lib.get_artifact(GATES_KIND, gates_config(3), "e")[1]["frozen_prefix_layers"] == 1
+    full = train_phatgoose_gates(model, tok, expert, rows, GateTrainConfig(steps=3, cache_prefix=False))
+    assert all(torch.allclose(full[n], got[n], atol=1e-6) for n in got)

@@ -164,6 +164,11 @@ class BenchConfig(BaseModel):
     premise: bool = Field(
         True, description="measure each zero-shot router's premise on the suite (moerge.bench.premise)"
     )
+    cache_prefix: bool = Field(
+        True,
+        description="when every expert (baselines' included) adapts only decoder layers K…, run the layers below "
+        "once per evaluated row and reuse them across methods (exact: moerge.train.prefix.cached_prefix)",
+    )
     min_oracle_gap: dict[str, float] = Field(
         default_factory=lambda: {"exact_match": 0.1, "nll": 0.01},
         description="normalised quality is left undefined where the oracle beats the base by less than this "

@@ -193,8 +193,10 @@ def collect_target_inputs(
     """The inputs ``{module: [N, d_in]}`` of ``model``'s ``modules`` at target positions.
 
     ``batches`` are ``(input_ids [B, T], labels [B, T])`` as an expert is trained on (-100 where no loss, right
-    padding). Position ``t`` counts when ``labels[t + 1]`` is a target: its module inputs produce that target's
-    prediction. At most ``max_tokens`` positions are kept (a seeded uniform subsample)."""
+    padding), or ``(inputs_embeds [B, T, d], labels)`` for a model run from a later layer
+    (`moerge.train.prefix.truncated`). Position ``t`` counts when ``labels[t + 1]`` is a target: its module
+    inputs produce that target's prediction. At most ``max_tokens`` positions are kept (a seeded uniform
+    subsample)."""
     captured: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
     where: dict[str, torch.Tensor] = {}
 
@@ -211,7 +213,8 @@ def collect_target_inputs(
             mask = torch.zeros_like(labels, dtype=torch.bool)
             mask[:, :-1] = labels[:, 1:] != -100
             where["mask"] = mask
-            model(input_ids=input_ids)  # as in training: right padding, causal, no mask needed
+            key = "inputs_embeds" if input_ids.is_floating_point() else "input_ids"
+            model(**{key: input_ids})  # as in training: right padding, causal, no mask needed
     finally:
         for h in handles:
             h.remove()

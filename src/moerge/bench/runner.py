@@ -229,7 +229,7 @@ def run_bench(
         library = ArtifactOverlay(library, config.artifacts_dir or default_artifacts_dir(library))
 
     run = BenchRun(suite, config, model, tokenizer, library, expert_list, baselines_library)
-    with _threads(config.threads), _progress(config.progress) as progress:
+    with _threads(config.threads), _progress(config.progress) as progress, _frozen_prefix(run) as prefix:
         n_tasks = len(suite.tasks)
         n_evals = sum(n_tasks * b.passes(run) for b in baselines) + n_tasks * len(specs)
         run.progress = progress
@@ -251,6 +251,11 @@ def run_bench(
             run.describe(spec.label)
             run_recipe(run, spec)
         run.describe("done")
+    if prefix is not None:
+        run.notes.append(
+            f"decoder layers 0–{prefix_start(run) - 1} ran once per distinct input row and were reused by every "
+            f"method ({prefix.misses} rows computed, {prefix.hits} reused): every expert adapts only later layers"
+        )
     normalize(run.results, config.min_oracle_gap)
     run.notes += [
         f"normalised quality is undefined on {t.name}: the oracle beats the base by less than "
@@ -329,6 +334,26 @@ def _order(run: BenchRun) -> None:
             m.name if m.kind == "baseline" else "",
         )
     )
+
+
+def prefix_start(run: BenchRun) -> int:
+    """The lowest decoder layer any expert of the run adapts (the library's and the baselines'): 0 when one is
+    dense, adapts a module outside the decoder layers, or the model has no layer list."""
+    from moerge.train.prefix import first_layer
+
+    experts = list(run.experts)
+    if run.baselines_library is not None:
+        experts += [run.baselines_library.get(n) for n in run.baselines_library.names()]
+    if not experts or any(e.kind != "lora" for e in experts):
+        return 0
+    return first_layer(run.model, set().union(*(e.lora for e in experts))) or 0
+
+
+def _frozen_prefix(run: BenchRun) -> Any:
+    """`moerge.train.prefix.cached_prefix` over the layers no method changes (``BenchConfig.cache_prefix``)."""
+    from moerge.train.prefix import cached_prefix
+
+    return cached_prefix(run.model, prefix_start(run) if run.config.cache_prefix else 0)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,19 @@ def _split_modules(values: list[str] | None) -> list[str] | None:
     return [m.strip() for v in values for m in v.split(",") if m.strip()]
 
 
+def _layers(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    from moerge.errors import MalformedConfigError
+
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise MalformedConfigError(
+            f"--layers {value!r}: expected comma-separated integers, e.g. -4,-3,-2,-1"
+        ) from None
+
+
 def train(
     base: str = typer.Option(
         ...,
@@ -39,6 +52,11 @@ def train(
     seed: int | None = typer.Option(None, "--seed"),
     target_modules: list[str] | None = typer.Option(
         None, "--target-modules", help="module names to adapt (repeat or comma-separate); default: all linear"
+    ),
+    layers: str | None = typer.Option(
+        None,
+        "--layers",
+        help="decoder layers to adapt, comma-separated; negative counts from the top (--layers=-4,-3,-2,-1)",
     ),
     rslora: bool | None = typer.Option(None, "--rslora/--no-rslora"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an expert of the same name"),
@@ -66,6 +84,7 @@ def train(
         "seq_len": seq_len,
         "seed": seed,
         "target_modules": _split_modules(target_modules),
+        "layers": _layers(layers),
         "use_rslora": rslora,
     }
     fields.update({k: v for k, v in flags.items() if v is not None})

@@ -66,6 +66,11 @@ class GateTrainConfig(BaseModel):
     )
     seq_len: int | None = Field(default=None, ge=2, description="None: the expert's own training seq_len")
     seed: int | None = Field(default=None, description="None: the expert's data seed (the same batches)")
+    cache_prefix: bool = Field(
+        default=True,
+        description="when the expert adapts only upper decoder layers, compute the frozen layers below once per "
+        "example instead of at every step (the same loss and gradients: moerge.train.prefix)",
+    )
     progress: bool = False
 
 
@@ -103,6 +108,14 @@ def resolved_settings(expert: Expert, config: GateTrainConfig) -> dict[str, int]
     }
 
 
+def _truncated(model: torch.nn.Module, start: int):
+    from contextlib import nullcontext
+
+    from moerge.train.prefix import truncated
+
+    return truncated(model, start) if start else nullcontext()
+
+
 def train_phatgoose_gates(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -132,22 +145,30 @@ def train_phatgoose_gates(
     was_training = model.training
     layers, owner = inject(model, [expert])
     routed = MoErgedModel(model, layers, [expert.name], GateRouter(gates), "output", owner)
+    start = 0
     try:
         for p in model.parameters():
             p.requires_grad_(False)
-        result = run_loop(
-            routed,
-            list(gates.values()),
-            batches,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
-            warmup_steps=math.floor(cfg.steps * cfg.warmup_ratio),  # as get_scheduler: int(steps × ratio)
-            schedule="constant",
-            grad_clip=cfg.grad_clip,
-            progress=cfg.progress,
-            description=f"gates of {expert.name}",
-            on_step=on_step,
-        )
+        if cfg.cache_prefix:
+            from moerge.train.prefix import first_layer, frozen_prefix_plan
+
+            start = first_layer(model, expert.lora) or 0
+            cached = frozen_prefix_plan(routed, start, batches)
+            batches, start = (cached, start) if cached is not None else (batches, 0)
+        with _truncated(routed, start):
+            result = run_loop(
+                routed,
+                list(gates.values()),
+                batches,
+                lr=cfg.lr,
+                weight_decay=cfg.weight_decay,
+                warmup_steps=math.floor(cfg.steps * cfg.warmup_ratio),  # as get_scheduler: int(steps × ratio)
+                schedule="constant",
+                grad_clip=cfg.grad_clip,
+                progress=cfg.progress,
+                description=f"gates of {expert.name}",
+                on_step=on_step,
+            )
     finally:
         detach(routed)
         for n, p in model.named_parameters():
@@ -159,6 +180,7 @@ def train_phatgoose_gates(
             **cfg.model_dump(exclude={"progress"}),
             **settings,
             "examples": len(encoded),
+            "frozen_prefix_layers": start,
             "first_loss": result.first_loss,
             "final_loss": result.final_loss,
         }

@@ -99,8 +99,9 @@ def run_loop(
     description: str = "training",
     on_step: Callable[[int, int], None] | None = None,
 ) -> LoopResult:
-    """Train ``params`` of ``model`` on the pre-built ``(input_ids, labels)`` batches; ``on_step(done, total)``
-    is called after each step (a caller's own progress bar)."""
+    """Train ``params`` of ``model`` on the pre-built ``(input_ids, labels)`` batches. A batch whose first tensor
+    is floating point holds ``inputs_embeds`` (hidden states entering the first layer the model runs:
+    `moerge.train.prefix`)."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(schedule, len(batches), warmup_steps))
     model.train()
@@ -109,8 +110,9 @@ def run_loop(
     start = time.perf_counter()
     with _progress(description, len(batches), progress) as bar:
         task = bar.add_task(description, total=len(batches)) if bar is not None else None
-        for input_ids, labels in batches:
-            logits = model(input_ids=input_ids).logits
+        for inputs, labels in batches:
+            key = "inputs_embeds" if inputs.is_floating_point() else "input_ids"
+            logits = model(**{key: inputs}, use_cache=False).logits
             loss = causal_lm_loss(logits, labels)
             loss.backward()
             if grad_clip:

@@ -41,6 +41,16 @@ class TrainConfig(BaseModel):
     target_modules: list[str] | None = Field(
         None, description="module name suffixes to adapt; None = every linear layer except the LM head"
     )
+    layers: list[int] | None = Field(
+        None,
+        description="decoder layers to adapt (negative counts from the top: [-4, -3, -2, -1] is the top 4); "
+        "None = every layer. With target_modules, only those modules within these layers",
+    )
+    cache_prefix: bool = Field(
+        True,
+        description="when only upper layers are adapted, compute the frozen layers below once per example "
+        "instead of at every step (the same loss and gradients: moerge.train.prefix)",
+    )
     weight_decay: float = 0.0
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["cosine", "constant"] = "cosine"
@@ -89,14 +99,30 @@ def _is_adaptable(module: torch.nn.Module) -> bool:
     return isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) or type(module).__name__ == "Conv1D"
 
 
-def lora_config_for(config: TrainConfig):
+def lora_target_modules(model: Any, config: TrainConfig) -> str | list[str]:
+    """PEFT's ``target_modules`` for ``config`` on ``model``: the configured suffixes (or ``"all-linear"``), or,
+    when ``config.layers`` restricts the layers, the full names of the linear modules in those decoder layers
+    (`moerge.train.prefix.layer_modules`; never the LM head)."""
+    if config.layers is None:
+        return config.target_modules or "all-linear"
+    from moerge.train.prefix import layer_modules
+
+    return layer_modules(model, config.layers, config.target_modules)
+
+
+def lora_config_for(config: TrainConfig, model: Any = None):
+    """PEFT's ``LoraConfig`` for ``config`` (``model`` resolves ``config.layers`` into module names)."""
     from peft import LoraConfig
 
+    if config.layers is not None and model is None:
+        raise MoergeError(
+            "lora_config_for: restricting LoRA to layers needs the model, to name their modules"
+        )
     return LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
         lora_dropout=0.0,
-        target_modules=config.target_modules or "all-linear",
+        target_modules=lora_target_modules(model, config),
         use_rslora=config.use_rslora,
         bias="none",
         task_type="CAUSAL_LM",
@@ -134,7 +160,9 @@ def expert_from_peft_model(peft_model, metadata: ExpertMetadata) -> Expert:
     return expert
 
 
-def training_summary(config: TrainConfig, result: LoopResult, n_examples: int) -> dict[str, Any]:
+def training_summary(
+    config: TrainConfig, result: LoopResult, n_examples: int, prefix_layers: int = 0
+) -> dict[str, Any]:
     return {
         "method": "lora",
         "steps": result.steps,
@@ -145,6 +173,9 @@ def training_summary(config: TrainConfig, result: LoopResult, n_examples: int) -
         "alpha": config.alpha,
         "use_rslora": config.use_rslora,
         "seed": config.seed,
+        "layers": config.layers,
+        "target_modules": config.target_modules,
+        "frozen_prefix_layers": prefix_layers,
         "examples": n_examples,
         "tokens": result.tokens,
         "first_loss": round(result.first_loss, 6),
@@ -192,15 +223,25 @@ def train_expert(
         work = model if owned else copy.deepcopy(model)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # deprecation noise; Conv1D → fan_in_fan_out notice
-            peft_model = get_peft_model(work, lora_config_for(config))
+            peft_model = get_peft_model(work, lora_config_for(config, work))
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    result = run_loop(
-        peft_model,
-        params,
-        batches,
-        **loop_settings(config),
-        description=f"training {name}",
-    )
+    start, cached = 0, None
+    if config.cache_prefix and config.layers is not None:
+        from moerge.train.prefix import first_layer, frozen_prefix_plan, truncated
+
+        adapted = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")]
+        start = first_layer(peft_model, adapted) or 0
+        cached = frozen_prefix_plan(peft_model, start, batches)
+    if cached is not None:
+        with truncated(peft_model, start):
+            result = run_loop(
+                peft_model, params, cached, **loop_settings(config), description=f"training {name}"
+            )
+    else:
+        start = 0
+        result = run_loop(
+            peft_model, params, batches, **loop_settings(config), description=f"training {name}"
+        )
     fields: dict[str, Any] = {
         "base_model": base_model_id or base_id,
         "base_fingerprint": fingerprint,
@@ -210,7 +251,7 @@ def train_expert(
     fields["name"] = name
     fields["kind"] = "lora"
     fields["training"] = {
-        **training_summary(config, result, len(encoded)),
+        **training_summary(config, result, len(encoded), start),
         **dict(fields.get("training") or {}),
     }
     expert = expert_from_peft_model(peft_model, ExpertMetadata(**fields))

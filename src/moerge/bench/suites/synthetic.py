@@ -82,7 +82,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from moerge.backbones.tiny import TinyModelConfig
-from moerge.bench.suites.build import build_cached, default_root, train_suite_experts
+from moerge.bench.suites.build import (
+    build_cached,
+    contributor_signatures,
+    default_root,
+    suite_premise,
+    train_suite_experts,
+)
 from moerge.bench.suites.format import Example, RoutingSpan, Suite, Task, write_jsonl_suite
 from moerge.errors import MalformedConfigError, SuiteError
 from moerge.train.lora import TrainConfig
@@ -655,19 +661,6 @@ def measure_suite(
     return out
 
 
-def contributor_artifacts(model, tokenizer, suite: Suite, library, config: SyntheticSuiteConfig) -> list[str]:
-    """What each contributor computes beside its expert and stores in the library, through the recipes' own
-    signatures: PHATGOOSE gates (trained on the expert's training examples and objective with the authors'
-    settings, `moerge.train.gates`) and the hidden-state centroids of its training data (average activation).
-    The benchmark runner finds them there and does not recompute them."""
-    from moerge.recipes.facade import prepare_signatures
-
-    data = {task.name: task.training_rows() for task in suite.held_in}
-    return prepare_signatures(
-        "phatgoose", model, tokenizer, library, data, gate_steps=config.gate_steps
-    ) + prepare_signatures("average_activation", model, tokenizer, library, data)
-
-
 def _build_into(out: Path, config: SyntheticSuiteConfig) -> None:
     import torch
 
@@ -686,7 +679,6 @@ def _build_steps(out: Path, config: SyntheticSuiteConfig) -> None:
     from transformers import LlamaForCausalLM  # noqa: F401
 
     from moerge.backbones.tiny import build_tiny_model
-    from moerge.bench.premise import measure_premise
     from moerge.experts.fingerprint import fingerprint_model
     from moerge.experts.library import ExpertLibrary
     from moerge.train.pretrain import pretrain_model
@@ -725,16 +717,15 @@ def _build_steps(out: Path, config: SyntheticSuiteConfig) -> None:
 
     # The contributors' routing artifacts: PHATGOOSE gates (trained as the authors do) and hidden centroids.
     t, c = time.perf_counter(), time.process_time()
-    contributor_artifacts(model, tokenizer, suite, lib, config)
+    contributor_signatures(model, tokenizer, suite, lib, gate_steps=config.gate_steps)
     timings["artifacts"], cpu["artifacts"] = time.perf_counter() - t, time.process_time() - c
     timings["total"], cpu["total"] = time.perf_counter() - t0, time.process_time() - c0
 
     # Does each zero-shot router's premise hold on this suite? (moerge.bench.premise)
     t, c = time.perf_counter(), time.process_time()
-    premise = measure_premise(
-        model, tokenizer, {t.name: t.training_rows() for t in suite.held_in}, [experts[t.name] for t in suite.held_in],
-        lib, seq_len=config.expert.seq_len, options={"phatgoose": {"gate_steps": config.gate_steps}},
-    )  # fmt: skip
+    premise = suite_premise(
+        model, tokenizer, suite, experts, lib, gate_steps=config.gate_steps, seq_len=config.expert.seq_len
+    )
     timings["premise"], cpu["premise"] = time.perf_counter() - t, time.process_time() - c
 
     # Measure what the build produced: base, oracle expert, multitask and oracle routings per task.
