@@ -105,7 +105,9 @@ def cmd_sweep(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--threads", type=int, default=1)
     sub = parser.add_subparsers(dest="cmd", required=True)
     steps = sub.add_parser("steps", help="seconds per training and gate step")
