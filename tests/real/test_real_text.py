@@ -236,7 +236,10 @@ def test_built_suite_trains_one_expert_per_domain_on_a_gguf_base(monkeypatch, tm
 
     bench = dict(recipes=["arrow", "phatgoose:gate_steps=3", "average_activation"], limit=2, progress=False,
                  baselines=["base", "oracle", "uniform_merge", "ties", "multitask"])  # fmt: skip
-    bench["merges"] = {"ties_scales": [0.5, 1.0], "ties_densities": [0.5], "validation_limit": 1}
+    bench["merges"] = {"validation_limit": 1, "methods": [
+        {"method": "linear", "name": "uniform_merge", "params": {"normalize": True}},
+        {"method": "ties", "params": {"density": 0.2, "scale": 1.0}, "grid": {"scale": [0.5, 1.0], "density": [0.5]}},
+    ]}  # fmt: skip
     fast = run_bench(suite, BenchConfig(**bench))
     slow = run_bench(suite, BenchConfig(**bench, cache_prefix=False))
     assert any("ran once per distinct input row" in n for n in fast.notes)
