@@ -7,13 +7,18 @@
     with quiet_transformers():                          # transformers' own "Loading weights" bars off
         AutoModelForCausalLM.from_pretrained(...)
 
-Nothing is shown when stderr is not a terminal (a log file, a CI run) or when ``enabled`` is False; the
-bars are transient (gone once done), so a finished command leaves only its own output.
+    with stages("building synthetic-…") as stage:        # a long job's stages: a status line on a
+        stage("expert 3/8 constant3")                   # terminal, one plain line each in a log
+
+Nothing is shown when stderr is not a terminal (a log file, a CI run) or when ``enabled`` is False — except
+`stages`, whose lines a log keeps; the bars are transient (gone once done), so a finished command leaves only its
+own output.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -76,6 +81,28 @@ def bar(
             p.update(task, advance=n, **extra)
 
         yield advance
+
+
+@contextmanager
+def stages(title: str, *, enabled: bool = True) -> Iterator[Callable[[str], None]]:
+    """The stages of a long job (minutes to hours, often run with stderr to a log); yields ``stage(text)``. On a
+    terminal: one status line ``title: text`` with a spinner and the elapsed time (nested bars, e.g. training
+    steps, show beneath it). Otherwise: one plain line per stage on stderr, ``[mm:ss] title: text``, so a log
+    shows where the job is (call it per unit of work, not per step). Nothing when ``enabled`` is False."""
+    if not enabled:
+        yield lambda text: None
+        return
+    if shown(enabled):
+        with status(title) as update:
+            yield lambda text: update(f"{title}: {text}")
+        return
+    start = time.monotonic()
+
+    def stage(text: str) -> None:
+        seconds = int(time.monotonic() - start)
+        print(f"[{seconds // 60:02d}:{seconds % 60:02d}] {title}: {text}", file=sys.stderr, flush=True)
+
+    yield stage
 
 
 @contextmanager

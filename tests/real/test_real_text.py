@@ -251,3 +251,41 @@ def test_built_suite_trains_one_expert_per_domain_on_a_gguf_base(monkeypatch, tm
     assert fast.premise["mean"] == pytest.approx(slow.premise["mean"], abs=1e-4)
     again = build_real_text_suite(config, root=tmp_path / "suites")  # cached: nothing is retrained
     assert again.root == suite.root and len(list((tmp_path / "suites").iterdir())) == 1
+
+    # Interrupted at the multitask LoRA (after both experts), the build resumes elsewhere to the same suite: the
+    # multitask LoRA and the gates use prefix states the experts kept in the uninterrupted build.
+    import torch
+
+    from moerge.train import lora
+
+    class Stop(BaseException):
+        pass
+
+    trained, real = [], lora.train_expert
+
+    def counted(*a, **k):
+        if len(trained) == 2 and not resumed:
+            raise Stop
+        trained.append(k["name"])
+        return real(*a, **k)
+
+    resumed = False
+    monkeypatch.setattr(lora, "train_expert", counted)
+    with pytest.raises(Stop):
+        build_real_text_suite(config, root=tmp_path / "other")
+    resumed = True
+    other = build_real_text_suite(config, root=tmp_path / "other")
+    assert trained == ["a", "b", "multitask"]  # the experts were not trained again
+    for kind, names in (("library", ["a", "b"]), ("baselines", ["multitask"])):
+        la, lb = (type(lib).open(Path(s.root) / kind) for s in (suite, other))
+        for name in names:
+            ea, eb = la.get(name), lb.get(name)
+            assert all(torch.equal(ea.lora[m].B, eb.lora[m].B) for m in ea.lora), name
+    ja, jb = (json.loads((Path(s.root) / "build.json").read_text()) for s in (suite, other))
+    assert jb["resumed"] == ["expert-a", "expert-b"]
+    for j in (ja, jb):
+        for key in ("timings_s", "resumed"):
+            j.pop(key)
+        for training in [*j["experts"].values(), j["multitask"]]:
+            training.pop("seconds")
+    assert ja == jb

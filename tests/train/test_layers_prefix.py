@@ -124,3 +124,22 @@ def test_cached_prefix_reuses_the_frozen_layers_and_changes_nothing_above(tiny_l
     assert type(model.model.layers[0]).__name__ == "LlamaDecoderLayer"  # put back
     with cached_prefix(model, 0) as none:
         assert none is None
+
+
+def test_prefix_states_do_not_depend_on_the_examples_beside_them():
+    """A resumed suite build keeps other examples' states than an uninterrupted one: an example's states must be
+    the same bits whichever examples are computed with it (padded chunks change the last bits)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from moerge.train.data import pad_batch
+
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg).eval()
+        rows = [torch.randint(3, 300, (n,)).tolist() for n in (48, 30, 48, 12, 40, 7)]
+    together = prefix_batches(model, [pad_batch(rows, rows, 0)], 2)[0][0]
+    for i, row in enumerate(rows):
+        alone = prefix_batches(model, [pad_batch([row], [row], 0)], 2)[0][0]
+        assert torch.equal(together[i, : len(row)], alone[0]), i

@@ -246,7 +246,11 @@ def demo(
     root: Path | None = typer.Option(
         None, "--cache", help="suite cache folder (default ~/.cache/moerge/suites)"
     ),
-    rebuild: bool = typer.Option(False, "--rebuild", help="rebuild the suite even if cached"),
+    rebuild: bool = typer.Option(
+        False,
+        "--rebuild",
+        help="rebuild the suite even if cached (an interrupted build is discarded, not resumed)",
+    ),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads (1 is fastest for the tiny models)"),
     progress: bool = typer.Option(
         True, "--progress/--no-progress", help="progress on stderr (on a terminal)"
@@ -307,7 +311,11 @@ def bench(
     batch_size: int | None = typer.Option(None, "--batch-size"),
     reduced: bool = typer.Option(False, "--reduced", help="synthetic / real-text: the small configuration"),
     root: Path | None = typer.Option(None, "--cache", help="synthetic / real-text suite cache folder"),
-    rebuild: bool = typer.Option(False, "--rebuild", help="synthetic / real-text: rebuild even if cached"),
+    rebuild: bool = typer.Option(
+        False,
+        "--rebuild",
+        help="synthetic / real-text: rebuild even if cached (an interrupted build is discarded, not resumed)",
+    ),
     artifacts: bool | None = typer.Option(
         None,
         "--artifacts/--no-artifacts",

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from moerge.errors import MoergeError
-from moerge.train.data import IGNORE_INDEX, pad_batch
+from moerge.train.data import IGNORE_INDEX
 
 
 class _Stop(Exception):
@@ -185,12 +185,15 @@ def prefix_batches(
     model: nn.Module,
     batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
     start: int,
-    chunk: int = 32,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``batches`` of ``(input_ids, labels)`` as ``(hidden [B, T, d], labels)``: each distinct example's input to
-    layer ``start`` computed once (in chunks of ``chunk`` examples) and reused by every batch it appears in (and,
-    inside `shared_prefix`, by later calls). Padding positions get zeros: with right padding and a causal model
-    they influence no real position."""
+    layer ``start`` computed once and reused by every batch it appears in (and, inside `shared_prefix`, by later
+    calls). Padding positions get zeros: with right padding and a causal model they influence no real position.
+
+    Each example is computed alone, unpadded: its states are then the same bits whichever examples were computed
+    before or beside it (in a padded chunk they change in the last bits with the chunk's length), so a suite
+    build that resumes after an interruption, with another set of examples already kept, trains the same
+    weights as one that ran through (about 20% slower than chunks of 32 for this part on a CPU)."""
     shared = _SHARED.get()
     states: dict[tuple[int, ...], torch.Tensor] = {}
     for ids, labels in batches:
@@ -199,15 +202,10 @@ def prefix_batches(
             if key not in states and shared is not None and (start, key) in shared:
                 states[key] = shared[(start, key)]
             states.setdefault(key, torch.empty(0))
-    todo = [k for k, v in states.items() if not v.numel()]
-    for i in range(0, len(todo), chunk):
-        part = todo[i : i + chunk]
-        x, _ = pad_batch([list(k) for k in part], [list(k) for k in part], 0)
-        h = layer_inputs(model, x, start)
-        for j, k in enumerate(part):
-            states[k] = h[j, : len(k)].clone()
-            if shared is not None:
-                shared[(start, k)] = states[k]
+    for k in [k for k, v in states.items() if not v.numel()]:
+        states[k] = layer_inputs(model, torch.tensor([k]), start)[0].clone()
+        if shared is not None:
+            shared[(start, k)] = states[k]
     out = []
     for ids, labels in batches:
         d = next(iter(states.values()))

@@ -63,6 +63,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from moerge.bench.suites.build import (
+    BuildSteps,
     build_cached,
     contributor_signatures,
     default_root,
@@ -886,12 +887,15 @@ def build_real_text_suite(
     name = f"real-text-{config.form}-{suite_key(config, data)}"
     folder = Path(root or default_root()).expanduser() / name
     return build_cached(
-        folder, lambda staging: _build_into(staging, config, data, t_data, model, tokenizer), force
+        folder,
+        lambda out, steps: _build_into(out, steps, config, data, t_data, model, tokenizer),
+        force,
+        progress=config.progress,
     )
 
 
 def _build_into(
-    out: Path, config: RealTextConfig, data: RealTextData, t_data: float, model, tokenizer
+    out: Path, steps: BuildSteps, config: RealTextConfig, data: RealTextData, t_data: float, model, tokenizer
 ) -> None:
     import torch
 
@@ -903,14 +907,15 @@ def _build_into(
     try:
         # experts, gates and measurements on one frozen base: each passage's frozen layers run once
         with shared_prefix():
-            _build_steps(out, config, data, t_data, model, tokenizer)
+            _build_steps(out, steps, config, data, t_data, model, tokenizer)
     finally:
         torch.set_num_threads(threads)
 
 
 def _build_steps(
-    out: Path, config: RealTextConfig, data: RealTextData, t_data: float, model, tokenizer
+    out: Path, steps: BuildSteps, config: RealTextConfig, data: RealTextData, t_data: float, model, tokenizer
 ) -> None:
+    """The build's steps in order; each one `steps` finds complete (an interrupted build) is skipped."""
     import time
 
     import torch
@@ -918,7 +923,8 @@ def _build_steps(
     from moerge.backbones.loading import base_model_id, cached_model_folder, load_base_model
     from moerge.experts.library import ExpertLibrary
 
-    timings = {"data": t_data}
+    steps.time("data", t_data)
+    steps.stage("loading the base model")
     t = time.perf_counter()
     base_folder = cached_model_folder(config.base_model)
     if model is None:
@@ -932,43 +938,45 @@ def _build_steps(
         from moerge.experts.fingerprint import fingerprint_model
 
         fingerprint = fingerprint_model(model)
-    timings["load_model"] = time.perf_counter() - t
+    steps.time("load_model", time.perf_counter() - t)
 
     suite = real_text_suite(config, base_model=str(base_folder), data=data)
-    experts, multitask, train_timings = train_suite_experts(
-        model, tokenizer, suite, out, expert_config=config.expert, multitask_config=config.multitask,
+    experts, multitask = train_suite_experts(
+        model, tokenizer, suite, out, steps, expert_config=config.expert, multitask_config=config.multitask,
         base_id=base_id, fingerprint=fingerprint, tags=["real-text"], progress=config.progress,
         multitask_description="LoRA on the union of the held-in domains' training text",
     )  # fmt: skip
-    timings.update(train_timings)
     lib = ExpertLibrary.open(out / "library")
 
     # The contributors' routing signatures: PHATGOOSE gates (the authors' setting) and hidden centroids.
-    t = time.perf_counter()
-    contributor_signatures(model, tokenizer, suite, lib, gate_steps=config.gate_steps)
-    timings["signatures"] = time.perf_counter() - t
+    contributor_signatures(model, tokenizer, suite, lib, gate_steps=config.gate_steps, steps=steps)
 
     # Does each zero-shot router's premise hold here? (moerge.bench.premise)
-    t = time.perf_counter()
-    premise = suite_premise(model, tokenizer, suite, experts, lib, gate_steps=config.gate_steps)
-    timings["premise"] = time.perf_counter() - t
+    premise = steps.run(
+        "premise", "premise", "premise diagnostics",
+        lambda: suite_premise(model, tokenizer, suite, experts, lib, gate_steps=config.gate_steps).to_dict(),
+    )  # fmt: skip
 
     # Did the experts specialise? NLL of the base, each expert and the multitask LoRA.
-    t = time.perf_counter()
-    scores = measure_real_text(model, tokenizer, suite, experts, multitask)
-    timings["measure"] = time.perf_counter() - t
+    scores = steps.run(
+        "measure", "measure", "NLL of the base, each expert and the multitask LoRA",
+        lambda: measure_real_text(model, tokenizer, suite, experts, multitask),
+    )  # fmt: skip
 
+    steps.stage("writing the suite")
     suite.info = {**suite.info, "base_model_id": base_id, "base_fingerprint": fingerprint}
     write_jsonl_suite(suite, out, base_model=str(base_folder), library="library", baselines="baselines")
+    timings, _ = steps.phase_times()
     build = {
         "config": config.model_dump(mode="json", exclude={"progress"}),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "resumed": steps.earlier,
         "torch_threads": torch.get_num_threads(),
         "experts": {n: e.metadata.training for n, e in experts.items()},
         "multitask": multitask.metadata.training,
         "gates": {n: _gate_summary(lib, n, config.gate_steps) for n in experts},
         "scores": scores,
-        "premise": premise.to_dict(),
+        "premise": premise,
         "source_versions": data.versions(),
     }
     (out / "build.json").write_text(json.dumps(build, indent=2))

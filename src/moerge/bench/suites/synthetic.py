@@ -83,6 +83,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from moerge.backbones.tiny import TinyModelConfig
 from moerge.bench.suites.build import (
+    BuildSteps,
     build_cached,
     contributor_signatures,
     default_root,
@@ -581,7 +582,12 @@ def build_synthetic_suite(
 ) -> Suite:
     """The synthetic suite for ``config``: loaded from the cache, or built (a few minutes) and cached."""
     config = config or SyntheticSuiteConfig()
-    return build_cached(suite_folder(config, root), lambda staging: _build_into(staging, config), force)
+    return build_cached(
+        suite_folder(config, root),
+        lambda out, steps: _build_into(out, steps, config),
+        force,
+        progress=config.progress,
+    )
 
 
 def dense_merged(model, expert):
@@ -661,19 +667,22 @@ def measure_suite(
     return out
 
 
-def _build_into(out: Path, config: SyntheticSuiteConfig) -> None:
+def _build_into(out: Path, steps: BuildSteps, config: SyntheticSuiteConfig) -> None:
     import torch
 
     threads = torch.get_num_threads()
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
-        _build_steps(out, config)
+        _build_steps(out, steps, config)
     finally:
         torch.set_num_threads(threads)
 
 
-def _build_steps(out: Path, config: SyntheticSuiteConfig) -> None:
+def _build_steps(out: Path, steps: BuildSteps, config: SyntheticSuiteConfig) -> None:
+    """The build's steps in order; each one `steps` finds complete (an interrupted build) is skipped."""
+    import shutil
+
     import torch
     from peft import get_peft_model  # noqa: F401  (import cost outside the timings)
     from transformers import LlamaForCausalLM  # noqa: F401
@@ -681,58 +690,71 @@ def _build_steps(out: Path, config: SyntheticSuiteConfig) -> None:
     from moerge.backbones.tiny import build_tiny_model
     from moerge.experts.fingerprint import fingerprint_model
     from moerge.experts.library import ExpertLibrary
+    from moerge.progress import quiet_transformers
     from moerge.train.pretrain import pretrain_model
 
-    timings: dict[str, float] = {}
-    cpu: dict[str, float] = {}
     t0, c0 = time.perf_counter(), time.process_time()
     tasks, pretrain_rows, info = build_tasks(config)
     key = config.key()
     suite = Suite(name=f"synthetic-{key}", tasks=tasks, experts=[t.name for t in tasks if t.held_in], info={})
-    timings["data"], cpu["data"] = time.perf_counter() - t0, time.process_time() - c0
+    steps.time("data", time.perf_counter() - t0, time.process_time() - c0)
 
-    t, c = time.perf_counter(), time.process_time()
     model, tokenizer = build_tiny_model(config.model)
-    pre = pretrain_model(
-        model, tokenizer, pretrain_rows, config.pretrain.model_copy(update={"progress": config.progress})
-    )
+    base_id = f"moerge-synthetic-{key}"
+
+    def pretrain() -> dict[str, Any]:
+        shutil.rmtree(out / "base", ignore_errors=True)  # what an interrupted pretraining left
+        pre = pretrain_model(
+            model, tokenizer, pretrain_rows, config.pretrain.model_copy(update={"progress": config.progress})
+        )
+        model.config._name_or_path = base_id
+        with quiet_transformers():  # no "Writing model shards" bar in a build's log
+            model.save_pretrained(out / "base")
+            tokenizer.save_pretrained(out / "base")
+        return {"first_loss": pre.first_loss, "final_loss": pre.final_loss, "steps": pre.steps}
+
+    pre = steps.run("pretrain", "pretrain", "pretraining the base model", pretrain)
+    if "pretrain" in steps.earlier:  # pretrained by an interrupted run: its weights, bit for bit
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(out / "base" / "model.safetensors")))
+        model.config._name_or_path = base_id
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    base_id = f"moerge-synthetic-{key}"
-    model.config._name_or_path = base_id
-    model.save_pretrained(out / "base")
-    tokenizer.save_pretrained(out / "base")
     fingerprint = fingerprint_model(model)
-    timings["pretrain"], cpu["pretrain"] = time.perf_counter() - t, time.process_time() - c
 
-    c = time.process_time()
-    experts, multitask, train_timings = train_suite_experts(
-        model, tokenizer, suite, out, expert_config=config.expert, multitask_config=config.multitask,
+    experts, multitask = train_suite_experts(
+        model, tokenizer, suite, out, steps, expert_config=config.expert, multitask_config=config.multitask,
         base_id=base_id, fingerprint=fingerprint, tags=["synthetic"], progress=config.progress,
     )  # fmt: skip
-    timings.update(train_timings)
-    cpu["experts+multitask"] = time.process_time() - c
     lib = ExpertLibrary.open(out / "library")
 
     # The contributors' routing artifacts: PHATGOOSE gates (trained as the authors do) and hidden centroids.
-    t, c = time.perf_counter(), time.process_time()
-    contributor_signatures(model, tokenizer, suite, lib, gate_steps=config.gate_steps)
-    timings["artifacts"], cpu["artifacts"] = time.perf_counter() - t, time.process_time() - c
-    timings["total"], cpu["total"] = time.perf_counter() - t0, time.process_time() - c0
+    contributor_signatures(model, tokenizer, suite, lib, gate_steps=config.gate_steps, steps=steps)
 
     # Does each zero-shot router's premise hold on this suite? (moerge.bench.premise)
-    t, c = time.perf_counter(), time.process_time()
-    premise = suite_premise(
-        model, tokenizer, suite, experts, lib, gate_steps=config.gate_steps, seq_len=config.expert.seq_len
-    )
-    timings["premise"], cpu["premise"] = time.perf_counter() - t, time.process_time() - c
+    premise = steps.run(
+        "premise", "premise", "premise diagnostics",
+        lambda: suite_premise(
+            model, tokenizer, suite, experts, lib, gate_steps=config.gate_steps, seq_len=config.expert.seq_len
+        ).to_dict(),
+    )  # fmt: skip
 
     # Measure what the build produced: base, oracle expert, multitask and oracle routings per task.
-    t, c = time.perf_counter(), time.process_time()
-    scores = measure_suite(model, tokenizer, suite, experts, multitask)
-    timings["measure"], cpu["measure"] = time.perf_counter() - t, time.process_time() - c
+    scores = steps.run(
+        "measure", "measure", "scores of the base, the oracle experts, the multitask LoRA and oracle routings",
+        lambda: measure_suite(model, tokenizer, suite, experts, multitask),
+    )  # fmt: skip
 
+    steps.stage("writing the suite")
+    timings, cpu = steps.phase_times()
+    for times in (timings, cpu):
+        times["artifacts"] = times.pop("signatures", 0.0)
+        times["total"] = sum(
+            times.get(k, 0.0) for k in ("data", "pretrain", "experts", "multitask", "artifacts")
+        )
+    cpu["experts+multitask"] = cpu.pop("experts", 0.0) + cpu.pop("multitask", 0.0)
     suite.info = {
         "generator": "moerge.bench.suites.synthetic",
         "version": SUITE_VERSION,
@@ -748,12 +770,13 @@ def _build_steps(out: Path, config: SyntheticSuiteConfig) -> None:
         "key": key,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+        "resumed": steps.earlier,
         "torch_threads": torch.get_num_threads(),
-        "pretrain": {"first_loss": pre.first_loss, "final_loss": pre.final_loss, "steps": pre.steps},
+        "pretrain": pre,
         "experts": {n: e.metadata.training for n, e in experts.items()},
         "multitask": multitask.metadata.training,
         "scores": scores,
-        "premise": premise.to_dict(),
+        "premise": premise,
         "markov_chain": markov_chain(config),
     }
     (out / "build.json").write_text(json.dumps(build, indent=2))
