@@ -66,6 +66,34 @@ def build_section(builds: list[dict], run: BenchResults) -> list[str]:
         ]
         score_rows.append(cells + [f"{s[k]:.3f}" if k in s else "-" for k, _ in SCORE_COLUMNS])
     head = ["task", "split", "condition", "metric", "ceiling"] + [short for _, short in SCORE_COLUMNS]
+    if any(any(k in scores.get(t["name"], {}) for k, _ in SCORE_COLUMNS) for t in run.tasks):
+        reference = [
+            "Reference scores of seed 0's build (`measure_suite`: exact match, or nats per character for NLL "
+            "tasks). `base`: the base model; `oracle`: the task's own expert; `best1`: the best single expert for "
+            "the whole task; `or/ex`: the best expert per example; `or/tok`: each scored token predicted by the "
+            "model of its ground-truth expert; `merge`: the task's experts' deltas summed into the base; `multi`: "
+            "the multitask LoRA.",
+            "",
+            markdown_table(head, score_rows),
+            "",
+        ]
+    elif "validation" in scores:  # the real-text build: NLL of the base and of each expert on every domain
+        domains = list(scores["validation"].get("base", {}))
+        reference = [
+            "Specialisation in seed 0's build: nats per token on each held-in domain's validation passages, for "
+            "the base model and each expert folded into it (an expert should be best on its own domain).",
+            "",
+            markdown_table(
+                ["model", *domains],
+                [
+                    [m, *(f"{row.get(d, float('nan')):.2f}" for d in domains)]
+                    for m, row in scores["validation"].items()
+                ],
+            ),
+            "",
+        ]
+    else:
+        reference = []
     return [
         "### The suite builds (`build.json`)",
         "",
@@ -74,14 +102,7 @@ def build_section(builds: list[dict], run: BenchResults) -> list[str]:
         "",
         markdown_table(["phase", "wall s", "CPU s"], time_rows),
         "",
-        "Reference scores of seed 0's build (`measure_suite`: exact match, or nats per character for NLL tasks). "
-        "`base`: the base model; `oracle`: the task's own expert; `best1`: the best single expert for the whole "
-        "task; `or/ex`: the best expert per example; `or/tok`: each scored token predicted by the model of its "
-        "ground-truth expert; `merge`: the task's experts' deltas summed into the base; `multi`: the multitask "
-        "LoRA.",
-        "",
-        markdown_table(head, score_rows),
-        "",
+        *reference,
     ]
 
 
@@ -117,11 +138,15 @@ def suite_section(title: str, folder: Path, runs: list[BenchResults], img: str |
         "",
         markdown_table(*interval_rows(runs)),
         "",
-        "### Graded: per-token accuracy on target tokens",
-        "",
-        markdown_table(*token_accuracy_rows(runs)),
-        "",
     ]
+    graded_head, graded_rows = token_accuracy_rows(runs)
+    if len(graded_head) > 1:  # only where some task is scored per target token (not for NLL-only suites)
+        lines += [
+            "### Graded: per-token accuracy on target tokens",
+            "",
+            markdown_table(graded_head, graded_rows),
+            "",
+        ]
     if img:
         lines += [f"![quality per task, seed 0]({img})", ""]
     report = runs[0].premise_report()
