@@ -10,12 +10,11 @@ artifact of an expert since replaced reads as missing. Reads look in the library
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moerge.experts.library import ExpertLibrary, artifact_rel
+from moerge.experts.library import ExpertLibrary, artifact_rel, write_artifact
 from moerge.experts.schema import parse_json_bytes
 from moerge.experts.storage import LocalStorage
 
@@ -110,13 +109,7 @@ class ArtifactOverlay:
         info: dict[str, Any] | None = None,
     ) -> None:
         """Store an artifact in the overlay's folder (the library is left as it is)."""
-        from safetensors.torch import save
-
-        rel = artifact_rel(kind, config, expert)
         digest = self._digest(expert)  # also refuses an expert the library does not hold
-        self.storage.write_bytes(
-            rel + ".safetensors", save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-        )
         record = {
             "kind": kind,
             "config": config,
@@ -124,4 +117,4 @@ class ArtifactOverlay:
             "info": info or {},
             "expert_digest": digest,
         }
-        self.storage.write_bytes(rel + ".json", json.dumps(record, default=str).encode())
+        write_artifact(self.storage, artifact_rel(kind, config, expert), tensors, record)

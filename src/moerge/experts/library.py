@@ -146,6 +146,16 @@ def artifact_rel(kind: str, config: dict[str, Any], expert: str | None) -> str:
     return f"artifacts/{kind}/{config_hash(config)}/{expert or LIBRARY_ARTIFACT}"
 
 
+def write_artifact(storage: Any, rel: str, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
+    """Write an artifact at ``rel``: its tensors, then its JSON ``record`` (an artifact counts once both exist)."""
+    from safetensors.torch import save
+
+    storage.write_bytes(
+        rel + ".safetensors", save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    )
+    storage.write_bytes(rel + ".json", json.dumps(record, default=str).encode())
+
+
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -1210,9 +1220,6 @@ class ExpertLibrary:
         return out
 
     # ------------------------------------------------------------------ artifacts
-    def _artifact_rel(self, kind: str, config: dict[str, Any], expert: str | None) -> str:
-        return artifact_rel(kind, config, expert)
-
     def expert_digest(self, name: str) -> str:
         """A digest of an expert's files (from the catalog's checksums): it changes when the expert is
         replaced, so artifacts kept outside the library can tell they are stale."""
@@ -1228,27 +1235,17 @@ class ExpertLibrary:
         info: dict[str, Any] | None = None,
     ) -> None:
         """Store derived data for an expert (or the library, ``expert=None``) under (kind, config)."""
-        from safetensors.torch import save
-
         if expert is not None:
             self._require(expert)
-        rel = self._artifact_rel(kind, config, expert)
-        self.storage.write_bytes(
-            rel + ".safetensors", save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-        )
-        self.storage.write_bytes(
-            rel + ".json",
-            json.dumps(
-                {"kind": kind, "config": config, "expert": expert, "info": info or {}}, default=str
-            ).encode(),
-        )
+        record = {"kind": kind, "config": config, "expert": expert, "info": info or {}}
+        write_artifact(self.storage, artifact_rel(kind, config, expert), tensors, record)
 
     def get_artifact(
         self, kind: str, config: dict[str, Any], expert: str | None
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         from moerge.experts.peft_io import load_safetensors
 
-        rel = self._artifact_rel(kind, config, expert)
+        rel = artifact_rel(kind, config, expert)
         try:
             meta = parse_json_bytes(self.storage.read_bytes(rel + ".json"), f"{self.url}/{rel}.json")
             tensors = load_safetensors(
@@ -1264,7 +1261,7 @@ class ExpertLibrary:
         return tensors, info
 
     def has_artifact(self, kind: str, config: dict[str, Any], expert: str | None) -> bool:
-        rel = self._artifact_rel(kind, config, expert)
+        rel = artifact_rel(kind, config, expert)
         return self.storage.exists(rel + ".json") and self.storage.exists(rel + ".safetensors")
 
     def list_artifacts(self, kind: str | None = None) -> list[tuple[str, str, str]]:

@@ -247,10 +247,6 @@ class ShardWriter:
         return paths
 
 
-def _same_folder(a: str | Path, b: str | Path) -> bool:
-    return Path(a).resolve() == Path(b).resolve()
-
-
 def iter_merged(
     spec: MethodSpec,
     readers: list[CheckpointReader],
