@@ -13,6 +13,7 @@ from moerge.recipes.recipe import (
     RecipeOptions,
     Routing,
     Signature,
+    TargetData,
     Taxonomy,
 )
 from moerge.recipes.registry import (
@@ -30,6 +31,7 @@ __all__ = [
     "RecipeOptions",
     "Routing",
     "Signature",
+    "TargetData",
     "Taxonomy",
     "attach",
     "detach",

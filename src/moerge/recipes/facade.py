@@ -16,7 +16,7 @@ from moerge.errors import ExpertNotFoundError, MoergeError
 from moerge.experts.expert import Expert
 from moerge.model.routed import MoErgedModel, detach, inject
 from moerge.recipes.progress import SignatureProgress, as_progress
-from moerge.recipes.recipe import BuildContext, Recipe, Routing, Rows
+from moerge.recipes.recipe import BuildContext, Recipe, Routing, Rows, TargetData
 from moerge.recipes.registry import get_recipe
 from moerge.routing.call import CallOwner
 from moerge.routing.router import Router
@@ -64,6 +64,7 @@ def attach(
     tokenizer: Any = None,
     embedder: Any = None,
     embedders: dict[str, Any] | None = None,
+    target: TargetData | None = None,
     **options: Any,
 ) -> MoErgedModel:
     """Attach a library's experts to ``model`` (in place) and route among them with ``recipe``.
@@ -73,13 +74,14 @@ def attach(
     ``aggregation="factor"``), validated by the recipe. ``experts`` restricts to named experts;
     ``target_modules`` to some modules (PEFT's forms: names or suffixes, or a regex string). ``router``
     bypasses the recipe with a ready `Router` (its only option is ``aggregation``). ``tokenizer``/``embedder``
-    serve routers that embed inputs; embedders are made only for recipes that use one. Raises
+    serve routers that embed inputs; embedders are made only for recipes that use one. ``target`` is the
+    target task's data for recipes that learn from it (`TargetData`). Raises
     `RecipeNotApplicableError` when the recipe cannot run on this library (e.g. missing signatures).
     """
     expert_list, library = resolve_experts(library_or_experts, experts)
     ctx = BuildContext(
         model=model, experts=expert_list, library=library, tokenizer=tokenizer, embedder=embedder,
-        embedders=embedders if embedders is not None else {},
+        embedders=embedders if embedders is not None else {}, target=target,
     )  # fmt: skip
     if router is not None:
         routing = _custom_routing(router, options)

@@ -62,13 +62,31 @@ class RecipeOptions(BaseModel):
 Rows = list[dict[str, str]]
 
 
+@dataclass(frozen=True)
+class TargetData:
+    """The target task's own data, for recipes whose taxonomy record declares ``user_data`` few-shot or full
+    (LoraHub, LoRA-Flow, AdapterFusion, AdapterSoup …). ``rows`` are labelled training rows in `Rows` form;
+    ``validation`` optional rows for early stopping; never the task's evaluation examples (the benchmark
+    draws both from the task's own training split). ``texts`` are the inputs alone (unlabelled use)."""
+
+    task: str
+    mode: Literal["few-shot", "full"]
+    rows: tuple[dict[str, str], ...]
+    validation: tuple[dict[str, str], ...] = ()
+
+    @property
+    def texts(self) -> list[str]:
+        return [r.get("prompt", r.get("text", "")) for r in self.rows]
+
+
 @dataclass
 class BuildContext:
     """What a recipe may use to build its router or compute its signatures: the base model (with or without
     expert layers), the experts (in routing order), the library holding their artifacts, the adapted modules,
     the tokenizer, and embedders resolved on first use (``embedder`` overrides every choice). ``progress``
     takes a line of text, ``steps`` the inner steps of a long computation (``report_steps``); ``recipe``
-    names the recipe being built (for its error messages)."""
+    names the recipe being built (for its error messages); ``target`` the target task's data for recipes
+    that learn from it."""
 
     model: Any
     experts: list[Any]
@@ -82,10 +100,21 @@ class BuildContext:
     progress: Callable[[str], None] | None = None
     steps: Callable[[int, int], None] | None = None
     recipe: str | None = None
+    target: TargetData | None = None  # the target task's data (learned routers); None in zero-shot use
 
     @property
     def names(self) -> list[str]:
         return [e.name for e in self.experts]
+
+    def require_target(self) -> TargetData:
+        """The target data, or a `RecipeNotApplicableError` saying how to pass it."""
+        if self.target is None:
+            raise RecipeNotApplicableError(
+                f"recipe {self.recipe or 'RECIPE'!r} learns from the target task's data: pass "
+                "attach(..., target=TargetData(task, mode, rows)) (or run it in `moerge bench`, which gives each "
+                "recipe the data its taxonomy record declares)"
+            )
+        return self.target
 
     def embedder_for(self, choice: str = "default") -> Any:
         """The sentence embedder an ``embedding_model`` option picks (made once per choice)."""
