@@ -30,6 +30,10 @@ class Router:
 
     granularity: Granularity = "token"
     needs: tuple[str, ...] = ()  # RoutingInputs fields a call must carry, e.g. ("task_names",)
+    # What learning this router cost (the benchmark's cost columns): seconds spent training it — recorded with
+    # a cached router, so a second run that loads it still reports it — and its trainable parameters.
+    train_seconds: float = 0.0
+    trainable_parameters: int = 0
 
     def begin_call(self, call: CallState) -> None:
         for field in self.needs:
