@@ -46,7 +46,9 @@ def dense_model(model, experts, w):
 def test_lorahub_is_one_factor_mixed_lora(tiny_llama):
     model, tok = tiny_llama
     experts = make_experts(model, 3, ranks=(2, 4, 3), seed=5)  # mixed ranks and scalings
-    routed = attach(model, experts, "lorahub", tokenizer=tok, target=TargetData("rev", "few-shot", ROWS), budget=6)
+    routed = attach(
+        model, experts, "lorahub", tokenizer=tok, target=TargetData("rev", "few-shot", ROWS), budget=6
+    )
     try:
         assert routed.router.trainable_parameters == 3 and routed.router.train_seconds > 0
         assert all(abs(x) <= 1.5 for x in routed.router.weights.tolist())
@@ -122,7 +124,9 @@ def test_lorahub_search_matches_the_official_algorithm(tiny_llama):
     optimizer = ng.optimizers.NGOpt(parametrization=instrum, budget=budget)
 
     def score(w):
-        return algorithm.get_score(w, peft_model, cache, batches, None, get_loss, algorithm.default_l1_regularization)
+        return algorithm.get_score(
+            w, peft_model, cache, batches, None, get_loss, algorithm.default_l1_regularization
+        )
 
     official = optimizer.minimize(score).value
 

@@ -74,7 +74,8 @@ class MethodResult(BaseModel):
         "per-task builds of a few-shot / full method (Router.train_seconds); 0 for zero-shot routers",
     )
     trainable_parameters: int | None = Field(
-        None, description="parameters its router trains (Router.trainable_parameters; a LoRA's for lora_target)"
+        None,
+        description="parameters its router trains (Router.trainable_parameters; a LoRA's for lora_target)",
     )
     build_s: float = 0.0
     eval_s: float = 0.0

@@ -42,7 +42,7 @@ from moerge.bench.config import (
     check_merge_baseline,
     parse_method,
 )
-from moerge.bench.evaluate import BenchRun, evaluate, timed
+from moerge.bench.evaluate import BenchRun, evaluate, mode_label, target_data, timed
 from moerge.bench.metrics import peak_memory
 from moerge.bench.results import BenchResults, MethodResult, TaskResult, normalize
 from moerge.bench.subjects import RoutedSubject
@@ -93,26 +93,6 @@ def recipe_mode(rec: Any) -> str:
     return mode if mode in ("few-shot", "full") else "zero-shot"
 
 
-def mode_label(mode: str, config: BenchConfig) -> str:
-    return f"few-shot {config.few_shot}" if mode == "few-shot" else mode
-
-
-def target_data(task: Any, mode: str, config: BenchConfig) -> Any:
-    """The `TargetData` a few-shot / full method gets for ``task`` (None where the task has none): few-shot, its
-    first ``config.few_shot`` target examples; full, all of them, the last tenth (from 10 examples on) kept as a
-    validation split. Drawn from `Task.target_examples` — never an eval or validation example."""
-    from moerge.recipes.recipe import TargetData
-
-    examples = task.target_examples()
-    if not examples:
-        return None
-    rows = [ex.as_training_row() for ex in examples]
-    if mode == "few-shot":
-        return TargetData(task.name, "few-shot", tuple(rows[: config.few_shot]))
-    n_val = len(rows) // 10 if len(rows) >= 10 else 0
-    return TargetData(task.name, "full", tuple(rows[: len(rows) - n_val]), tuple(rows[len(rows) - n_val :]))
-
-
 def run_recipe(run: BenchRun, spec: RecipeSpec) -> None:
     """Attach ``spec``'s recipe and evaluate every split its taxonomy record allows: once for every task when it
     is zero-shot, or once per task with that task's `TargetData` (few-shot / full, as its record declares),
@@ -126,6 +106,7 @@ def run_recipe(run: BenchRun, spec: RecipeSpec) -> None:
     meta = MethodResult(
         name=spec.label, kind="recipe", recipe=rec.name, options=opts.model_dump(), routed=True,
         taxonomy=rec.taxonomy_for(opts), description=rec.summary, user_data=mode_label(mode, run.config),
+
     )  # fmt: skip
     ctx = run.build_context()
     runnable: list[Any] = []
@@ -156,15 +137,20 @@ def run_recipe(run: BenchRun, spec: RecipeSpec) -> None:
                                        f"task {task.name!r} has no target data (a `target` split) for {mode} use")  # fmt: skip
             else:
                 builds.append(([task], data))
-    mem: dict[str, Any] = {}
     train_s: list[float] = []
     with peak_memory(run.config.device) as mem:
         for tasks, data in builds:
             try:
                 routed, build_s = timed(
                     lambda data=data: attach(
-                        run.model, run.library, rec, experts=run.names, tokenizer=run.tokenizer,
-                        embedders=run.embedders, target=data, **opts.model_dump(),
+                        run.model,
+                        run.library,
+                        rec,
+                        experts=run.names,
+                        tokenizer=run.tokenizer,
+                        embedders=run.embedders,
+                        target=data,
+                        **opts.model_dump(),
                     )  # fmt: skip
                 )
             except RecipeNotApplicableError as e:

@@ -164,7 +164,10 @@ def build_lorahub(ctx: BuildContext, options: LoraHubOptions) -> Routing:
     owner = next(iter(layers.values())).owner
     routed = MoErgedModel(ctx.model, layers, ctx.names, router, "factor", owner)
     device = next(ctx.model.parameters()).device
-    batches = [tuple(t.to(device) for t in b) for b in example_batches(ctx.tokenizer, target.rows, options.batch_size)]
+    batches = [
+        tuple(t.to(device) for t in b)
+        for b in example_batches(ctx.tokenizer, target.rows, options.batch_size)
+    ]
 
     def forward(ids: Any, mask: Any) -> Any:
         with routed.call(input_ids=ids, attention_mask=mask):
@@ -194,8 +197,15 @@ LORAHUB = Recipe(
     "examples, A and B mixed separately into one LoRA",
     paper="Huang et al. 2023, arXiv:2307.13269 (code: sail-sg/lorahub)",
     taxonomy=Taxonomy(
-        training="standard", expert_data="private", routing_data="target", granularity="task", depth="model",
-        selection="sparse", aggregation="parameter", generalization="out-of-distribution", user_data="few-shot",
+        training="standard",
+        expert_data="private",
+        routing_data="target",
+        granularity="task",
+        depth="model",
+        selection="sparse",
+        aggregation="parameter",
+        generalization="out-of-distribution",
+        user_data="few-shot",
     ),  # fmt: skip
     builder=build_lorahub,
     options=LoraHubOptions,

@@ -255,7 +255,9 @@ class SyntheticSuiteConfig(BaseModel):
         data = self.model_dump(mode="json")
         data.pop("progress")
         data.pop("threads")
-        data.pop("n_target")  # target splits are generated on load (`target_splits`); the build does not use them
+        data.pop(
+            "n_target"
+        )  # target splits are generated on load (`target_splits`); the build does not use them
         for part in ("pretrain", "expert", "multitask"):
             data[part].pop("progress", None)
         blob = json.dumps({"version": SUITE_VERSION, "config": data}, sort_keys=True)
