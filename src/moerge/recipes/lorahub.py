@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -142,7 +143,8 @@ def search_weights(objective: Callable[[Any], float], n: int, options: LoraHubOp
             "recipe 'lorahub' searches its weights with nevergrad, which is not installed: "
             "pip install 'moerge[learned]' (or pip install nevergrad)"
         ) from e
-    with seeded(options.seed):
+    with seeded(options.seed), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="COBYLA: Invalid RHOEND")  # scipy, inside NGOpt's portfolio
         instrum = ng.p.Array(init=[0.0] * n, upper=[options.bound] * n, lower=[-options.bound] * n)
         opt_cls = ng.optimizers.NGOpt if options.optimizer == "ngopt" else ng.optimizers.CMA
         optimizer = opt_cls(parametrization=instrum, budget=options.budget)
