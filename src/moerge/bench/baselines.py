@@ -495,7 +495,8 @@ def run_few_shot_prompt(run: BenchRun) -> None:
             if limit is not None and longest > limit:
                 results += run.skipped(
                     meta.name, [task], "not_applicable",
-                    f"{k} examples of {task.name} make a {longest}-token prompt, beyond the base model's {limit}",
+                    f"the few-shot prompt of {task.name} is longer than the base model's context "
+                    "(max_position_embeddings)",
                 )  # fmt: skip
                 continue
             results += evaluate(run, PlainSubject(run.model), meta.name, [copy])
