@@ -387,3 +387,117 @@ def run_multitask(run: BenchRun) -> None:
         with folded(run.model, expert) as model:
             results = evaluate(run, PlainSubject(model), "multitask", run.tasks_for())
     run.record(meta, results, mem)
+
+
+# ---------------------------------------------------------------------------------------------- the target data
+def _target_skip(run: BenchRun, meta: MethodResult) -> bool:
+    """Record ``meta`` as not applicable when the run serves no few-shot data; True if so."""
+    if "few-shot" in run.config.user_data:
+        return False
+    reason = "this run serves no few-shot target data (add few-shot to user_data / --user-data)"
+    meta.status, meta.reason = "not_applicable", reason
+    run.record(meta, run.skipped(meta.name, run.tasks_for(), "not_applicable", reason))
+    return True
+
+
+@baseline("lora_target")
+def run_lora_target(run: BenchRun) -> None:
+    """Per task, a LoRA trained on the same few-shot examples the few-shot recipes get (`BenchConfig.lora_target`
+    settings, on the modules the experts adapt), folded into the weights and evaluated on that task: the
+    cheapest use of the same data with gradients."""
+    import time
+
+    from moerge.bench.evaluate import mode_label, target_data
+    from moerge.train.lora import TrainConfig, train_expert
+
+    cfg = run.config.lora_target
+    meta = MethodResult(
+        name="lora_target", kind="baseline", user_data=mode_label("few-shot", run.config),
+        expert_flops_per_token=0.0,
+        description=f"a rank-{cfg.rank} LoRA trained per task on its {run.config.few_shot} target examples "
+        f"({cfg.steps} steps, lr {cfg.lr}), folded into the weights",
+    )  # fmt: skip
+    if _target_skip(run, meta):
+        return
+    modules = sorted({m for e in run.experts for m in e.lora}) or None
+    train = TrainConfig(steps=cfg.steps, lr=cfg.lr, batch_size=cfg.batch_size, seq_len=cfg.seq_len, rank=cfg.rank,
+                        alpha=cfg.alpha, seed=cfg.seed, target_modules=modules, progress=False)  # fmt: skip
+    results: list[TaskResult] = []
+    seconds: list[float] = []
+    with peak_memory(run.config.device) as mem:
+        for task in run.tasks_for():
+            data = target_data(task, "few-shot", run.config)
+            if data is None:
+                results += run.skipped(
+                    meta.name, [task], "not_applicable", f"task {task.name!r} has no target data"
+                )
+                continue
+            run.describe(f"lora_target: {task.name}")
+            t0 = time.perf_counter()
+            try:
+                expert = train_expert(
+                    run.model, run.tokenizer, list(data.rows), train, name=f"target-{task.name}"
+                )
+            except MoergeError as e:
+                results += run.skipped(meta.name, [task], "error", f"{type(e).__name__}: {e}")
+                continue
+            seconds.append(time.perf_counter() - t0)
+            meta.trainable_parameters = sum(lm.A.numel() + lm.B.numel() for lm in expert.lora.values())
+            with folded(run.model, expert) as model:
+                results += evaluate(run, PlainSubject(model), meta.name, [task])
+    meta.build_s = sum(seconds)
+    meta.router_train_s = sum(seconds) / len(seconds) if seconds else None
+    run.record(meta, results, mem)
+
+
+def prompted(task: Any, shots: Sequence[Any], sep: str = " ") -> Any:
+    """``task`` with ``shots`` (examples) prepended to every eval example's text, joined by ``sep``; the targets
+    and routing spans move with the text (the prompt itself is neither scored nor labelled)."""
+    from moerge.bench.suites.format import Example, RoutingSpan
+
+    prefix = "".join(ex.text + sep for ex in shots)
+    n = len(prefix)
+    examples = [
+        Example(text=prefix + ex.text, targets=[(s + n, e + n) for s, e in ex.targets],
+                routing=[RoutingSpan(start=r.start + n, end=r.end + n, experts=r.experts) for r in ex.routing])
+        for ex in task.eval
+    ]  # fmt: skip
+    return task.model_copy(update={"eval": examples})
+
+
+@baseline("few_shot_prompt")
+def run_few_shot_prompt(run: BenchRun) -> None:
+    """The base model with the task's few-shot examples prepended to every prompt (in-context learning), where
+    the prompted examples fit the base model's context (``max_position_embeddings``); not applicable elsewhere."""
+    from moerge.bench.evaluate import mode_label
+
+    k = run.config.few_shot
+    meta = MethodResult(
+        name="few_shot_prompt", kind="baseline", user_data=mode_label("few-shot", run.config),
+        expert_flops_per_token=0.0, router_train_s=0.0, trainable_parameters=0,
+        description=f"the base model with the task's {k} target examples prepended to each input (in-context)",
+    )  # fmt: skip
+    if _target_skip(run, meta):
+        return
+    limit = getattr(getattr(run.model, "config", None), "max_position_embeddings", None)
+    results: list[TaskResult] = []
+    with peak_memory(run.config.device) as mem:
+        for task in run.tasks_for():
+            shots = task.target_examples()[:k]
+            if not shots:
+                results += run.skipped(
+                    meta.name, [task], "not_applicable", f"task {task.name!r} has no target data"
+                )
+                continue
+            copy = prompted(task, shots)
+            longest = max(len(run.tokenizer(ex.text, add_special_tokens=False)["input_ids"]) + 1
+                          for ex in copy.eval[: run.config.limit])  # fmt: skip
+            if limit is not None and longest > limit:
+                results += run.skipped(
+                    meta.name, [task], "not_applicable",
+                    f"the few-shot prompt of {task.name} is longer than the base model's context "
+                    "(max_position_embeddings)",
+                )  # fmt: skip
+                continue
+            results += evaluate(run, PlainSubject(run.model), meta.name, [copy])
+    run.record(meta, results, mem)

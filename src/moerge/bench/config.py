@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moerge.errors import MalformedConfigError
 
@@ -126,6 +126,25 @@ class MergeBaselineConfig(BaseModel):
         return self
 
 
+UserData = Literal["zero-shot", "few-shot", "full"]
+USER_DATA_MODES: tuple[UserData, ...] = ("zero-shot", "few-shot", "full")
+
+
+class TargetLoraConfig(BaseModel):
+    """The ``lora_target`` baseline: a LoRA trained on the same target examples a few-shot / full recipe gets
+    (`moerge.train.train_expert` with these settings, per task), folded into the weights."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(40, ge=1, description="optimizer steps per task")
+    lr: float = Field(1e-2, gt=0)
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(64, ge=2)
+    rank: int = Field(4, ge=1)
+    alpha: float = Field(8.0, gt=0)
+    seed: int = 0
+
+
 class BenchConfig(BaseModel):
     """What `run_bench` runs and how. The same object drives the Python API, YAML and `moerge bench` flags."""
 
@@ -141,7 +160,17 @@ class BenchConfig(BaseModel):
     )
     batch_size: int = Field(64, ge=1)
     limit: int | None = Field(None, ge=1, description="eval examples per task (None: all)")
-    user_data: Literal["zero-shot", "few-shot", "full"] = "zero-shot"
+    user_data: list[UserData] = Field(
+        default_factory=lambda: list(USER_DATA_MODES),
+        description="the user-data modes this run serves: each recipe runs in the mode its taxonomy record "
+        "declares (zero-shot recipes get no data; few-shot ones `few_shot` labelled examples of the task; full "
+        "ones the task's whole target split) when that mode is listed, and is reported not applicable otherwise. "
+        "A single mode (the old form) means it and every cheaper one",
+    )
+    few_shot: int = Field(
+        20, ge=1, description="labelled examples per task for few-shot recipes and baselines (5, 20, 200 …)"
+    )
+    lora_target: TargetLoraConfig = Field(default_factory=TargetLoraConfig)
     experts: list[str] | None = Field(
         None,
         description="route over these experts of the library only, in this order (None: the suite's expert "
@@ -181,6 +210,26 @@ class BenchConfig(BaseModel):
         description="torch CPU threads during the run (None: leave as is; 1 is fastest for tiny models)",
     )
     progress: bool = True
+
+    @field_validator("user_data", mode="before")
+    @classmethod
+    def _one_mode(cls, value: Any) -> Any:
+        """The old single value: that mode and the cheaper ones (``few-shot`` → zero-shot and few-shot)."""
+        if isinstance(value, str):
+            if value not in USER_DATA_MODES:
+                raise MalformedConfigError(
+                    f"user_data: {value!r} is not one of {', '.join(USER_DATA_MODES)}; give a list of them, e.g. "
+                    "user_data: [zero-shot, few-shot]"
+                )
+            return list(USER_DATA_MODES[: USER_DATA_MODES.index(value) + 1])
+        return value
+
+    @field_validator("user_data")
+    @classmethod
+    def _some_mode(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise MalformedConfigError("user_data: list at least one of zero-shot, few-shot, full")
+        return list(dict.fromkeys(value))
 
 
 @dataclass(frozen=True)

@@ -64,14 +64,16 @@ class BenchRun:
         return [t for t in self.suite.tasks if split is None or t.split == split]
 
     def batches(self, task: Any) -> list[tuple[Any, Any]]:
-        """The task's eval batches, tokenised once per run: ``[(on CPU, on the device)]``."""
-        if task.name not in self._batches:
+        """The task's eval batches, tokenised once per run: ``[(on CPU, on the device)]`` (keyed by the task's name
+        and its first eval text, so a copy with other eval examples — few-shot prompts — gets its own)."""
+        key = f"{task.name}\0{task.eval[0].text if task.eval else ''}"
+        if key not in self._batches:
             cfg = self.config
-            self._batches[task.name] = [
+            self._batches[key] = [
                 (b, to_device(b, cfg.device))
                 for b in task.eval_batches(self.tokenizer, cfg.batch_size, self.names, cfg.limit)
             ]
-        return self._batches[task.name]
+        return self._batches[key]
 
     def advance(self, n: int = 1) -> None:
         if self.progress is not None:
@@ -113,6 +115,27 @@ class BenchRun:
             )  # fmt: skip
             for t in tasks
         ]
+
+
+def mode_label(mode: str, config: BenchConfig) -> str:
+    """``zero-shot``, ``few-shot N`` or ``full``: the user-data column of the report."""
+    return f"few-shot {config.few_shot}" if mode == "few-shot" else mode
+
+
+def target_data(task: Any, mode: str, config: BenchConfig) -> Any:
+    """The `TargetData` a few-shot / full method gets for ``task`` (None where the task has none): few-shot, its
+    first ``config.few_shot`` target examples; full, all of them, the last tenth (from 10 examples on) kept as a
+    validation split. Drawn from `Task.target_examples` — never an eval or validation example."""
+    from moerge.recipes.recipe import TargetData
+
+    examples = task.target_examples()
+    if not examples:
+        return None
+    rows = [ex.as_training_row() for ex in examples]
+    if mode == "few-shot":
+        return TargetData(task.name, "few-shot", tuple(rows[: config.few_shot]))
+    n_val = len(rows) // 10 if len(rows) >= 10 else 0
+    return TargetData(task.name, "full", tuple(rows[: len(rows) - n_val]), tuple(rows[len(rows) - n_val :]))
 
 
 @dataclass

@@ -32,6 +32,12 @@ SUMMARY_COLUMNS = [
     ),
     ("routing_entropy", "route H", "mean entropy of the routing weights (nats)"),
     ("expert_flops_per_token", "expert FLOPs/tok", "expert FLOPs per token beyond the base model"),
+    (
+        "router_train_s",
+        "train s",
+        "router training (or weight search) seconds per build; 0 for zero-shot routers",
+    ),
+    ("trainable_parameters", "train params", "parameters the router (or the baseline's LoRA) trains"),
     ("eval_s", "eval s", "evaluation wall time (s)"),
     ("peak_memory_mb", "peak MiB", "peak memory added while the method ran"),
     ("held_out_rank", "held-out rank", "routed recipes ranked by mean normalised held-out quality"),
@@ -98,10 +104,18 @@ def group_cell(cell: dict[str, Any] | None) -> tuple[str, str]:
 
 
 def summary_table(results: BenchResults) -> str:
-    from moerge.bench.report import format_flops, group_title
+    from moerge.bench.report import format_count, format_flops, group_title
 
     groups = [f"{s}/{c}" for s, c in results.groups()]
-    columns = [("method", "method", ""), ("kind", "kind", "")]
+    columns = [
+        ("method", "method", ""),
+        ("kind", "kind", ""),
+        (
+            "user_data",
+            "user data",
+            "the target-task data it was given: zero-shot, few-shot N (per task) or full",
+        ),
+    ]
     columns += [
         (g, group_title(g), f"{g}: mean normalised quality (base 0, oracle 1), else raw means")
         for g in groups
@@ -109,7 +123,11 @@ def summary_table(results: BenchResults) -> str:
     columns += SUMMARY_COLUMNS
     rows = []
     for row in results.summary():
-        cells = [(row["method"], row["method"]), (row["kind"], row["kind"])]
+        cells = [
+            (row["method"], row["method"]),
+            (row["kind"], row["kind"]),
+            (row.get("user_data") or "—", row.get("user_data") or ""),
+        ]
         cells += [group_cell(row.get(g)) for g in groups]
         for key, _, _ in SUMMARY_COLUMNS:
             v = row.get(key)
@@ -117,8 +135,12 @@ def summary_table(results: BenchResults) -> str:
                 text = format_flops(v)
             elif key == "held_out_rank":
                 text = "" if v is None else str(v)
+            elif key == "trainable_parameters":
+                text = format_count(v)
             else:
-                text = fmt(v, {"eval_s": ".1f", "peak_memory_mb": ".0f"}.get(key, ".2f"))
+                text = fmt(
+                    v, {"eval_s": ".1f", "router_train_s": ".1f", "peak_memory_mb": ".0f"}.get(key, ".2f")
+                )
             cells.append((text, num(v)))
         attrs = {"data-method": row["method"], "data-status": row["status"]}
         if row.get("reason"):

@@ -56,12 +56,27 @@ def format_flops(v: float | None) -> str:
     return f"{v / 1e3:.1f}k"
 
 
+def format_user_data(v: str | None) -> str:
+    """``zero-shot`` → ``zero``, ``few-shot 20`` → ``few 20``, ``full``; ``—`` for reference baselines."""
+    if not v:
+        return "—"
+    return v.replace("zero-shot", "zero").replace("few-shot", "few")
+
+
+def format_count(v: int | None) -> str:
+    if v is None:
+        return "—"
+    if v >= 1e6:
+        return f"{v / 1e6:.1f}M"
+    return f"{v / 1e3:.1f}k" if v >= 1e4 else str(v)
+
+
 def table_rows(results: BenchResults) -> tuple[list[str], list[list[str]], list[str]]:
     """``(header, rows, footnotes)`` of the summary table (shared by the terminal and Markdown tables)."""
     summary = results.summary()
     groups = [f"{s}/{c}" for s, c in results.groups()]
-    header = ["method", *[group_title(g) for g in groups], "route acc in", "route acc out", "route H",
-              "expert FLOPs/tok", "eval s", "peak MiB", "held-out rank"]  # fmt: skip
+    header = ["method", "user data", *[group_title(g) for g in groups], "route acc in", "route acc out", "route H",
+              "expert FLOPs/tok", "train s", "train params", "eval s", "peak MiB", "held-out rank"]  # fmt: skip
     rows, notes = [], []
     for row in summary:
         name = row["method"]
@@ -76,11 +91,14 @@ def table_rows(results: BenchResults) -> tuple[list[str], list[list[str]], list[
             mark += f"[{len(notes)}]"
         rows.append([
             name + (f" {mark}" if mark else ""),
+            format_user_data(row.get("user_data")),
             *[format_group(row.get(g)) for g in groups],
             _fmt(row["routing_acc/held_in"]),
             _fmt(row["routing_acc/held_out"]),
             _fmt(row["routing_entropy"]),
             format_flops(row["expert_flops_per_token"]),
+            _fmt(row.get("router_train_s"), ".1f"),
+            format_count(row.get("trainable_parameters")),
             _fmt(row["eval_s"], ".1f"),
             _fmt(row["peak_memory_mb"], ".0f"),
             str(row.get("held_out_rank", "")),
@@ -105,6 +123,9 @@ def legend(results: BenchResults) -> str:
         if shown:
             parts.append(f"Base model on the unrelated tasks (the floor): {shown}.")
     parts.append(
+        "user data: the target-task data a method was given (zero = zero-shot; few N = N labelled examples of each "
+        "task, built and evaluated per task; full = the task's whole target split). train s / train params: its "
+        "router's training (or weight-search) time per build and trainable parameters (0 for zero-shot routers). "
         "held-out rank: routed recipes ordered by their mean normalised score over the held-out tasks where it "
         "is defined. route acc: mean routing weight on the ground-truth expert(s) of each target token; route H: mean "
         "entropy of the routing weights (nats)."
@@ -210,9 +231,10 @@ def premise_lines(results: BenchResults) -> list[str]:
 # on a narrow terminal (lowest first; `moerge.tables`). Quality columns and the method are always shown.
 SHORT_HEADERS = {"held-in": "in", "switching": "switch", "composition": "comp", "unrelated": "unrel",
                  "held-out": "out", "route acc in": "acc in", "route acc out": "acc out", "route H": "H",
-                 "expert FLOPs/tok": "FLOPs", "eval s": "s", "peak MiB": "MiB", "held-out rank": "rank"}  # fmt: skip
-DROP_ORDER = {"peak MiB": 1, "eval s": 2, "route H": 3, "held-out rank": 4, "route acc in": 5,
-              "expert FLOPs/tok": 6, "route acc out": 7}  # fmt: skip
+                 "expert FLOPs/tok": "FLOPs", "eval s": "s", "peak MiB": "MiB", "held-out rank": "rank",
+                 "user data": "data", "train s": "train", "train params": "params"}  # fmt: skip
+DROP_ORDER = {"peak MiB": 1, "eval s": 2, "route H": 3, "train params": 4, "held-out rank": 5, "route acc in": 6,
+              "train s": 7, "expert FLOPs/tok": 8, "route acc out": 9, "user data": 10}  # fmt: skip
 
 
 def summary_table(results: BenchResults) -> Any:

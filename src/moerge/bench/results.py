@@ -63,7 +63,20 @@ class MethodResult(BaseModel):
     layers: list[str] | None = Field(
         None, description="the routed modules, in the order of each task's ``layer_weights`` rows"
     )
+    user_data: str | None = Field(
+        None,
+        description="the target data it was given: zero-shot, few-shot N or full (None: a reference baseline)",
+    )
     expert_flops_per_token: float | None = None
+    router_train_s: float | None = Field(
+        None,
+        description="seconds spent training its router (or searching its weights) per build, the mean over the "
+        "per-task builds of a few-shot / full method (Router.train_seconds); 0 for zero-shot routers",
+    )
+    trainable_parameters: int | None = Field(
+        None,
+        description="parameters its router trains (Router.trainable_parameters; a LoRA's for lora_target)",
+    )
     build_s: float = 0.0
     eval_s: float = 0.0
     peak_memory_mb: float | None = None
@@ -149,7 +162,10 @@ class BenchResults(BaseModel):
             ]
             row["routing_entropy"] = sum(ents) / len(ents) if ents else None
             row["held_out_score"] = self.held_out_score(m.name)
+            row["user_data"] = m.user_data
             row["expert_flops_per_token"] = m.expert_flops_per_token
+            row["router_train_s"] = m.router_train_s
+            row["trainable_parameters"] = m.trainable_parameters
             row["eval_s"] = m.eval_s
             row["peak_memory_mb"] = m.peak_memory_mb
             rows.append(row)

@@ -42,7 +42,7 @@ from moerge.bench.config import (
     check_merge_baseline,
     parse_method,
 )
-from moerge.bench.evaluate import BenchRun, evaluate, timed
+from moerge.bench.evaluate import BenchRun, evaluate, mode_label, target_data, timed
 from moerge.bench.metrics import peak_memory
 from moerge.bench.results import BenchResults, MethodResult, TaskResult, normalize
 from moerge.bench.subjects import RoutedSubject
@@ -87,16 +87,26 @@ def check_methods(specs: Sequence[RecipeSpec]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- recipes
+def recipe_mode(rec: Any) -> str:
+    """The user-data mode a recipe runs in: its taxonomy record's (``multiple`` counts as zero-shot: no data)."""
+    mode = rec.taxonomy.user_data
+    return mode if mode in ("few-shot", "full") else "zero-shot"
+
+
 def run_recipe(run: BenchRun, spec: RecipeSpec) -> None:
-    """Attach ``spec``'s recipe once, evaluate every split its taxonomy record allows."""
+    """Attach ``spec``'s recipe and evaluate every split its taxonomy record allows: once for every task when it
+    is zero-shot, or once per task with that task's `TargetData` (few-shot / full, as its record declares),
+    evaluated on that task only."""
     from moerge.recipes.facade import attach, detach
     from moerge.recipes.registry import get_recipe
 
     rec = get_recipe(spec.recipe)
     opts = rec.parse_options(spec.options)
+    mode = recipe_mode(rec)
     meta = MethodResult(
         name=spec.label, kind="recipe", recipe=rec.name, options=opts.model_dump(), routed=True,
-        taxonomy=rec.taxonomy_for(opts), description=rec.summary,
+        taxonomy=rec.taxonomy_for(opts), description=rec.summary, user_data=mode_label(mode, run.config),
+
     )  # fmt: skip
     ctx = run.build_context()
     runnable: list[Any] = []
@@ -106,38 +116,63 @@ def run_recipe(run: BenchRun, spec: RecipeSpec) -> None:
         if not tasks:
             continue
         try:
-            rec.check_applicable(
-                ctx, user_data=run.config.user_data, generalization=GENERALIZATION[split], options=opts
-            )
+            if mode not in run.config.user_data:
+                raise RecipeNotApplicableError(
+                    f"recipe {rec.name!r} needs {mode} target data, and this run serves "
+                    f"{', '.join(run.config.user_data)} (add {mode} to user_data / --user-data)"
+                )
+            rec.check_applicable(ctx, user_data=mode, generalization=GENERALIZATION[split], options=opts)
             runnable += tasks
         except RecipeNotApplicableError as e:
             results += run.skipped(spec.label, tasks, "not_applicable", str(e))
-    mem: dict[str, Any] = {}
-    if runnable:
-        with peak_memory(run.config.device) as mem:
+    # zero-shot: one build for every task; few-shot / full: one build per task, with that task's data
+    builds: list[tuple[list[Any], Any]] = []
+    if mode == "zero-shot":
+        builds = [(runnable, None)] if runnable else []
+    else:
+        for task in runnable:
+            data = target_data(task, mode, run.config)
+            if data is None:
+                results += run.skipped(spec.label, [task], "not_applicable",
+                                       f"task {task.name!r} has no target data (a `target` split) for {mode} use")  # fmt: skip
+            else:
+                builds.append(([task], data))
+    train_s: list[float] = []
+    with peak_memory(run.config.device) as mem:
+        for tasks, data in builds:
             try:
-                routed, meta.build_s = timed(
-                    lambda: attach(
+                routed, build_s = timed(
+                    lambda data=data: attach(
                         run.model,
                         run.library,
                         rec,
                         experts=run.names,
                         tokenizer=run.tokenizer,
                         embedders=run.embedders,
+                        target=data,
                         **opts.model_dump(),
                     )  # fmt: skip
                 )
             except RecipeNotApplicableError as e:
-                results += run.skipped(spec.label, runnable, "not_applicable", str(e))
+                results += run.skipped(spec.label, tasks, "not_applicable", str(e))
+                continue
             except MoergeError as e:
-                results += run.skipped(spec.label, runnable, "error", f"{type(e).__name__}: {e}")
-            else:
-                try:
-                    subject = RoutedSubject(routed)
-                    meta.expert_flops_per_token = subject.flops
-                    results += evaluate(run, subject, spec.label, runnable)
-                finally:
-                    detach(routed)
+                results += run.skipped(spec.label, tasks, "error", f"{type(e).__name__}: {e}")
+                continue
+            meta.build_s += build_s
+            try:
+                subject = RoutedSubject(routed)
+                meta.expert_flops_per_token = subject.flops
+                router = routed.router
+                train_s.append(float(getattr(router, "train_seconds", 0.0) or 0.0))
+                meta.trainable_parameters = max(
+                    meta.trainable_parameters or 0, int(getattr(router, "trainable_parameters", 0) or 0)
+                )
+                results += evaluate(run, subject, spec.label, tasks)
+            finally:
+                detach(routed)
+    if train_s:
+        meta.router_train_s = sum(train_s) / len(train_s)
     order = {t.name: i for i, t in enumerate(run.suite.tasks)}
     results.sort(key=lambda r: order[r.task])
     if results and all(r.status != "ok" for r in results):

@@ -80,6 +80,8 @@ def _run(
     experts: list[str] | None = None,
     artifacts_dir: Path | None = None,
     write_artifacts: bool = False,
+    user_data: list[str] | None = None,
+    few_shot: int | None = None,
 ) -> None:
     from moerge.cli import plugins as cli_plugins
     from moerge.cli.common import console, err_console
@@ -103,7 +105,8 @@ def _run(
              "prepare_artifacts": artifacts, "device": device, "threads": threads,
              "experts": routing_options.parse_experts(experts),
              "artifacts_dir": str(artifacts_dir) if artifacts_dir is not None else None,
-             "write_artifacts": write_artifacts or None}  # fmt: skip
+             "write_artifacts": write_artifacts or None, "few_shot": few_shot,
+             "user_data": [m.strip() for v in user_data for m in v.split(",") if m.strip()] if user_data else None}  # fmt: skip
     fields.update({k: v for k, v in flags.items() if v is not None})
     fields["progress"] = progress
     cli_plugins.load(plugins)  # before the config: its merges may name a plugin's merge method
@@ -346,13 +349,25 @@ def bench(
     plots: bool = typer.Option(True, "--plots/--no-plots", help="write the report's plots"),
     wide: bool = wide_option(),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON instead of tables"),
+    user_data: list[str] | None = typer.Option(
+        None,
+        "--user-data",
+        help="user-data modes to serve: zero-shot, few-shot, full (repeatable or comma-separated; default: all). "
+        "Each recipe runs in the mode its taxonomy record declares, or is reported not applicable",
+    ),
+    few_shot: int | None = typer.Option(
+        None,
+        "--few-shot",
+        min=1,
+        help="labelled examples per task for few-shot recipes and baselines (default 20)",
+    ),
 ) -> None:
     """Run recipes and baselines on a suite: quality, routing, cost; write report.md, report.html, results.json."""
     if ctx.invoked_subcommand is not None:
         return
     _run(suite, recipe, baseline, library, base, out, config, limit, batch_size, reduced, root, rebuild,
          artifacts, device, progress, threads, plugin, seeds, plots, wide, as_json, experts, artifacts_dir,
-         write_artifacts)  # fmt: skip
+         write_artifacts, user_data, few_shot)  # fmt: skip
 
 
 def report(

@@ -89,7 +89,9 @@ def attach(
     else:
         rec = get_recipe(recipe)
         opts = rec.parse_options(options)
-        rec.check_applicable(ctx, options=opts)
+        # the user-data check against the data given; without any, a recipe that needs it says how to pass it
+        # (`BuildContext.require_target`) when its builder asks
+        rec.check_applicable(ctx, user_data=target.mode if target is not None else "full", options=opts)
         if rec.builder is None:  # the base recipe: no expert layers
             return MoErgedModel(model, {}, ctx.names, None, "output", CallOwner(), rec, opts, tokenizer)
     layers, owner = inject(model, expert_list, target_modules)

@@ -167,6 +167,23 @@ class Task(BaseModel):
         description="held-in: examples for tuning merge hyperparameters (not trained on)",
     )
     eval: list[Example] = Field(default_factory=list)
+    target: list[Example] = Field(
+        default_factory=list,
+        description="labelled training examples of the task for recipes that learn from the target task's data "
+        "(few-shot: the first N; full: all), disjoint from eval and validation; a held-in task without them "
+        "uses its training examples (`target_examples`)",
+    )
+
+    @model_validator(mode="after")
+    def _target_disjoint(self) -> Task:
+        held = self._held_texts()
+        leaked = [ex.text for ex in self.target if ex.text in held]
+        if leaked:
+            raise ValueError(
+                f"task {self.name!r}: {len(leaked)} target example(s) also appear in its eval or "
+                f"validation split (first: {leaked[0][:40]!r}); remove them from the target data"
+            )
+        return self
 
     @property
     def held_in(self) -> bool:
@@ -183,6 +200,18 @@ class Task(BaseModel):
 
     def training_rows(self) -> list[dict[str, str]]:
         return [ex.as_training_row() for ex in self.train]
+
+    def target_examples(self) -> list[Example]:
+        """The labelled data a user of this task brings (few-shot or full): the task's ``target`` split, else,
+        for a held-in task, its training examples (what its expert was trained on) less any whose text is also
+        an eval or validation example. Never an eval example."""
+        if self.target or not self.held_in:
+            return list(self.target)
+        held = self._held_texts()
+        return [ex for ex in self.train if ex.text not in held]
+
+    def _held_texts(self) -> set[str]:
+        return {ex.text for ex in self.eval} | {ex.text for ex in self.validation}
 
     def eval_batches(
         self,
@@ -384,6 +413,11 @@ class TaskSpec(BaseModel):
     validation: str | None = Field(
         None, description="JSONL file of validation examples for tuning merges (optional; held-in tasks)"
     )
+    target: str | None = Field(
+        None,
+        description="JSONL file of the task's labelled training examples for few-shot / full-data recipes "
+        "(optional; disjoint from eval and validation)",
+    )
 
     @model_validator(mode="after")
     def _held_in_has_expert(self) -> TaskSpec:
@@ -478,8 +512,9 @@ def load_jsonl_suite(folder: str | Path) -> Suite:
         ceiling = t.ceiling if t.ceiling is not None else (1.0 if t.metric == "exact_match" else None)
         train = _read_examples(folder / t.train, label) if t.train else []
         validation = _read_examples(folder / t.validation, label) if t.validation else []
-        tasks.append(
-            Task(
+        target = _read_examples(folder / t.target, label) if t.target else []
+        try:
+            task = Task(
                 name=t.name,
                 split=t.split,
                 condition=condition,
@@ -490,8 +525,11 @@ def load_jsonl_suite(folder: str | Path) -> Suite:
                 train=train,
                 validation=validation,
                 eval=_read_examples(folder / t.eval, label),
+                target=target,
             )
-        )
+        except ValidationError as e:
+            raise SuiteError(f"{spec_file}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from e
+        tasks.append(task)
     try:
         return Suite(
             name=spec.name,
@@ -508,7 +546,7 @@ def load_jsonl_suite(folder: str | Path) -> Suite:
 
 
 def write_jsonl_suite(suite: Suite, folder: str | Path, **paths: str | None) -> Path:
-    """Write ``suite`` as a suite folder (``suite.yaml`` + ``tasks/<name>.{train,eval}.jsonl``).
+    """Write ``suite`` as a suite folder (``suite.yaml`` + ``tasks/<name>.{train,validation,eval,target}.jsonl``).
 
     ``paths`` may give ``base_model=``, ``library=``, ``baselines=`` relative to the folder.
     """
@@ -530,7 +568,7 @@ def write_jsonl_suite(suite: Suite, folder: str | Path, **paths: str | None) -> 
             entry["ceiling"] = t.ceiling
         if t.description:
             entry["description"] = t.description
-        for part in ("train", "validation", "eval"):
+        for part in ("train", "validation", "eval", "target"):
             rows = getattr(t, part)
             if rows:
                 rel = f"tasks/{t.name}.{part}.jsonl"

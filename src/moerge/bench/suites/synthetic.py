@@ -190,6 +190,12 @@ class SyntheticSuiteConfig(BaseModel):
     n_validation: int = Field(
         32, ge=0, description="validation examples per held-in task (for tuning merges; never trained on)"
     )
+    n_target: int = Field(
+        256,
+        ge=1,
+        description="labelled target examples per held-out task for few-shot / full-data recipes (drawn from "
+        "streams of their own, disjoint from eval; not hashed: they change neither the experts nor the eval data)",
+    )
     n_pretrain: int = Field(4000, ge=16, description="pretraining rows")
     switch_segments: tuple[int, int] = (2, 3)
     markov_len: int = Field(24, ge=4)
@@ -233,6 +239,7 @@ class SyntheticSuiteConfig(BaseModel):
             n_train=64,
             n_eval=8,
             n_validation=4,
+            n_target=24,
             n_pretrain=256,
             model=TinyModelConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
             pretrain=PretrainConfig(steps=30, lr=3e-3, batch_size=16, seq_len=64, warmup_steps=5),
@@ -248,6 +255,9 @@ class SyntheticSuiteConfig(BaseModel):
         data = self.model_dump(mode="json")
         data.pop("progress")
         data.pop("threads")
+        data.pop(
+            "n_target"
+        )  # target splits are generated on load (`target_splits`); the build does not use them
         for part in ("pretrain", "expert", "multitask"):
             data[part].pop("progress", None)
         blob = json.dumps({"version": SUITE_VERSION, "config": data}, sort_keys=True)
@@ -528,6 +538,62 @@ def build_tasks(config: SyntheticSuiteConfig) -> tuple[list[Task], list[dict[str
     return tasks, pretrain, info
 
 
+def target_splits(config: SyntheticSuiteConfig, tasks: list[Task]) -> dict[str, list[Example]]:
+    """``{held-out task: n_target labelled examples}``, the task's own training split for recipes that learn from
+    the target task (few-shot: the first N; full: all). Each comes from a seeded stream of its own (so the
+    experts, eval and pretraining data do not change) and no example's text equals one of the task's eval
+    examples. Held-in tasks use their training examples (`Task.target_examples`)."""
+    defs = {d.name: d for d in task_defs(config)}
+    chain = markov_chain(config)
+    out: dict[str, list[Example]] = {}
+    for task in tasks:
+        if task.held_in:
+            continue
+        rng = _rng(config.seed, "target", task.name)
+        make: Callable[[], Example]
+        if task.condition == "switching":
+            order = list(defs.values())
+
+            def make(rng: random.Random = rng, order: list[TaskDef] = order) -> Example:
+                return switching_example(rng, order, config)
+        elif task.condition == "composition":
+            a, b = (defs[n] for n in task.experts)
+
+            def make(rng: random.Random = rng, a: TaskDef = a, b: TaskDef = b) -> Example:
+                return blend_example(rng, a, b, config)
+        elif task.metric == "nll":
+
+            def make(rng: random.Random = rng) -> Example:
+                t = markov_text(rng, chain, config.markov_len)
+                return Example(text=t, targets=[(0, len(t))])
+        else:  # copy
+
+            def make(rng: random.Random = rng) -> Example:
+                n = rng.randint(config.min_len, config.max_len)
+                s = "".join(rng.choice(DIGITS) for _ in range(n))
+                return Example.from_prompt(s + SEP, s)
+
+        held = {ex.text for ex in task.eval} | {ex.text for ex in task.validation}
+        rows: list[Example] = []
+        for _ in range(50 * config.n_target):
+            if len(rows) == config.n_target:
+                break
+            ex = make()
+            if ex.text not in held:
+                held.add(ex.text)  # no duplicates within the split either
+                rows.append(ex)
+        out[task.name] = rows
+    return out
+
+
+def with_targets(suite: Suite, config: SyntheticSuiteConfig) -> Suite:
+    """``suite`` with `target_splits` on its held-out tasks (a suite built before they existed gets them too)."""
+    splits = target_splits(config, suite.tasks)
+    tasks = [Task.model_validate({**dict(t), "target": splits[t.name]}) if t.name in splits else t
+             for t in suite.tasks]  # fmt: skip
+    return suite.model_copy(update={"tasks": tasks})
+
+
 def pretraining_rows(
     config: SyntheticSuiteConfig, defs: list[TaskDef], copy_inputs: list[str], chain: list[list[float]]
 ) -> list[dict[str, str]]:
@@ -582,12 +648,13 @@ def build_synthetic_suite(
 ) -> Suite:
     """The synthetic suite for ``config``: loaded from the cache, or built (a few minutes) and cached."""
     config = config or SyntheticSuiteConfig()
-    return build_cached(
+    suite = build_cached(
         suite_folder(config, root),
         lambda out, steps: _build_into(out, steps, config),
         force,
         progress=config.progress,
     )
+    return with_targets(suite, config)
 
 
 def dense_merged(model, expert):
@@ -697,6 +764,7 @@ def _build_steps(out: Path, steps: BuildSteps, config: SyntheticSuiteConfig) -> 
     tasks, pretrain_rows, info = build_tasks(config)
     key = config.key()
     suite = Suite(name=f"synthetic-{key}", tasks=tasks, experts=[t.name for t in tasks if t.held_in], info={})
+    suite = with_targets(suite, config)  # written with the suite, so its folder alone is complete
     steps.time("data", time.perf_counter() - t0, time.process_time() - c0)
 
     model, tokenizer = build_tiny_model(config.model)
