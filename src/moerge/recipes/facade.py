@@ -89,7 +89,7 @@ def attach(
     else:
         rec = get_recipe(recipe)
         opts = rec.parse_options(options)
-        rec.check_applicable(ctx, options=opts)
+        rec.check_applicable(ctx, options=opts, user_data=target.mode if target is not None else "zero-shot")
         if rec.builder is None:  # the base recipe: no expert layers
             return MoErgedModel(model, {}, ctx.names, None, "output", CallOwner(), rec, opts, tokenizer)
     layers, owner = inject(model, expert_list, target_modules)
