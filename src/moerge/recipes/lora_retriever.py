@@ -8,8 +8,10 @@ contrastively fine-tuned Instructor, so the recipe needs no target data). Each e
 ``instruction + input``, retrieves its top-k experts by cosine, and composes them:
 
 - ``composition="mixture"``: the average of the k experts' outputs, y = Wx + (1/k) Σ B_i A_i x (per module);
-- ``composition="fusion"``: the average of their parameters, one ΔW = (1/k) Σ B_i A_i per example (moerge's
-  exact ``parameter`` aggregation; the paper's Θ-average of LoRA factors is ``fusion_of="factors"``).
+- ``composition="fusion"``: the average of their parameters, one LoRA per example: the paper's Θ = (1/k) Σ Θ_i
+  averages the factors, ΔW = ((1/k) Σ B_i)((1/k) Σ s_i A_i) (``fusion_of="factors"``, the default, moerge's
+  ``factor`` aggregation); ``fusion_of="delta"`` averages the updates, ΔW = (1/k) Σ B_i A_i (``parameter``
+  aggregation) — for LoRA experts that equals the mixture, since each module's update is linear in x.
 
 Every example of a batch has its own expert set, served in one forward (the expert layers gather per example).
 """
@@ -35,7 +37,7 @@ class LoraRetrieverOptions(EmbedderOptions):
     k: int = Field(default=3, ge=1)
     instruction: str = DEFAULT_INSTRUCTION
     composition: Literal["mixture", "fusion"] = "mixture"
-    fusion_of: Literal["delta", "factors"] = "delta"
+    fusion_of: Literal["factors", "delta"] = "factors"
     index: Backend = "auto"
 
 
