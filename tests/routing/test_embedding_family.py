@@ -14,7 +14,6 @@ from moerge.experts.library import ExpertLibrary
 from moerge.recipes import BuildContext, get_recipe
 from moerge.recipes.facade import attach
 from moerge.recipes.recipe import TargetData
-from moerge.routing.embedding import HiddenStateEmbedder
 from moerge.routing.index import VectorIndex, faiss_available
 from moerge.routing.inputs import RoutingInputs
 from moerge.transforms.centroids import compute_embedding_centroids
@@ -30,7 +29,10 @@ class CharHistogramEmbedder:
 
     def embed_texts(self, texts):
         return torch.stack(
-            [torch.bincount(torch.tensor([ord(c) for c in t] or [0]), minlength=128)[:128].float() for t in texts]
+            [
+                torch.bincount(torch.tensor([ord(c) for c in t] or [0]), minlength=128)[:128].float()
+                for t in texts
+            ]
         )
 
 
@@ -54,7 +56,9 @@ def family(tmp_path_factory, tiny_llama):
         recipe = get_recipe(name)
         ctx = BuildContext(model=model, experts=experts, library=lib, embedder=emb)
         opts = recipe.parse_options({})
-        recipe.signatures[0].compute(ctx, opts, {n: r[: recipe.signatures[0].max_rows] for n, r in rows.items()})
+        recipe.signatures[0].compute(
+            ctx, opts, {n: r[: recipe.signatures[0].max_rows] for n, r in rows.items()}
+        )
     return model, tok, experts, lib, data
 
 
@@ -126,7 +130,9 @@ def test_kmeans_reaches_a_lloyd_fixed_point_and_finds_separated_blobs():
 # ---------------------------------------------------------------------------------------------- LoraRetriever
 def _retriever_reference(data, instruction, texts, k):
     """Each text's top-k experts: cosine of hist(instruction + x) to the mean of hist(instruction + sample)."""
-    means = torch.stack([histogram([instruction + t for t in data[f"expert{i}"][:20]]).mean(0) for i in range(3)])
+    means = torch.stack(
+        [histogram([instruction + t for t in data[f"expert{i}"][:20]]).mean(0) for i in range(3)]
+    )
     q = torch.nn.functional.normalize(histogram([instruction + t for t in texts]), dim=-1)
     sims = q @ torch.nn.functional.normalize(means, dim=-1).T
     return [sorted(range(3), key=lambda e: (-float(sims[b, e]), e))[:k] for b in range(len(texts))]
@@ -153,9 +159,9 @@ def test_lora_retriever_mixed_batch_matches_one_example_at_a_time(family, compos
         alone, one = run(routed, tok, [text])
         n = int(one["attention_mask"].sum())
         torch.testing.assert_close(batch[b, :n], alone[0, :n], atol=1e-5, rtol=1e-5)  # right padding
-        ref_model = (factor_merged_copy if (composition, fusion_of) == ("fusion", "factors") else merged_copy)(
-            model, experts, want_w
-        )
+        ref_model = (
+            factor_merged_copy if (composition, fusion_of) == ("fusion", "factors") else merged_copy
+        )(model, experts, want_w)
         with torch.no_grad():
             ref = ref_model(**one).logits
         torch.testing.assert_close(alone, ref, atol=1e-4, rtol=1e-4)
@@ -183,3 +189,124 @@ def test_airoboros_routes_each_example_to_the_nearest_bank_on_average(family):
                 **{k: v[b : b + 1] for k, v in enc.items()}
             ).logits
         torch.testing.assert_close(logits[b : b + 1], ref, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- AdapterSoup
+@pytest.mark.parametrize("selection", ["similarity", "clustering"])
+def test_adapter_soup_averages_the_experts_its_target_texts_choose(family, selection):
+    model, tok, experts, lib, data = family
+    target_texts = [
+        t[:12] + u[:12] for t, u in zip(task_texts("task1", 4, seed=50), task_texts("task2", 4, seed=51))
+    ]
+    target = TargetData("new-task", "few-shot", tuple({"prompt": t, "completion": ""} for t in target_texts))
+    with pytest.raises(RecipeNotApplicableError, match="few-shot"):
+        attach(copy.deepcopy(model), lib, recipe="adapter_soup", embedder=CharHistogramEmbedder())
+    routed = attach(copy.deepcopy(model), lib, recipe="adapter_soup", embedder=CharHistogramEmbedder(),
+                    target=target, k=2, selection=selection)  # fmt: skip
+    q = histogram(target_texts)
+    if selection == "similarity":  # mean cosine of the target texts to each expert's data centroid
+        cents = [histogram(data[f"expert{i}"]).mean(0) for i in range(3)]
+        scores = [float(torch.nn.functional.cosine_similarity(q, c[None]).mean()) for c in cents]
+    else:  # share of each expert's samples in the clusters the target texts fall into
+        bank = torch.cat([histogram(data[f"expert{i}"]) for i in range(3)])
+        fit = kmeans(bank, 3, seed=0)
+        target_clusters = torch.cdist(q.double(), fit.centroids.double()).argmin(1).tolist()
+        scores = []
+        for i in range(3):
+            mine = fit.labels[i * 12 : (i + 1) * 12].tolist()
+            scores.append(
+                sum(mine.count(c) / 12 * target_clusters.count(c) / len(q) for c in set(target_clusters))
+            )
+    chosen = sorted(range(3), key=lambda e: (-scores[e], e))[:2]
+    chosen = [e for e in chosen if scores[e] > 0] or chosen[:1]
+    want = torch.zeros(3)
+    want[chosen] = 1.0 / len(chosen)
+    texts = task_texts("task0", 2, seed=52)
+    got, enc = run(routed, tok, texts)
+    with torch.no_grad():
+        ref = merged_copy(model, experts, want)(**enc).logits
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- Mo'LoRA
+def test_molora_merges_per_example_by_cosine_shares(family):
+    model, tok, experts, lib, data = family
+    texts = [task_texts("task0", 1, seed=60)[0][:12] + task_texts("task1", 1, seed=61)[0][:12],
+             task_texts("task2", 1, seed=62)[0]]  # fmt: skip
+    routed = attach(copy.deepcopy(model), lib, recipe="molora", embedder=CharHistogramEmbedder())
+    got, enc = run(routed, tok, texts, routing=RoutingInputs(texts=texts))
+    cents = torch.stack([histogram(data[f"expert{i}"]).mean(0) for i in range(3)])
+    cos = torch.nn.functional.cosine_similarity(histogram(texts)[:, None], cents[None], dim=-1).clamp(min=0)
+    for b in range(2):
+        with torch.no_grad():
+            ref = merged_copy(model, experts, cos[b] / cos[b].sum())(
+                **{k: v[b : b + 1] for k, v in enc.items()}
+            ).logits
+        torch.testing.assert_close(got[b : b + 1], ref, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- Token-Level Adaptation
+def _tla_weights(tok, ids, cents):
+    cos = torch.nn.functional.cosine_similarity(
+        histogram([tok.decode(ids, skip_special_tokens=True)]), cents, dim=-1
+    )
+    boost = torch.ones(3)
+    boost[cos.argmax()] = 4.0
+    return torch.softmax(cos * boost, -1)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_token_level_adaptation_reembeds_the_prefix_every_n_tokens(family, every):
+    from moerge.model.generation import GenerateConfig, complete
+
+    model, tok, experts, lib, data = family
+    routed = attach(copy.deepcopy(model), lib, recipe="token_level_adaptation", tokenizer=tok,
+                    embedder=CharHistogramEmbedder(), every=every)  # fmt: skip
+    prompt = task_texts("task0", 1, seed=70)[0][:10]
+    got = complete(routed, tok, prompt, GenerateConfig(max_new_tokens=6))  # generate without a KV cache
+    cents = torch.stack([histogram(data[f"expert{i}"]).mean(0) for i in range(3)])
+    # reference, written out: no cache; PEFT's linear mix (both factors scaled by √w) of the current weights
+    ids = got.ids[: got.prompt_tokens].tolist()
+    w, since, history = _tla_weights(tok, ids, cents), 0, 1
+    for _ in range(6):
+        with torch.no_grad():
+            logits = factor_merged_copy(model, experts, w.sqrt())(input_ids=torch.tensor([ids])).logits
+        ids.append(int(logits[0, -1].argmax()))
+        if ids[-1] == tok.eos_token_id:
+            break
+        since += 1
+        if since >= every:
+            w, since, history = _tla_weights(tok, ids, cents), 0, history + 1
+    assert got.ids.tolist() == ids[: len(got.ids)]
+    assert len(routed.last_call().plan["history"]) >= history - 1
+
+
+# ---------------------------------------------------------------------------------------------- What the Weight?!
+@pytest.mark.parametrize(
+    ("scoring", "combination", "k"), [("prior", "parameter", 2), ("entropy", "top1", None)]
+)
+def test_what_the_weight_likelihood_scores_match_single_expert_models(family, scoring, combination, k):
+    model, tok, experts, lib, data = family
+    texts = [task_texts("task1", 1, seed=80)[0], task_texts("task2", 1, seed=81)[0][:16]]
+    routed = attach(copy.deepcopy(model), lib, recipe="what_the_weight", embedder=CharHistogramEmbedder(),
+                    scoring=scoring, combination=combination, k=k)  # fmt: skip
+    got, enc = run(routed, tok, texts)
+    for b in range(2):
+        one = {key: v[b : b + 1, : int(enc["attention_mask"][b].sum())] for key, v in enc.items()}
+        ll, ent = [], []
+        for e in range(3):
+            with torch.no_grad():
+                logp = torch.log_softmax(
+                    merged_copy(model, experts, torch.eye(3)[e])(**one).logits[0, :-1], -1
+                )
+            ll.append(float(logp.gather(-1, one["input_ids"][0, 1:, None]).sum()))
+            ent.append(float(-(logp.exp() * logp).sum(-1).mean()))
+        s = torch.softmax(torch.tensor(ll) if scoring == "prior" else -torch.tensor(ent), -1)
+        keep = sorted(range(3), key=lambda e: -float(s[e]))[: (1 if combination == "top1" else k)]
+        w = torch.zeros(3)
+        w[keep] = s[keep] / s[keep].sum()
+        torch.testing.assert_close(routed.last_call().plan["scores"][b], s, atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            ref = merged_copy(model, experts, w)(**one).logits
+        n = one["input_ids"].shape[1]
+        torch.testing.assert_close(got[b : b + 1, :n], ref, atol=1e-4, rtol=1e-4)

@@ -149,9 +149,13 @@ class MoErgedModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, *args: Any, routing: RoutingInputs | None = None, **kwargs: Any) -> Any:
-        """``model.generate`` with the experts routed; token-level routers route every new token."""
+        """``model.generate`` with the experts routed; token-level routers route every new token. A router that
+        re-weights the whole prefix as it grows (``router.recompute``) generates without a KV cache unless
+        ``use_cache=True`` is passed."""
         if self.router is None:
             return self.model.generate(*args, **kwargs)
+        if self.router.recompute:  # the router re-weights the whole prefix: no stale keys/values
+            kwargs.setdefault("use_cache", False)
         with self._call_from(routing, args, kwargs):
             return self.model.generate(*args, **kwargs)
 

@@ -50,7 +50,8 @@ def default_embedder(
 
 class EmbeddingRouter(Router):
     """Example embeddings scored against per-expert centroids (cosine); DAM-style per-example weights (dense
-    softmax) or top-k. ``granularity="task"`` averages the weights over the examples of each task in the call."""
+    softmax) or top-k. ``granularity="task"`` averages the weights over the examples of each task in the call.
+    ``weighting="sum"`` (Mo'LoRA) uses the cosines themselves, negatives set to 0, divided by their sum."""
 
     def __init__(
         self,
@@ -58,17 +59,22 @@ class EmbeddingRouter(Router):
         centroids: torch.Tensor,
         selection: SelectionConfig,
         granularity: Literal["example", "task"] = "example",
+        weighting: Literal["softmax", "sum"] = "softmax",
     ):
         self.embedder = embedder
         self.centroids = centroids.float()
         self.selection = selection
         self.granularity = granularity
+        self.weighting = weighting
 
     def begin_call(self, call: CallState) -> None:
         emb = call.embed(self.embedder)
         scores = prototype_scores(emb.float(), self.centroids.to(emb.device), "cos")
         if self.granularity == "task":
             scores = _average_by_task(scores, call.inputs.task_names)
+        if self.weighting == "sum":
+            call.plan["selection"] = Selection(cosine_shares(scores), None, "example")
+            return
         call.plan["selection"] = select(scores, self.selection, "example")
 
     def experts_per_token(self, num_experts: int) -> float:
@@ -188,12 +194,15 @@ def boosted_softmax(cos: torch.Tensor, temperature: float) -> torch.Tensor:
 class PrefixRouter(Router):
     """Token-Level Adaptation: the weights come from the embedding of the whole current text (prompt plus what
     has been generated), recomputed every ``every`` generated tokens (`on_forward` sees each step's tokens).
+    ``recompute = True``: the routed model generates without a KV cache (as the official code, which reruns
+    the whole text for every token), so every token is computed with the current weights.
 
     ``sqrt_weights`` hands the expert layers √w (for PEFT's ``linear`` weighted adapter, which scales both
     factors by √w: ΔW = (Σ√w_i B_i)(Σ√w_i s_i A_i), run as moerge's ``factor`` aggregation)."""
 
     granularity = "example"
     follows_forwards = True
+    recompute = True
 
     def __init__(self, embedder: Embedder, centroids: torch.Tensor, every: int = 2, temperature: float = 4.0,
                  sqrt_weights: bool = True):  # fmt: skip
@@ -223,14 +232,21 @@ class PrefixRouter(Router):
         if prefix is None:  # the first pass: the prompt itself, already embedded in begin_call
             rows = input_ids.cpu()
             if attention_mask is not None and attention_mask.shape == input_ids.shape:
-                rows = [r[m.bool().cpu()] for r, m in zip(rows, attention_mask, strict=True)]
+                rows = [r[m.bool().cpu()] for r, m in zip(rows, attention_mask.cpu(), strict=True)]
             call.plan["prefix"] = [r.tolist() for r in rows]
             call.plan["prompt_tokens"] = [len(r) for r in call.plan["prefix"]]
-            call.plan["since"] = 0
+            call.plan["width"], call.plan["since"] = input_ids.shape[1], 0
             return
-        for row, new in zip(prefix, input_ids.cpu().tolist(), strict=True):
-            row.extend(new)
-        call.plan["since"] += input_ids.shape[1]
+        # without a KV cache each pass gets the whole sequence; with one, only the new tokens
+        seen = call.plan["width"]
+        width = input_ids.shape[1] if input_ids.shape[1] > seen else seen + input_ids.shape[1]
+        new = width - call.plan["width"]
+        if new <= 0:
+            return
+        for row, toks in zip(prefix, input_ids[:, -new:].cpu().tolist(), strict=True):
+            row.extend(toks)
+        call.plan["width"] = width
+        call.plan["since"] += new
         if call.plan["since"] >= self.every:
             call.plan["since"] = 0
             self._decide(call, self._embed_prefixes(call, prefix))

@@ -46,8 +46,10 @@ class Router:
     def select(self, module: str, x: torch.Tensor, call: CallState) -> Selection | None:
         return call.plan.get("selection")
 
-    # Routers that re-decide as the input grows (Token-Level Adaptation) set this and implement `on_forward`.
+    # Routers that re-decide as the input grows (Token-Level Adaptation) set this and implement `on_forward`;
+    # `recompute` asks generate to run without a KV cache (earlier tokens recomputed with the new weights).
     follows_forwards: bool = False
+    recompute: bool = False
 
     def on_forward(
         self, call: CallState, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
