@@ -230,9 +230,9 @@ class PrefixRouter(Router):
     ) -> None:
         prefix = call.plan.get("prefix")
         if prefix is None:  # the first pass: the prompt itself, already embedded in begin_call
-            rows = input_ids.cpu()
+            rows: list[torch.Tensor] = list(input_ids.cpu())
             if attention_mask is not None and attention_mask.shape == input_ids.shape:
-                rows = [r[m.bool().cpu()] for r, m in zip(rows, attention_mask.cpu(), strict=True)]
+                rows = [r[m.bool()] for r, m in zip(rows, attention_mask.cpu(), strict=True)]
             call.plan["prefix"] = [r.tolist() for r in rows]
             call.plan["prompt_tokens"] = [len(r) for r in call.plan["prefix"]]
             call.plan["width"], call.plan["since"] = input_ids.shape[1], 0
