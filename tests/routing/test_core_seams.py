@@ -128,7 +128,12 @@ def test_every_recipe_runs_on_a_non_cpu_device(library_with_signatures, recipe):
     ids = tok(texts, return_tensors="pt", padding=True)["input_ids"].to("meta")
     for options in _variants(rec):
         meta_model = copy.deepcopy(model).to("meta")
-        routed = attach(meta_model, lib, recipe, embedder=CpuEmbedder(), **options)
+        target = None
+        if rec.taxonomy.user_data == "few-shot":  # a few unlabelled target texts (AdapterSoup)
+            from moerge.recipes.recipe import TargetData
+
+            target = TargetData("task1", "few-shot", tuple({"prompt": t} for t in task_texts("task1", 3)))
+        routed = attach(meta_model, lib, recipe, embedder=CpuEmbedder(), target=target, **options)
         ri = RoutingInputs(task_names=["task0", "task2"], texts=texts, record=True)
         out = routed(input_ids=ids, routing=ri)
         assert out.logits.device.type == "meta" and out.logits.shape[:2] == ids.shape, (recipe, options)

@@ -64,7 +64,7 @@ def expert_probe(model: Any, owner: Any, num_experts: int, input_ids: torch.Tens
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     ids = input_ids.repeat_interleave(E, 0)
     m = mask.repeat_interleave(E, 0)
-    onehot = torch.eye(E).repeat(B, 1)
+    onehot = torch.eye(E).repeat(B, 1)  # moved to each layer's device by the call
     probe = CallState(_NoRouter(), RoutingInputs(weights=onehot), num_experts=E, batch_size=B * E)
     with activate(owner, probe), torch.no_grad():
         logits = model(input_ids=ids, attention_mask=m).logits.float()
@@ -96,13 +96,13 @@ class WhatTheWeightRouter(Router):
             return torch.ones(call.batch_size, E)
         if self.scoring == "sentsim":
             emb = call.embed(self.embedder).float()
-            return prototype_scores(emb, self.centroids.to(emb.device), "cos").clamp(min=0).cpu()
+            return prototype_scores(emb, self.centroids.to(emb.device), "cos").clamp(min=0)
         if call.input_ids is None:
             raise RoutingError(
                 f"scoring={self.scoring!r} scores the input's tokens: call the model with input_ids"
             )
         ll, ent = expert_probe(self.model, self.owner, E, call.input_ids, call.attention_mask)
-        return torch.softmax(ll if self.scoring == "prior" else -ent, -1).cpu()
+        return torch.softmax(ll if self.scoring == "prior" else -ent, -1)  # on the model's device
 
     def begin_call(self, call: CallState) -> None:
         s = self.scores(call)

@@ -228,45 +228,51 @@ class PrefixRouter(Router):
     def on_forward(
         self, call: CallState, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> None:
-        prefix = call.plan.get("prefix")
-        if prefix is None:  # the first pass: the prompt itself, already embedded in begin_call
-            rows: list[torch.Tensor] = list(input_ids.cpu())
-            if attention_mask is not None and attention_mask.shape == input_ids.shape:
-                rows = [r[m.bool()] for r, m in zip(rows, attention_mask.cpu(), strict=True)]
-            call.plan["prefix"] = [r.tolist() for r in rows]
-            call.plan["prompt_tokens"] = [len(r) for r in call.plan["prefix"]]
-            call.plan["width"], call.plan["since"] = input_ids.shape[1], 0
+        ids = call.plan.get("ids")
+        if ids is None:  # the first pass: the prompt itself, already embedded in begin_call
+            mask = (
+                attention_mask
+                if attention_mask is not None and attention_mask.shape == input_ids.shape
+                else None
+            )
+            call.plan["ids"], call.plan["mask"] = (
+                input_ids,
+                (mask if mask is not None else torch.ones_like(input_ids)),
+            )
+            call.plan["prompt_width"], call.plan["since"] = input_ids.shape[1], 0
             return
         # without a KV cache each pass gets the whole sequence; with one, only the new tokens
-        seen = call.plan["width"]
+        seen = ids.shape[1]
         width = input_ids.shape[1] if input_ids.shape[1] > seen else seen + input_ids.shape[1]
-        new = width - call.plan["width"]
+        new = width - seen
         if new <= 0:
             return
-        for row, toks in zip(prefix, input_ids[:, -new:].cpu().tolist(), strict=True):
-            row.extend(toks)
-        call.plan["width"] = width
+        fresh = input_ids[:, -new:].to(ids.device)
+        call.plan["ids"] = torch.cat([ids, fresh], 1)
+        call.plan["mask"] = torch.cat([call.plan["mask"], torch.ones_like(fresh)], 1)
         call.plan["since"] += new
         if call.plan["since"] >= self.every:
             call.plan["since"] = 0
-            self._decide(call, self._embed_prefixes(call, prefix))
+            self._decide(call, self._embed_prefixes(call))
 
-    def _embed_prefixes(self, call: CallState, prefix: list[list[int]]) -> torch.Tensor:
+    def _embed_prefixes(self, call: CallState) -> torch.Tensor:
+        """Embed each example's text so far (prompt and generated tokens, padding left out)."""
+        ids, mask = call.plan["ids"].cpu(), call.plan["mask"].cpu()
+        prefix = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
         if call.inputs.texts is None and hasattr(self.embedder, "embed_ids"):
             width = max(len(r) for r in prefix)
-            ids = torch.zeros(len(prefix), width, dtype=torch.long)
-            mask = torch.zeros(len(prefix), width, dtype=torch.long)
+            dense = torch.zeros(len(prefix), width, dtype=torch.long)
+            dense_mask = torch.zeros(len(prefix), width, dtype=torch.long)
             for i, r in enumerate(prefix):
-                ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-            return self.embedder.embed_ids(ids, mask)
+                dense[i, : len(r)], dense_mask[i, : len(r)] = torch.tensor(r), 1
+            return self.embedder.embed_ids(dense, dense_mask)
         if call.tokenizer is None:
             raise RoutingError("Token-Level Adaptation re-embeds the generated text: attach(..., tokenizer=)")
-        texts = call.tokenizer.batch_decode(prefix, skip_special_tokens=True)
         if call.inputs.texts is not None:  # the caller's prompt text, then the generated tokens decoded
-            n0 = call.plan["prompt_tokens"]
-            texts = [t + call.tokenizer.decode(r[n:], skip_special_tokens=True)
-                     for t, r, n in zip(call.inputs.texts, prefix, n0, strict=True)]  # fmt: skip
-        return self.embedder.embed_texts(texts)
+            w0 = call.plan["prompt_width"]
+            return self.embedder.embed_texts([t + call.tokenizer.decode(r[w0:].tolist(), skip_special_tokens=True)
+                                              for t, r in zip(call.inputs.texts, ids, strict=True)])  # fmt: skip
+        return self.embedder.embed_texts(call.tokenizer.batch_decode(prefix, skip_special_tokens=True))
 
 
 def _group_ids(task_names: list[str] | None, n: int) -> torch.Tensor:
