@@ -67,7 +67,8 @@ def expert_probe(model: Any, owner: Any, num_experts: int, input_ids: torch.Tens
     onehot = torch.eye(E).repeat(B, 1)  # moved to each layer's device by the call
     probe = CallState(_NoRouter(), RoutingInputs(weights=onehot), num_experts=E, batch_size=B * E)
     with activate(owner, probe), torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=m).logits.float()
+        given = m if attention_mask is not None else None
+        logits = model(input_ids=ids, attention_mask=given).logits.float()
     logp = torch.log_softmax(logits[:, :-1], -1)
     nxt = ids[:, 1:]
     valid = (m[:, 1:] * m[:, :-1]).to(logp.dtype)
