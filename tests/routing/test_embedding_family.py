@@ -310,3 +310,69 @@ def test_what_the_weight_likelihood_scores_match_single_expert_models(family, sc
             ref = merged_copy(model, experts, w)(**one).logits
         n = one["input_ids"].shape[1]
         torch.testing.assert_close(got[b : b + 1, :n], ref, atol=1e-4, rtol=1e-4)
+
+
+TOPIC_WORDS = [
+    "the cat sat on a mat and the dog chased the cat around the garden",
+    "stocks fell as the market reacted to interest rates and bank earnings reports",
+    "the recipe needs flour butter sugar eggs and an oven heated for baking bread",
+]
+
+
+def topic_rows(topic, n, seed):
+    import random
+
+    rng = random.Random(seed)
+    words = TOPIC_WORDS[topic].split() + ["is", "it", "very", "Good!", "today,"]
+    return [{"prompt": " ".join(rng.choice(words) for _ in range(8)), "completion": " ok."} for _ in range(n)]
+
+
+def sklearn_tfidf_cosine(doc, text, stop_words):
+    """The official code's ``cosine_sim``: a TfidfVectorizer fitted on the two documents, cosine of the rows."""
+    import string
+
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    table = str.maketrans("", "", string.punctuation)
+    vec = TfidfVectorizer(tokenizer=lambda t: t.lower().translate(table).split(), token_pattern=None,
+                          stop_words=stop_words)  # fmt: skip
+    try:
+        m = vec.fit_transform([doc, text])
+    except ValueError:  # an empty vocabulary (every token a stop word)
+        return 0.0
+    return float((m @ m.T).toarray()[0, 1])
+
+
+@pytest.mark.parametrize(("stop_words", "k", "uniform"), [("english", 2, False), ("none", None, True)])
+def test_what_the_weight_tfidf_scores_match_scikit_learn(tmp_path, tiny_llama, stop_words, k, uniform):
+    pytest.importorskip("sklearn")
+    model, tok = tiny_llama
+    experts = make_experts(model, 3, ranks=(4,), seed=23, scale=0.3)
+    lib = ExpertLibrary.create(tmp_path / "lib")
+    for e in experts:
+        lib.add(e)
+    data = {f"expert{i}": topic_rows(i, 120, seed=i) for i in range(3)}  # 100 of them make the document
+    from moerge.recipes.facade import prepare_signatures
+
+    opts = dict(
+        scoring="tfidf", combination="parameter", k=k, topk_uniform=uniform, tfidf_stop_words=stop_words
+    )
+    with pytest.raises(RecipeNotApplicableError, match="-o scoring=tfidf"):
+        attach(copy.deepcopy(model), lib, recipe="what_the_weight", **opts)
+    prepare_signatures("what_the_weight", model, tok, lib, data, **opts)
+    texts = [topic_rows(1, 1, seed=90)[0]["prompt"], "the cat and a dog baking bread", "it is the"]
+    routed = attach(copy.deepcopy(model), lib, recipe="what_the_weight", **opts)
+    got, enc = run(routed, tok, texts, routing=RoutingInputs(texts=texts))
+    sw = "english" if stop_words == "english" else None
+    for b, text in enumerate(texts):
+        docs = [" ".join(r["prompt"] + r["completion"] for r in data[f"expert{e}"][:100]) for e in range(3)]
+        s = torch.tensor([sklearn_tfidf_cosine(docs[e], text, sw) for e in range(3)])
+        torch.testing.assert_close(routed.last_call().plan["scores"][b], s, atol=1e-5, rtol=1e-5)
+        keep = sorted(range(3), key=lambda e: -float(s[e]))[: k or 3]
+        w = torch.zeros(3)
+        w[keep] = 1.0 / len(keep) if uniform or s[keep].sum() == 0 else s[keep] / s[keep].sum()
+        with torch.no_grad():
+            ref = merged_copy(model, experts, w)(**{key: v[b : b + 1] for key, v in enc.items()}).logits
+        torch.testing.assert_close(got[b : b + 1], ref, atol=1e-4, rtol=1e-4)
+    if stop_words == "english":
+        assert float(routed.last_call().plan["scores"][2].abs().sum()) == 0.0  # only stop words: no evidence
