@@ -105,7 +105,8 @@ def library_with_signatures(tiny_llama, tmp_path_factory):
     data = {e.name: [{"prompt": t[:4], "completion": t[4:]} for t in task_texts(f"task{i}", 6)]
             for i, e in enumerate(experts)}  # fmt: skip
     for r in list_recipes():
-        prepare_signatures(r, model, tok, lib, data, embedder=CpuEmbedder(), **_options(r.name))
+        for options in _variants(r):  # a variant may read a signature the defaults do not (TF-IDF terms)
+            prepare_signatures(r, model, tok, lib, data, embedder=CpuEmbedder(), **options)
     return model, tok, experts, lib
 
 
