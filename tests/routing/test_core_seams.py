@@ -105,7 +105,8 @@ def library_with_signatures(tiny_llama, tmp_path_factory):
     data = {e.name: [{"prompt": t[:4], "completion": t[4:]} for t in task_texts(f"task{i}", 6)]
             for i, e in enumerate(experts)}  # fmt: skip
     for r in list_recipes():
-        prepare_signatures(r, model, tok, lib, data, embedder=CpuEmbedder(), **_options(r.name))
+        for options in _variants(r):  # a variant may read a signature the defaults do not (TF-IDF terms)
+            prepare_signatures(r, model, tok, lib, data, embedder=CpuEmbedder(), **options)
     return model, tok, experts, lib
 
 
@@ -131,7 +132,12 @@ def test_every_recipe_runs_on_a_non_cpu_device(library_with_signatures, recipe):
     ids = tok(texts, return_tensors="pt", padding=True)["input_ids"].to("meta")
     for options in _variants(rec):
         meta_model = copy.deepcopy(model).to("meta")
-        routed = attach(meta_model, lib, recipe, embedder=CpuEmbedder(), **options)
+        target = None
+        if rec.taxonomy.user_data == "few-shot":  # a few unlabelled target texts (AdapterSoup)
+            from moerge.recipes.recipe import TargetData
+
+            target = TargetData("task1", "few-shot", tuple({"prompt": t} for t in task_texts("task1", 3)))
+        routed = attach(meta_model, lib, recipe, embedder=CpuEmbedder(), target=target, **options)
         ri = RoutingInputs(task_names=["task0", "task2"], texts=texts, record=True)
         out = routed(input_ids=ids, routing=ri)
         assert out.logits.device.type == "meta" and out.logits.shape[:2] == ids.shape, (recipe, options)

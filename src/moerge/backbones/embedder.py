@@ -208,6 +208,46 @@ class MiniLMEmbedder(_CachedEmbedder):
         return out.detach().cpu().float()
 
 
+class SentenceTransformerEmbedder(_CachedEmbedder):
+    """Any sentence-transformers model, by folder or hub id (a hub id downloads unless ``HF_HUB_OFFLINE``);
+    embeddings L2-normalised."""
+
+    def __init__(
+        self, model: str, cache_dir: str | os.PathLike | None | bool = True, max_seq_length: int = 256
+    ):
+        folder = Path(model).expanduser()
+        self.source = str(folder.resolve()) if folder.exists() else model
+        self.name = f"st:{self.source}:max{max_seq_length}"
+        super().__init__(cache_dir)
+        self.max_seq_length = max_seq_length
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            if importlib.util.find_spec("sentence_transformers") is None:
+                raise EmbedderError(
+                    f"embedder {self.source!r} needs 'sentence-transformers'. Fix: pip install 'moerge[embeddings]'"
+                )
+            from sentence_transformers import SentenceTransformer
+
+            try:
+                self._model = SentenceTransformer(self.source, device="cpu")
+            except (OSError, ValueError) as e:
+                raise EmbedderError(
+                    f"cannot load sentence-transformers model {self.source!r} ({e}); give an existing folder, "
+                    "a hub id reachable from here, or embedding_model=base"
+                ) from e
+            self._model.max_seq_length = self.max_seq_length
+        return self._model
+
+    def _embed(self, texts: list[str]) -> torch.Tensor:
+        out = self.model.encode(
+            texts, batch_size=self.batch_size, convert_to_tensor=True, normalize_embeddings=True
+        )
+        return out.detach().cpu().float()
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``hidden [N, T, d]`` over positions where ``mask [N, T]`` is 1."""
     m = mask.to(hidden.dtype).unsqueeze(-1)

@@ -1,4 +1,5 @@
-"""``moerge train``: train a LoRA expert on a JSONL file and add it to a library."""
+"""``moerge train``: train a LoRA expert on a JSONL file and add it to a library; with ``--cluster K``, k-means
+the file's rows by sentence embedding and train one expert per cluster (Mo'LoRA's library building)."""
 
 from __future__ import annotations
 
@@ -61,17 +62,40 @@ def train(
     rslora: bool | None = typer.Option(None, "--rslora/--no-rslora"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an expert of the same name"),
     tag: list[str] | None = typer.Option(None, "--tag", help="tag to store with the expert (repeatable)"),
+    cluster: int | None = typer.Option(
+        None,
+        "--cluster",
+        min=1,
+        help="k-means the rows into K clusters by sentence embedding and train one expert per cluster "
+        "(NAME-c0 …), storing each centroid for --recipe molora (Mo'LoRA)",
+    ),
+    embedding_model: str | None = typer.Option(
+        None,
+        "--embedding-model",
+        help="with --cluster: the embedder, as the recipes' embedding_model option (default, base, minilm, "
+        "or a sentence-transformers folder or hub id); route with the same -o embedding_model=…",
+    ),
+    cluster_seed: int | None = typer.Option(
+        None, "--cluster-seed", help="with --cluster: the k-means seed (0)"
+    ),
 ) -> None:
-    """Train a LoRA expert with PEFT on a JSONL data file and add it to a library."""
+    """Train a LoRA expert with PEFT on a JSONL data file and add it to a library (with --cluster K: one expert
+    per k-means cluster of the rows, routed by `moerge generate BASE LIB --recipe molora`)."""
     from moerge.backbones.loading import check_source
     from moerge.cli.common import console
-    from moerge.errors import MalformedConfigError
+    from moerge.errors import MalformedConfigError, UsageError
 
+    if cluster is None and (embedding_model is not None or cluster_seed is not None):
+        raise UsageError("--embedding-model and --cluster-seed go with --cluster K")
     check_source(base)
     # Read the data before loading torch, so a bad file fails fast.
     from moerge.train.data import read_jsonl
 
     rows = read_jsonl(data)
+    if cluster is not None:
+        from moerge.train.cluster import check_cluster_count
+
+        check_cluster_count(cluster, len(rows), str(data))
     fields: dict = {}
     if config is not None:
         fields.update(_read_yaml(config))
@@ -101,6 +125,10 @@ def train(
         where = str(config) if config is not None else "train options"
         raise MalformedConfigError(f"{where}: {'.'.join(map(str, err['loc']))}: {err['msg']}") from e
     lib = open_or_create(library)
+    if cluster is not None:
+        _train_clusters(base, rows, cluster, cfg, lib, name, task, overwrite, list(tag or []),
+                        embedding_model or "default", cluster_seed or 0, library, str(data))  # fmt: skip
+        return
     if name in lib and not overwrite:
         from moerge.errors import ExpertExistsError
 
@@ -125,6 +153,32 @@ def train(
     console.print(
         f"trained [bold]{name}[/]: {t['steps']} steps, loss {t['first_loss']:.3f} → {t['final_loss']:.3f}, "
         f"{t['seconds']:.1f} s; added to {library}"
+    )
+
+
+def _train_clusters(base, rows, k, cfg, lib, name, task, overwrite, tags, embedding_model, seed, where, data):
+    from transformers.utils import logging as hf_logging
+
+    from moerge.cli.common import console
+    from moerge.progress import stages
+    from moerge.train.cluster import train_cluster_experts
+
+    hf_logging.disable_progress_bar()
+    with stages(f"moerge train --cluster {k}") as stage:
+        experts = train_cluster_experts(
+            base, None, rows, k, cfg, library=lib, name=name, embedding_model=embedding_model,
+            cluster_seed=seed, task=task, overwrite=overwrite, progress=stage, tags=tags, where=data,
+        )  # fmt: skip
+    for e in experts:
+        t = e.metadata.training
+        console.print(
+            f"trained [bold]{e.name}[/] on {t['examples']} rows: {t['steps']} steps, "
+            f"loss {t['first_loss']:.3f} → {t['final_loss']:.3f}, {t['seconds']:.1f} s"
+        )
+    console.print(
+        f"added {k} cluster experts and their centroids to {where}; route them with "
+        f"`moerge generate BASE {where} --recipe molora"
+        + (f" -o embedding_model={embedding_model}`" if embedding_model != "default" else "`")
     )
 
 

@@ -29,7 +29,15 @@ from torch import nn
 from moerge.errors import MoergeError, RoutingError, ShapeMismatchError
 from moerge.experts.expert import Expert
 from moerge.model.expert_layer import EmbeddingExpertLayer, ExpertLayer, module_dims, stack_factors
-from moerge.routing.call import Aggregation, CallOwner, CallState, activate, checkpoint_context_fn
+from moerge.routing.call import (
+    Aggregation,
+    CallOwner,
+    CallState,
+    activate,
+    active_call,
+    checkpoint_context_fn,
+    suspended,
+)
 from moerge.routing.inputs import RoutingInputs
 from moerge.routing.router import Router
 
@@ -63,6 +71,11 @@ class MoErgedModel(nn.Module):
         self.options = options
         self.owner = owner
         self._last: dict[int, CallState] = {}  # thread id -> that thread's last call (for last_routing)
+        self._forward_hook = None
+        if router is not None and router.follows_forwards:
+            self._forward_hook = model.register_forward_pre_hook(
+                functools.partial(_tell_router, owner), with_kwargs=True
+            )
 
     @property
     def num_experts(self) -> int:
@@ -136,9 +149,13 @@ class MoErgedModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, *args: Any, routing: RoutingInputs | None = None, **kwargs: Any) -> Any:
-        """``model.generate`` with the experts routed; token-level routers route every new token."""
+        """``model.generate`` with the experts routed; token-level routers route every new token. A router that
+        re-weights the whole prefix as it grows (``router.recompute``) generates without a KV cache unless
+        ``use_cache=True`` is passed."""
         if self.router is None:
             return self.model.generate(*args, **kwargs)
+        if self.router.recompute:  # the router re-weights the whole prefix: no stale keys/values
+            kwargs.setdefault("use_cache", False)
         with self._call_from(routing, args, kwargs):
             return self.model.generate(*args, **kwargs)
 
@@ -184,6 +201,21 @@ class MoErgedModel(nn.Module):
                 total += 2 * k * layer.rank * (layer.d_in + layer.d_out)
         dims = {n: (la.d_in, la.d_out) for n, la in self.expert_layers.items()}
         return total + self.router.routing_flops_per_token(dims)
+
+
+def _tell_router(owner: CallOwner, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of a routed model whose router follows forwards: hand it each pass's token ids (the
+    whole prompt first, then each step's new tokens under ``generate``), with the call unbound meanwhile."""
+    call = active_call(owner)
+    if call is None or call.routed_by_caller:
+        return
+    ids = kwargs.get("input_ids")
+    if ids is None and args and isinstance(args[0], torch.Tensor):
+        ids = args[0]
+    if ids is None or ids.is_floating_point():
+        return
+    with suspended(owner):
+        call.router.on_forward(call, ids, kwargs.get("attention_mask"))
 
 
 # ---------------------------------------------------------------------- activation checkpointing
@@ -350,4 +382,7 @@ def detach(routed: MoErgedModel) -> nn.Module:
         _set_submodule(model, name, layer.base)
     routed.expert_layers = {}
     routed.router = None
+    if routed._forward_hook is not None:
+        routed._forward_hook.remove()
+        routed._forward_hook = None
     return model

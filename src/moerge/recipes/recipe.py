@@ -210,6 +210,8 @@ class Signature:
     needs_data: bool = True
     max_rows: int | None = None  # training rows per expert it is computed from (None: all the expert saw)
     how: str = "moerge.recipes.prepare_signatures(recipe, model, tokenizer, library, data)"
+    # whether the recipe needs it under these options (e.g. only one scoring method of several reads it)
+    needed: Callable[[Any], bool] = lambda options: True
 
 
 @dataclass(frozen=True)
@@ -314,10 +316,10 @@ class Recipe:
                 f"recipe {self.name!r} only serves held-in tasks (it needs each task's own expert); "
                 "use it on in-distribution splits."
             )
-        data_signatures = [s for s in self.signatures if s.needs_data]
+        opts = self.parse_options(options)
+        data_signatures = [s for s in self.signatures if s.needs_data and s.needed(opts)]
         if not data_signatures or ctx is None:
             return
-        opts = self.parse_options(options)
         for sig in data_signatures:
             if ctx.library is None:
                 raise RecipeNotApplicableError(
@@ -338,7 +340,7 @@ class Recipe:
         the signatures computed from the weights alone)."""
         out = []
         for sig in self.signatures:
-            if not sig.needs_data and not weights:
+            if (not sig.needs_data and not weights) or not sig.needed(options):
                 continue
             cfg = sig.config(options, ctx)
             missing = [n for n in ctx.names if not _has(ctx.library, sig.kind, cfg, n)]

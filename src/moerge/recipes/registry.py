@@ -40,9 +40,23 @@ def _ensure_loaded() -> None:
         return
     _LOADED = True
     from moerge.entrypoints import RECIPE_GROUP, entry_point_objects, objects_in
-    from moerge.recipes import arrow, average_activation, baselines, embedding, lorahub, phatgoose
+    from moerge.recipes import (
+        adapter_soup,
+        airoboros,
+        arrow,
+        average_activation,
+        baselines,
+        embedding,
+        lora_retriever,
+        lorahub,
+        molora,
+        phatgoose,
+        token_level,
+        what_the_weight,
+    )
 
-    for module in (arrow, phatgoose, average_activation, embedding, lorahub, baselines):
+    for module in (arrow, phatgoose, average_activation, embedding, adapter_soup, lora_retriever, molora,
+                   token_level, what_the_weight, airoboros, lorahub, baselines):  # fmt: skip
         for recipe in module.RECIPES:
             register_recipe(recipe, source=module.__name__)
     for label, value in entry_point_objects(RECIPE_GROUP):

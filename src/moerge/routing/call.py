@@ -85,6 +85,11 @@ class CallState:
         else:
             router.begin_call(self)
 
+    @property
+    def routed_by_caller(self) -> bool:
+        """True when the caller gave explicit weights (``RoutingInputs.weights``): the router is not asked."""
+        return self._explicit is not None
+
     # ------------------------------------------------------------------ what routers use
     def token_mask(self, T: int, dtype: torch.dtype, device: torch.device | None = None) -> torch.Tensor:
         """``[B, T]`` mask of the tokens the router may see (the call's attention mask where it fits)."""
@@ -177,6 +182,17 @@ def activate(owner: CallOwner, call: CallState) -> Iterator[CallState]:
     token = _ACTIVE.set(MappingProxyType({**current, owner: call}))
     try:
         yield call
+    finally:
+        _ACTIVE.reset(token)
+
+
+@contextlib.contextmanager
+def suspended(owner: CallOwner) -> Iterator[None]:
+    """Unbind ``owner``'s call in the current context for the block (its model runs without experts)."""
+    current = _ACTIVE.get()
+    token = _ACTIVE.set(MappingProxyType({o: c for o, c in current.items() if o is not owner}))
+    try:
+        yield
     finally:
         _ACTIVE.reset(token)
 

@@ -1,5 +1,7 @@
 """Embedding routers: an embedding of each example (a sentence embedder, or the base model's hidden states)
-compared with embeddings of each expert's data — DAM-style centroids, and Retrieval of Experts.
+compared with embeddings of each expert's data — DAM-style centroids, Retrieval of Experts, LoraRetriever's
+per-example top-k (`TopKRetrievalRouter`), Airoboros's per-expert kNN distance (`KNNDistanceRouter`), and
+Token-Level Adaptation's re-embedding of the growing prefix (`PrefixRouter`).
 
 An embedder is anything with ``name: str`` and ``embed_texts(texts) -> Tensor [N, d]`` (`Embedder`); the name
 keys cached centroids, so centroids computed with one embedder are never used with another.
@@ -13,14 +15,17 @@ import torch
 
 from moerge.backbones.embedder import HiddenStateEmbedder
 from moerge.backbones.embedder import SentenceEmbedder as Embedder
+from moerge.errors import RoutingError
+from moerge.routing.index import Backend, VectorIndex
 from moerge.routing.router import Router, prototype_scores
-from moerge.routing.selection import SelectionConfig, one_hot, select
+from moerge.routing.selection import Selection, SelectionConfig, one_hot, select
 
 if TYPE_CHECKING:
     from moerge.routing.call import CallState
 
-# What an embedding recipe's ``embedding_model`` option may name.
-EmbedderChoice = Literal["default", "minilm", "base"]
+# What an embedding recipe's ``embedding_model`` option may name: "default", "minilm", "base", or any
+# sentence-transformers model by folder path or hub id.
+EmbedderChoice = str
 
 
 def default_embedder(
@@ -28,7 +33,8 @@ def default_embedder(
 ) -> Embedder:
     """``embedder`` if given; else per ``choice``: ``"base"`` the base model's mean-pooled hidden states
     (`HiddenStateEmbedder`, which also embeds token ids directly), ``"minilm"`` all-MiniLM-L6-v2, and
-    ``"default"`` MiniLM where installed (the ``embeddings`` extra), else the base model's hidden states."""
+    ``"default"`` MiniLM where installed (the ``embeddings`` extra), else the base model's hidden states; any
+    other value is a sentence-transformers model's folder or hub id (`SentenceTransformerEmbedder`)."""
     if embedder is not None:
         return embedder
     from moerge.backbones import embedder as installed
@@ -37,12 +43,15 @@ def default_embedder(
         return HiddenStateEmbedder(model, tokenizer)
     if choice == "minilm":
         return installed.MiniLMEmbedder()
-    return installed.default_embedder(model, tokenizer)
+    if choice == "default":
+        return installed.default_embedder(model, tokenizer)
+    return installed.SentenceTransformerEmbedder(choice)
 
 
 class EmbeddingRouter(Router):
     """Example embeddings scored against per-expert centroids (cosine); DAM-style per-example weights (dense
-    softmax) or top-k. ``granularity="task"`` averages the weights over the examples of each task in the call."""
+    softmax) or top-k. ``granularity="task"`` averages the weights over the examples of each task in the call.
+    ``weighting="sum"`` (Mo'LoRA) uses the cosines themselves, negatives set to 0, divided by their sum."""
 
     def __init__(
         self,
@@ -50,17 +59,22 @@ class EmbeddingRouter(Router):
         centroids: torch.Tensor,
         selection: SelectionConfig,
         granularity: Literal["example", "task"] = "example",
+        weighting: Literal["softmax", "sum"] = "softmax",
     ):
         self.embedder = embedder
         self.centroids = centroids.float()
         self.selection = selection
         self.granularity = granularity
+        self.weighting = weighting
 
     def begin_call(self, call: CallState) -> None:
         emb = call.embed(self.embedder)
         scores = prototype_scores(emb.float(), self.centroids.to(emb.device), "cos")
         if self.granularity == "task":
             scores = _average_by_task(scores, call.inputs.task_names)
+        if self.weighting == "sum":
+            call.plan["selection"] = Selection(cosine_shares(scores), None, "example")
+            return
         call.plan["selection"] = select(scores, self.selection, "example")
 
     def experts_per_token(self, num_experts: int) -> float:
@@ -96,6 +110,171 @@ class RetrievalRouter(Router):
         return 1.0
 
 
+def call_texts(call: CallState) -> list[str]:
+    """The call's examples as text: ``inputs.texts``, else the token ids decoded with the model's tokenizer."""
+    if call.inputs.texts is not None:
+        return list(call.inputs.texts)
+    if call.input_ids is not None and call.tokenizer is not None:
+        ids: Any = call.input_ids
+        if call.attention_mask is not None:
+            ids = [row[mask.bool()] for row, mask in zip(ids, call.attention_mask, strict=True)]
+        return list(call.tokenizer.batch_decode(ids, skip_special_tokens=True))
+    raise RoutingError(
+        "this router embeds the examples' texts: pass routing=RoutingInputs(texts=[...]), or "
+        "attach(..., tokenizer=) so token ids can be decoded"
+    )
+
+
+class TopKRetrievalRouter(Router):
+    """LoraRetriever: each example's embedding of ``instruction + text`` retrieves its ``k`` nearest experts
+    (cosine against each expert's mean embedding of a few instruction-prefixed samples); the retrieved
+    experts are averaged uniformly (1/k), so every example of a batch has its own expert set."""
+
+    granularity = "example"
+
+    def __init__(self, embedder: Embedder, expert_embeddings: torch.Tensor, k: int, instruction: str = "",
+                 backend: Backend = "auto"):  # fmt: skip
+        self.embedder = embedder
+        self.index = VectorIndex(
+            torch.nn.functional.normalize(expert_embeddings.float(), dim=-1), "ip", backend
+        )
+        self.k = min(k, len(expert_embeddings))
+        self.instruction = instruction
+
+    def begin_call(self, call: CallState) -> None:
+        texts = [self.instruction + t for t in call_texts(call)]
+        emb = torch.nn.functional.normalize(self.embedder.embed_texts(texts).float(), dim=-1)
+        scores, ids = self.index.search(emb, self.k)
+        call.plan["scores"] = scores
+        call.plan["selection"] = Selection(torch.full(ids.shape, 1.0 / self.k), ids, "example")
+
+    def experts_per_token(self, num_experts: int) -> float:
+        return float(min(self.k, num_experts))
+
+
+class KNNDistanceRouter(Router):
+    """Airoboros LMoE: per expert an L2 index of sample-instruction embeddings; each example goes (alone,
+    weight 1) to the expert whose ``k`` nearest samples are closest on average (squared L2, as faiss's
+    ``IndexFlatL2`` reports; ties: the lower expert index)."""
+
+    granularity = "example"
+
+    def __init__(self, embedder: Embedder, banks: list[torch.Tensor], k: int = 50, backend: Backend = "auto"):
+        self.embedder = embedder
+        self.indexes = [VectorIndex(b.float(), "l2", backend) for b in banks]
+        self.k = k
+
+    def mean_distances(self, emb: torch.Tensor) -> torch.Tensor:
+        """``[B, E]``: each example's mean squared L2 distance to its k nearest samples of each expert."""
+        return torch.stack([ix.search(emb, self.k)[0].mean(-1) for ix in self.indexes], dim=-1)
+
+    def begin_call(self, call: CallState) -> None:
+        dist = self.mean_distances(call.embed(self.embedder).float())
+        call.plan["distances"] = dist
+        call.plan["selection"] = one_hot(dist.argmin(-1), "example")
+
+    def experts_per_token(self, num_experts: int) -> float:
+        return 1.0
+
+
+def cosine_shares(cos: torch.Tensor) -> torch.Tensor:
+    """Mo'LoRA's weights: each row's cosines with negatives set to 0, divided by their sum (uniform if all ≤ 0)."""
+    w = cos.clamp(min=0)
+    total = w.sum(-1, keepdim=True)
+    return torch.where(total > 0, w / total.clamp(min=1e-12), torch.full_like(w, 1.0 / w.shape[-1]))
+
+
+def boosted_softmax(cos: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Token-Level Adaptation's weights (jb-01/LoRA-TLE ``moe.py``): the largest cosine of each row multiplied by
+    ``temperature``, then a softmax over all experts."""
+    boost = torch.ones_like(cos).scatter_(-1, cos.argmax(-1, keepdim=True), temperature)
+    return torch.softmax(cos * boost, dim=-1)
+
+
+class PrefixRouter(Router):
+    """Token-Level Adaptation: the weights come from the embedding of the whole current text (prompt plus what
+    has been generated), recomputed every ``every`` generated tokens (`on_forward` sees each step's tokens).
+    ``recompute = True``: the routed model generates without a KV cache (as the official code, which reruns
+    the whole text for every token), so every token is computed with the current weights.
+
+    ``sqrt_weights`` hands the expert layers √w (for PEFT's ``linear`` weighted adapter, which scales both
+    factors by √w: ΔW = (Σ√w_i B_i)(Σ√w_i s_i A_i), run as moerge's ``factor`` aggregation)."""
+
+    granularity = "example"
+    follows_forwards = True
+    recompute = True
+
+    def __init__(self, embedder: Embedder, centroids: torch.Tensor, every: int = 2, temperature: float = 4.0,
+                 sqrt_weights: bool = True):  # fmt: skip
+        self.embedder = embedder
+        self.centroids = centroids.float()
+        self.every = every
+        self.temperature = temperature
+        self.sqrt_weights = sqrt_weights
+
+    def weights(self, emb: torch.Tensor) -> torch.Tensor:
+        return boosted_softmax(
+            prototype_scores(emb.float(), self.centroids.to(emb.device), "cos"), self.temperature
+        )
+
+    def _decide(self, call: CallState, emb: torch.Tensor) -> None:
+        w = self.weights(emb)
+        call.plan.setdefault("history", []).append(w)
+        call.plan["selection"] = Selection(w.sqrt() if self.sqrt_weights else w, None, "example")
+
+    def begin_call(self, call: CallState) -> None:
+        self._decide(call, call.embed(self.embedder))
+
+    def on_forward(
+        self, call: CallState, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> None:
+        ids = call.plan.get("ids")
+        if ids is None:  # the first pass: the prompt itself, already embedded in begin_call
+            mask = (
+                attention_mask
+                if attention_mask is not None and attention_mask.shape == input_ids.shape
+                else None
+            )
+            call.plan["ids"], call.plan["mask"] = (
+                input_ids,
+                (mask if mask is not None else torch.ones_like(input_ids)),
+            )
+            call.plan["prompt_width"], call.plan["since"] = input_ids.shape[1], 0
+            return
+        # without a KV cache each pass gets the whole sequence; with one, only the new tokens
+        seen = ids.shape[1]
+        width = input_ids.shape[1] if input_ids.shape[1] > seen else seen + input_ids.shape[1]
+        new = width - seen
+        if new <= 0:
+            return
+        fresh = input_ids[:, -new:].to(ids.device)
+        call.plan["ids"] = torch.cat([ids, fresh], 1)
+        call.plan["mask"] = torch.cat([call.plan["mask"], torch.ones_like(fresh)], 1)
+        call.plan["since"] += new
+        if call.plan["since"] >= self.every:
+            call.plan["since"] = 0
+            self._decide(call, self._embed_prefixes(call))
+
+    def _embed_prefixes(self, call: CallState) -> torch.Tensor:
+        """Embed each example's text so far (prompt and generated tokens, padding left out)."""
+        ids, mask = call.plan["ids"].cpu(), call.plan["mask"].cpu()
+        prefix = [r[m.bool()].tolist() for r, m in zip(ids, mask, strict=True)]
+        if call.inputs.texts is None and hasattr(self.embedder, "embed_ids"):
+            width = max(len(r) for r in prefix)
+            dense = torch.zeros(len(prefix), width, dtype=torch.long)
+            dense_mask = torch.zeros(len(prefix), width, dtype=torch.long)
+            for i, r in enumerate(prefix):
+                dense[i, : len(r)], dense_mask[i, : len(r)] = torch.tensor(r), 1
+            return self.embedder.embed_ids(dense, dense_mask)
+        if call.tokenizer is None:
+            raise RoutingError("Token-Level Adaptation re-embeds the generated text: attach(..., tokenizer=)")
+        if call.inputs.texts is not None:  # the caller's prompt text, then the generated tokens decoded
+            w0 = call.plan["prompt_width"]
+            return self.embedder.embed_texts([t + call.tokenizer.decode(r[w0:].tolist(), skip_special_tokens=True)
+                                              for t, r in zip(call.inputs.texts, ids, strict=True)])  # fmt: skip
+        return self.embedder.embed_texts(call.tokenizer.batch_decode(prefix, skip_special_tokens=True))
+
+
 def _group_ids(task_names: list[str] | None, n: int) -> torch.Tensor:
     """Index of each example's task among the call's distinct task names (all 0 without names)."""
     if task_names is None:
@@ -118,6 +297,12 @@ __all__ = [
     "EmbedderChoice",
     "EmbeddingRouter",
     "HiddenStateEmbedder",
+    "KNNDistanceRouter",
+    "PrefixRouter",
     "RetrievalRouter",
+    "TopKRetrievalRouter",
+    "boosted_softmax",
+    "cosine_shares",
+    "call_texts",
     "default_embedder",
 ]

@@ -46,6 +46,18 @@ class Router:
     def select(self, module: str, x: torch.Tensor, call: CallState) -> Selection | None:
         return call.plan.get("selection")
 
+    # Routers that re-decide as the input grows (Token-Level Adaptation) set this and implement `on_forward`;
+    # `recompute` asks generate to run without a KV cache (earlier tokens recomputed with the new weights).
+    follows_forwards: bool = False
+    recompute: bool = False
+
+    def on_forward(
+        self, call: CallState, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> None:
+        """Called before every forward pass of the model inside a call (each step of ``generate``) with the
+        token ids that pass consumes, when ``follows_forwards`` is set; no call is bound meanwhile, so the
+        router may run the base model (e.g. to embed the prefix)."""
+
     def experts_per_token(self, num_experts: int) -> float:
         """How many experts a token uses (the nominal k), for FLOP accounting."""
         return float(num_experts)
