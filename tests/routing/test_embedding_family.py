@@ -199,7 +199,7 @@ def test_adapter_soup_averages_the_experts_its_target_texts_choose(family, selec
         t[:12] + u[:12] for t, u in zip(task_texts("task1", 4, seed=50), task_texts("task2", 4, seed=51))
     ]
     target = TargetData("new-task", "few-shot", tuple({"prompt": t, "completion": ""} for t in target_texts))
-    with pytest.raises(RecipeNotApplicableError, match="few-shot"):
+    with pytest.raises(RecipeNotApplicableError, match="target"):
         attach(copy.deepcopy(model), lib, recipe="adapter_soup", embedder=CharHistogramEmbedder())
     routed = attach(copy.deepcopy(model), lib, recipe="adapter_soup", embedder=CharHistogramEmbedder(),
                     target=target, k=2, selection=selection)  # fmt: skip
