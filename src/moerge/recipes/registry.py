@@ -40,9 +40,9 @@ def _ensure_loaded() -> None:
         return
     _LOADED = True
     from moerge.entrypoints import RECIPE_GROUP, entry_point_objects, objects_in
-    from moerge.recipes import arrow, average_activation, baselines, embedding, phatgoose
+    from moerge.recipes import arrow, average_activation, baselines, embedding, learned, phatgoose
 
-    for module in (arrow, phatgoose, average_activation, embedding, baselines):
+    for module in (arrow, phatgoose, average_activation, embedding, baselines, learned):
         for recipe in module.RECIPES:
             register_recipe(recipe, source=module.__name__)
     for label, value in entry_point_objects(RECIPE_GROUP):

@@ -1,0 +1,384 @@
+"""Routers learned on data (experts and base frozen; only the router trains, through `moerge.train.router`).
+
+On the target task's data (the builder trains on ``ctx.require_target().rows``; the trained router is cached in
+the library keyed by recipe, options, expert set, modules and a hash of the data, so a second build loads it):
+
+- **MoLE** (Wu, Huang, Wei, "Mixture of LoRA Experts", ICLR 2024, arXiv:2404.13628): per module, a gate over the
+  experts' outputs, ε = softmax(W_g · Norm(E_1(x) ⊕ … ⊕ E_n(x)) / τ), output W x + Σ ε_e E_e(x); trained with
+  the gating-balance loss L_balance = −log Π_e q_e (q_e: the mean gate weight of expert e), weighted by
+  ``balance_weight``; ``mask`` leaves experts out at inference (the gate's softmax renormalised over the rest)
+  without retraining. [U] choices: Norm is a LayerNorm without affine parameters over the flattened outputs;
+  the balance loss is averaged over modules; τ = 1; the gates start at zero (uniform). The paper's own text was
+  not available offline.
+- **LoRA-Flow** (Wang et al., ACL 2024, aclanthology 2024.acl-long.695; code thunlp/LoRAFlow, README "Calculating
+  the fusion weights"): one fusion gate per decoder layer, w^l = softmax(W^l_gate x^l_t) + b^l with the bias
+  *after* the softmax (as the official README writes it), applied to every LoRA module of the layer, per token;
+  few-shot (the paper: ~200 examples). Here x^l_t is the input of the layer's first adapted module (for Llama
+  the normed hidden state entering attention).
+- **AdapterFusion** (Pfeiffer et al., EACL 2021, arXiv:2005.00247; code adapter-hub/adapters,
+  ``StaticAdapterFusionConfig``: key and query, no value matrix, no temperature): per module and token,
+  α = softmax_e((h W_Q)·(E_e(x) W_K)) with the query from the module's output h = W x and the keys from each
+  expert's output; the output is W x + Σ α_e E_e(x); full target data. (The "dynamic" variant's value matrix
+  mixes the output after the experts, which the expert layer does not do; not offered.)
+
+On the experts' own data (one router for the whole expert set, a library-level artifact prepared like any data
+signature: ``moerge library prepare``, or the benchmark playing the contributors):
+
+- **MeteoRA** (Xu, Lai, Huang, arXiv:2405.13053, ICLR 2025): per adapted module a gate softmax(TopK(W_g x)),
+  top-2 by default, per token, trained on the union of the experts' training data; sparse at inference. [U]:
+  the gate has no bias and starts at zero; no auxiliary loss.
+- **SMEAR** (Muqeeth, Liu, Raffel, "Soft Merging of Experts with Adaptive Routing", TMLR 2024, arXiv:2306.03745):
+  per example and module, p = softmax(W x̄ + b) from the mean of the example's inputs to the module, and one
+  forward with the merged update Σ_e p_e ΔW_e (parameter aggregation); trained on the experts' data mixed.
+
+Taxonomy note: MeteoRA and SMEAR need nothing from the user (``user_data="zero-shot"`` here: the benchmark gives
+them no target data); the survey's table records MeteoRA as "Full" because its target tasks are the experts' own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from moerge.errors import RecipeNotApplicableError
+from moerge.recipes.recipe import BuildContext, Recipe, RecipeOptions, Routing, Signature, Taxonomy
+from moerge.routing.learned import (
+    FusionRouter,
+    InputGateRouter,
+    LearnedRouter,
+    OutputGateRouter,
+    PooledGateRouter,
+)
+
+
+class LearnedOptions(RecipeOptions):
+    """Router training settings shared by the learned recipes (small defaults: the synthetic benchmark)."""
+
+    steps: int = Field(default=40, ge=1, description="training steps (fewer when validation stops early)")
+    lr: float = Field(default=1e-2, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    seed: int = 0
+    gradient_checkpointing: bool = False
+
+
+def _train_config(o: LearnedOptions, aux_weight: float = 0.0) -> Any:
+    from moerge.train.router import RouterTrainConfig
+
+    return RouterTrainConfig(
+        steps=o.steps, lr=o.lr, batch_size=o.batch_size, seed=o.seed, aux_weight=aux_weight,
+        gradient_checkpointing=o.gradient_checkpointing,
+    )  # fmt: skip
+
+
+def _layers(ctx: BuildContext) -> dict[str, Any]:
+    return {m: ctx.model.get_submodule(m) for m in ctx.modules}
+
+
+def _device(ctx: BuildContext) -> Any:
+    return next(ctx.model.parameters()).device
+
+
+def _need_tokenizer(ctx: BuildContext) -> None:
+    if ctx.tokenizer is None:
+        raise RecipeNotApplicableError(
+            f"recipe {ctx.recipe!r} trains its router on text: pass attach(..., tokenizer=tokenizer)"
+        )
+
+
+def _fit_on_target(
+    ctx: BuildContext, o: LearnedOptions, router: LearnedRouter, aggregation: str = "output",
+    aux_weight: float = 0.0, key_exclude: tuple[str, ...] = (),
+) -> LearnedRouter:  # fmt: skip
+    """Train ``router`` on the target task's rows (or load it from the library's cache)."""
+    from moerge.train.router import data_hash, router_config, train_router, trained_router
+
+    target = ctx.require_target()
+    _need_tokenizer(ctx)
+    config = router_config(
+        ctx.recipe or "", o.model_dump(exclude=set(key_exclude)), ctx.experts, ctx.library, ctx.modules,
+        data_hash(target.rows, target.validation),
+    )  # fmt: skip
+    ctx.describe(
+        f"training the {ctx.recipe} router on {len(target.rows)} {target.mode} rows of {target.task}"
+    )
+
+    def train() -> Any:
+        return train_router(
+            ctx.model, ctx.tokenizer, ctx.experts, router, target.rows, _train_config(o, aux_weight),
+            validation=target.validation, aggregation=aggregation, on_step=ctx.report_steps,
+        )  # fmt: skip
+
+    trained, _ = trained_router(ctx.library, config, router, train)
+    return trained.to(_device(ctx))
+
+
+# ---------------------------------------------------------------------------------------------------- MoLE
+class MoleOptions(LearnedOptions):
+    temperature: float = Field(default=1.0, gt=0, description="τ of the gate's softmax")
+    balance_weight: float = Field(default=0.1, ge=0, description="weight α of the gating-balance loss [U]")
+    mask: list[str] = Field(
+        default_factory=list,
+        description="experts left out at inference (no retraining: not in the cache key)",
+    )
+
+
+def _build_mole(ctx: BuildContext, o: MoleOptions) -> Routing:
+    unknown = [n for n in o.mask if n not in ctx.names]
+    if unknown:
+        raise RecipeNotApplicableError(f"mask names experts not routed here: {unknown} (routed: {ctx.names})")
+    factors = {m: (layer.A, layer.Bt) for m, layer in _layers(ctx).items()}
+    router = OutputGateRouter(factors, temperature=o.temperature, balance=o.balance_weight > 0)
+    _fit_on_target(ctx, o, router, aux_weight=o.balance_weight, key_exclude=("mask",))
+    router.mask = sorted(ctx.names.index(n) for n in o.mask)  # inference-time masking, after training
+    return Routing(router, "output")
+
+
+MOLE = Recipe(
+    name="mole",
+    summary="per token and module: a gate over the experts' outputs (softmax), trained on target data with a gating-balance loss; experts maskable at inference",
+    paper="Wu, Huang, Wei 2024, Mixture of LoRA Experts (ICLR), arXiv:2404.13628",
+    taxonomy=Taxonomy(
+        training="standard",
+        expert_data="private",
+        routing_data="target",
+        granularity="step",
+        depth="module",
+        selection="dense",
+        aggregation="output",
+        generalization="multiple",
+        user_data="few-shot",
+    ),  # fmt: skip
+    builder=_build_mole,
+    options=MoleOptions,
+)
+
+
+# ---------------------------------------------------------------------------------------------------- LoRA-Flow
+def layer_groups(model: Any, modules: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``(groups, leaders)``: each module's decoder layer (``layer.N``; a module outside the layers is its own
+    group) and each layer's first adapted module in the model's module order (the forward order of
+    transformers' decoder blocks)."""
+    from moerge.train.prefix import decoder_layers, layer_of
+
+    found = decoder_layers(model)
+    order = [n for n, _ in model.named_modules()]
+    position = {n: i for i, n in enumerate(order)}
+    groups: dict[str, str] = {}
+    for m in modules:
+        idx = layer_of(m, found[0]) if found is not None else None
+        groups[m] = f"layer.{idx}" if idx is not None else m
+    leaders: dict[str, str] = {}
+    for m in sorted(modules, key=lambda n: position.get(n, len(order))):
+        leaders.setdefault(groups[m], m)
+    return groups, leaders
+
+
+class LoraFlowOptions(LearnedOptions):
+    lr: float = Field(default=1e-2, gt=0)
+
+
+def _build_lora_flow(ctx: BuildContext, o: LoraFlowOptions) -> Routing:
+    groups, leaders = layer_groups(ctx.model, ctx.modules)
+    dims = {m: layer.d_in for m, layer in _layers(ctx).items()}
+    router = InputGateRouter(dims, len(ctx.experts), bias_after_softmax=True, groups=groups, leaders=leaders)
+    _fit_on_target(ctx, o, router)
+    return Routing(router, "output")
+
+
+LORA_FLOW = Recipe(
+    name="lora_flow",
+    summary="per token: one fusion gate per decoder layer from its hidden state, w = softmax(W x) + b, over every LoRA of the layer; trained on a few target examples",
+    paper="Wang et al. 2024, LoRA-Flow: Dynamic LoRA Fusion for Large Language Models in Generative Tasks (ACL)",
+    taxonomy=Taxonomy(
+        training="standard",
+        expert_data="private",
+        routing_data="target",
+        granularity="step",
+        depth="module",
+        selection="dense",
+        aggregation="output",
+        generalization="out-of-distribution",
+        user_data="few-shot",
+    ),  # fmt: skip
+    builder=_build_lora_flow,
+    options=LoraFlowOptions,
+)
+
+
+# ---------------------------------------------------------------------------------------------------- AdapterFusion
+class AdapterFusionOptions(LearnedOptions):
+    lr: float = Field(default=5e-3, gt=0)
+
+
+def _build_adapter_fusion(ctx: BuildContext, o: AdapterFusionOptions) -> Routing:
+    layers = _layers(ctx)
+    factors = {m: (layer.A, layer.Bt) for m, layer in layers.items()}
+    router = FusionRouter(factors, {m: layer.base for m, layer in layers.items()}, seed=o.seed)
+    _fit_on_target(ctx, o, router)
+    return Routing(router, "output")
+
+
+ADAPTER_FUSION = Recipe(
+    name="adapter_fusion",
+    summary="per token and module: attention over the experts' outputs, query from the module's output, keys from each expert's output (static fusion); trained on the full target set",
+    paper="Pfeiffer et al. 2021, AdapterFusion: Non-Destructive Task Composition for Transfer Learning (EACL), arXiv:2005.00247",
+    taxonomy=Taxonomy(
+        training="standard",
+        expert_data="private",
+        routing_data="target",
+        granularity="step",
+        depth="module",
+        selection="dense",
+        aggregation="output",
+        generalization="in-distribution",
+        user_data="full",
+    ),  # fmt: skip
+    builder=_build_adapter_fusion,
+    options=AdapterFusionOptions,
+)
+
+
+# ---------------------------------------------------------------------------------------------------- on experts' data
+def _expert_modules(experts: list[Any]) -> dict[str, int]:
+    """Every module some expert adapts (as `inject` takes them) with its input size."""
+    dims: dict[str, int] = {}
+    for e in experts:
+        for m, lm in e.lora.items():
+            dims.setdefault(m, lm.d_in)
+    return dict(sorted(dims.items()))
+
+
+def _joint_config(recipe: str, o: LearnedOptions, ctx: BuildContext) -> dict[str, Any]:
+    from moerge.train.router import router_config
+
+    modules = list(_expert_modules(ctx.experts))
+    return router_config(recipe, o.model_dump(), ctx.experts, ctx.library, modules, "experts' training data")
+
+
+def _joint_compute(recipe: str, make: Any, aggregation: str) -> Any:
+    """A library-scope signature's compute: the router trained on every expert's training rows, mixed."""
+
+    def compute(ctx: BuildContext, o: LearnedOptions, data: dict[str, list]) -> dict[str, dict]:
+        from moerge.train.gates import training_rows
+        from moerge.train.router import ROUTER_KIND, train_router
+
+        _need_tokenizer(ctx)
+        rows = [r for name in ctx.names for r in training_rows(data.get(name, []))]
+        router = make(_expert_modules(ctx.experts), len(ctx.experts), o)
+        result = train_router(
+            ctx.model, ctx.tokenizer, ctx.experts, router, rows, _train_config(o), aggregation=aggregation,
+            on_step=ctx.report_steps,
+        )  # fmt: skip
+        state = router.state()
+        if ctx.library is not None:
+            info = {
+                "train_seconds": result.seconds, "trainable_parameters": router.trainable_parameters,
+                "rows": len(rows), "first_loss": result.losses[0], "final_loss": result.losses[-1],
+            }  # fmt: skip
+            ctx.library.put_artifact(ROUTER_KIND, _joint_config(recipe, o, ctx), None, state, info)
+        return {"_library": state}
+
+    return compute
+
+
+def _joint_signature(recipe: str, what: str, make: Any, aggregation: str) -> Signature:
+    from moerge.train.router import ROUTER_KIND
+
+    return Signature(
+        kind=ROUTER_KIND,
+        what=what,
+        compute=_joint_compute(recipe, make, aggregation),
+        config=lambda o, ctx: _joint_config(recipe, o, ctx),
+        scope="library",
+        how=f"moerge.recipes.prepare_signatures('{recipe}', model, tokenizer, library, {{expert: rows}})",
+    )
+
+
+def _joint_router(
+    ctx: BuildContext, sig: Signature, o: LearnedOptions, router: LearnedRouter
+) -> LearnedRouter:
+    tensors, info = ctx.load_library(sig, o)
+    router.load_state(tensors)
+    router.train_seconds = float(info.get("train_seconds", 0.0))
+    return router.to(_device(ctx))
+
+
+class MeteoraOptions(LearnedOptions):
+    k: int = Field(default=2, ge=1, description="experts per token (the paper: top-2)")
+
+
+def _meteora_router(dims: dict[str, int], num_experts: int, o: MeteoraOptions) -> InputGateRouter:
+    return InputGateRouter(dims, num_experts, k=o.k, bias=False)
+
+
+METEORA_ROUTER = _joint_signature(
+    "meteora", "a MeteoRA gate set trained on the experts' data", _meteora_router, "output"
+)
+
+
+def _build_meteora(ctx: BuildContext, o: MeteoraOptions) -> Routing:
+    router = _meteora_router(_expert_modules(ctx.experts), len(ctx.experts), o)
+    return Routing(_joint_router(ctx, METEORA_ROUTER, o, router), "output")
+
+
+METEORA = Recipe(
+    name="meteora",
+    summary="per token and module: a top-2 gate softmax(TopK(W x)) trained on the union of the experts' own data; sparse at inference",
+    paper="Xu, Lai, Huang 2025, MeteoRA: Multiple-tasks Embedded LoRA for Large Language Models (ICLR), arXiv:2405.13053",
+    taxonomy=Taxonomy(
+        training="standard",
+        expert_data="shared",
+        routing_data="expert",
+        granularity="step",
+        depth="module",
+        selection="sparse",
+        aggregation="output",
+        generalization="in-distribution",
+        user_data="zero-shot",
+    ),  # fmt: skip
+    builder=_build_meteora,
+    options=MeteoraOptions,
+    signatures=(METEORA_ROUTER,),
+)
+
+
+class SmearOptions(LearnedOptions):
+    pass
+
+
+def _smear_router(dims: dict[str, int], num_experts: int, o: SmearOptions) -> PooledGateRouter:
+    return PooledGateRouter(dims, num_experts)
+
+
+SMEAR_ROUTER = _joint_signature(
+    "smear", "a SMEAR router trained on the experts' data", _smear_router, "parameter"
+)
+
+
+def _build_smear(ctx: BuildContext, o: SmearOptions) -> Routing:
+    router = _smear_router(_expert_modules(ctx.experts), len(ctx.experts), o)
+    return Routing(_joint_router(ctx, SMEAR_ROUTER, o, router), "parameter")
+
+
+SMEAR = Recipe(
+    name="smear",
+    summary="per example and module: p = softmax(W mean(x) + b), one forward with the merged update sum_e p_e dW_e; router trained on the experts' data",
+    paper="Muqeeth, Liu, Raffel 2024, Soft Merging of Experts with Adaptive Routing (TMLR), arXiv:2306.03745",
+    taxonomy=Taxonomy(
+        training="standard",
+        expert_data="shared",
+        routing_data="expert",
+        granularity="example",
+        depth="module",
+        selection="dense",
+        aggregation="parameter",
+        generalization="in-distribution",
+        user_data="zero-shot",
+    ),  # fmt: skip
+    builder=_build_smear,
+    options=SmearOptions,
+    signatures=(SMEAR_ROUTER,),
+)
+
+RECIPES = [MOLE, LORA_FLOW, ADAPTER_FUSION, METEORA, SMEAR]
