@@ -270,3 +270,21 @@ def test_early_stopping_keeps_the_best_validation_router(setup):
     from moerge.model.expert_layer import ExpertLayer
 
     assert not any(isinstance(m, ExpertLayer) for m in model.modules())  # injected for training, detached
+
+
+def test_gradient_checkpointing_trains_the_same_router(setup):
+    from moerge.routing.learned import InputGateRouter
+    from moerge.train.router import RouterTrainConfig, train_router
+
+    model, tok, experts, rows = setup
+    dims = {n: lm.d_in for n, lm in experts[0].lora.items()}
+    states = []
+    for checkpointing in (False, True):
+        router = InputGateRouter(dims, 3, k=2, bias=False)
+        cfg = RouterTrainConfig(steps=3, lr=0.1, gradient_checkpointing=checkpointing)
+        train_router(model, tok, experts, router, rows[:16], cfg)
+        states.append(router.state())
+    assert not model.is_gradient_checkpointing
+    for k, v in states[0].items():
+        assert v.abs().sum() > 0
+        torch.testing.assert_close(states[1][k], v)

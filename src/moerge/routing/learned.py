@@ -22,7 +22,7 @@ Bt [E, R, d_out])`` and, where needed, the base module as a callable.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -153,10 +153,11 @@ class InputGateRouter(LearnedRouter):
         return sel
 
     def _gate(self, group: str, x: torch.Tensor) -> Selection:
-        gate = self.net[key(group)]
+        gate = cast(_Gate, self.net[key(group)])
         xs = x.reshape(-1, x.shape[-1])
         logits = gate(xs.to(gate.weight.dtype))
         if self.bias_after_softmax:
+            assert gate.bias is not None
             return Selection(torch.softmax(logits, dim=-1) + gate.bias, None, "token")
         return _dense(logits, self.k)
 
@@ -193,7 +194,7 @@ class OutputGateRouter(LearnedRouter):
 
     def logits(self, module: str, x: torch.Tensor) -> torch.Tensor:
         A, Bt = self.factors[module]
-        gate = self.net[key(module)]
+        gate = cast(nn.Linear, self.net[key(module)])
         xs = x.reshape(-1, x.shape[-1]).to(gate.weight.dtype)
         out = expert_outputs(xs, A.to(xs), Bt.to(xs))  # [N, E, d_out]
         xi = nn.functional.layer_norm(out.reshape(out.shape[0], -1), (out.shape[1] * out.shape[2],))
@@ -260,16 +261,17 @@ class FusionRouter(LearnedRouter):
 
     def select(self, module: str, x: torch.Tensor, call: CallState) -> Selection | None:
         A, Bt = self.factors[module]
-        pair = self.net[key(module)]
-        dtype = pair["query"].weight.dtype
+        pair = cast(nn.ModuleDict, self.net[key(module)])
+        query, key_ = cast(nn.Linear, pair["query"]), cast(nn.Linear, pair["key"])
+        dtype = query.weight.dtype
         xs = x.reshape(-1, x.shape[-1])
         with torch.no_grad():
             h = self.bases[module](xs).to(dtype)  # the frozen module's own output
         out = expert_outputs(
             xs.to(dtype), A.to(device=xs.device, dtype=dtype), Bt.to(device=xs.device, dtype=dtype)
         )
-        q = pair["query"](h)  # [N, d]
-        k = pair["key"](out)  # [N, E, d]
+        q = query(h)  # [N, d]
+        k = key_(out)  # [N, E, d]
         return Selection(torch.softmax(torch.einsum("nd,ned->ne", q, k), dim=-1), None, "token")
 
     def routing_flops_per_token(self, dims: dict[str, tuple[int, int]]) -> float:
@@ -301,7 +303,7 @@ class PooledGateRouter(LearnedRouter):
         stored = call.plan.setdefault("per_module", {})
         if module in stored:  # decode steps after the prompt keep the prompt's decision
             return stored[module]
-        gate = self.net[key(module)]
+        gate = cast(nn.Linear, self.net[key(module)])
         x3 = x.reshape(call.batch_size, -1, x.shape[-1]).to(gate.weight.dtype)
         mask = call.token_mask(x3.shape[1], x3.dtype, x3.device)
         pooled = (x3 * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
