@@ -1,4 +1,4 @@
-"""Learned routers (MoLE, LoRA-Flow, AdapterFusion, MeteoRA, SMEAR): each routed module's output checked against a
+"""Learned routers (MoLE, LoRA-Flow, AdapterFusion, MeteoRA, SMEAR, PEMT, MixDA): each routed module's output checked against a
 dense computation written out here from each expert's ΔW and the router's parameters; the one training path
 (loss goes down, only the router changes, a second build loads the cached router and trains nothing)."""
 
@@ -51,6 +51,8 @@ def perturb(router, seed: int = 0) -> None:
     with torch.no_grad():
         for p in router.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            if p.ndim == 0:  # a temperature: positive
+                p.abs_().add_(0.5)
 
 
 def run_layer(routed, module: str, x: torch.Tensor, mask: torch.Tensor | None = None, before=()):
@@ -99,7 +101,7 @@ def test_mole_gate_over_outputs_matches_dense_and_masks_without_retraining(setup
     gate = routed.router.net[key(MODULE)]
     outs = torch.stack([x @ delta(e, MODULE).T for e in experts], dim=2)  # [B, T, E, d_out]
     xi = F.layer_norm(outs.reshape(2, 5, -1), (outs.shape[2] * outs.shape[3],))
-    logits = xi @ gate.weight.T + gate.bias
+    logits = (xi @ gate.weight.T + gate.bias) / gate.temperature  # τ is learned (perturbed here)
     base = routed.expert_layers[MODULE].base(x)
     want = base + (torch.softmax(logits, -1)[..., None] * outs).sum(2)
     torch.testing.assert_close(run_layer(routed, MODULE, x), want, rtol=1e-4, atol=1e-5)
@@ -198,7 +200,10 @@ def test_smear_merges_parameters_per_example_from_the_masked_mean(setup, attache
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     gate = routed.router.net[key(MODULE)]
     pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-    p = torch.softmax(pooled @ gate.weight.T + gate.bias, -1)  # [B, E]
+    # the official router: LayerNorm of the pooled input times the per-expert-normalised weights, plus a bias
+    normed = F.layer_norm(pooled, (32,), gate.input_norm.weight, gate.input_norm.bias)
+    w = F.layer_norm(gate.weight, (32,), gate.weight_norm.weight, gate.weight_norm.bias)  # [E, d]
+    p = torch.softmax(normed @ w.T + gate.bias, -1)  # [B, E]
     base = routed.expert_layers[MODULE].base(x)
     merged = [sum(p[b, e] * delta(ex, MODULE) for e, ex in enumerate(experts)) for b in range(2)]
     want = base + torch.stack([x[b] @ merged[b].T for b in range(2)])
@@ -288,3 +293,76 @@ def test_gradient_checkpointing_trains_the_same_router(setup):
     for k, v in states[0].items():
         assert v.abs().sum() > 0
         torch.testing.assert_close(states[1][k], v)
+
+
+def test_pemt_task_gate_matches_dense_and_its_sparsity_loss(setup, attached):
+    _, _, experts, rows = setup
+    routed = attached("pemt", target=target(rows), steps=1)
+    perturb(routed.router)
+    params = routed.router.net[key(MODULE)]
+    g = torch.softmax(params["task"] @ params["gate"], -1)  # task-level: one weight vector for every token
+    x = torch.randn(2, 3, 32)
+    base = routed.expert_layers[MODULE].base(x)
+    outs = torch.stack([x @ delta(e, MODULE).T for e in experts], dim=2)  # [B, T, E, d]
+    want = base + (g[:, None] * outs).sum(2)
+    torch.testing.assert_close(run_layer(routed, MODULE, x), want, rtol=1e-4, atol=1e-5)
+    # the Task Sparsity Loss of the official code: sum_e g_e (1 - mean_t cos(y_t, E_e(x_t)))
+    layer = routed.expert_layers[MODULE]
+    with routed.call(input_ids=torch.zeros(2, 3, dtype=torch.long)) as call:
+        layer(x)
+        got = routed.router.aux_loss(call)
+    cos = F.cosine_similarity(want[:, :, None, :], outs, dim=-1).reshape(-1, 3).mean(0)
+    torch.testing.assert_close(got, (g * (1 - cos)).sum(), rtol=1e-4, atol=1e-6)
+
+
+def test_mixda_gate_from_the_last_visible_token_mixes_the_original_module(setup, attached):
+    _, _, experts, rows = setup
+    for include_original in (True, False):
+        routed = attached(
+            "mixda", target=target(rows, mode="full"), steps=1, gate_hidden=8,
+            include_original=include_original,
+        )  # fmt: skip
+        perturb(routed.router)
+        x = torch.randn(2, 4, 32)
+        mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+        gate = routed.router.net[key(MODULE)]
+        h = x[[0, 1], [3, 1]]  # each example's last visible token
+        for i, lin in enumerate(gate.linears):  # the MLP written out (no dropout at inference)
+            h = lin(torch.relu(h) if i else h)
+        p = torch.softmax(h, -1)
+        assert p.shape[-1] == 3 + include_original
+        w = p[:, 1:] if include_original else p  # the original module's share adds no update
+        base = routed.expert_layers[MODULE].base(x)
+        want = base + sum(w[:, e, None, None] * (x @ delta(ex, MODULE).T) for e, ex in enumerate(experts))
+        torch.testing.assert_close(run_layer(routed, MODULE, x, mask), want, rtol=1e-4, atol=1e-5)
+        moerge.detach(routed)
+
+
+@pytest.mark.parametrize("recipe", ["pemt", "mixda"])
+def test_pemt_and_mixda_training_lowers_the_held_out_loss(setup, recipe):
+    """A few steps of router training lower the loss on rows it never saw, and move the weights."""
+    from moerge.model.routed import detach
+    from moerge.routing.learned import MixtureGateRouter, TaskGateRouter
+    from moerge.train.router import RouterTrainConfig, _eval_batches, _routed, _validation_loss, train_router
+
+    model, tok, experts, rows = setup
+    modules = list(experts[0].lora)
+    if recipe == "pemt":
+        factors = {m: (torch.stack([e.lora[m].A * e.lora[m].scaling for e in experts]),
+                       torch.stack([e.lora[m].B.T for e in experts])) for m in modules}  # fmt: skip
+        router = TaskGateRouter(factors, {m: model.get_submodule(m) for m in modules})
+    else:
+        router = MixtureGateRouter({m: experts[0].lora[m].d_in for m in modules}, 3, hidden=8)
+    held = _eval_batches(tok, rows[40:56], 8, 64)
+
+    def held_loss():
+        routed, _ = _routed(model, experts, router, "output")
+        try:
+            return _validation_loss(routed, router, held, "cpu")
+        finally:
+            detach(routed)
+
+    before, state = held_loss(), router.state()
+    train_router(model, tok, experts, router, rows[:24], RouterTrainConfig(steps=12, lr=5e-2, aux_weight=0.1))
+    assert held_loss() < before - 0.01
+    assert any(not torch.allclose(v, state[k]) for k, v in router.state().items())

@@ -37,9 +37,9 @@ them no target data); the survey's table records MeteoRA as "Full" because its t
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from moerge.errors import RecipeNotApplicableError
 from moerge.recipes.recipe import BuildContext, Recipe, RecipeOptions, Routing, Signature, Taxonomy
@@ -47,19 +47,37 @@ from moerge.routing.learned import (
     FusionRouter,
     InputGateRouter,
     LearnedRouter,
+    MixtureGateRouter,
     OutputGateRouter,
     PooledGateRouter,
+    TaskGateRouter,
 )
 
 
 class LearnedOptions(RecipeOptions):
-    """Router training settings shared by the learned recipes (small defaults: the synthetic benchmark)."""
+    """Router training settings shared by the learned recipes. The defaults are the benchmark's (a few dozen
+    steps at a high learning rate: the synthetic suite's tiny models); ``preset="paper"`` takes each setting
+    the paper (or its official code) states — ``PAPER``, listed in each recipe's docstring — for every option
+    not given explicitly."""
 
+    PAPER: ClassVar[dict[str, Any]] = {}
+
+    preset: Literal["benchmark", "paper"] = Field(
+        default="benchmark", description="'paper': the paper's steps/lr/batch size where not given"
+    )
     steps: int = Field(default=40, ge=1, description="training steps (fewer when validation stops early)")
     lr: float = Field(default=1e-2, gt=0)
     batch_size: int = Field(default=8, ge=1)
     seed: int = 0
     gradient_checkpointing: bool = False
+
+    @model_validator(mode="after")
+    def _paper_settings(self) -> LearnedOptions:
+        if self.preset == "paper":
+            for name, value in self.PAPER.items():
+                if name not in self.model_fields_set:
+                    setattr(self, name, value)
+        return self
 
 
 def _train_config(o: LearnedOptions, aux_weight: float = 0.0) -> Any:
@@ -115,8 +133,12 @@ def _fit_on_target(
 
 # ---------------------------------------------------------------------------------------------------- MoLE
 class MoleOptions(LearnedOptions):
-    temperature: float = Field(default=1.0, gt=0, description="τ of the gate's softmax")
-    balance_weight: float = Field(default=0.1, ge=0, description="weight α of the gating-balance loss [U]")
+    PAPER: ClassVar[dict[str, Any]] = {"steps": 800, "lr": 1e-5, "batch_size": 12}  # §4.2, NLP
+
+    temperature: float = Field(default=1.0, gt=0, description="initial τ of the gate's softmax (learned)")
+    balance_weight: float = Field(
+        default=0.5, ge=0, description="weight α of the gating-balance loss (paper: 0.5)"
+    )
     mask: list[str] = Field(
         default_factory=list,
         description="experts left out at inference (no retraining: not in the cache key)",
@@ -256,19 +278,22 @@ def _joint_config(recipe: str, o: LearnedOptions, ctx: BuildContext) -> dict[str
     return router_config(recipe, o.model_dump(), ctx.experts, ctx.library, modules, "experts' training data")
 
 
-def _joint_compute(recipe: str, make: Any, aggregation: str) -> Any:
-    """A library-scope signature's compute: the router trained on every expert's training rows, mixed."""
+def _joint_compute(recipe: str, make: Any, aggregation: str, aux_weight: Any, labelled: bool) -> Any:
+    """A library-scope signature's compute: the router trained on every expert's training rows, mixed (each
+    row labelled with its expert's index where the router learns from the labels)."""
 
     def compute(ctx: BuildContext, o: LearnedOptions, data: dict[str, list]) -> dict[str, dict]:
         from moerge.train.gates import training_rows
         from moerge.train.router import ROUTER_KIND, train_router
 
         _need_tokenizer(ctx)
-        rows = [r for name in ctx.names for r in training_rows(data.get(name, []))]
+        pairs = [(r, i) for i, name in enumerate(ctx.names) for r in training_rows(data.get(name, []))]
+        rows = [r for r, _ in pairs]
         router = make(_expert_modules(ctx.experts), len(ctx.experts), o)
         result = train_router(
-            ctx.model, ctx.tokenizer, ctx.experts, router, rows, _train_config(o), aggregation=aggregation,
-            on_step=ctx.report_steps,
+            ctx.model, ctx.tokenizer, ctx.experts, router, rows, _train_config(o, aux_weight(o)),
+            aggregation=aggregation, on_step=ctx.report_steps,
+            row_labels=[i for _, i in pairs] if labelled else None,
         )  # fmt: skip
         state = router.state()
         if ctx.library is not None:
@@ -282,13 +307,20 @@ def _joint_compute(recipe: str, make: Any, aggregation: str) -> Any:
     return compute
 
 
-def _joint_signature(recipe: str, what: str, make: Any, aggregation: str) -> Signature:
+def _joint_signature(
+    recipe: str,
+    what: str,
+    make: Any,
+    aggregation: str,
+    aux_weight: Any = lambda o: 0.0,
+    labelled: bool = False,
+) -> Signature:
     from moerge.train.router import ROUTER_KIND
 
     return Signature(
         kind=ROUTER_KIND,
         what=what,
-        compute=_joint_compute(recipe, make, aggregation),
+        compute=_joint_compute(recipe, make, aggregation, aux_weight, labelled),
         config=lambda o, ctx: _joint_config(recipe, o, ctx),
         scope="library",
         how=f"moerge.recipes.prepare_signatures('{recipe}', model, tokenizer, library, {{expert: rows}})",
@@ -305,16 +337,39 @@ def _joint_router(
 
 
 class MeteoraOptions(LearnedOptions):
+    PAPER: ClassVar[dict[str, Any]] = {
+        "steps": 15000,
+        "lr": 5e-4,
+        "batch_size": 32,
+    }  # run_meteora_train_fsdp.sh
+
     k: int = Field(default=2, ge=1, description="experts per token (the paper: top-2)")
+    gate_loss_weight: float = Field(
+        default=50.0,
+        ge=0,
+        description="weight of the gates' cross-entropy against each row's expert (official: 50)",
+    )
+    init_std: float = Field(
+        default=1.0, ge=0, description="std of the gates' normal initialisation (official: 1)"
+    )
 
 
 def _meteora_router(dims: dict[str, int], num_experts: int, o: MeteoraOptions) -> InputGateRouter:
-    return InputGateRouter(dims, num_experts, k=o.k, bias=False)
+    return InputGateRouter(
+        dims,
+        num_experts,
+        k=o.k,
+        bias=False,
+        init_std=o.init_std,
+        seed=o.seed,
+        supervised=o.gate_loss_weight > 0,
+    )
 
 
 METEORA_ROUTER = _joint_signature(
-    "meteora", "a MeteoRA gate set trained on the experts' data", _meteora_router, "output"
-)
+    "meteora", "a MeteoRA gate set trained on the experts' data", _meteora_router, "output",
+    aux_weight=lambda o: o.gate_loss_weight, labelled=True,
+)  # fmt: skip
 
 
 def _build_meteora(ctx: BuildContext, o: MeteoraOptions) -> Routing:
@@ -344,11 +399,19 @@ METEORA = Recipe(
 
 
 class SmearOptions(LearnedOptions):
-    pass
+    PAPER: ClassVar[dict[str, Any]] = {
+        "steps": 600000,
+        "lr": 3e-4,
+        "batch_size": 128,
+    }  # parameter_averaging_routing.json
+
+    init_scale: float = Field(
+        default=1e-2, gt=0, description="router_init_scale: std of W and initial gain of its normalisation"
+    )
 
 
 def _smear_router(dims: dict[str, int], num_experts: int, o: SmearOptions) -> PooledGateRouter:
-    return PooledGateRouter(dims, num_experts)
+    return PooledGateRouter(dims, num_experts, init_scale=o.init_scale, seed=o.seed)
 
 
 SMEAR_ROUTER = _joint_signature(
@@ -381,4 +444,88 @@ SMEAR = Recipe(
     signatures=(SMEAR_ROUTER,),
 )
 
-RECIPES = [MOLE, LORA_FLOW, ADAPTER_FUSION, METEORA, SMEAR]
+
+# ---------------------------------------------------------------------------------------------------- PEMT
+class PemtOptions(LearnedOptions):
+    PAPER: ClassVar[dict[str, Any]] = {"lr": 3e-4, "batch_size": 32}  # pemt/run_pemt_stage2.sh (20 epochs)
+
+    sparsity_weight: float = Field(
+        default=0.1, ge=0, description="weight of the Task Sparsity Loss (official code: 0.1)"
+    )
+    temperature: float = Field(default=1.0, gt=0, description="τ of the gate's softmax (official code: 1)")
+
+
+def _build_pemt(ctx: BuildContext, o: PemtOptions) -> Routing:
+    layers = _layers(ctx)
+    factors = {m: (layer.A, layer.Bt) for m, layer in layers.items()}
+    router = TaskGateRouter(
+        factors, {m: layer.base for m, layer in layers.items()}, temperature=o.temperature,
+        sparsity=o.sparsity_weight > 0, seed=o.seed,
+    )  # fmt: skip
+    _fit_on_target(ctx, o, router, aux_weight=o.sparsity_weight)
+    return Routing(router, "output")
+
+
+PEMT = Recipe(
+    name="pemt",
+    summary="per module, for the whole task: g = softmax(t . W) over the frozen experts from a learned target-task vector, trained on target data with the Task Sparsity Loss",
+    paper="Lin et al. 2024, PEMT: Multi-Task Correlation Guided Mixture-of-Experts Enables Parameter-Efficient Transfer Learning (Findings of ACL), arXiv:2402.15082",
+    taxonomy=Taxonomy(
+        training="standard",
+        expert_data="private",
+        routing_data="target",
+        granularity="task",
+        depth="module",
+        selection="dense",
+        aggregation="output",
+        generalization="out-of-distribution",
+        user_data="few-shot",
+    ),  # fmt: skip
+    builder=_build_pemt,
+    options=PemtOptions,
+)
+
+
+# ---------------------------------------------------------------------------------------------------- MixDA
+class MixdaOptions(LearnedOptions):
+    PAPER: ClassVar[dict[str, Any]] = {"lr": 1e-4, "batch_size": 5}  # stage_two.sh's example run (20 epochs)
+
+    include_original: bool = Field(
+        default=True, description="the original module is a candidate of the mixture (as in the paper)"
+    )
+    gate_hidden: int = Field(default=768, ge=1, description="width of the gate's MLP (official: 768)")
+    gate_layers: int = Field(default=3, ge=1, description="hidden layers of the gate's MLP (official: 3)")
+    dropout: float = Field(default=0.2, ge=0, lt=1, description="the gate's dropout (official: 0.2)")
+
+
+def _build_mixda(ctx: BuildContext, o: MixdaOptions) -> Routing:
+    dims = {m: layer.d_in for m, layer in _layers(ctx).items()}
+    router = MixtureGateRouter(
+        dims, len(ctx.experts), hidden=o.gate_hidden, layers=o.gate_layers, dropout=o.dropout,
+        include_original=o.include_original, seed=o.seed,
+    )  # fmt: skip
+    _fit_on_target(ctx, o, router)
+    return Routing(router, "output")
+
+
+MIXDA = Recipe(
+    name="mixda",
+    summary="per example and module: an MLP gate on the last prompt token's input mixes the original module and the experts, W x + sum_e p_e dW_e x; trained on the full target set",
+    paper="Diao et al. 2023, Mixture-of-Domain-Adapters: Decoupling and Injecting Domain Knowledge to Pre-trained Language Models' Memories (ACL), arXiv:2306.05406",
+    taxonomy=Taxonomy(
+        training="standard",
+        expert_data="private",
+        routing_data="target",
+        granularity="example",
+        depth="module",
+        selection="dense",
+        aggregation="output",
+        generalization="in-distribution",
+        user_data="full",
+    ),  # fmt: skip
+    builder=_build_mixda,
+    options=MixdaOptions,
+)
+
+
+RECIPES = [MOLE, LORA_FLOW, ADAPTER_FUSION, METEORA, SMEAR, PEMT, MIXDA]

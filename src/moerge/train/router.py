@@ -30,11 +30,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from moerge.routing.learned import LearnedRouter
-from moerge.train.data import IGNORE_INDEX, encode_examples, load_examples, pad_batch
+from moerge.train.data import IGNORE_INDEX, encode_example, encode_examples, load_examples, pad_batch
 from moerge.train.loop import causal_lm_loss, lr_lambda
 
 ROUTER_KIND = "learned_router"
-ROUTER_VERSION = 1
+ROUTER_VERSION = 2  # 2: routers see the prompt only while training; MoLE's τ, SMEAR's normalised router
 
 
 class RouterTrainConfig(BaseModel):
@@ -73,15 +73,26 @@ class RouterTrainResult:
         return len(self.losses) < self.steps
 
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, labels, attention_mask
+Batch = tuple[torch.Tensor, ...]  # input_ids, labels, attention_mask (, row labels)
 
 
 def router_batches(
-    tokenizer: Any, rows: Sequence[Any], batch_size: int, steps: int, seed: int, seq_len: int
-) -> list[Batch]:
-    """``steps`` batches of ``(input_ids, labels, attention_mask)``, drawn epoch by epoch from seeded
-    permutations (as `moerge.train.data.build_batches`), right-padded."""
-    data = encode_examples(tokenizer, load_examples(list(rows)), seq_len)
+    tokenizer: Any, rows: Sequence[Any], batch_size: int, steps: int, seed: int, seq_len: int,
+    row_labels: Sequence[int] | None = None,
+) -> list[Batch]:  # fmt: skip
+    """``steps`` batches of ``(input_ids, labels, attention_mask)`` (and each row's label, with ``row_labels``),
+    drawn epoch by epoch from seeded permutations (as `moerge.train.data.build_batches`), right-padded."""
+    examples = load_examples(list(rows))
+    if row_labels is not None:  # encode one by one, so that the labels follow the rows that are kept
+        if len(row_labels) != len(examples):
+            raise ValueError(f"{len(row_labels)} row labels for {len(examples)} rows")
+        kept = [
+            (ex, lab)
+            for ex, lab in zip(examples, row_labels, strict=True)
+            if any(t != IGNORE_INDEX for t in encode_example(tokenizer, ex)[1][:seq_len][1:])
+        ]
+        examples, row_labels = [ex for ex, _ in kept], [lab for _, lab in kept]
+    data = encode_examples(tokenizer, examples, seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
@@ -90,7 +101,10 @@ def router_batches(
     out = []
     for s in range(steps):
         idx = order[s * batch_size : (s + 1) * batch_size]
-        out.append(_batch(data, idx, pad_id))
+        batch = _batch(data, idx, pad_id)
+        if row_labels is not None:
+            batch = (*batch, torch.tensor([row_labels[i] for i in idx]))
+        out.append(batch)
     return out
 
 
@@ -126,9 +140,19 @@ def _routed(model: torch.nn.Module, experts: list[Any], router: LearnedRouter, a
     return MoErgedModel(model, layers, names, router, aggregation, owner), injected  # type: ignore[arg-type]
 
 
+def router_view(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The tokens a router may see while training: each row's prompt (its unlabelled real tokens), as the
+    benchmark and generation show it at inference; a row with no prompt (``{"text"}`` rows) shows all of it."""
+    prompt = mask * (labels == IGNORE_INDEX).to(mask.dtype)
+    return torch.where(prompt.sum(1, keepdim=True) > 0, prompt, mask)
+
+
 def _loss(routed: Any, router: LearnedRouter, batch: Batch, aux_weight: float) -> torch.Tensor:
-    ids, labels, mask = batch
-    with routed.call(input_ids=ids, attention_mask=mask) as call:
+    ids, labels, mask = batch[:3]
+    with routed.call(input_ids=ids, attention_mask=router_view(labels, mask)) as call:
+        call.plan["train_mask"] = mask
+        if len(batch) > 3:
+            call.plan["row_labels"] = batch[3]
         logits = routed.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     loss = causal_lm_loss(logits, labels)
     if aux_weight:
@@ -149,14 +173,19 @@ def train_router(
     validation: Sequence[Any] = (),
     aggregation: str = "output",
     on_step: Callable[[int, int], None] | None = None,
+    row_labels: Sequence[int] | None = None,
 ) -> RouterTrainResult:
     """Train ``router``'s parameters on ``rows`` (``{"prompt", "completion"}``: loss on the completion, or
     ``{"text"}``) with ``model`` and ``experts`` frozen; the model's parameters and flags are left as they
-    were. With ``validation`` rows, the router with the lowest validation loss is kept (early stopping). Sets
-    ``router.train_seconds``; returns the losses."""
+    were. With ``validation`` rows, the router with the lowest validation loss is kept (early stopping).
+    ``row_labels`` (one per row: its source expert's index) reach the router as ``call.plan["row_labels"]``
+    (MeteoRA's supervised gate loss). The router sees each row's prompt (`router_view`), the model the whole
+    row. Sets ``router.train_seconds``; returns the losses."""
     cfg = config or RouterTrainConfig()
     torch.manual_seed(cfg.seed)
-    batches = router_batches(tokenizer, rows, cfg.batch_size, cfg.steps, cfg.seed, cfg.seq_len)
+    batches = router_batches(
+        tokenizer, rows, cfg.batch_size, cfg.steps, cfg.seed, cfg.seq_len, row_labels=row_labels
+    )
     val = _eval_batches(tokenizer, validation, cfg.batch_size, cfg.seq_len) if validation else []
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
@@ -233,7 +262,7 @@ def _validation_loss(routed: Any, router: LearnedRouter, batches: list[Batch], d
     total, count = 0.0, 0
     for ids, labels, mask in batches:
         ids, labels, mask = ids.to(device), labels.to(device), mask.to(device)
-        with routed.call(input_ids=ids, attention_mask=mask):
+        with routed.call(input_ids=ids, attention_mask=router_view(labels, mask)):
             logits = routed.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         n = int((labels[:, 1:] != IGNORE_INDEX).sum())
         total += float(causal_lm_loss(logits, labels)) * n
