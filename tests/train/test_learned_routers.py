@@ -366,3 +366,50 @@ def test_pemt_and_mixda_training_lowers_the_held_out_loss(setup, recipe):
     train_router(model, tok, experts, router, rows[:24], RouterTrainConfig(steps=12, lr=5e-2, aux_weight=0.1))
     assert held_loss() < before - 0.01
     assert any(not torch.allclose(v, state[k]) for k, v in router.state().items())
+
+
+def test_meteora_gate_loss_is_cross_entropy_against_each_rows_expert(setup, attached, joint_library):
+    routed = attached("meteora", joint_library[0], steps=8)
+    router = routed.router
+    x = torch.randn(2, 3, 32)
+    labels, mask = torch.tensor([2, 0]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    with routed.call(input_ids=torch.zeros(2, 3, dtype=torch.long)) as call:
+        call.plan.update(row_labels=labels, train_mask=mask)
+        routed.expert_layers[MODULE](x)
+        got = router.aux_loss(call)
+    logits = x @ router.net[key(MODULE)].weight.T  # [B, T, E]
+    ce = -torch.log_softmax(logits, -1).gather(-1, labels[:, None, None].expand(-1, 3, 1))[..., 0]
+    torch.testing.assert_close(got, (ce * mask).sum() / mask.sum(), rtol=1e-4, atol=1e-6)
+
+
+def test_mole_balance_loss_averages_the_weights_over_every_gate(setup, attached):
+    _, _, _, rows = setup
+    routed = attached("mole", target=target(rows), steps=1)
+    perturb(routed.router)
+    other = "model.layers.0.mlp.down_proj"
+    x1, x2 = torch.randn(1, 4, 32), torch.randn(1, 4, 64)
+    with routed.call(input_ids=torch.zeros(1, 4, dtype=torch.long)) as call:
+        routed.expert_layers[MODULE](x1)
+        routed.expert_layers[other](x2)
+        got = routed.router.aux_loss(call)
+    q = torch.cat(
+        [torch.softmax(routed.router.logits(m, x), -1) for m, x in ((MODULE, x1), (other, x2))]
+    ).mean(0)
+    torch.testing.assert_close(got, -q.log().sum())
+
+
+def test_training_shows_the_router_the_prompt_only():
+    from moerge.train.router import router_view
+
+    labels = torch.tensor([[-100, -100, 5, 6], [-100, 7, -100, -100], [3, 4, 5, -100]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 1, 1, 0]])
+    want = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]])  # the last row has no prompt: all of it
+    assert torch.equal(router_view(labels, mask), want)
+
+
+def test_paper_preset_fills_only_the_options_not_given():
+    from moerge.recipes.learned import MoleOptions
+
+    o = MoleOptions(preset="paper", lr=1e-3)
+    assert (o.steps, o.lr, o.batch_size, o.balance_weight) == (800, 1e-3, 12, 0.5)
+    assert MoleOptions().steps == 40

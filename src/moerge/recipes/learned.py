@@ -3,13 +3,17 @@
 On the target task's data (the builder trains on ``ctx.require_target().rows``; the trained router is cached in
 the library keyed by recipe, options, expert set, modules and a hash of the data, so a second build loads it):
 
-- **MoLE** (Wu, Huang, Wei, "Mixture of LoRA Experts", ICLR 2024, arXiv:2404.13628): per module, a gate over the
-  experts' outputs, ε = softmax(W_g · Norm(E_1(x) ⊕ … ⊕ E_n(x)) / τ), output W x + Σ ε_e E_e(x); trained with
-  the gating-balance loss L_balance = −log Π_e q_e (q_e: the mean gate weight of expert e), weighted by
-  ``balance_weight``; ``mask`` leaves experts out at inference (the gate's softmax renormalised over the rest)
-  without retraining. [U] choices: Norm is a LayerNorm without affine parameters over the flattened outputs;
-  the balance loss is averaged over modules; τ = 1; the gates start at zero (uniform). The paper's own text was
-  not available offline.
+- **MoLE** (Wu, Huang, Wei, "Mixture of LoRA Experts", ICLR 2024, arXiv:2404.13628; checked against the paper's
+  text, §3.2–3.3 and §4.2 — github:yushuiwx/MoLE holds only a README, no code): per module, a gate over the
+  experts' outputs, ε = softmax(W_g · Norm(E_1(x) ⊕ … ⊕ E_n(x)) / τ) with τ *learnable* (Eq. 11), output
+  W x + Σ ε_e E_e(x); trained with L_D + α·L_balance, L_balance = −log Π_e q_e where q_e is expert e's gate weight
+  averaged over the gating functions (Eq. 14–15; here over every gate and token of the batch), α = 0.5 (§4);
+  ``mask`` leaves experts out at inference (the softmax renormalised over the rest) without retraining (§5).
+  Deviations: the paper's main gate sits per transformer block and reads each LoRA's whole *block* output; the
+  expert layer mixes per adapted matrix, so this is the paper's matrix-wise variant m-MoLE (Table 9, slightly
+  below the block/layer-wise ones). Norm is a LayerNorm without affine parameters over the flattened outputs,
+  per token (the paper's ξ = N×L×d flattens a whole sequence, which has no fixed size in a causal LM); the gates
+  start at zero (uniform). Paper settings (``preset="paper"``): 800 steps, lr 1e-5, batch 12.
 - **LoRA-Flow** (Wang et al., ACL 2024, aclanthology 2024.acl-long.695; code thunlp/LoRAFlow, README "Calculating
   the fusion weights"): one fusion gate per decoder layer, w^l = softmax(W^l_gate x^l_t) + b^l with the bias
   *after* the softmax (as the official README writes it), applied to every LoRA module of the layer, per token;
@@ -24,12 +28,59 @@ the library keyed by recipe, options, expert set, modules and a hash of the data
 On the experts' own data (one router for the whole expert set, a library-level artifact prepared like any data
 signature: ``moerge library prepare``, or the benchmark playing the contributors):
 
-- **MeteoRA** (Xu, Lai, Huang, arXiv:2405.13053, ICLR 2025): per adapted module a gate softmax(TopK(W_g x)),
-  top-2 by default, per token, trained on the union of the experts' training data; sparse at inference. [U]:
-  the gate has no bias and starts at zero; no auxiliary loss.
-- **SMEAR** (Muqeeth, Liu, Raffel, "Soft Merging of Experts with Adaptive Routing", TMLR 2024, arXiv:2306.03745):
-  per example and module, p = softmax(W x̄ + b) from the mean of the example's inputs to the module, and one
-  forward with the merged update Σ_e p_e ΔW_e (parameter aggregation); trained on the experts' data mixed.
+- **MeteoRA** (Xu, Lai, Huang, arXiv:2405.13053, ICLR 2025; official code NJUDeepEngine/meteora read:
+  MoELoRA/layer.py, base_model/llama/modeling_llama_meteor.py, utils.py, run_meteora_train_fsdp.sh): per adapted
+  module a gate ``moe_gate`` (linear, no bias, initialised N(0, 1)), weights softmax over the top-2 logits
+  (equivalently softmax, top-2, renormalised), per token, sparse at inference. Trained on the union of the
+  experts' training data with the LM loss plus 50 × the cross-entropy of *every* gate's logits at every token
+  against the row's source LoRA (``lora_gate_loss_func``, ``moe_aux_loss_coef = 50``) — the rows are labelled
+  with their expert here. Paper settings: 15000 steps, lr 5e-4 (cosine, weight decay 0.01), batch 32.
+  Deviations: the official run also trains the LoRAs (``"lora_" in module``); here the experts stay frozen (the
+  issue's one training path, and the paper's description); its LM loss also covers the prompt tokens, ours the
+  completions only.
+- **SMEAR** (Muqeeth, Liu, Raffel, "Soft Merging of Experts with Adaptive Routing", TMLR 2024, arXiv:2306.03745;
+  official code r-three/smear read: hyperformer/adapters/adapter_utils.py ``Router``, adapter_controller_fast.py,
+  configs/adapter/parameter_averaging_routing.json): per example and module, p = softmax(LN(x̄) · LN_w(W) + b)
+  from the mean x̄ of the module's input (a LayerNorm of it; ``normalize_router_weights``: each expert's weight
+  vector layer-normalised with a gain initialised at ``router_init_scale`` = 0.01, W ~ N(0, 0.01²), b = 0), and
+  one forward with the merged update Σ_e p_e ΔW_e (parameter aggregation); trained on the experts' data mixed.
+  Paper settings: lr 3e-4, batch 128 (600k steps with the experts trained jointly). Deviations: the official
+  code trains experts and router together from scratch on T5; here the router alone, over frozen LoRAs; it
+  pools over the prompt tokens (the official mean runs over the encoder input, padding included).
+
+On the target data again, methods whose contributor-side stage is not reproduced (only their routing and
+aggregation run on top of ordinary LoRA experts):
+
+- **PEMT** (Lin et al., Findings of ACL 2024, arXiv:2402.15082; official code JachinLin2022/PEMT read:
+  pemt/adapters/lora.py ``Linear`` with ``lora_num`` > 1, pemt/third_party/models/t5/modeling_t5.py
+  ``T5LayerFF``, pemt/run_pemt_stage2.sh). Reproduced: the stage-2 gate over frozen source LoRAs in each adapted
+  module, g = softmax(t · W_gate / τ) with W_gate zero-initialised and τ = 1, where t is the mean of the module's
+  input over the target task-prompt positions; the output W x + Σ_e g_e B_e A_e x; and the Task Sparsity Loss of
+  the official code, Σ_e q_e (1 − mean_t cos(y_t, E_e(x_t))) with q the gate weights, weighted 0.1 and averaged
+  over modules. Adapted: in a causal decoder the task-prompt positions see only the prompt, so t is a function
+  of learned parameters alone — it is learned directly, per module (``TaskGateRouter``: task-level weights, the
+  same for every example). Not reproduced: the source stage (Custom: each source adapter trained with its own
+  task-description prompt, which hub LoRAs lack — the target prompt starts from them in the paper, randomly
+  here) and the target adapter trained alongside the gate (only the router trains on this path). The survey
+  records PEMT's user data as "multiple" (the paper runs full and few-shot); recorded as few-shot here, the
+  least it needs. Paper settings: lr 3e-4, batch 32 (20 epochs).
+- **MixDA** (Diao et al., ACL 2023, arXiv:2306.05406; official code Amano-Aki/Mixture-of-Domain-Adapters read:
+  src/models/transformers/modeling_roberta.py ``RobertaOutput`` and ``MoeGating``, stage_two.sh). Reproduced:
+  the stage-2 mixture gate, an MLP (dropout 0.2 before each of 3 linear layers of width 768 with ReLU, then a
+  linear map) on the FFN-output module's input at the last position, softmax over {original module, domain
+  adapter 1 … E}, one decision per example, outputs mixed densely; ``include_original=False`` drops the original
+  from the candidates. Adapted: each domain candidate is expert e's whole module output (W + ΔW_e) x, so the
+  mixture is W x + Σ_e p_e ΔW_e x (the official adapters are parallel modules whose own output replaces the
+  FFN's); the gate runs on every module the experts adapt (the paper: the FFN output of chosen layers, 7 and 11
+  of RoBERTa-large); "the last position" is the last prompt token (a causal LM's summary of the prompt; the
+  decision is kept while generating). Not reproduced: stage 1 (Custom: domain adapters trained on unlabelled
+  corpora with a knowledge-preserving loss — any LoRA expert stands in) and the task adapter trained with the
+  gate. Paper settings: lr 1e-4, batch 5 (the example run of stage_two.sh).
+
+Each recipe's options default to the benchmark's small settings; ``preset="paper"`` fills the options not
+given with the settings listed above (``PAPER`` on each options class). PEMT and MixDA are recorded with
+``training="standard"``: the survey's "Custom" is their contributor-side stage, which this reproduction does not
+need.
 
 Taxonomy note: MeteoRA and SMEAR need nothing from the user (``user_data="zero-shot"`` here: the benchmark gives
 them no target data); the survey's table records MeteoRA as "Full" because its target tasks are the experts' own.

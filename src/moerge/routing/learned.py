@@ -503,7 +503,8 @@ class MixtureGateRouter(LearnedRouter):
         if module in stored:
             return stored[module]
         gate = cast(_MoeGating, self.net[key(module)])
-        x3 = x.reshape(call.batch_size, -1, x.shape[-1]).to(gate.linears[0].weight.dtype)
+        first = cast(nn.Linear, gate.linears[0])
+        x3 = x.reshape(call.batch_size, -1, x.shape[-1]).to(first.weight.dtype)
         mask = call.token_mask(x3.shape[1], x3.dtype, x3.device)
         positions = torch.arange(x3.shape[1], device=x3.device, dtype=x3.dtype)
         last = (mask * (positions + 1)).argmax(1)  # the last visible token (the last one if none is)
