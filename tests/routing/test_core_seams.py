@@ -118,10 +118,7 @@ def _variants(recipe) -> list[dict]:
     return [_options(recipe.name)] + [{**_options(recipe.name), **v} for v in recipe.variants()]
 
 
-# Recipes that learn from the target task's data search or train on real numbers, which the meta device has not.
-@pytest.mark.parametrize(
-    "recipe", [r.name for r in list_recipes() if r.taxonomy.user_data not in ("few-shot", "full")]
-)
+@pytest.mark.parametrize("recipe", [r.name for r in list_recipes()])
 def test_every_recipe_runs_on_a_non_cpu_device(library_with_signatures, recipe):
     """The meta device runs shapes without data: any tensor a router leaves on the CPU fails there."""
     from moerge.recipes import get_recipe
@@ -130,14 +127,17 @@ def test_every_recipe_runs_on_a_non_cpu_device(library_with_signatures, recipe):
     rec = get_recipe(recipe)
     texts = ["abc def", "xy zz"]
     ids = tok(texts, return_tensors="pt", padding=True)["input_ids"].to("meta")
+    extra: dict = {}
+    if rec.taxonomy.user_data in ("few-shot", "full"):  # trained on the CPU, loaded from the library on meta
+        from moerge.recipes.recipe import TargetData
+
+        rows = tuple({"prompt": t[:4], "completion": t[4:]} for t in task_texts("task0", 6))
+        extra = {"target": TargetData("task0", rec.taxonomy.user_data, rows), "tokenizer": tok}
+        for options in _variants(rec):
+            detach(attach(copy.deepcopy(model), lib, recipe, embedder=CpuEmbedder(), **extra, **options))
     for options in _variants(rec):
         meta_model = copy.deepcopy(model).to("meta")
-        target = None
-        if rec.taxonomy.user_data == "few-shot":  # a few unlabelled target texts (AdapterSoup)
-            from moerge.recipes.recipe import TargetData
-
-            target = TargetData("task1", "few-shot", tuple({"prompt": t} for t in task_texts("task1", 3)))
-        routed = attach(meta_model, lib, recipe, embedder=CpuEmbedder(), target=target, **options)
+        routed = attach(meta_model, lib, recipe, embedder=CpuEmbedder(), **extra, **options)
         ri = RoutingInputs(task_names=["task0", "task2"], texts=texts, record=True)
         out = routed(input_ids=ids, routing=ri)
         assert out.logits.device.type == "meta" and out.logits.shape[:2] == ids.shape, (recipe, options)

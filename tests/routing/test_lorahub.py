@@ -70,6 +70,30 @@ def test_lorahub_is_one_factor_mixed_lora(tiny_llama):
         torch.testing.assert_close(one(input_ids=ids, attention_mask=mask).logits, want, atol=1e-5, rtol=1e-4)
 
 
+def test_lorahub_weights_are_cached_in_the_library(tiny_llama, tmp_path, monkeypatch):
+    """A second build on the same data loads the searched weights (and their cost) instead of searching."""
+    import moerge
+    from moerge.recipes import lorahub
+
+    model, tok = tiny_llama
+    lib = moerge.ExpertLibrary.create(tmp_path / "lib")
+    for e in make_experts(model, 2, ranks=(2, 2), seed=3):
+        lib.add(e)
+    target = TargetData("rev", "few-shot", ROWS)
+    first = attach(copy.deepcopy(model), lib, "lorahub", tokenizer=tok, target=target, budget=4)
+    w, seconds = first.router.weights.clone(), first.router.train_seconds
+
+    def no_search(*a, **k):
+        raise AssertionError("searched again")
+
+    monkeypatch.setattr(lorahub, "search_weights", no_search)
+    second = attach(copy.deepcopy(model), lib, "lorahub", tokenizer=tok, target=target, budget=4)
+    assert torch.equal(second.router.weights, w) and second.router.train_seconds == seconds > 0
+    with pytest.raises(AssertionError, match="searched again"):  # other data: a new search
+        attach(copy.deepcopy(model), lib, "lorahub", tokenizer=tok, budget=4,
+               target=TargetData("rev", "few-shot", ROWS[:3]))  # fmt: skip
+
+
 def test_lorahub_without_target_data_says_how(tiny_llama):
     from moerge.errors import RecipeNotApplicableError
 

@@ -157,9 +157,17 @@ def prepare_signatures(
         have = {n: r for n, r in rows.items() if r or not sig.needs_data}
         if have:
             todo.append((sig, have))
-    bar.add(sum(len(have) for _, have in todo))
+    # a library-scope signature is computed once from every expert's data, and only when all have some
+    todo = [(s, h) for s, h in todo if s.scope == "expert" or len(h) == len(ctx.names)]
+    bar.add(sum(len(have) if sig.scope == "expert" else 1 for sig, have in todo))
     done = []
     for sig, have in todo:
+        if sig.scope == "library":
+            bar.start(f"{sig.kind} · {len(have)} experts")
+            sig.compute(ctx, opts, have)
+            bar.finish()
+            done.append(f"computed {sig.kind} for the {len(have)} experts from their training data")
+            continue
         for name, rows in have.items():
             bar.start(f"{sig.kind} · {name}")
             sig.compute(ctx, opts, {name: rows})

@@ -154,6 +154,7 @@ def search_weights(objective: Callable[[Any], float], n: int, options: LoraHubOp
 
 def build_lorahub(ctx: BuildContext, options: LoraHubOptions) -> Routing:
     from moerge.model.routed import MoErgedModel
+    from moerge.train.router import ROUTER_KIND, data_hash, router_config
 
     target = ctx.require_target()
     if not target.rows:
@@ -184,12 +185,23 @@ def build_lorahub(ctx: BuildContext, options: LoraHubOptions) -> Routing:
         loss = few_shot_loss(forward, batches, len(target.rows))
         return loss + options.l1 * sum(abs(float(x)) for x in w) / len(w)
 
+    router.trainable_parameters = E
+    # the found weights are cached like a trained router (keyed by options, expert set, modules and data)
+    config = router_config("lorahub", options.model_dump(), ctx.experts, ctx.library, ctx.modules,
+                           data_hash(target.rows))  # fmt: skip
+    got = ctx.library.get_artifact(ROUTER_KIND, config, None) if ctx.library is not None else None
+    if got is not None:
+        router.weights = got[0]["weights"].float()
+        router.train_seconds = float(got[1].get("train_seconds", 0.0))
+        return Routing(router, "factor")
     ctx.describe(f"lorahub: searching {E} weights on {len(target.rows)} examples of {target.task}")
     t0 = time.perf_counter()
     weights = search_weights(objective, E, options)
     router.weights = torch.tensor(weights, dtype=torch.float32)
     router.train_seconds = time.perf_counter() - t0
-    router.trainable_parameters = E
+    if ctx.library is not None:
+        info = {"train_seconds": router.train_seconds, "trainable_parameters": E, "evaluations": calls[0]}
+        ctx.library.put_artifact(ROUTER_KIND, config, None, {"weights": router.weights}, info)
     return Routing(router, "factor")
 
 

@@ -135,6 +135,19 @@ class BuildContext:
         if self.steps is not None:
             self.steps(done, total)
 
+    def load_library(
+        self, signature: Signature, options: BaseModel
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A library-scope signature's one artifact for these experts (tensors and recorded info), which
+        must have been prepared from the experts' data."""
+        config = signature.config(options, self)
+        got = self.library.get_artifact(signature.kind, config, None) if self.library is not None else None
+        if got is None:
+            raise RecipeNotApplicableError(
+                missing_message(self.recipe, signature, self.names, self.names, self.library, options, config)
+            )
+        return got
+
     def load(self, signature: Signature, options: BaseModel) -> list[dict[str, torch.Tensor]]:
         """Each expert's ``signature`` tensors (rows follow ``experts``). Signatures computed from the weights
         alone are computed and stored where missing; data signatures must have been prepared."""
@@ -164,6 +177,14 @@ class BuildContext:
 
 def _has(library: Any, kind: str, config: dict[str, Any], name: str) -> bool:
     return library is not None and library.has_artifact(kind, config, name)
+
+
+def lacking(library: Any, signature: Signature, config: dict[str, Any], names: Sequence[str]) -> list[str]:
+    """The experts of ``names`` that lack ``signature`` under ``config``: for a library-scope signature (one
+    artifact for the expert set) all of them or none."""
+    if signature.scope == "library":
+        return [] if _has(library, signature.kind, config, None) else list(names)  # type: ignore[arg-type]
+    return [n for n in names if not _has(library, signature.kind, config, n)]
 
 
 def missing_message(
@@ -212,6 +233,9 @@ class Signature:
     how: str = "moerge.recipes.prepare_signatures(recipe, model, tokenizer, library, data)"
     # whether the recipe needs it under these options (e.g. only one scoring method of several reads it)
     needed: Callable[[Any], bool] = lambda options: True
+    # "expert": one artifact per expert; "library": one artifact for the whole expert set (a router trained
+    # jointly on every expert's data), computed once from all their data (config must name the expert set)
+    scope: Literal["expert", "library"] = "expert"
 
 
 @dataclass(frozen=True)
@@ -327,7 +351,7 @@ class Recipe:
                     f"(not a list of experts) after computing them with {sig.how}."
                 )
             cfg = sig.config(opts, ctx)
-            missing = [n for n in ctx.names if not ctx.library.has_artifact(sig.kind, cfg, n)]
+            missing = lacking(ctx.library, sig, cfg, ctx.names)
             if missing:
                 raise RecipeNotApplicableError(
                     missing_message(self.name, sig, missing, ctx.names, ctx.library, opts, cfg)
@@ -343,7 +367,7 @@ class Recipe:
             if (not sig.needs_data and not weights) or not sig.needed(options):
                 continue
             cfg = sig.config(options, ctx)
-            missing = [n for n in ctx.names if not _has(ctx.library, sig.kind, cfg, n)]
+            missing = lacking(ctx.library, sig, cfg, ctx.names)
             if missing:
                 out.append((sig, missing))
         return out

@@ -47,6 +47,7 @@ def _ensure_loaded() -> None:
         average_activation,
         baselines,
         embedding,
+        learned,
         lora_retriever,
         lorahub,
         molora,
@@ -56,7 +57,7 @@ def _ensure_loaded() -> None:
     )
 
     for module in (arrow, phatgoose, average_activation, embedding, adapter_soup, lora_retriever, molora,
-                   token_level, what_the_weight, airoboros, lorahub, baselines):  # fmt: skip
+                   token_level, what_the_weight, airoboros, lorahub, learned, baselines):  # fmt: skip
         for recipe in module.RECIPES:
             register_recipe(recipe, source=module.__name__)
     for label, value in entry_point_objects(RECIPE_GROUP):
