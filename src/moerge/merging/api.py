@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from moerge.errors import ExpertExistsError, InputNotFoundError, MalformedConfigError
+from moerge.errors import ConfigWarning, ExpertExistsError, InputNotFoundError, MalformedConfigError
 from moerge.experts.expert import Expert
 from moerge.experts.paths import atomic_output_dir, check_output_dir
 from moerge.merging.config import MergeConfig, check_param_ranges, load_config
@@ -40,6 +40,36 @@ def _guarded(cfg: MergeConfig) -> dict[str, Any]:
     return {"inputs": _inputs(cfg), "libraries": [cfg.library]}
 
 
+def _used_per_model(spec: MethodSpec, models: list[Any]) -> list[dict[str, Any]]:
+    """Each model's parameters less those ``spec`` does not take per model, which are dropped with one
+    `ConfigWarning` naming them: mergekit ignores them (its resolver only asks for the method's own
+    parameters, ``parameter_resolver.resolve_parameters``), so a YAML that runs there runs here."""
+    kept: list[dict[str, Any]] = []
+    dropped: dict[str, list[int]] = {}
+    for i, m in enumerate(models):
+        params = {}
+        for k, v in m.parameters.items():
+            if k in spec.per_model:
+                params[k] = v
+            else:
+                dropped.setdefault(k, []).append(i)
+        kept.append(params)
+    if dropped:
+        import warnings
+
+        def why(k: str) -> str:
+            return "set globally only" if k in spec.params else "not a parameter of it"
+
+        names = "; ".join(f"{k} (models {', '.join(map(str, ix))}: {why(k)})" for k, ix in dropped.items())
+        warnings.warn(
+            f"merge method {spec.name!r} ignores per-model parameters it does not take per model, as mergekit "
+            f"does: {names}. Per-model parameters of {spec.name}: {', '.join(spec.per_model)}.",
+            ConfigWarning,
+            stacklevel=3,
+        )
+    return kept
+
+
 def plan(config: MergeConfig) -> tuple[MethodSpec, MergeConfig, dict[str, Any], list[dict[str, Any]]]:
     """Validate ``config`` against the registry: ``(spec, config with inputs resolved, globals, per-model)``.
 
@@ -55,7 +85,7 @@ def plan(config: MergeConfig) -> tuple[MethodSpec, MergeConfig, dict[str, Any], 
             f"merge method {spec.name!r} needs base_model (task vectors are taken against it)."
         )
     cfg = config.model_copy(update={"models": models})
-    g, per_model = validate_params(spec, global_params, [m.parameters for m in models], where="merge config")
+    g, per_model = validate_params(spec, global_params, _used_per_model(spec, models), where="merge config")
     check_param_ranges(spec.name, g, per_model)
     if spec.stats and not config.is_lora and any(m.stats is None for m in models):
         raise MalformedConfigError(

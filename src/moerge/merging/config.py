@@ -25,6 +25,7 @@ METHOD_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # mergekit parameter spellings
 PARAM_ALIASES = {"lambda": "scale"}
+METHOD_PARAM_ALIASES = {"multislerp": {"normalize_weights": "normalize"}}
 IGNORED_PARAMS = {"int8_mask"}  # mergekit memory options with no effect on the result
 
 # Where each parameter means something: (low, high, low inclusive, high inclusive). Outside, a merge would be
@@ -70,10 +71,12 @@ def _values(v: Any) -> list[Any]:
     """The scalar values inside a parameter: itself, or those of a gradient / conditional `Setting`."""
     gradient = getattr(v, "gradient", None)
     conditions = getattr(v, "conditions", None)
+    fallback = getattr(v, "fallback", None)
+    extra = _values(fallback) if fallback is not None else []
     if gradient is not None:
-        return [x for g in gradient for x in _values(g)]
+        return [x for g in gradient for x in _values(g)] + extra
     if conditions is not None:
-        return [x for _, c in conditions for x in _values(c)]
+        return [x for _, c in conditions for x in _values(c)] + extra
     return [v]
 
 
@@ -90,6 +93,8 @@ def _check_filters(
                     "the part of a tensor name it should match (e.g. mlp, self_attn)."
                 )
             walk(inner, label)
+        if getattr(v, "fallback", None) is not None:
+            walk(v.fallback, label)
 
     for k, v in global_params.items():
         walk(v, k)
@@ -228,7 +233,9 @@ class MergeConfig(BaseModel):
     def resolved_method(self) -> tuple[str, dict[str, Any]]:
         """The registry method name and the global parameters after mergekit aliases."""
         name, preset = METHOD_ALIASES.get(self.merge_method, (self.merge_method, {}))
-        return name, {**preset, **normalize_params(self.parameters)}
+        aliases = METHOD_PARAM_ALIASES.get(name, {})
+        params = {aliases.get(k, k): v for k, v in normalize_params(self.parameters).items()}
+        return name, {**preset, **params}
 
 
 def normalize_params(params: dict[str, Any]) -> dict[str, Any]:

@@ -112,10 +112,23 @@ def ties(
     normalize: bool = True,
     scale: float = 1.0,
     rescale: Rescale = "none",
+    variant: Literal["mergekit", "peft"] = "mergekit",
 ) -> torch.Tensor:
-    """Trim each τᵢ to its top-``density`` magnitudes, elect a sign per entry from Σ wᵢτ̂ᵢ (``mass``) or the sign
-    count, and average the agreeing entries: Σ wᵢτ̂ᵢ·maskᵢ / Σ wᵢ·maskᵢ (mergekit's weighted TIES)."""
+    """Trim each τᵢ to its top-``density`` magnitudes (per tensor, as mergekit), elect a sign per entry from
+    Σ wᵢτ̂ᵢ (``mass``) or the sign count, and average the agreeing entries: Σ wᵢτ̂ᵢ·maskᵢ / Σ wᵢ·maskᵢ
+    (mergekit's weighted TIES, ``generalized_task_arithmetic.py``).
+
+    ``variant: peft`` is PEFT's ``add_weighted_adapter(combination_type="ties")`` (``peft/utils/merge_utils.py``
+    ``ties``/``disjoint_merge``): the sign is elected on the unweighted τ̂ᵢ and Σ wᵢτ̂ᵢ·maskᵢ is divided by the
+    count of agreeing entries (``normalize`` is not used)."""
     kept = trim_to_density(x, density)
+    if variant == "peft":
+        if rescale == "l1":
+            kept = _rescale_l1(x, kept)
+        score = kept.sum(dim=0) if sign == "mass" else kept.sign().sum(dim=0)
+        agree = kept.sign() == torch.where(score >= 0, 1.0, -1.0).to(kept.dtype)
+        mixed = (kept * expand(weight, kept) * agree).sum(dim=0)
+        return scale * mixed / agree.sum(dim=0).clamp(min=1)
     return _sparsified_task_arithmetic(
         kept, x, weight, sign=sign, normalize=normalize, scale=scale, rescale=rescale
     )
@@ -159,13 +172,15 @@ def dare_ties(
     )
 
 
-@merge_method("breadcrumbs", paper="Davari & Belilovsky 2024, arXiv:2312.06795", per_model=("density",))
+@merge_method(
+    "breadcrumbs", paper="Davari & Belilovsky 2024, arXiv:2312.06795", per_model=("density", "gamma")
+)
 def breadcrumbs(
     x: torch.Tensor,
     weight: torch.Tensor,
     *,
     density: PerModel = 1.0,
-    gamma: float = 0.01,
+    gamma: PerModel = 0.01,
     sign: Literal["mass", "count"] | None = None,
     normalize: bool = False,
     scale: float = 1.0,
@@ -179,13 +194,13 @@ def breadcrumbs(
     )
 
 
-@merge_method("della", paper="Deep et al. 2024, arXiv:2406.11617", per_model=("density",))
+@merge_method("della", paper="Deep et al. 2024, arXiv:2406.11617", per_model=("density", "epsilon"))
 def della(
     x: torch.Tensor,
     weight: torch.Tensor,
     *,
     density: PerModel = 1.0,
-    epsilon: float = 0.15,
+    epsilon: PerModel = 0.15,
     sign: Literal["mass", "count"] | None = "mass",
     rescale: Rescale = "inverse",
     normalize: bool = True,
@@ -195,9 +210,10 @@ def della(
     """DELLA: MagPrune drops entries with a probability that falls with their magnitude rank (keep
     probability density ± ``epsilon``), rescales kept entries by 1/p, then elects signs and merges (TIES-style;
     ``sign: null`` gives mergekit's ``della_linear``)."""
-    if not all(float(d) - epsilon > 0 and float(d) + epsilon <= 1 or float(d) >= 1 for d in density.tolist()):
+    eps = epsilon.tolist()
+    if not all(d - e > 0 and d + e <= 1 or d >= 1 for d, e in zip(density.tolist(), eps)):
         raise MalformedConfigError(
-            f"della: density ± epsilon must lie in (0, 1]; got density {density.tolist()}, epsilon {epsilon}."
+            f"della: density ± epsilon must lie in (0, 1]; got density {density.tolist()}, epsilon {eps}."
         )
     kept = della_drop(x, density, epsilon, generator, rescale=rescale == "inverse")
     return _sparsified_task_arithmetic(

@@ -46,20 +46,22 @@ def trim_to_density(x: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, flat, 0.0).reshape(x.shape)
 
 
-def trim_outliers(x: torch.Tensor, density: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Model Breadcrumbs: drop the ``gamma`` largest magnitudes, then the smallest, keeping ``density``."""
+def trim_outliers(x: torch.Tensor, density: torch.Tensor, gamma: torch.Tensor | float) -> torch.Tensor:
+    """Model Breadcrumbs: drop the ``gamma`` largest magnitudes, then the smallest, keeping ``density`` (both
+    per model: ``[N]``, or one ``gamma`` for all)."""
+    gammas = gamma.tolist() if isinstance(gamma, torch.Tensor) else [gamma] * x.shape[0]
     flat = _flat(x)
     numel = flat.shape[1]
     order = torch.argsort(flat.abs(), dim=1)  # ascending
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(numel, device=x.device).expand_as(order))
     lo, hi = [], []
-    for d in density.tolist():
+    for d, gm in zip(density.tolist(), gammas):
         if d >= 1:
             lo.append(0)
             hi.append(numel)
             continue
-        target, n_top = int(d * numel), int(gamma * numel)
+        target, n_top = int(d * numel), int(gm * numel)
         n_bot = numel - target - n_top
         if n_bot < 0:
             n_top, n_bot = n_top + n_bot, 0
@@ -86,19 +88,21 @@ def bernoulli_drop(
 def della_drop(
     x: torch.Tensor,
     density: torch.Tensor,
-    epsilon: float,
+    epsilon: torch.Tensor | float,
     generator: torch.Generator | None,
     rescale: bool = True,
 ) -> torch.Tensor:
     """DELLA MagPrune: keep probability grows linearly with the magnitude rank within each row, from
-    ``density − ε`` (smallest) to ``density + ε`` (largest); kept entries are rescaled by ``1/p``."""
+    ``density − ε`` (smallest) to ``density + ε`` (largest); kept entries are rescaled by ``1/p``. ``density``
+    and ``epsilon`` are per model (``[N]``; one ``epsilon`` for all is accepted)."""
     shape = x.shape
     rows = x.reshape(x.shape[0], -1, x.shape[-1]) if x.ndim > 2 else x.reshape(x.shape[0], 1, -1)
     n = rows.shape[-1]
     ranks = rows.abs().argsort(dim=-1).argsort(dim=-1).to(x.dtype)
     rank_norm = ranks / max(n - 1, 1)
     d = expand(density, rows)
-    p = ((d - epsilon) + rank_norm * 2 * epsilon).clamp(0.0, 1.0)
+    eps = expand(epsilon, rows) if isinstance(epsilon, torch.Tensor) else epsilon
+    p = ((d - eps) + rank_norm * 2 * eps).clamp(0.0, 1.0)
     full = (density >= 1).to(x.device)
     if full.any():
         p[full] = 1.0

@@ -105,12 +105,23 @@ def _param_model(spec: MethodSpec, names: tuple[str, ...], label: str) -> type[B
 class Setting:
     """A parameter that varies by tensor, as in mergekit: a *gradient* (a list of values interpolated over the
     layer position t ∈ [0, 1]) or *conditionals* (``[{filter: substring, value: …}, …]``, first match wins; a
-    filter-less entry matches everything)."""
+    filter-less entry matches everything).
+
+    ``fallback`` is what a tensor that no filter matches gets: a per-model setting falls through to the global
+    value of the same parameter, as in mergekit (``ConfigReader.parameter_sources`` yields the model's, then the
+    global settings, and ``parameter_resolver.resolve_parameter`` takes the first that is not None)."""
 
     def __init__(
-        self, gradient: list[Any] | None = None, conditions: list[tuple[str | None, Any]] | None = None
+        self,
+        gradient: list[Any] | None = None,
+        conditions: list[tuple[str | None, Any]] | None = None,
+        fallback: Any = None,
     ):
-        self.gradient, self.conditions = gradient, conditions
+        self.gradient, self.conditions, self.fallback = gradient, conditions, fallback
+
+    def with_fallback(self, fallback: Any) -> Setting:
+        """This setting, falling through to ``fallback`` (a value or a `Setting`) where no filter matches."""
+        return Setting(self.gradient, self.conditions, fallback)
 
     @classmethod
     def parse(cls, value: Any, check: Callable[[Any], Any], label: str, where: str) -> Setting:
@@ -137,6 +148,12 @@ class Setting:
         return cls(conditions=conds)
 
     def at(self, name: str, t: float) -> Any:
+        got = self._own(name, t)
+        if got is None and self.fallback is not None:
+            return self.fallback.at(name, t) if isinstance(self.fallback, Setting) else self.fallback
+        return got
+
+    def _own(self, name: str, t: float) -> Any:
         if self.gradient is not None:
             vals = self.gradient
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
@@ -243,14 +260,19 @@ def validate_params(
             return Setting.parse(value, lambda v: check(name, v, label), label, where)
         return check(name, value, label)
 
-    defaults = {k: v for k, v in global_params.items() if k in spec.per_model}
+    defaults = {n: setting(n, v, n) for n, v in global_params.items() if n in spec.per_model}
     g = {n: setting(n, global_params.get(n, spec.params[n][1]), n) for n in spec.global_params}
+
+    def one_model(n: str, pm: dict[str, Any], label: str) -> Any:
+        if n not in pm:
+            return defaults.get(n, spec.params[n][1])
+        value = setting(n, pm[n], label)
+        if isinstance(value, Setting) and n in defaults:  # unmatched filters fall through to the global value
+            return value.with_fallback(defaults[n])
+        return value
+
     models = [
-        {
-            n: setting(n, {**defaults, **pm}.get(n, spec.params[n][1]), f"models[{i}].{n}")
-            for n in spec.per_model
-        }
-        for i, pm in enumerate(per_model)
+        {n: one_model(n, pm, f"models[{i}].{n}") for n in spec.per_model} for i, pm in enumerate(per_model)
     ]
     n = len(per_model)
     if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):

@@ -1,0 +1,163 @@
+"""mergekit YAMLs that moerge used to read differently or refuse: per-model filters falling through to the
+global value, per-model parameters a method does not use, multislerp's ``normalize_weights``, per-model
+``epsilon``/``gamma``, and PEFT's TIES variant. Each against a dense reference written out here (or PEFT)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import moerge
+from moerge.errors import ConfigWarning
+from moerge.merging.registry import get_method, merge_tensor, validate_params
+
+
+def sd(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_a_per_model_filter_without_catch_all_falls_through_to_the_global_value(model_dirs, tmp_path):
+    """mergekit resolves a parameter from the model's settings, then the global ones, then the default
+    (``ConfigReader.parameter_sources``): ft0's weight is 3 on mlp tensors and the global 0.5 elsewhere."""
+    cfg = {
+        "merge_method": "linear",
+        "parameters": {"weight": 0.5},
+        "models": [
+            {"model": str(model_dirs["ft0"]), "parameters": {"weight": [{"filter": "mlp", "value": 3.0}]}},
+            {"model": str(model_dirs["ft1"]), "parameters": {"weight": 1.0}},
+        ],
+    }
+    moerge.merge(cfg, tmp_path / "out")
+    got, a, b = sd(tmp_path / "out"), sd(model_dirs["ft0"]), sd(model_dirs["ft1"])
+    for k, t in got.items():
+        w0 = 3.0 if "mlp" in k else 0.5
+        torch.testing.assert_close(t, (w0 * a[k] + 1.0 * b[k]) / (w0 + 1.0), rtol=0, atol=1e-6)
+
+
+def test_a_global_filter_without_match_gives_the_default():
+    spec = get_method("ties")
+    g, pm = validate_params(spec, {"density": [{"filter": "mlp", "value": 0.3}]}, [{}, {}])
+    from moerge.merging.registry import resolve_params
+
+    _, on_attn = resolve_params(spec, g, pm, "model.layers.0.self_attn.q_proj.weight", 2)
+    _, on_mlp = resolve_params(spec, g, pm, "model.layers.0.mlp.up_proj.weight", 2)
+    assert [p["density"] for p in on_attn] == [1.0, 1.0] and [p["density"] for p in on_mlp] == [0.3, 0.3]
+
+
+def test_per_model_parameters_a_method_does_not_use_are_ignored_with_one_warning(model_dirs, tmp_path):
+    fts = [str(model_dirs[f"ft{i}"]) for i in range(2)]
+    cfg = {
+        "merge_method": "linear",
+        "models": [
+            {"model": fts[0], "parameters": {"weight": 0.25, "density": 0.5, "normalize": False}},
+            {"model": fts[1], "parameters": {"weight": 0.75, "density": 0.5}},
+        ],
+    }
+    with pytest.warns(ConfigWarning) as caught:
+        moerge.merge(cfg, tmp_path / "out")
+    assert len(caught) == 1
+    msg = str(caught[0].message)
+    assert (
+        "density (models 0, 1: not a parameter of it)" in msg
+        and "normalize (models 0: set globally only)" in msg
+    )
+    got, a, b = sd(tmp_path / "out"), sd(model_dirs["ft0"]), sd(model_dirs["ft1"])
+    for k, t in got.items():
+        torch.testing.assert_close(t, 0.25 * a[k] + 0.75 * b[k], rtol=0, atol=1e-6)
+
+
+def test_the_cli_prints_the_ignored_parameters_as_one_warning_line(model_dirs, tmp_path, capsys):
+    from moerge.cli import app
+    from moerge.cli.common import run_app
+
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text(
+        f"merge_method: linear\nmodels:\n  - model: {model_dirs['ft0']}\n    parameters: {{weight: 1, gamma: 0.1}}\n"
+        f"  - model: {model_dirs['ft1']}\n"
+    )
+    assert run_app(app, ["merge", str(cfg), str(tmp_path / "out"), "--no-progress"]) == 0
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "gamma" in lines[0], lines
+
+
+def multislerp_reference(x, w, normalize):
+    """mergekit's multislerp written out (``merge_methods/multislerp.py``) for base-free inputs."""
+    w = w / w.sum() if normalize else w
+    flat = x.reshape(x.shape[0], -1).double()
+    norms = flat.norm(dim=1)
+    mean = sum(wi * f / (n + 1e-8) for wi, f, n in zip(w.double(), flat, norms))
+    return (mean / mean.norm() * (norms * w.double()).sum()).reshape(x.shape[1:]).float()
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_multislerp_reads_mergekits_normalize_weights(normalize, model_dirs, tmp_path):
+    fts = [model_dirs[f"ft{i}"] for i in range(2)]
+    cfg = {
+        "merge_method": "multislerp",
+        "parameters": {"normalize_weights": normalize},
+        "models": [{"model": str(f), "parameters": {"weight": w}} for f, w in zip(fts, (0.6, 0.9))],
+    }
+    moerge.merge(cfg, tmp_path / "out")
+    got, a, b = sd(tmp_path / "out"), sd(fts[0]), sd(fts[1])
+    for k, t in got.items():
+        ref = multislerp_reference(torch.stack([a[k], b[k]]), torch.tensor([0.6, 0.9]), normalize)
+        torch.testing.assert_close(t, ref, rtol=1e-5, atol=1e-6)
+
+
+def ref_breadcrumbs(v: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    flat = v.flatten().tolist()
+    order = sorted(range(len(flat)), key=lambda i: -abs(flat[i]))
+    n_top, n_keep = int(gamma * len(flat)), int(density * len(flat))
+    out = [0.0] * len(flat)
+    for i in order[n_top : n_top + n_keep]:
+        out[i] = flat[i]
+    return torch.tensor(out).reshape(v.shape)
+
+
+def test_breadcrumbs_takes_gamma_per_model():
+    x = torch.randn(2, 12, 10, generator=torch.Generator().manual_seed(0))
+    per = [{"weight": 1.0, "density": 0.5, "gamma": 0.1}, {"weight": 2.0, "density": 0.3, "gamma": 0.2}]
+    spec = get_method("breadcrumbs")
+    g, pm = validate_params(spec, {}, per)
+    got = merge_tensor(spec, x.clone(), base=torch.zeros(12, 10), global_params=g, per_model=pm)
+    want = ref_breadcrumbs(x[0], 0.5, 0.1) + 2.0 * ref_breadcrumbs(x[1], 0.3, 0.2)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("eps", [(0.3, 0.05), (0.05, 0.3)])
+def test_della_takes_epsilon_per_model(eps):
+    """Model 0's entries in the lowest quarter of magnitudes are kept with probability ≈ density − ε₀ + ε₀/4
+    (the mean of MagPrune's linear ramp there); model 1 is zero so the merged tensor is model 0's kept part."""
+    rows, n, density = 40, 2000, 0.5
+    x = torch.zeros(2, rows, n)
+    x[0] = torch.randn(rows, n, generator=torch.Generator().manual_seed(1))
+    spec = get_method("della")
+    per = [{"weight": 1.0, "density": density, "epsilon": e} for e in eps]
+    g, pm = validate_params(spec, {"sign": None, "normalize": False, "rescale": "none"}, per)
+    got = merge_tensor(spec, x.clone(), base=torch.zeros(rows, n), global_params=g, per_model=pm, seed=3)
+    low = x[0].abs() <= x[0].abs().quantile(0.25, dim=1, keepdim=True)
+    kept = float((got[low] != 0).float().mean())
+    expected = density - eps[0] + 2 * eps[0] * 0.125  # mean normalised rank of the lowest quarter is 1/8
+    sigma = (expected * (1 - expected) / int(low.sum())) ** 0.5
+    assert abs(kept - expected) < 5 * sigma + 2e-3, (kept, expected)
+
+
+@pytest.mark.parametrize("sign", ["mass", "count"])
+def test_ties_peft_variant_equals_peft_merge_utils(sign):
+    from peft.utils.merge_utils import ties as peft_ties
+
+    x = torch.randn(3, 16, 8, generator=torch.Generator().manual_seed(5))
+    w = [0.7, -0.4, 1.5]
+    spec = get_method("ties")
+    g, pm = validate_params(
+        spec, {"variant": "peft", "sign": sign}, [{"weight": wi, "density": 0.4} for wi in w]
+    )
+    got = merge_tensor(spec, x.clone(), base=torch.zeros(16, 8), global_params=g, per_model=pm)
+    method = "total" if sign == "mass" else "frequency"
+    want = peft_ties(list(x), torch.tensor(w), density=0.4, majority_sign_method=method)
+    torch.testing.assert_close(got, want)
+    default = merge_tensor(
+        spec, x.clone(), base=torch.zeros(16, 8), global_params={**g, "variant": "mergekit"}, per_model=pm
+    )
+    assert (default - want).abs().max() > 1e-3  # the two definitions differ for these weights
