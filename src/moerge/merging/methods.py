@@ -12,6 +12,7 @@ import torch
 
 from moerge.errors import MalformedConfigError
 from moerge.merging.ops import (
+    LOW_PRECISION,
     bernoulli_drop,
     della_drop,
     disjoint_sum,
@@ -37,6 +38,10 @@ def _rescale_l1(original: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -
 
 
 def _weighted_sum(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Σ wᵢxᵢ: one ``tensordot`` in float32; in bfloat16/float16 mergekit's order (each wᵢxᵢ rounded, then
+    summed), so a merge computed in a low-precision ``dtype`` gives mergekit's tensors."""
+    if x.dtype in LOW_PRECISION:
+        return (x * expand(weight, x)).sum(dim=0)
     return torch.tensordot(weight.to(x.dtype), x, dims=([0], [0]))
 
 
@@ -54,7 +59,13 @@ def _linear_coefficients(weight: torch.Tensor, normalize: bool = True) -> torch.
     coefficients=_linear_coefficients,
 )
 def linear(x: torch.Tensor, weight: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
-    """Weighted average Σ wᵢθᵢ / Σ wᵢ (a uniform soup with equal weights); a weighted sum without ``normalize``."""
+    """Weighted average Σ wᵢθᵢ / Σ wᵢ (a uniform soup with equal weights); a weighted sum without ``normalize``.
+    Inputs in bfloat16/float16 are summed in float32 and the result rounded once, as mergekit's ``linear``."""
+    if x.dtype in LOW_PRECISION:  # mergekit's order: float32 accumulator, addcmul per model, divide, round
+        acc = torch.zeros(x.shape[1:], dtype=torch.float32)
+        for xi, wi in zip(x, weight.float()):
+            acc.addcmul_(xi, wi)
+        return (acc.div_(weight.float().sum()) if normalize else acc).to(x.dtype)
     out = _weighted_sum(x, weight)
     if normalize:
         s = weight.sum()
@@ -75,6 +86,8 @@ def task_arithmetic(
     x: torch.Tensor, weight: torch.Tensor, *, scale: float = 1.0, normalize: bool = False
 ) -> torch.Tensor:
     """θ₀ + λ Σ wᵢτᵢ (λ is ``scale``, mergekit's ``lambda``); divided by Σ wᵢ with ``normalize``."""
+    if x.dtype in LOW_PRECISION:
+        return disjoint_sum(x * expand(weight, x), weight, None, normalize) * scale
     out = _weighted_sum(x, weight)
     if normalize:
         s = float(weight.sum())
@@ -237,6 +250,8 @@ def slerp(
         return x[0].clone()
     else:
         raise MalformedConfigError("slerp takes a base and one model, or two models")
+    if v0.dtype in LOW_PRECISION:  # mergekit's slerp works in float32 and rounds the result once
+        return slerp_pair(t, v0.float(), v1.float()).to(v0.dtype)
     return slerp_pair(t, v0, v1)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
 
 def expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a per-model vector ``[N]`` to broadcast against ``[N, *shape]``."""
@@ -16,11 +18,12 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def trim_to_density(x: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
-    """Keep the ``int(density·numel)`` largest-magnitude entries of each ``x[i]`` (mergekit's ``magnitude``).
+    """Keep the ``max(1, int(density·numel))`` largest-magnitude entries of each ``x[i]`` (mergekit's
+    ``magnitude``, ``mergekit/sparsify.py``).
 
-    The threshold is found by selection (``kthvalue``), not a sort. Exactly k entries are kept: among entries
-    tied with the threshold the lowest indices win (mergekit's unstable argsort breaks such ties arbitrarily;
-    they occur when float32 rounding puts several deltas on the same value)."""
+    The threshold is found by selection (``kthvalue``), not a sort. Exactly k entries are kept. Where entries tie
+    with the threshold (common in bfloat16, rare in float32), that row is ordered by mergekit's own call,
+    ``torch.argsort(|x|.float(), descending=True)``, so the same entries are kept as there."""
     dens = density.tolist()
     if all(d >= 1 for d in dens):
         return x
@@ -28,7 +31,7 @@ def trim_to_density(x: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
     numel = flat.shape[1]
     mag = flat.abs()
     thr = torch.empty(x.shape[0], dtype=mag.dtype, device=x.device)
-    ks = [numel if d >= 1 else int(d * numel) for d in dens]
+    ks = [numel if d >= 1 else (max(1, int(d * numel)) if d > 0 else 0) for d in dens]
     for k in set(ks):  # one selection per distinct density (usually one)
         rows = torch.tensor([i for i, ki in enumerate(ks) if ki == k], device=x.device)
         if k >= numel:
@@ -40,9 +43,10 @@ def trim_to_density(x: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
     mask = mag >= thr[:, None]
     k_t = torch.tensor(ks, device=x.device)
     extra = mask.sum(dim=1) - k_t
-    for i in (extra > 0).nonzero().flatten().tolist():  # ties at the threshold: drop the highest-index ones
-        tied = (mag[i] == thr[i]).nonzero().flatten()
-        mask[i, tied[tied.numel() - int(extra[i]) :]] = False
+    for i in (extra > 0).nonzero().flatten().tolist():  # ties at the threshold: mergekit's order decides
+        top = torch.argsort(mag[i].float(), descending=True)[: ks[i]]
+        mask[i] = False
+        mask[i, top] = True
     return torch.where(mask, flat, 0.0).reshape(x.shape)
 
 
@@ -121,8 +125,13 @@ def disjoint_sum(
     w = weight.to(weighted.dtype)
     if sign is None:
         mixed = weighted.sum(dim=0)
+        if not normalize:
+            return mixed
+        if weighted.dtype in LOW_PRECISION:  # mergekit divides by the weights' sum in the compute dtype
+            s_low = w.sum()
+            return mixed / torch.where(s_low.abs() < 1e-8, 1.0, s_low).to(weighted.dtype)
         s = float(w.sum())
-        return mixed / (s if abs(s) >= 1e-8 else 1.0) if normalize else mixed
+        return mixed / (s if abs(s) >= 1e-8 else 1.0)
     # elected sign e per entry; agreeing entries are those with wᵢτᵢ·e > 0 (non-zero and of the elected sign)
     score = weighted.sum(dim=0) if sign == "mass" else weighted.sign().sum(dim=0)
     elected = torch.where(score >= 0, 1.0, -1.0).to(weighted.dtype)

@@ -309,7 +309,10 @@ def merge_tensor(
     ``inplace=True`` lets the engine reuse ``x`` as scratch (task vectors are formed in place)."""
     kwargs: dict[str, Any] = dict(global_params)
     for p in spec.per_model:
-        kwargs[p] = torch.tensor([pm[p] for pm in per_model], dtype=x.dtype, device=x.device)
+        # float32 even when the merge computes in bfloat16: methods round them where mergekit does
+        kwargs[p] = torch.tensor(
+            [pm[p] for pm in per_model], dtype=torch.promote_types(x.dtype, torch.float32), device=x.device
+        )
     weight = kwargs.pop("weight")
     if "generator" in spec.uses:
         kwargs["generator"] = torch.Generator(device=x.device).manual_seed(tensor_seed(seed, name))
