@@ -161,3 +161,60 @@ def test_ties_peft_variant_equals_peft_merge_utils(sign):
         spec, x.clone(), base=torch.zeros(16, 8), global_params={**g, "variant": "mergekit"}, per_model=pm
     )
     assert (default - want).abs().max() > 1e-3  # the two definitions differ for these weights
+
+
+def ref_ties_whole_model(base, fts, weights, density):
+    """TIES as the paper: one magnitude threshold per model over all its task-vector entries, then the weighted
+    disjoint mean (mergekit's weighting). Written with plain sorts over the concatenated task vector."""
+    keys = sorted(base)
+    taus = [{k: ft[k] - base[k] for k in keys} for ft in fts]
+    kept = []
+    for tau in taus:
+        flat = torch.cat([tau[k].flatten() for k in keys]).abs()
+        k = int(density * flat.numel())
+        thr = flat.sort(descending=True).values[k - 1]
+        kept.append({n: torch.where(tau[n].abs() >= thr, tau[n], 0.0) for n in keys})
+    out = {}
+    for n in keys:
+        w = torch.tensor(weights).reshape(-1, *[1] * base[n].ndim)
+        stacked = torch.stack([kp[n] for kp in kept]) * w
+        elected = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+        agree = (stacked.sign() == elected) & (stacked != 0)
+        num = (stacked * agree).sum(0)
+        den = (w * agree).sum(0)
+        out[n] = base[n] + num / torch.where(den == 0, 1.0, den)
+    return out
+
+
+def test_ties_trims_over_the_whole_model_with_trim_model(model_dirs, tmp_path):
+    fts = [model_dirs[f"ft{i}"] for i in range(3)]
+    w = [0.5, 1.0, 0.8]
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(model_dirs["base"]),
+        "parameters": {"trim": "model", "density": 0.3},
+        "models": [{"model": str(f), "parameters": {"weight": wi}} for f, wi in zip(fts, w)],
+    }
+    moerge.merge(cfg, tmp_path / "out")
+    got = sd(tmp_path / "out")
+    base = sd(model_dirs["base"])
+    want = ref_ties_whole_model(base, [sd(f) for f in fts], w, 0.3)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+    per_tensor = moerge.merge({**cfg, "parameters": {"density": 0.3}}, tmp_path / "per-tensor")
+    assert any((sd(per_tensor)[k] - got[k]).abs().max() > 1e-4 for k in got)  # the two trims differ here
+
+
+def test_model_thresholds_equal_the_kth_largest_magnitude_by_sort(model_dirs):
+    """The two-pass threshold equals the k-th largest |τ| found by sorting, for several densities."""
+    from moerge.merging.checkpoint import CheckpointReader, model_thresholds
+
+    readers = [CheckpointReader(model_dirs[f"ft{i}"]) for i in range(2)]
+    base = CheckpointReader(model_dirs["base"])
+    keys = base.names()
+    dens = [0.05, 0.77]
+    thr = model_thresholds(readers, base, keys, dens)
+    for i, r in enumerate(readers):
+        flat = torch.cat([(r.get(k).float() - base.get(k).float()).abs().flatten() for k in keys])
+        k = int(dens[i] * flat.numel())
+        assert thr[i] == flat.sort(descending=True).values[k - 1]

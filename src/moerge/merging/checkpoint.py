@@ -253,6 +253,68 @@ class ShardWriter:
         return paths
 
 
+def _read_stacked(readers: list[CheckpointReader], key: str, compute_dtype: torch.dtype) -> torch.Tensor:
+    """``[N, *shape]`` in ``compute_dtype``: tensor ``key`` of every input, each read into its slot."""
+    x = torch.empty((len(readers), *readers[0].shape(key)), dtype=compute_dtype)
+    for i, r in enumerate(readers):
+        r.get(key, out=x[i])
+    return x
+
+
+_BINS = 2**15  # a non-negative float32's top 16 bits (its sign bit is 0): exponent and 7 mantissa bits
+
+
+def model_thresholds(
+    readers: list[CheckpointReader],
+    base: CheckpointReader,
+    keys: list[str],
+    density: list[float],
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Per model i, the magnitude t such that the entries of τᵢ = θᵢ − θ₀ over the whole model (every floating
+    tensor in ``keys``) with |τ| ≥ t are its ``density[i]`` largest: TIES' whole-model trim.
+
+    Exact, with memory bounded by one stacked tensor: a first pass counts |τ| per model in 2¹⁵ bins ordered like
+    the values (the float32 bit pattern's top 16 bits), which locates the bin holding the threshold; a second pass
+    collects only that bin's entries and selects the threshold among them."""
+    n = len(readers)
+    float_keys = [k for k in keys if readers[0].dtype(k) in SAFETENSORS_DTYPES]
+
+    def magnitudes(key: str) -> torch.Tensor:
+        x = _read_stacked(readers, key, compute_dtype)
+        return x.sub_(base.get(key).to(compute_dtype)).abs_().reshape(n, -1).float()
+
+    counts = torch.zeros(n * _BINS, dtype=torch.int64)
+    offsets = (torch.arange(n) * _BINS)[:, None]
+    total = 0
+    for key in float_keys:
+        bins = magnitudes(key).view(torch.int32) >> 16
+        counts += torch.bincount((bins + offsets).flatten(), minlength=n * _BINS)
+        total += bins.shape[1]
+    counts = counts.reshape(n, _BINS)
+    at_or_above = counts.flip(1).cumsum(1).flip(1)  # [i, b]: entries of model i in bins ≥ b
+    ks = [total if d >= 1 else max(1, int(d * total)) for d in density]
+    thr = torch.zeros(n)
+    want: dict[int, tuple[int, int]] = {}  # model → (bin holding its threshold, entries needed from that bin)
+    for i, k in enumerate(ks):
+        if k >= total:
+            continue  # keeps everything: threshold 0
+        b = int((at_or_above[i] >= k).nonzero().max())
+        above = int(at_or_above[i, b + 1]) if b + 1 < _BINS else 0
+        want[i] = (b, k - above)
+    if want:
+        found: dict[int, list[torch.Tensor]] = {i: [] for i in want}
+        for key in float_keys:
+            mags = magnitudes(key)
+            bins = mags.view(torch.int32) >> 16
+            for i, (b, _) in want.items():
+                found[i].append(mags[i][bins[i] == b])
+        for i, (_, need) in want.items():
+            vals = torch.cat(found[i])
+            thr[i] = torch.kthvalue(vals, vals.numel() - need + 1).values
+    return thr
+
+
 def iter_merged(
     spec: MethodSpec,
     readers: list[CheckpointReader],
@@ -269,21 +331,26 @@ def iter_merged(
     read into ``compute_dtype`` and the method computes in it (mergekit's ``dtype``)."""
     ref = base or readers[0]
     keys = ref.names()
-    n = len(readers)
     cfg = (
         ref.config.get("text_config", ref.config)
         if isinstance(ref.config.get("text_config"), dict)
         else ref.config
     )
     num_layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or count_layers(keys)
+    threshold = None
+    if "threshold" in spec.uses and global_params.get("trim") == "model" and base is not None:
+        density = [pm.get("density", 1.0) for pm in per_model]
+        if not all(isinstance(d, (int, float)) for d in density):
+            raise MalformedConfigError(
+                f"merge method {spec.name!r}: trim: model keeps one fraction of each whole model, so density must "
+                "be one number per model (no gradients or filters); use trim: tensor for densities by tensor."
+            )
+        threshold = model_thresholds(readers, base, keys, density, compute_dtype)
     for key in keys:
         if readers[0].dtype(key) not in SAFETENSORS_DTYPES:  # integer buffers: taken from the base
             yield key, (base or readers[0]).get(key)
             continue
-        shape = readers[0].shape(key)
-        x = torch.empty((n, *shape), dtype=compute_dtype)
-        for i, r in enumerate(readers):  # one tensor per input model, read into its slot
-            r.get(key, out=x[i])
+        x = _read_stacked(readers, key, compute_dtype)
         b = base.get(key).to(compute_dtype) if base is not None else None
         if not all_finite(x) or (b is not None and not all_finite(b)):
             bad = [r.folder for i, r in enumerate(readers) if not all_finite(x[i])]
@@ -311,6 +378,7 @@ def iter_merged(
                 stats=s,
                 layout="fan_in_fan_out" if key in fan_in_fan_out else "linear",
                 inplace=True,
+                threshold=threshold,
             ),
         )
         del x, b

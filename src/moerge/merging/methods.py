@@ -126,6 +126,8 @@ def ties(
     scale: float = 1.0,
     rescale: Rescale = "none",
     variant: Literal["mergekit", "peft"] = "mergekit",
+    trim: Literal["tensor", "model"] = "tensor",
+    threshold: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Trim each τᵢ to its top-``density`` magnitudes (per tensor, as mergekit), elect a sign per entry from
     Σ wᵢτ̂ᵢ (``mass``) or the sign count, and average the agreeing entries: Σ wᵢτ̂ᵢ·maskᵢ / Σ wᵢ·maskᵢ
@@ -133,8 +135,18 @@ def ties(
 
     ``variant: peft`` is PEFT's ``add_weighted_adapter(combination_type="ties")`` (``peft/utils/merge_utils.py``
     ``ties``/``disjoint_merge``): the sign is elected on the unweighted τ̂ᵢ and Σ wᵢτ̂ᵢ·maskᵢ is divided by the
-    count of agreeing entries (``normalize`` is not used)."""
-    kept = trim_to_density(x, density)
+    count of agreeing entries (``normalize`` is not used).
+
+    ``trim: model`` trims over the whole model, as the paper (Yadav et al. 2023, §3; the official
+    ``ties_minimal.ipynb`` ``topk_values_mask`` over the flattened task vector) and FusionBench do: each τᵢ keeps
+    the entries whose magnitude is at least the model-wide threshold ``threshold[i]`` that keeps a ``density``
+    fraction of all its entries (the engine computes it in a pre-pass; ties at the threshold are all kept, as
+    there)."""
+    if trim == "model":
+        assert threshold is not None
+        kept = torch.where(x.abs() >= expand(threshold, x), x, 0.0)
+    else:
+        kept = trim_to_density(x, density)
     if variant == "peft":
         if rescale == "l1":
             kept = _rescale_l1(x, kept)

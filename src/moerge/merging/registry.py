@@ -304,6 +304,7 @@ def merge_tensor(
     stats: torch.Tensor | None = None,
     layout: str = "linear",
     inplace: bool = False,
+    threshold: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one stacked tensor ``x`` ``[N, *shape]`` (float32) with already validated parameters.
     ``inplace=True`` lets the engine reuse ``x`` as scratch (task vectors are formed in place)."""
@@ -320,6 +321,13 @@ def merge_tensor(
         kwargs["stats"] = stats
     if "layout" in spec.uses:
         kwargs["layout"] = layout
+    if "threshold" in spec.uses:
+        if global_params.get("trim") == "model" and threshold is None:
+            raise MalformedConfigError(
+                f"merge method {spec.name!r}: trim: model needs the whole model's task vectors, so it works on "
+                "full-checkpoint merges only; use trim: tensor here."
+            )
+        kwargs["threshold"] = threshold
     if spec.space == "delta":
         if base is None:  # LoRA ΔW: the inputs already are task vectors
             return spec.fn(x, weight, **kwargs)
