@@ -291,3 +291,15 @@ def test_ties_trim_keeps_exactly_k_with_ties_at_the_threshold():
     out = run("ties", x, base=torch.zeros(8), density=0.375)
     torch.testing.assert_close(out, ref_trim(x[0], 0.375))
     assert int((out != 0).sum()) == 3 and out[1] == -1.0 and out[2] == 1.0 and out[4] == 0
+
+
+@pytest.mark.parametrize("density", [0.3, 0.001, 0.9999])
+def test_kth_largest_equals_kthvalue_on_long_rows_with_ties(density):
+    """The sampled bracket path (rows longer than 2²⁰) against torch's own selection, ties included."""
+    from moerge.merging.ops import kth_largest
+
+    m = rand(3, 1_100_000, seed=4).abs()
+    m[:, :5000] = float(m[0].median())  # a block of ties near the middle
+    ks = [int(density * m.shape[1]), 1, m.shape[1] // 2]
+    want = torch.stack([torch.kthvalue(m[i], m.shape[1] - k + 1).values for i, k in enumerate(ks)])
+    assert torch.equal(kth_largest(m, ks), want)
