@@ -202,6 +202,16 @@ def configs(m: dict[str, Path]) -> dict[str, dict]:
         ),
         "multislerp": c("multislerp"),
         "multislerp, normalize_weights false": c("multislerp", params={"normalize_weights": False}),
+        "nearswap": c("nearswap", mods=[{"model": base}, {"model": fts[0]}], params={"t": 0.01}),
+        "sce": c("sce", mods=[{"model": f} for f in fts]),
+        "sce, select_topk 0.3": c("sce", mods=[{"model": f} for f in fts], params={"select_topk": 0.3}),
+        "karcher": c("karcher", with_base=False, mods=[{"model": f} for f in fts]),
+        "nuslerp": c("nuslerp", with_base=False, mods=models()[:2]),
+        "nuslerp, base, row-wise": c(
+            "nuslerp", mods=models()[:2], params={"nuslerp_flatten": False, "nuslerp_row_wise": True}
+        ),
+        "nuslerp, rows": c("nuslerp", with_base=False, mods=models()[:2], params={"nuslerp_flatten": False}),
+        "arcee_fusion": c("arcee_fusion", mods=[{"model": base}, {"model": fts[2]}]),
         # dtype is the compute dtype, out_dtype the stored one (default: dtype, else the inputs')
         "ties, dtype bfloat16": c(
             "ties", params={"normalize": True}, mods=models(density=0.4), dtype="bfloat16"

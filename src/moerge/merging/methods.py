@@ -354,3 +354,170 @@ def regmean(
     sol = torch.linalg.solve(g.sum(0), rhs)
     out = sol if layout == "fan_in_fan_out" else sol.T
     return out.to(x.dtype).contiguous()
+
+
+# ----------------------------------------------------------------------------------- mergekit's newer methods
+# Each follows mergekit 0.1.5's source (mergekit/merge_methods/<file>.py, named per method) operation by
+# operation, so the same YAML gives the same tensors; tests/compat compares them with mergekit itself.
+
+
+@merge_method(
+    "nearswap",
+    paper="alchemonaut, NearSwap (huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001); mergekit nearswap.py",
+    space="weights",
+    base="required",
+    min_models=1,
+    max_models=1,
+)
+def nearswap(
+    x: torch.Tensor, weight: torch.Tensor, *, t: float = 1e-4, base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Take the model's value where it lies within ``t`` of the base, move toward it by t/|Δ| elsewhere:
+    w = clamp(t / |θ₁ − θ₀|, 0, 1), θ = w·θ₁ + (1 − w)·θ₀ (mergekit requires ``t``; 1e-4 here, the reference
+    model's value)."""
+    assert base is not None
+    b = x[0]
+    w = (t / (base - b).abs().clamp(min=1e-6)).clamp(min=0, max=1)
+    return w * b + (1 - w) * base
+
+
+@merge_method("sce", paper="Wan et al. 2024, arXiv:2408.07990 (FuseChat: SCE); mergekit sce.py")
+def sce(x: torch.Tensor, weight: torch.Tensor, *, select_topk: float = 1.0) -> torch.Tensor:
+    """Select, Calculate, Erase: keep the ``select_topk`` fraction of entries whose task vectors vary most across
+    models (variance over models), weight each model by its mean squared task vector (normalised to sum 1),
+    erase entries against the elected sign (TIES' ``mass`` election), and take the weighted mean of the rest.
+    Per-model ``weight`` is not used (as in mergekit)."""
+    n = x.shape[0]
+    if select_topk < 1:
+        if select_topk <= 0:
+            x = x * 0
+        else:
+            var = torch.var(x, dim=0, unbiased=False)
+            k = int(torch.count_nonzero(var) * select_topk)
+            mask = torch.zeros(var.numel(), dtype=x.dtype)
+            if k > 0:
+                mask[torch.topk(var.abs().reshape(-1), k=k, largest=True).indices] = 1
+            x = x * mask.reshape(var.shape).unsqueeze(0)
+    majority = (x.sum(dim=0) >= 0).to(x.dtype) * 2 - 1
+    erase = (x.sign() == majority).to(x.dtype)
+    w = x.square().reshape(n, -1).mean(dim=1)
+    total = float(w.sum())
+    w = torch.ones_like(w) / n if abs(total) < 1e-6 else w / total
+    erased = expand(w, x) * erase
+    return (x * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
+
+
+@merge_method(
+    "karcher",
+    paper="Karcher mean on the unit sphere; mergekit karcher.py (arXiv:2603.04972)",
+    space="weights",
+)
+def karcher(x: torch.Tensor, weight: torch.Tensor, *, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+    """The Karcher (Riemannian) mean of the models' directions on the unit sphere, by ``max_iter`` steps of
+    gradient descent (stop when the tangent norm is below ``tol``), scaled by the mean of the norms. Uniform over
+    the models: per-model ``weight`` is not used (as in mergekit)."""
+    n = x.shape[0]
+    if n == 1:
+        return x[0].clone()
+    flat = x.reshape(n, -1)
+    alphas = [1.0 / n] * n
+    norms = [torch.linalg.vector_norm(v) for v in flat]
+    units = [torch.zeros_like(v) if float(nm) == 0.0 else v / nm for v, nm in zip(flat, norms)]
+    valid = [i for i in range(n) if float(norms[i]) > tol]
+    if not valid:
+        return torch.zeros_like(x[0])
+    a_sum = sum(alphas[i] for i in valid)
+    a_valid = [alphas[i] / a_sum for i in valid]
+    u_valid = [units[i] for i in valid]
+    mean = torch.zeros_like(u_valid[0])
+    for a, u in zip(a_valid, u_valid):
+        mean += a * u
+    mean_norm = torch.linalg.vector_norm(mean)
+    mean = u_valid[0].clone() if float(mean_norm) < tol else mean / mean_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for a, u in zip(a_valid, u_valid):
+            dot = torch.clamp(torch.dot(mean, u), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if float(theta) < tol:
+                continue
+            tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent)
+        if float(tangent_norm) < tol:
+            break
+        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        unit_norm = torch.linalg.vector_norm(mean)
+        if float(unit_norm) > tol:
+            mean = mean / unit_norm
+    scale = sum(a * nm for a, nm in zip(alphas, norms))
+    return (scale * mean).reshape(x.shape[1:])
+
+
+def _nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int, flatten: bool, eps: float = 1e-8):
+    """mergekit's ``nuslerp``: SLERP along ``dim`` (rows or columns) or of the flattened tensors."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif dim != -1:
+        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
+    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
+    if dim != -1 and not flatten:
+        out = out.transpose(dim, -1)
+    return out.reshape(shape)
+
+
+@merge_method(
+    "nuslerp",
+    paper="Shoemake 1985; mergekit nuslerp.py",
+    space="weights",
+    base="optional",
+    min_models=2,
+    max_models=2,
+)
+def nuslerp(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    nuslerp_row_wise: bool = False,
+    nuslerp_flatten: bool = True,
+    base: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SLERP of two models at t = w₁/(w₀ + w₁) (0.5 when the weights sum to 0), of the flattened tensors or,
+    with ``nuslerp_flatten: false``, row by row (columns with ``nuslerp_row_wise``); around ``base`` (on task
+    vectors) when one is given."""
+    total = float(weight.sum())
+    t = 0.5 if abs(total) < 1e-6 else float(weight[1]) / total
+    dim = 0 if nuslerp_row_wise else -1
+    if base is not None:
+        return base + _nuslerp(t, x[0] - base, x[1] - base, dim, nuslerp_flatten)
+    return _nuslerp(t, x[0], x[1], dim, nuslerp_flatten)
+
+
+@merge_method(
+    "arcee_fusion",
+    paper="Arcee Fusion (arcee.ai); mergekit arcee_fusion.py",
+    space="weights",
+    base="required",
+    min_models=1,
+    max_models=1,
+)
+def arcee_fusion(x: torch.Tensor, weight: torch.Tensor, *, base: torch.Tensor | None = None) -> torch.Tensor:
+    """Take the model's entries whose importance |θ₁ − θ₀|·KL(softmax θ₁ ‖ softmax θ₀) (KL per row, over the
+    last axis) is at least median + 1.5·IQR of all importances; keep the base elsewhere. Quantiles are exact
+    (mergekit samples 1M entries with replacement from larger tensors, so there the two differ at random)."""
+    assert base is not None
+    b = x[0]
+    p = torch.softmax(b, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    importance = (b - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    ranked = torch.sort(importance.reshape(-1)).values
+    idx = (torch.tensor([0.25, 0.5, 0.75]) * (ranked.numel() - 1)).long()
+    q1, median, q3 = ranked[idx]
+    mask = (importance >= median + 1.5 * (q3 - q1)).to(b.dtype)
+    return base + (b - base) * mask
