@@ -119,7 +119,11 @@ def configs(m: dict[str, Path]) -> dict[str, dict]:
         return [{"model": f, "parameters": {"weight": wi, **per}} for f, wi in zip(fts, W)]
 
     def c(method, *, with_base=True, params=None, mods=None, dtype="float32", **extra):
-        y = {"merge_method": method, "models": mods if mods is not None else models(), "dtype": dtype}
+        y = {"merge_method": method, "dtype": dtype}
+        if "slices" in extra:
+            y["slices"] = extra.pop("slices")
+        else:
+            y["models"] = mods if mods is not None else models()
         if with_base:
             y["base_model"] = base
         if params:
@@ -212,6 +216,74 @@ def configs(m: dict[str, Path]) -> dict[str, dict]:
         ),
         "nuslerp, rows": c("nuslerp", with_base=False, mods=models()[:2], params={"nuslerp_flatten": False}),
         "arcee_fusion": c("arcee_fusion", mods=[{"model": base}, {"model": fts[2]}]),
+        # slices: frankenmerges and per-range merges (num_hidden_layers is compared too)
+        "passthrough slices (frankenmerge)": c(
+            "passthrough",
+            with_base=False,
+            mods=None,
+            slices=[
+                {"sources": [{"model": fts[0], "layer_range": [0, 2]}]},
+                {"sources": [{"model": fts[1], "layer_range": [1, 2]}]},
+                {"sources": [{"model": fts[2], "layer_range": [0, 1], "parameters": {"scale": 0.5}}]},
+            ],
+        ),
+        "slerp over slices, t per slice and gradient": c(
+            "slerp",
+            mods=None,
+            params={"t": 0.3},
+            slices=[
+                {
+                    "sources": [
+                        {"model": base, "layer_range": [0, 1]},
+                        {"model": fts[1], "layer_range": [0, 1]},
+                    ],
+                    "parameters": {"t": [{"filter": "mlp", "value": 0.9}]},
+                },
+                {
+                    "sources": [
+                        {"model": base, "layer_range": [0, 2]},
+                        {"model": fts[1], "layer_range": [0, 2]},
+                    ],
+                    "parameters": {"t": [0.1, 0.8]},
+                },
+            ],
+        ),
+        "ties over slices, per-source density": c(
+            "ties",
+            mods=None,
+            slices=[
+                {
+                    "sources": [
+                        {"model": base, "layer_range": [1, 2]},
+                        {
+                            "model": fts[0],
+                            "layer_range": [1, 2],
+                            "parameters": {"weight": 0.6, "density": 0.3},
+                        },
+                        {
+                            "model": fts[2],
+                            "layer_range": [0, 1],
+                            "parameters": {"weight": 0.4, "density": 0.7},
+                        },
+                    ]
+                },
+                {
+                    "sources": [
+                        {"model": base, "layer_range": [0, 2]},
+                        {
+                            "model": fts[0],
+                            "layer_range": [0, 2],
+                            "parameters": {"weight": 1.0, "density": 0.5},
+                        },
+                        {
+                            "model": fts[2],
+                            "layer_range": [0, 2],
+                            "parameters": {"weight": 1.0, "density": 0.5},
+                        },
+                    ]
+                },
+            ],
+        ),
         # dtype is the compute dtype, out_dtype the stored one (default: dtype, else the inputs')
         "ties, dtype bfloat16": c(
             "ties", params={"normalize": True}, mods=models(density=0.4), dtype="bfloat16"
@@ -265,7 +337,14 @@ def compare(name: str, case: dict, mk: Path, mo: Path, base_sd: dict, fts: list[
     a, b = state(mk), state(mo)
     if set(a) != set(b):
         return {"ok": False, "error": f"tensor names differ: {sorted(set(a) ^ set(b))[:4]}"}
-    if max(float((a[k] - base_sd[k]).abs().max()) for k in a) == 0:
+    if (
+        max(
+            float((a[k] - base_sd[k]).abs().max())
+            for k in a
+            if k in base_sd and a[k].shape == base_sd[k].shape
+        )
+        == 0
+    ):
         return {"ok": False, "error": "mergekit's output equals the base: nothing was merged"}
     if case.get("statistical"):
         smk, smo = (
@@ -279,6 +358,12 @@ def compare(name: str, case: dict, mk: Path, mo: Path, base_sd: dict, fts: list[
         scale = max(float(a[k].abs().max()) for k in a)
         r = {"ok": diff <= 1e-5 * max(scale, 1.0), "max_abs_diff": diff, "detail": f"max |Δ| {diff:.2e}"}
     (dt_mk, cfg_mk), (dt_mo, cfg_mo) = stored(mk), stored(mo)
+    layers_mk, layers_mo = (
+        json.loads((f / "config.json").read_text())["num_hidden_layers"] for f in (mk, mo)
+    )
+    if layers_mk != layers_mo:
+        r["ok"] = False
+        r["detail"] += f"; num_hidden_layers mergekit {layers_mk}, moerge {layers_mo}"
     if dt_mk != dt_mo or cfg_mk != cfg_mo:
         r["ok"] = False
         r["detail"] += (

@@ -218,3 +218,49 @@ def test_model_thresholds_equal_the_kth_largest_magnitude_by_sort(model_dirs):
         flat = torch.cat([(r.get(k).float() - base.get(k).float()).abs().flatten() for k in keys])
         k = int(dens[i] * flat.numel())
         assert thr[i] == flat.sort(descending=True).values[k - 1]
+
+
+def test_passthrough_slices_stack_layers_and_the_model_loads(model_dirs, tmp_path):
+    """A frankenmerge: layers [0, 2) of ft0 then layer 1 of ft1; embeddings from ft0, norm and head from ft1."""
+    cfg = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(model_dirs["ft0"]), "layer_range": [0, 2]}]},
+            {
+                "sources": [
+                    {"model": str(model_dirs["ft1"]), "layer_range": [1, 2], "parameters": {"scale": 2.0}}
+                ]
+            },
+        ],
+    }
+    moerge.merge(cfg, tmp_path / "out")
+    got, a, b = sd(tmp_path / "out"), sd(model_dirs["ft0"]), sd(model_dirs["ft1"])
+    want = {k: v for k, v in a.items() if "layers." not in k and "embed" in k}
+    want |= {k: 2.0 * v for k, v in b.items() if "layers." not in k and "embed" not in k}
+    want |= {k: v for k, v in a.items() if "layers." in k}
+    want |= {k.replace("layers.1.", "layers.2."): 2.0 * v for k, v in b.items() if "layers.1." in k}
+    assert set(got) == set(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 3
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert len(model.model.layers) == 3
+    model(torch.tensor([[1, 2, 3]]))
+
+
+def test_slices_and_models_together_are_refused(model_dirs, tmp_path):
+    from moerge.errors import MalformedConfigError
+
+    with pytest.raises(MalformedConfigError, match="either models or slices"):
+        moerge.merge(
+            {
+                "merge_method": "passthrough",
+                "models": [str(model_dirs["ft0"])],
+                "slices": [{"sources": [{"model": str(model_dirs["ft0"]), "layer_range": [0, 1]}]}],
+            },
+            tmp_path / "out",
+        )

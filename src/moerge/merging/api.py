@@ -32,6 +32,7 @@ def _same_path(a: str, b: str | None) -> bool:
 def _inputs(cfg: MergeConfig) -> list[str | None]:
     """Every local path a merge reads (models, base, statistics): the output may be none of them."""
     models = [] if cfg.is_lora else [m.model for m in cfg.models]
+    models += [src.model for s in cfg.slices or [] for src in s.sources]
     return [*models, cfg.base_model, *(m.stats for m in cfg.models)]
 
 
@@ -154,6 +155,21 @@ def merge(
         check_output_dir(out, overwrite=overwrite, **_guarded(cfg))  # before any work
     if cfg.merge_method == "greedy_soup":
         return _greedy(cfg, out, experts, evaluate, overwrite)
+    if cfg.slices is not None:
+        if out is None:
+            raise MalformedConfigError("out: a full-checkpoint merge needs an output folder.")
+        from moerge.merging.slices import merge_sliced
+
+        name, global_params = cfg.resolved_method()
+        return merge_sliced(
+            get_method(name),
+            cfg,
+            global_params,
+            out,
+            recipe=cfg.model_dump(exclude_none=True, exclude_defaults=False),
+            overwrite=overwrite,
+            progress=progress,
+        )
     spec, cfg, g, per_model = plan(cfg)
     recipe = cfg.model_dump(exclude_none=True, exclude_defaults=False)
     if cfg.is_lora:

@@ -326,9 +326,11 @@ def iter_merged(
     stats: list[dict[str, torch.Tensor]] | None = None,
     fan_in_fan_out: AbstractSet[str] = frozenset(),
     compute_dtype: torch.dtype = torch.float32,
+    params_for: Callable[[str], tuple[dict[str, Any], list[dict[str, Any]], float]] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, merged tensor)`` for every tensor, reading one tensor per input at a time. The inputs are
-    read into ``compute_dtype`` and the method computes in it (mergekit's ``dtype``)."""
+    read into ``compute_dtype`` and the method computes in it (mergekit's ``dtype``). ``params_for(name)`` gives
+    a tensor's (global, per-model, t) parameters where they vary by more than the name (layer slices)."""
     ref = base or readers[0]
     keys = ref.names()
     cfg = (
@@ -362,8 +364,13 @@ def iter_merged(
         s = None
         if stats is not None and all(key in st for st in stats):
             s = torch.stack([st[key].to(compute_dtype) for st in stats])
-        g, pm = resolve_params(spec, global_params, per_model, key, num_layers)
-        if g is not global_params:  # values that vary by tensor: check them where they apply
+        if params_for is not None:
+            g0, pm0, t = params_for(key)
+            g, pm = resolve_params(spec, g0, pm0, key, num_layers, t=t)
+        else:
+            g0 = global_params
+            g, pm = resolve_params(spec, global_params, per_model, key, num_layers)
+        if g is not g0:  # values that vary by tensor: check them where they apply
             check_param_ranges(spec.name, g, pm, where=f"tensor {key}")
         yield (
             key,
@@ -403,6 +410,9 @@ def merge_checkpoints(
     progress: Callable[[str, int, int], None] | None = None,
     overwrite: bool = False,
     inputs: Sequence[str | Path | None] | None = None,
+    open_readers: Callable[[], tuple[list[Any], Any]] | None = None,
+    params_for: Callable[[str], tuple[dict[str, Any], list[dict[str, Any]], float]] | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Merge transformers folders ``models`` (against ``base_model``) into the folder ``out``, streaming. A model
     or base may also be a GGUF file or a hub id (`moerge.backbones.loading.model_folder`).
@@ -414,7 +424,10 @@ def merge_checkpoints(
     The output is written into a temporary sibling folder and renamed into place once complete, so a failed
     merge (bad parameters, NaN, a full disk) leaves ``out`` as it was; a non-empty ``out`` is replaced only with
     ``overwrite``, and never when it is (or holds) an input (``models``, ``base_model`` and ``inputs``).
-    ``progress(name, done, total)`` is called after each tensor is written."""
+    ``progress(name, done, total)`` is called after each tensor is written.
+
+    Layer slices (`moerge.merging.slices`) pass ``open_readers() -> (readers, base)`` (readers that rename
+    layers), ``params_for`` (parameters by output tensor) and ``config_overrides`` (the new layer count)."""
     from moerge.backbones.loading import model_folder
 
     out = Path(out)
@@ -424,13 +437,16 @@ def merge_checkpoints(
     readers: list[CheckpointReader] = []
     base = None
     try:
-        readers = [CheckpointReader(m) for m in models]
-        base = CheckpointReader(base_model) if base_model is not None else None
+        if open_readers is not None:
+            readers, base = open_readers()
+        else:
+            readers = [CheckpointReader(m) for m in models]
+            base = CheckpointReader(base_model) if base_model is not None else None
         check_compatible(([base] if base else []) + readers)
         with atomic_output_dir(out, overwrite=overwrite, inputs=sources) as tmp:
             _merge_into(
                 spec, readers, base, tmp, global_params, per_model, dtype, out_dtype, seed, shard_size, stats,
-                fan_in_fan_out, recipe, copy_tokenizer, progress,
+                fan_in_fan_out, recipe, copy_tokenizer, progress, params_for, config_overrides,
             )  # fmt: skip
     finally:
         for r in readers + ([base] if base else []):
@@ -454,6 +470,8 @@ def _merge_into(
     recipe: dict[str, Any] | None,
     copy_tokenizer: bool,
     progress: Callable[[str, int, int], None] | None,
+    params_for: Callable[[str], tuple[dict[str, Any], list[dict[str, Any]], float]] | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ) -> None:
     ref = base or readers[0]
     stored = out_dtype or dtype  # mergekit: out_dtype, else the compute dtype, else the inputs' own
@@ -475,6 +493,7 @@ def _merge_into(
         stats=stats,
         fan_in_fan_out=fan_in_fan_out,
         compute_dtype=DTYPES[dtype] if dtype else torch.float32,
+        params_for=params_for,
     )
     total = len(ref.names())
     try:
@@ -491,14 +510,21 @@ def _merge_into(
     except BaseException:
         writer.abort()
         raise
-    write_model_files(ref.folder, out, stored, recipe, copy_tokenizer)
+    write_model_files(ref.folder, out, stored, recipe, copy_tokenizer, config_overrides)
 
 
 def write_model_files(
-    ref: Path, out: Path, dtype: str | None, recipe: dict[str, Any] | None, copy_tokenizer: bool
+    ref: Path,
+    out: Path,
+    dtype: str | None,
+    recipe: dict[str, Any] | None,
+    copy_tokenizer: bool,
+    config_overrides: dict[str, Any] | None = None,
 ) -> None:
-    """config.json (dtype updated), generation config, the tokenizer (from the base) and a model card."""
+    """config.json (dtype and ``config_overrides`` applied), generation config, the tokenizer (from the base)
+    and a model card."""
     cfg = _read_json_file(ref / "config.json", "model config") if (ref / "config.json").is_file() else {}
+    cfg.update(config_overrides or {})
     if dtype:
         cfg["torch_dtype"] = dtype
         cfg["dtype"] = dtype

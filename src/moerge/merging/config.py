@@ -161,6 +161,44 @@ class ModelEntry(BaseModel):
         return {} if v is None else v
 
 
+class SliceSource(BaseModel):
+    """One input of an output slice: layers ``layer_range`` = [start, end) of ``model`` (mergekit's syntax)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=4096)
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_params(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+    @model_validator(mode="after")
+    def _range(self) -> SliceSource:
+        lo, hi = self.layer_range
+        if lo < 0 or hi <= lo:
+            raise ValueError(
+                f"layer_range {list(self.layer_range)}: expected [start, end) with 0 ≤ start < end"
+            )
+        return self
+
+
+class OutputSlice(BaseModel):
+    """A run of output layers: the sources' layers merged position by position (one source: copied)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[SliceSource] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_params(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+
 class MergeConfig(BaseModel):
     """A merge: method, inputs, parameters and output options."""
 
@@ -169,6 +207,7 @@ class MergeConfig(BaseModel):
     merge_method: str = Field(min_length=1, max_length=200)
     base_model: str | None = Field(default=None, min_length=1, max_length=4096)
     models: list[ModelEntry] = Field(default_factory=list)
+    slices: list[OutputSlice] | None = None  # mergekit's layer slices (frankenmerges); instead of models
     parameters: dict[str, Any] = Field(default_factory=dict)
     # as in mergekit: `dtype` is the dtype the merge computes in, `out_dtype` the one it stores (default: dtype)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
@@ -215,6 +254,14 @@ class MergeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> MergeConfig:
+        if self.slices is not None:
+            if self.models:
+                raise ValueError("give either models or slices, not both (as in mergekit)")
+            if self.library is not None or self.lora_mode is not None:
+                raise ValueError("slices: layer slices are for full checkpoints, not LoRA experts")
+            if not self.slices:
+                raise ValueError("slices: at least one slice is needed")
+            return self
         if not self.models:
             raise ValueError("models: at least one model (or expert) to merge is needed")
         if self.library is not None and self.lora_mode is None:

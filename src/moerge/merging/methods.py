@@ -356,6 +356,14 @@ def regmean(
     return out.to(x.dtype).contiguous()
 
 
+@merge_method(
+    "passthrough", paper="mergekit passthrough.py", space="weights", max_models=1, per_model=("scale",)
+)
+def passthrough(x: torch.Tensor, weight: torch.Tensor, *, scale: PerModel = 1.0) -> torch.Tensor:
+    """The one input, times its ``scale``: the method of ``slices:`` frankenmerges (layer stacking)."""
+    return x[0] * scale[0] if float(scale[0]) != 1.0 else x[0].clone()
+
+
 # ----------------------------------------------------------------------------------- mergekit's newer methods
 # Each follows mergekit 0.1.5's source (mergekit/merge_methods/<file>.py, named per method) operation by
 # operation, so the same YAML gives the same tensors; tests/compat compares them with mergekit itself.

@@ -197,13 +197,16 @@ def resolve_params(
     per_model: list[dict[str, Any]],
     name: str,
     num_layers: int | None,
+    t: float | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Scalar parameters for tensor ``name``: `Setting` values are evaluated (no matching filter → the default)."""
+    """Scalar parameters for tensor ``name``: `Setting` values are evaluated (no matching filter → the default).
+    ``t`` overrides the layer position (in a slice, mergekit's t runs over the slice's layers)."""
     if not any(isinstance(v, Setting) for v in global_params.values()) and not any(
         isinstance(v, Setting) for pm in per_model for v in pm.values()
     ):
         return global_params, per_model
-    t = layer_position(name, num_layers)
+    if t is None:
+        t = layer_position(name, num_layers)
 
     def one(k: str, v: Any) -> Any:
         if not isinstance(v, Setting):
