@@ -43,7 +43,10 @@ def main(jobs_file: str) -> int:
         try:
             cfg = MergeConfiguration.model_validate(yaml.safe_load(Path(job["yaml"]).read_text()))
             t0 = time.perf_counter()
-            run_merge(cfg, job["out"], MergeOptions(random_seed=0, quiet=True), config_source=job["yaml"])
+            options = MergeOptions(
+                random_seed=0, quiet=True, lora_merge_cache=str(Path(jobs_file).parent / "lora-merge-cache")
+            )
+            run_merge(cfg, job["out"], options, config_source=job["yaml"])
             results[job["yaml"]] = {"seconds": time.perf_counter() - t0}
         except Exception as e:  # reported per job: one failing config does not hide the others
             results[job["yaml"]] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}

@@ -86,7 +86,27 @@ def build_models(root: Path) -> dict[str, Path]:
             metadata={"format": "pt"},
         )
         out[f"ft{i}"] = d.resolve()
+    out["lora"] = write_adapter(root / "lora", hidden=64, seed=7).resolve()
     return out
+
+
+def write_adapter(folder: Path, hidden: int, seed: int) -> Path:
+    """A rank-4 PEFT LoRA adapter on both layers' q_proj and v_proj of the tiny Llama."""
+    from moerge.experts.expert import Expert, ExpertMetadata, LoraModule
+    from moerge.experts.peft_io import write_peft_folder
+
+    g = torch.Generator().manual_seed(seed)
+    lora = {
+        f"model.layers.{i}.self_attn.{m}": LoraModule(
+            A=0.1 * torch.randn(4, hidden, generator=g),
+            B=0.1 * torch.randn(hidden, 4, generator=g),
+            alpha=8.0,
+        )
+        for i in range(2)
+        for m in ("q_proj", "v_proj")
+    }
+    write_peft_folder(Expert(metadata=ExpertMetadata(name="lora", base_model="tiny"), lora=lora), folder)
+    return folder
 
 
 def state(folder: Path) -> dict[str, torch.Tensor]:
@@ -283,6 +303,23 @@ def configs(m: dict[str, Path]) -> dict[str, dict]:
                     ]
                 },
             ],
+        ),
+        # model+lora: the adapter merged into the model's weights first (PEFT's merge_and_unload in mergekit)
+        "linear, model+lora": c(
+            "linear",
+            with_base=False,
+            mods=[
+                {"model": f"{fts[0]}+{m['lora']}", "parameters": {"weight": 0.7}},
+                {"model": fts[1], "parameters": {"weight": 0.3}},
+            ],
+        ),
+        "task_arithmetic, base+lora": c(
+            "task_arithmetic",
+            mods=[
+                {"model": f"{base}+{m['lora']}", "parameters": {"weight": 1.0}},
+                {"model": fts[1], "parameters": {"weight": 0.5}},
+            ],
+            params={"lambda": 0.5},
         ),
         # dtype is the compute dtype, out_dtype the stored one (default: dtype, else the inputs')
         "ties, dtype bfloat16": c(

@@ -264,3 +264,25 @@ def test_slices_and_models_together_are_refused(model_dirs, tmp_path):
             },
             tmp_path / "out",
         )
+
+
+def test_model_plus_lora_merges_the_adapter_into_the_weights_first(model_dirs, lora_experts, tmp_path):
+    """mergekit's ``model+lora``: the model's weights with W + (alpha/r)·B·A on every adapted module."""
+    from moerge.experts.peft_io import write_peft_folder
+
+    adapter = write_peft_folder(lora_experts[1], tmp_path / "adapter")
+    cfg = {
+        "merge_method": "linear",
+        "models": [
+            {"model": f"{model_dirs['ft0']}+{adapter}", "parameters": {"weight": 0.25}},
+            {"model": str(model_dirs["ft1"]), "parameters": {"weight": 0.75}},
+        ],
+    }
+    moerge.merge(cfg, tmp_path / "out")
+    got, a, b = sd(tmp_path / "out"), sd(model_dirs["ft0"]), sd(model_dirs["ft1"])
+    lora = lora_experts[1].lora
+    for k in got:
+        module = k.removesuffix(".weight")
+        wa = a[k] + (lora[module].alpha / 4) * lora[module].B @ lora[module].A if module in lora else a[k]
+        torch.testing.assert_close(got[k], 0.25 * wa + 0.75 * b[k], rtol=1e-6, atol=1e-6)
+    assert any(k.removesuffix(".weight") in lora for k in got)

@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import save_file
@@ -157,6 +157,84 @@ class CheckpointReader:
         self.close()
 
 
+class TensorSource(Protocol):
+    """What the engine reads a model through: a `CheckpointReader`, a `LoraAppliedReader`, or the renaming
+    reader of layer slices (`moerge.merging.slices.SlicedReader`)."""
+
+    folder: Path
+    config: dict[str, Any]
+
+    def names(self) -> list[str]: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def dtype(self, key: str) -> str: ...
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor: ...
+    def close(self) -> None: ...
+
+
+def split_lora_reference(ref: str | Path) -> tuple[str | Path, str | None]:
+    """mergekit's ``model+lora`` reference: ``(model, PEFT adapter folder)``, or ``(ref, None)`` for a plain
+    model (a path that exists is always plain, even with a ``+`` in it)."""
+    text = str(ref)
+    if "+" not in text or Path(text).exists():
+        return ref, None
+    model, _, lora = text.partition("+")
+    if not model or not lora or "+" in lora:
+        raise MalformedConfigError(
+            f"{text}: a model reference is a folder, or MODEL+LORA (one '+': a model and a PEFT adapter folder)."
+        )
+    return model, lora
+
+
+class LoraAppliedReader:
+    """A model with a PEFT LoRA adapter merged into its weights as they are read: W + scaling·B·A in float32 for
+    every adapted module, as PEFT's ``merge_and_unload``, which mergekit's ``model+lora`` runs
+    (``mergekit/common.py`` ``ModelReference.merged``)."""
+
+    def __init__(self, reader: CheckpointReader, adapter: str | Path):
+        from moerge.experts.peft_io import read_peft_folder
+
+        self.inner, self.folder, self.config = reader, reader.folder, reader.config
+        expert = read_peft_folder(adapter)
+        self.deltas = {}
+        for module, lm in expert.lora.items():
+            key = module + ".weight"
+            if key not in reader.entries or tuple(reader.shape(key)) != tuple(lm.weight_shape):
+                raise ShapeMismatchError(
+                    f"{adapter}: adapts {module} (weight {tuple(lm.weight_shape)}), which {reader.folder} lacks or "
+                    "holds in another shape; apply an adapter trained on that model."
+                )
+            self.deltas[key] = lm
+
+    def names(self) -> list[str]:
+        return self.inner.names()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.inner.shape(key)
+
+    def dtype(self, key: str) -> str:
+        return self.inner.dtype(key)
+
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        if key not in self.deltas:
+            return self.inner.get(key, out)
+        w = self.inner.get(key).float() + self.deltas[key].delta_for_weight().float()
+        if out is None:
+            return w.to(SAFETENSORS_DTYPES.get(self.dtype(key), torch.float32))
+        return out.copy_(w)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def open_model(ref: str | Path) -> CheckpointReader | LoraAppliedReader:
+    """A reader for a model reference: a folder (or GGUF file, or hub id), or ``MODEL+LORA``."""
+    from moerge.backbones.loading import model_folder
+
+    model, lora = split_lora_reference(ref)
+    reader = CheckpointReader(model_folder(model))
+    return reader if lora is None else LoraAppliedReader(reader, lora)
+
+
 def _tokenizer_vocab_hash(folder: Path) -> str | None:
     tj = folder / "tokenizer.json"
     if not tj.is_file():
@@ -173,7 +251,7 @@ def _tokenizer_vocab_hash(folder: Path) -> str | None:
     return hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest()
 
 
-def check_compatible(readers: list[CheckpointReader]) -> None:
+def check_compatible(readers: list[TensorSource]) -> None:
     """Refuse, naming the folder and the difference, models whose architecture, vocabulary or tensors differ."""
     ref = readers[0]
     for other in readers[1:]:
@@ -253,7 +331,7 @@ class ShardWriter:
         return paths
 
 
-def _read_stacked(readers: list[CheckpointReader], key: str, compute_dtype: torch.dtype) -> torch.Tensor:
+def _read_stacked(readers: list[TensorSource], key: str, compute_dtype: torch.dtype) -> torch.Tensor:
     """``[N, *shape]`` in ``compute_dtype``: tensor ``key`` of every input, each read into its slot."""
     x = torch.empty((len(readers), *readers[0].shape(key)), dtype=compute_dtype)
     for i, r in enumerate(readers):
@@ -265,8 +343,8 @@ _BINS = 2**15  # a non-negative float32's top 16 bits (its sign bit is 0): expon
 
 
 def model_thresholds(
-    readers: list[CheckpointReader],
-    base: CheckpointReader,
+    readers: list[TensorSource],
+    base: TensorSource,
     keys: list[str],
     density: list[float],
     compute_dtype: torch.dtype = torch.float32,
@@ -317,8 +395,8 @@ def model_thresholds(
 
 def iter_merged(
     spec: MethodSpec,
-    readers: list[CheckpointReader],
-    base: CheckpointReader | None,
+    readers: list[TensorSource],
+    base: TensorSource | None,
     global_params: dict[str, Any],
     per_model: list[dict[str, Any]],
     *,
@@ -428,20 +506,17 @@ def merge_checkpoints(
 
     Layer slices (`moerge.merging.slices`) pass ``open_readers() -> (readers, base)`` (readers that rename
     layers), ``params_for`` (parameters by output tensor) and ``config_overrides`` (the new layer count)."""
-    from moerge.backbones.loading import model_folder
-
     out = Path(out)
-    models = [model_folder(m) for m in models]  # a GGUF file or a hub id as a local folder
-    base_model = model_folder(base_model) if base_model is not None else None
-    sources = [*models, base_model, *(inputs or [])]
-    readers: list[CheckpointReader] = []
+    parts = [split_lora_reference(m) for m in [*models, *([base_model] if base_model is not None else [])]]
+    sources = [p for pair in parts for p in pair if p is not None] + list(inputs or [])
+    readers: list[TensorSource] = []
     base = None
     try:
         if open_readers is not None:
             readers, base = open_readers()
         else:
-            readers = [CheckpointReader(m) for m in models]
-            base = CheckpointReader(base_model) if base_model is not None else None
+            readers = [open_model(m) for m in models]
+            base = open_model(base_model) if base_model is not None else None
         check_compatible(([base] if base else []) + readers)
         with atomic_output_dir(out, overwrite=overwrite, inputs=sources) as tmp:
             _merge_into(
@@ -456,8 +531,8 @@ def merge_checkpoints(
 
 def _merge_into(
     spec: MethodSpec,
-    readers: list[CheckpointReader],
-    base: CheckpointReader | None,
+    readers: list[TensorSource],
+    base: TensorSource | None,
     out: Path,
     global_params: dict[str, Any],
     per_model: list[dict[str, Any]],
