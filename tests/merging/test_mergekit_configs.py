@@ -286,3 +286,37 @@ def test_model_plus_lora_merges_the_adapter_into_the_weights_first(model_dirs, l
         wa = a[k] + (lora[module].alpha / 4) * lora[module].B @ lora[module].A if module in lora else a[k]
         torch.testing.assert_close(got[k], 0.25 * wa + 0.75 * b[k], rtol=1e-6, atol=1e-6)
     assert any(k.removesuffix(".weight") in lora for k in got)
+
+
+def test_multi_stage_yaml_uses_named_stages_and_caches_them(model_dirs, tmp_path):
+    """Two documents (mergekit-multi): a named soup, then task arithmetic over it and ft2. A second run finds
+    both cached; editing only the final stage re-runs only it."""
+    from moerge.merging.multi import merge_multi
+
+    f = {k: str(v) for k, v in model_dirs.items()}
+    stage = f"name: soup\nmerge_method: linear\nmodels: [{f['ft0']}, {f['ft1']}]\n"
+    final = f"merge_method: task_arithmetic\nbase_model: {f['base']}\nmodels: [soup, {f['ft2']}]\nparameters: {{lambda: LAM}}\n"
+    cfg = tmp_path / "multi.yaml"
+    cfg.write_text(stage + "---\n" + final.replace("LAM", "0.5"))
+    moerge.merge(str(cfg), tmp_path / "out")
+    got, base = sd(tmp_path / "out"), sd(model_dirs["base"])
+    a, b, c = (sd(model_dirs[k]) for k in ("ft0", "ft1", "ft2"))
+    for k in got:
+        soup = (a[k] + b[k]) / 2
+        torch.testing.assert_close(
+            got[k], base[k] + 0.5 * ((soup - base[k]) + (c[k] - base[k])), rtol=0, atol=1e-6
+        )
+    assert (tmp_path / "out.stages" / "soup" / "model.safetensors").is_file()
+    seen = []
+    merge_multi(cfg, tmp_path / "out", on_stage=lambda n, what: seen.append((n, what)))
+    assert seen == [("soup", "cached"), ("final", "cached")]
+    cfg.write_text(stage + "---\n" + final.replace("LAM", "0.25"))
+    seen.clear()
+    merge_multi(cfg, tmp_path / "out", on_stage=lambda n, what: seen.append((n, what)))
+    assert seen == [("soup", "cached"), ("final", "merged")]
+    got = sd(tmp_path / "out")
+    k = next(iter(got))
+    soup = (a[k] + b[k]) / 2
+    torch.testing.assert_close(
+        got[k], base[k] + 0.25 * ((soup - base[k]) + (c[k] - base[k])), rtol=0, atol=1e-6
+    )

@@ -71,6 +71,11 @@ def merge_command(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace a non-empty OUT (once the merge is complete; never an input)."
     ),
+    intermediate_dir: Path | None = typer.Option(
+        None,
+        "--intermediate-dir",
+        help="Multi-stage configs (several YAML documents): where named stages go (default: OUT.stages).",
+    ),
     plugin: list[str] = cli_plugins.plugin_option(),
     progress: bool = typer.Option(
         True, "--progress/--no-progress", help="A progress bar on stderr (only shown on a terminal)."
@@ -108,6 +113,7 @@ def merge_command(
             out,
             overwrite=overwrite,
             progress=lambda key, done, total: advance(1, total=total),
+            intermediate_dir=intermediate_dir,
             **{k: v for k, v in overrides.items() if v is not None},
         )
     if isinstance(result, Path):

@@ -128,6 +128,7 @@ def merge(
     evaluate: Callable[[Any], float] | None = None,
     overwrite: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    intermediate_dir: str | Path | None = None,
     **fields: Any,
 ) -> Path | Expert:
     """Run a merge described by ``config`` (a `MergeConfig`, a dict, or a YAML path) and/or keyword fields.
@@ -139,7 +140,15 @@ def merge(
 
     ``out`` is written atomically (a temporary sibling renamed into place when complete): a failing merge leaves
     it as it was. A non-empty ``out`` is refused unless ``overwrite``, and always when it is (or holds) an input.
-    ``progress(tensor name, done, total)`` is called as a full-checkpoint merge writes each tensor."""
+    ``progress(tensor name, done, total)`` is called as a full-checkpoint merge writes each tensor.
+
+    A YAML file of several documents is a multi-stage merge (mergekit-multi; `moerge.merging.multi`): named
+    stages go to ``intermediate_dir/<name>`` (default: ``<out>.stages``), cached by config digest."""
+    if isinstance(config, (str, Path)) and not fields and experts is None:
+        from moerge.merging.multi import is_multi_stage, merge_multi
+
+        if is_multi_stage(config):
+            return merge_multi(config, out, intermediate_dir=intermediate_dir, overwrite=overwrite)
     if (
         experts is not None
         and not fields.get("models")
