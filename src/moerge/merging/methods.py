@@ -110,8 +110,8 @@ def _sparsified_task_arithmetic(
 ) -> torch.Tensor:
     if rescale == "l1":
         kept = _rescale_l1(original, kept)
-    w = expand(weight, kept)
-    weighted = kept.mul_(w) if kept is not original else kept * w
+    # in place: ``kept`` is either new or the task vectors themselves, which a delta method owns
+    weighted = kept.mul_(expand(weight, kept))
     return scale * disjoint_sum(weighted, weight, sign, normalize)
 
 
@@ -146,7 +146,7 @@ def ties(
         assert threshold is not None
         kept = torch.where(x.abs() >= expand(threshold, x), x, 0.0)
     else:
-        kept = trim_to_density(x, density)
+        kept = trim_to_density(x, density, inplace=rescale != "l1" and variant != "peft")
     if variant == "peft":
         if rescale == "l1":
             kept = _rescale_l1(x, kept)

@@ -17,18 +17,27 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1)
 
 
-def trim_to_density(x: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
+def trim_to_density(x: torch.Tensor, density: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """Keep the ``max(1, int(density·numel))`` largest-magnitude entries of each ``x[i]`` (mergekit's
     ``magnitude``, ``mergekit/sparsify.py``).
 
-    The threshold is found by `kth_largest` (a selection among the entries a sample brackets), not a sort. Exactly k entries are kept. Where entries tie
-    with the threshold (common in bfloat16, rare in float32), that row is ordered by mergekit's own call,
-    ``torch.argsort(|x|.float(), descending=True)``, so the same entries are kept as there."""
+    The threshold is found by `kth_largest` (a selection among the entries a sample brackets), not a sort.
+    Exactly k entries are kept. Where entries tie with the threshold (common in bfloat16, rare in float32), that
+    row is ordered by mergekit's own call, ``torch.argsort(|x|.float(), descending=True)``, so the same entries
+    are kept as there. ``inplace`` zeroes the dropped entries of ``x`` itself, one model at a time, so the only
+    temporaries are one model's magnitudes and mask (a TIES merge's peak memory is then the stacked input)."""
     dens = density.tolist()
     if all(d >= 1 for d in dens):
         return x
     flat = x.reshape(x.shape[0], -1)
     numel = flat.shape[1]
+    if inplace:
+        for i, d in enumerate(dens):
+            if d >= 1:
+                continue
+            row = flat[i : i + 1]
+            flat[i] = trim_to_density(row.reshape(1, *x.shape[1:]), density[i : i + 1]).reshape(-1)
+        return x
     mag = flat.abs()
     ks = [numel if d >= 1 else (max(1, int(d * numel)) if d > 0 else 0) for d in dens]
     thr = kth_largest(mag, ks)
@@ -39,6 +48,8 @@ def trim_to_density(x: torch.Tensor, density: torch.Tensor) -> torch.Tensor:
         top = torch.argsort(mag[i].float(), descending=True)[: ks[i]]
         mask[i] = False
         mask[i, top] = True
+    if mag.dtype == flat.dtype:  # the magnitudes are no longer needed: their buffer takes the result
+        return torch.where(mask, flat, flat.new_zeros(()), out=mag).reshape(x.shape)
     return torch.where(mask, flat, 0.0).reshape(x.shape)
 
 
@@ -162,7 +173,10 @@ def disjoint_sum(
     weighted: torch.Tensor, weight: torch.Tensor, sign: str | None, normalize: bool
 ) -> torch.Tensor:
     """Σᵢ of the (sign-agreeing) weighted deltas, divided by Σᵢ wᵢ·maskᵢ when ``normalize`` (mergekit's
-    generalised task arithmetic: TIES when ``sign`` is set, a weighted sum otherwise)."""
+    generalised task arithmetic: TIES when ``sign`` is set, a weighted sum otherwise).
+
+    With ``sign`` set, ``weighted`` is used as scratch (overwritten): the caller passes a tensor of its own, so
+    that the stacked deltas exist once (the peak memory of a TIES merge follows its largest stacked tensor)."""
     w = weight.to(weighted.dtype)
     if sign is None:
         mixed = weighted.sum(dim=0)
@@ -176,12 +190,17 @@ def disjoint_sum(
     # elected sign e per entry; agreeing entries are those with wᵢτᵢ·e > 0 (non-zero and of the elected sign)
     score = weighted.sum(dim=0) if sign == "mass" else weighted.sign().sum(dim=0)
     elected = torch.where(score >= 0, 1.0, -1.0).to(weighted.dtype)
-    p = weighted * elected
+    p = weighted.mul_(elected)
     agree = p > 0
     mixed = p.clamp_(min=0).sum(dim=0).mul_(elected)
     if not normalize:
         return mixed
-    divisor = torch.tensordot(w, agree.to(weighted.dtype), dims=1)
+    if weighted.dtype in LOW_PRECISION:  # mergekit's (w·mask).sum(0) in the compute dtype
+        divisor = torch.tensordot(w, agree.to(weighted.dtype), dims=1)
+    else:  # one model at a time: no [N, …] float copy of the mask
+        divisor = torch.zeros_like(mixed)
+        for i, wi in enumerate(w.tolist()):
+            divisor.add_(agree[i], alpha=wi)
     return mixed / torch.where(divisor == 0, 1.0, divisor)
 
 

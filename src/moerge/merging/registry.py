@@ -331,9 +331,9 @@ def merge_tensor(
                 "full-checkpoint merges only; use trim: tensor here."
             )
         kwargs["threshold"] = threshold
-    if spec.space == "delta":
+    if spec.space == "delta":  # the method owns the task vectors it is given (and may overwrite them)
         if base is None:  # LoRA ΔW: the inputs already are task vectors
-            return spec.fn(x, weight, **kwargs)
+            return spec.fn(x if inplace else x.clone(), weight, **kwargs)
         return base + spec.fn(x.sub_(base) if inplace else x - base, weight, **kwargs)
     if "base" in spec.uses:
         kwargs["base"] = base

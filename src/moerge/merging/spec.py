@@ -15,7 +15,9 @@ validate them the same way. A few keyword names are *reserved* and filled by the
   ``trim: model``; `moerge.merging.checkpoint.model_thresholds`), or None.
 
 ``space="delta"`` methods see task vectors ``x - base`` (the engine adds the base back); for LoRA experts they
-see the per-module ΔW directly. ``space="weights"`` methods see the weights themselves.
+see the per-module ΔW directly. A delta method owns the tensor it is given and may overwrite it (TIES trims in
+place, so the stacked task vectors exist once). ``space="weights"`` methods see the weights themselves and must
+not modify them.
 """
 
 from __future__ import annotations
