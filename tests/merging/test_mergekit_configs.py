@@ -320,3 +320,26 @@ def test_multi_stage_yaml_uses_named_stages_and_caches_them(model_dirs, tmp_path
     torch.testing.assert_close(
         got[k], base[k] + 0.25 * ((soup - base[k]) + (c[k] - base[k])), rtol=0, atol=1e-6
     )
+
+
+def test_the_model_card_lists_the_inputs_and_its_yaml_reproduces_the_merge(model_dirs, tmp_path):
+    import yaml
+
+    cfg = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(model_dirs["ft0"]), "layer_range": [0, 1]}]},
+            {"sources": [{"model": str(model_dirs["ft2"]), "layer_range": [1, 2]}]},
+        ],
+    }
+    moerge.merge(cfg, tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert (
+        front["base_model"] == [str(model_dirs["ft0"]), str(model_dirs["ft2"])] and "merge" in front["tags"]
+    )
+    recipe = card.split("```yaml\n")[1].split("```")[0]
+    (tmp_path / "again.yaml").write_text(recipe)
+    moerge.merge(str(tmp_path / "again.yaml"), tmp_path / "again")
+    a, b = sd(tmp_path / "out"), sd(tmp_path / "again")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

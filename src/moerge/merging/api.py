@@ -175,12 +175,12 @@ def merge(
             cfg,
             global_params,
             out,
-            recipe=cfg.model_dump(exclude_none=True, exclude_defaults=False),
+            recipe=cfg.model_dump(mode="json", exclude_none=True, exclude_defaults=False),
             overwrite=overwrite,
             progress=progress,
         )
     spec, cfg, g, per_model = plan(cfg)
-    recipe = cfg.model_dump(exclude_none=True, exclude_defaults=False)
+    recipe = cfg.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
     if cfg.is_lora:
         return _merge_lora(spec, cfg, g, per_model, out, experts, recipe, overwrite)
     if out is None:

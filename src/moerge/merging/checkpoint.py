@@ -610,9 +610,47 @@ def write_model_files(
             shutil.copyfile(ref / name, out / name)
     if recipe is not None:
         (out / "moerge_merge.json").write_text(json.dumps(recipe, indent=2, default=str))
-        import yaml
+        (out / "README.md").write_text(model_card(recipe))
 
-        (out / "README.md").write_text(
-            "---\ntags: [moerge, merge]\n---\n# Merged model\n\nProduced by `moerge merge` with this recipe:\n\n"
-            "```yaml\n" + yaml.safe_dump(recipe, sort_keys=False) + "```\n"
-        )
+
+def model_card(recipe: dict[str, Any]) -> str:
+    """The merged folder's README: Hugging Face front matter (``base_model`` lists the inputs, as mergekit's
+    card does) and the method, its paper, the inputs and the recipe that reproduces the merge."""
+    import yaml
+
+    from moerge.merging.config import METHOD_ALIASES
+    from moerge.merging.registry import get_method
+
+    method = str(recipe.get("merge_method", ""))
+    models = [str(m.get("model")) for m in recipe.get("models") or [] if isinstance(m, dict)]
+    models += [str(src.get("model")) for sl in recipe.get("slices") or [] for src in sl.get("sources") or []]
+    base = recipe.get("base_model")
+    inputs = list(dict.fromkeys(([str(base)] if base else []) + models))
+    try:
+        paper = get_method(METHOD_ALIASES.get(method, (method, {}))[0]).paper
+    except Exception:  # a plugin method no longer importable: the card still records the recipe
+        paper = ""
+    front = {"base_model": inputs, "library_name": "transformers", "tags": ["moerge", "merge"]}
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "# Merged model",
+        "",
+        f"A merge made with moerge (`moerge merge`) by **{method}**" + (f" ({paper})." if paper else "."),
+        "",
+        *(["Base model: `" + str(base) + "`", ""] if base else []),
+        "Models merged:",
+        "",
+        *[f"- `{m}`" for m in dict.fromkeys(models)],
+        "",
+        "## Configuration",
+        "",
+        "This YAML reproduces the merge (`moerge merge config.yaml OUT`):",
+        "",
+        "```yaml",
+        yaml.safe_dump(recipe, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
