@@ -128,7 +128,11 @@ def merge_sliced(
             )
         base_pos.append(pos if uses_base else None)
     if uses_base and any(p is None for p in base_pos):
-        raise MalformedConfigError("slices: base_model must be a source of every slice, or of none.")
+        missing = [i for i, p in enumerate(base_pos) if p is None]
+        raise MalformedConfigError(
+            f"slices {missing}: base_model is not among their sources; with slices, the base's layers come from "
+            "the slice's source that is base_model, so list it in every slice (with its layer_range)."
+        )
     n = width - (1 if uses_base and base_pos[0] is not None else 0)
     if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
         most = f" and at most {spec.max_models}" if spec.max_models is not None else ""
