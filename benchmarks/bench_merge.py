@@ -2,20 +2,22 @@
 
     .venv/bin/python benchmarks/bench_merge.py [--workdir /tmp/moerge-bench-merge] [--repeats 1]
 
-Setup: a ~25M-parameter Llama-style model (hidden 512, 8 layers, MLP 1376, char vocabulary) and 8 "fine-tunes"
-(base + seeded Gaussian perturbations), saved as transformers folders (float32 safetensors). Each full merge runs
-as its own process from the command line (``moerge merge CFG OUT`` and ``.venv-mergekit/bin/mergekit-yaml CFG OUT``,
+Setup: a 27M-parameter Llama-style model (hidden 512, 6 layers, MLP 1376, an 8,000-token vocabulary: the
+embeddings and the untied LM head are 8000 × 512) and 8 "fine-tunes" (base + seeded Gaussian perturbations), saved
+as transformers folders (float32 safetensors). Each full merge (linear, task arithmetic, TIES) runs as its own
+process from the command line (``python -m moerge merge CFG OUT`` and ``.venv-mergekit/bin/mergekit-yaml CFG OUT``,
 the same YAML for both); wall time and peak RSS of that process are measured by a fresh wrapper process through
 ``resource.getrusage(RUSAGE_CHILDREN)``. Runs alternate between the tools. The LoRA part times
 ``merge_lora_experts(..., mode="exact")`` on 64 rank-8 experts over all 7 projections (in process), and PEFT's
 ``add_weighted_adapter(..., combination_type="cat")`` on the same experts as the peer.
-Needs ``.venv-mergekit`` (create it with tests/compat/run_mergekit_compat.py).
+Needs the mergekit side venv (``./dev compat --setup``; ``MOERGE_MERGEKIT_VENV`` names another one).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -27,9 +29,17 @@ import torch
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-MOERGE = REPO / ".venv" / "bin" / "moerge"
-MERGEKIT = REPO / ".venv-mergekit" / "bin" / "mergekit-yaml"
-MODEL = dict(hidden_size=512, intermediate_size=1376, num_layers=8, num_heads=8, max_position_embeddings=512)
+MOERGE = [sys.executable, "-m", "moerge"]
+MERGEKIT = REPO / os.environ.get("MOERGE_MERGEKIT_VENV", ".venv-mergekit") / "bin" / "mergekit-yaml"
+MODEL = dict(
+    hidden_size=512,
+    intermediate_size=1376,
+    num_layers=6,
+    num_heads=8,
+    max_position_embeddings=512,
+    tie_word_embeddings=False,
+)
+VOCAB = 8000
 N_FT = 8
 
 WRAPPER = """
@@ -51,6 +61,15 @@ def build(workdir: Path) -> dict[str, Path]:
     paths = {"base": base}
     if not (base / "model.safetensors").is_file():
         save_tiny_model(base, **MODEL, seed=0)
+        # widen the vocabulary to VOCAB rows (the tokenizer is the tiny one; merging never reads it)
+        sd0 = load_file(str(base / "model.safetensors"))
+        g0 = torch.Generator().manual_seed(7)
+        for k in ("model.embed_tokens.weight", "lm_head.weight"):
+            sd0[k] = 0.02 * torch.randn(VOCAB, MODEL["hidden_size"], generator=g0)
+        save_file(sd0, str(base / "model.safetensors"), metadata={"format": "pt"})
+        cfg = json.loads((base / "config.json").read_text())
+        cfg["vocab_size"] = VOCAB
+        (base / "config.json").write_text(json.dumps(cfg, indent=2))
     sd = None
     for i in range(N_FT):
         d = workdir / f"ft{i}"
@@ -72,6 +91,11 @@ def configs(paths: dict[str, Path]) -> dict[str, dict]:
     fts = [str(paths[f"ft{i}"].resolve()) for i in range(N_FT)]
     base = str(paths["base"].resolve())
     return {
+        "linear": {
+            "merge_method": "linear",
+            "dtype": "float32",
+            "models": [{"model": f, "parameters": {"weight": 1.0}} for f in fts],
+        },
         "ties": {
             "merge_method": "ties",
             "base_model": base,
@@ -128,7 +152,7 @@ def bench_full(workdir: Path, repeats: int) -> list[dict]:
                 out = workdir / f"out_{name}_{tool}"
                 shutil.rmtree(out, ignore_errors=True)
                 cmd = (
-                    [str(MOERGE), "merge", str(cfg_path), str(out)]
+                    [*MOERGE, "merge", str(cfg_path), str(out), "--no-progress"]
                     if tool == "moerge"
                     else [str(MERGEKIT), str(cfg_path), str(out), "--quiet"]
                 )
@@ -253,7 +277,7 @@ def main() -> int:
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     if not MERGEKIT.exists():
-        print(f"{MERGEKIT} missing: run tests/compat/run_mergekit_compat.py first", file=sys.stderr)
+        print(f"{MERGEKIT} missing: run `./dev compat --setup` first", file=sys.stderr)
         return 1
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -261,7 +285,7 @@ def main() -> int:
     lora = bench_lora(workdir)
     print()
     print(
-        "| merge (8 × 25M Llama) | mergekit s | moerge s | speed-up | mergekit peak RSS MB | moerge peak RSS MB |"
+        "| merge (8 × 27M Llama, 8k vocabulary) | mergekit s | moerge s | speed-up | mergekit peak RSS MB | moerge peak RSS MB |"
         " memory ratio (moerge/mergekit) | max abs diff | entries differing |"
     )
     print("|---|---|---|---|---|---|---|---|---|")

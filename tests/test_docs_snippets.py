@@ -396,7 +396,9 @@ def test_every_page_parses_and_marks_are_valid():
 
     for b in blocks:
         if b.lang == "yaml":
-            yaml.safe_load(b.code)  # every YAML example parses
+            list(
+                yaml.safe_load_all(b.code)
+            )  # every YAML example parses (multi-stage merges: several documents)
 
 
 @pytest.mark.slow

@@ -17,6 +17,11 @@ class UnsafeFormatError(MoergeError):
     """A pickle-based file (.bin, .pt, .pkl, .ckpt) was offered; moerge never unpickles."""
 
 
+class ConfigWarning(UserWarning):
+    """A configuration holds something moerge ignores, as mergekit does (a per-model parameter the method does
+    not use); the CLI prints it as one ``warning:`` line."""
+
+
 class MalformedConfigError(MoergeError):
     """A configuration file (adapter_config.json, metadata, YAML) cannot be read or validated."""
 

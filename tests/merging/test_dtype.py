@@ -1,6 +1,6 @@
 """`dtype` is the dtype a merge computes in and `out_dtype` the one it stores, as in mergekit (whose
 `LoadTensor` casts every input to `dtype` before the method runs and whose `SaveTensor` casts to `out_dtype`;
-`tests/compat/run_mergekit_compat.py` compares with mergekit itself).
+`tests/compat/test_mergekit_compat.py` compares with mergekit itself).
 
 The inputs are chosen so that computing in bfloat16 and rounding a float32 result differ: every entry of ft0 is
 1.0045 and of ft1 1.0035. Rounded to bfloat16 first they are 1.0078125 and 1.0, whose mean 1.00390625 lies

@@ -291,3 +291,78 @@ def test_ties_trim_keeps_exactly_k_with_ties_at_the_threshold():
     out = run("ties", x, base=torch.zeros(8), density=0.375)
     torch.testing.assert_close(out, ref_trim(x[0], 0.375))
     assert int((out != 0).sum()) == 3 and out[1] == -1.0 and out[2] == 1.0 and out[4] == 0
+
+
+@pytest.mark.parametrize("density", [0.3, 0.001, 0.9999])
+def test_kth_largest_equals_kthvalue_on_long_rows_with_ties(density):
+    """The sampled bracket path (rows longer than 2²⁰) against torch's own selection, ties included."""
+    from moerge.merging.ops import kth_largest
+
+    m = rand(3, 1_100_000, seed=4).abs()
+    m[:, :5000] = float(m[0].median())  # a block of ties near the middle
+    ks = [int(density * m.shape[1]), 1, m.shape[1] // 2]
+    want = torch.stack([torch.kthvalue(m[i], m.shape[1] - k + 1).values for i, k in enumerate(ks)])
+    assert torch.equal(kth_largest(m, ks), want)
+
+
+# ------------------------------------------------------------------------ mergekit's newer methods (dense refs)
+
+
+def test_nearswap_moves_toward_the_model_by_t_over_the_distance():
+    base, m = rand(6, 5, seed=1), rand(6, 5, seed=2)
+    got = run("nearswap", m[None], base=base, t=0.3)
+    want = torch.empty_like(base)
+    for i in range(base.numel()):
+        a, b = base.flatten()[i].item(), m.flatten()[i].item()
+        w = min(1.0, max(0.0, 0.3 / max(abs(a - b), 1e-6)))
+        want.view(-1)[i] = w * b + (1 - w) * a
+    torch.testing.assert_close(got, want)
+
+
+def test_nuslerp_flattened_is_slerp_at_the_weight_ratio():
+    v0, v1 = rand(8, 4, seed=3), rand(8, 4, seed=4)
+    got = run("nuslerp", torch.stack([v0, v1]), weights=[1.0, 3.0])
+    torch.testing.assert_close(got, ref_slerp(0.75, v0, v1), rtol=1e-5, atol=1e-6)
+
+
+def test_nuslerp_rows_slerps_each_row():
+    v0, v1 = rand(5, 6, seed=5), rand(5, 6, seed=6)
+    got = run("nuslerp", torch.stack([v0, v1]), weights=[1.0, 1.0], nuslerp_flatten=False)
+    want = torch.stack([ref_slerp(0.5, v0[r], v1[r]) for r in range(5)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_karcher_of_two_models_is_the_geodesic_midpoint_times_the_mean_norm():
+    a, b = rand(7, 3, seed=7), 2 * rand(7, 3, seed=8)
+    got = run("karcher", torch.stack([a, b]))
+    ua, ub = a / a.norm(), b / b.norm()
+    mid = (ua + ub) / (ua + ub).norm()
+    torch.testing.assert_close(got, (a.norm() + b.norm()) / 2 * mid, rtol=1e-4, atol=1e-5)
+
+
+def test_sce_weights_models_by_mean_squared_task_vector_and_erases_minority_signs():
+    base, x = rand(4, 5, seed=9), rand(3, 4, 5, seed=10)
+    got = run("sce", base + x, base=base) - base
+    w = [float((t**2).mean()) for t in x]
+    w = [wi / sum(w) for wi in w]
+    want = torch.zeros(4, 5)
+    for p in range(20):
+        vals = [float(t.flatten()[p]) for t in x]
+        s = 1.0 if sum(vals) >= 0 else -1.0
+        keep = [i for i, v in enumerate(vals) if v != 0 and math.copysign(1, v) == s]
+        den = max(sum(w[i] for i in keep), 1e-6)
+        want.view(-1)[p] = sum(w[i] * vals[i] for i in keep) / den
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_arcee_fusion_keeps_entries_above_median_plus_one_and_a_half_iqr():
+    base, m = rand(6, 10, seed=11), rand(6, 10, seed=12)
+    got = run("arcee_fusion", m[None], base=base)
+    p, q = torch.softmax(m, -1) + 1e-8, torch.softmax(base, -1) + 1e-8
+    kl = [float(sum(p[r, c] * math.log(p[r, c] / q[r, c]) for c in range(10))) for r in range(6)]
+    imp = [[abs(float(m[r, c] - base[r, c])) * kl[r] for c in range(10)] for r in range(6)]
+    flat = sorted(v for row in imp for v in row)
+    q1, med, q3 = (flat[int(f * (len(flat) - 1))] for f in (0.25, 0.5, 0.75))
+    keep = torch.tensor([[v >= med + 1.5 * (q3 - q1) for v in row] for row in imp])
+    assert 0 < int(keep.sum()) < 60
+    torch.testing.assert_close(got, torch.where(keep, m, base))

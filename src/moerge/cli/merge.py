@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import typer
@@ -9,6 +13,25 @@ import typer
 from moerge.cli import plugins as cli_plugins
 from moerge.cli.common import console
 from moerge.errors import UsageError
+
+
+@contextlib.contextmanager
+def _config_warnings_as_lines() -> Iterator[None]:
+    """Show each `ConfigWarning` (something of the YAML that is ignored) as one ``warning:`` line on stderr."""
+    from moerge.errors import ConfigWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        if issubclass(category, ConfigWarning):
+            print(f"warning: {message}", file=sys.stderr)
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ConfigWarning)
+        warnings.showwarning = show
+        yield
 
 
 def register(app: typer.Typer) -> None:
@@ -26,7 +49,14 @@ def merge_command(
         None, "--lora-mode", help="exact | factor | svd | dense (LoRA experts)."
     ),
     rank: int | None = typer.Option(None, "--rank", help="Rank for --lora-mode svd."),
-    dtype: str | None = typer.Option(None, "--dtype", help="float32 | float16 | bfloat16 (output dtype)."),
+    dtype: str | None = typer.Option(
+        None,
+        "--dtype",
+        help="float32 | float16 | bfloat16: the dtype the merge computes in (mergekit's dtype).",
+    ),
+    out_dtype: str | None = typer.Option(
+        None, "--out-dtype", help="float32 | float16 | bfloat16: the dtype stored (default: --dtype)."
+    ),
     seed: int | None = typer.Option(None, "--seed", help="Seed for random methods (DARE, DELLA)."),
     shard_size: str | None = typer.Option(
         None, "--shard-size", help="Largest output shard, e.g. 2GB, 500MB."
@@ -40,6 +70,11 @@ def merge_command(
     ),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace a non-empty OUT (once the merge is complete; never an input)."
+    ),
+    intermediate_dir: Path | None = typer.Option(
+        None,
+        "--intermediate-dir",
+        help="Multi-stage configs (several YAML documents): where named stages go (default: OUT.stages).",
     ),
     plugin: list[str] = cli_plugins.plugin_option(),
     progress: bool = typer.Option(
@@ -59,17 +94,26 @@ def merge_command(
         raise UsageError("give a merge config: moerge merge CONFIG.yaml OUT (or --list-methods)")
     from moerge.merging.api import merge
 
-    overrides = dict(lora_mode=lora_mode, rank=rank, dtype=dtype, seed=seed, shard_size=shard_size, name=name)
+    overrides = dict(
+        lora_mode=lora_mode,
+        rank=rank,
+        dtype=dtype,
+        out_dtype=out_dtype,
+        seed=seed,
+        shard_size=shard_size,
+        name=name,
+    )
     if add_to_library:
         overrides["add_to_library"] = True
     from moerge.progress import bar
 
-    with bar(f"merging {config.name}", None, enabled=progress) as advance:
+    with bar(f"merging {config.name}", None, enabled=progress) as advance, _config_warnings_as_lines():
         result = merge(
             config,
             out,
             overwrite=overwrite,
             progress=lambda key, done, total: advance(1, total=total),
+            intermediate_dir=intermediate_dir,
             **{k: v for k, v in overrides.items() if v is not None},
         )
     if isinstance(result, Path):

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from moerge.errors import ExpertExistsError, InputNotFoundError, MalformedConfigError
+from moerge.errors import ConfigWarning, ExpertExistsError, InputNotFoundError, MalformedConfigError
 from moerge.experts.expert import Expert
 from moerge.experts.paths import atomic_output_dir, check_output_dir
 from moerge.merging.config import MergeConfig, check_param_ranges, load_config
@@ -32,12 +32,43 @@ def _same_path(a: str, b: str | None) -> bool:
 def _inputs(cfg: MergeConfig) -> list[str | None]:
     """Every local path a merge reads (models, base, statistics): the output may be none of them."""
     models = [] if cfg.is_lora else [m.model for m in cfg.models]
+    models += [src.model for s in cfg.slices or [] for src in s.sources]
     return [*models, cfg.base_model, *(m.stats for m in cfg.models)]
 
 
 def _guarded(cfg: MergeConfig) -> dict[str, Any]:
     """What `check_output_dir` / `atomic_output_dir` protect for this merge: its inputs and its library."""
     return {"inputs": _inputs(cfg), "libraries": [cfg.library]}
+
+
+def _used_per_model(spec: MethodSpec, models: list[Any]) -> list[dict[str, Any]]:
+    """Each model's parameters less those ``spec`` does not take per model, which are dropped with one
+    `ConfigWarning` naming them: mergekit ignores them (its resolver only asks for the method's own
+    parameters, ``parameter_resolver.resolve_parameters``), so a YAML that runs there runs here."""
+    kept: list[dict[str, Any]] = []
+    dropped: dict[str, list[int]] = {}
+    for i, m in enumerate(models):
+        params = {}
+        for k, v in m.parameters.items():
+            if k in spec.per_model:
+                params[k] = v
+            else:
+                dropped.setdefault(k, []).append(i)
+        kept.append(params)
+    if dropped:
+        import warnings
+
+        def why(k: str) -> str:
+            return "set globally only" if k in spec.params else "not a parameter of it"
+
+        names = "; ".join(f"{k} (models {', '.join(map(str, ix))}: {why(k)})" for k, ix in dropped.items())
+        warnings.warn(
+            f"merge method {spec.name!r} ignores per-model parameters it does not take per model, as mergekit "
+            f"does: {names}. Per-model parameters of {spec.name}: {', '.join(spec.per_model)}.",
+            ConfigWarning,
+            stacklevel=3,
+        )
+    return kept
 
 
 def plan(config: MergeConfig) -> tuple[MethodSpec, MergeConfig, dict[str, Any], list[dict[str, Any]]]:
@@ -55,7 +86,7 @@ def plan(config: MergeConfig) -> tuple[MethodSpec, MergeConfig, dict[str, Any], 
             f"merge method {spec.name!r} needs base_model (task vectors are taken against it)."
         )
     cfg = config.model_copy(update={"models": models})
-    g, per_model = validate_params(spec, global_params, [m.parameters for m in models], where="merge config")
+    g, per_model = validate_params(spec, global_params, _used_per_model(spec, models), where="merge config")
     check_param_ranges(spec.name, g, per_model)
     if spec.stats and not config.is_lora and any(m.stats is None for m in models):
         raise MalformedConfigError(
@@ -97,6 +128,7 @@ def merge(
     evaluate: Callable[[Any], float] | None = None,
     overwrite: bool = False,
     progress: Callable[[str, int, int], None] | None = None,
+    intermediate_dir: str | Path | None = None,
     **fields: Any,
 ) -> Path | Expert:
     """Run a merge described by ``config`` (a `MergeConfig`, a dict, or a YAML path) and/or keyword fields.
@@ -108,7 +140,15 @@ def merge(
 
     ``out`` is written atomically (a temporary sibling renamed into place when complete): a failing merge leaves
     it as it was. A non-empty ``out`` is refused unless ``overwrite``, and always when it is (or holds) an input.
-    ``progress(tensor name, done, total)`` is called as a full-checkpoint merge writes each tensor."""
+    ``progress(tensor name, done, total)`` is called as a full-checkpoint merge writes each tensor.
+
+    A YAML file of several documents is a multi-stage merge (mergekit-multi; `moerge.merging.multi`): named
+    stages go to ``intermediate_dir/<name>`` (default: ``<out>.stages``), cached by config digest."""
+    if isinstance(config, (str, Path)) and not fields and experts is None:
+        from moerge.merging.multi import is_multi_stage, merge_multi
+
+        if is_multi_stage(config):
+            return merge_multi(config, out, intermediate_dir=intermediate_dir, overwrite=overwrite)
     if (
         experts is not None
         and not fields.get("models")
@@ -124,8 +164,23 @@ def merge(
         check_output_dir(out, overwrite=overwrite, **_guarded(cfg))  # before any work
     if cfg.merge_method == "greedy_soup":
         return _greedy(cfg, out, experts, evaluate, overwrite)
+    if cfg.slices is not None:
+        if out is None:
+            raise MalformedConfigError("out: a full-checkpoint merge needs an output folder.")
+        from moerge.merging.slices import merge_sliced
+
+        name, global_params = cfg.resolved_method()
+        return merge_sliced(
+            get_method(name),
+            cfg,
+            global_params,
+            out,
+            recipe=cfg.model_dump(mode="json", exclude_none=True, exclude_defaults=False),
+            overwrite=overwrite,
+            progress=progress,
+        )
     spec, cfg, g, per_model = plan(cfg)
-    recipe = cfg.model_dump(exclude_none=True, exclude_defaults=False)
+    recipe = cfg.model_dump(mode="json", exclude_none=True, exclude_defaults=False)
     if cfg.is_lora:
         return _merge_lora(spec, cfg, g, per_model, out, experts, recipe, overwrite)
     if out is None:

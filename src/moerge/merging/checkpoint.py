@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Callable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from safetensors.torch import save_file
@@ -61,6 +61,12 @@ SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16,
     "F64": torch.float64,
 }
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``. A finite sum implies finite entries (NaN and ±Inf propagate through a sum), and
+    costs a tenth of ``isfinite(t).all()``; only a non-finite sum (NaN/Inf, or an overflow) needs the full check."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
 
 
 def _read_json_file(path: Path, what: str) -> Any:
@@ -151,6 +157,84 @@ class CheckpointReader:
         self.close()
 
 
+class TensorSource(Protocol):
+    """What the engine reads a model through: a `CheckpointReader`, a `LoraAppliedReader`, or the renaming
+    reader of layer slices (`moerge.merging.slices.SlicedReader`)."""
+
+    folder: Path
+    config: dict[str, Any]
+
+    def names(self) -> list[str]: ...
+    def shape(self, key: str) -> tuple[int, ...]: ...
+    def dtype(self, key: str) -> str: ...
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor: ...
+    def close(self) -> None: ...
+
+
+def split_lora_reference(ref: str | Path) -> tuple[str | Path, str | None]:
+    """mergekit's ``model+lora`` reference: ``(model, PEFT adapter folder)``, or ``(ref, None)`` for a plain
+    model (a path that exists is always plain, even with a ``+`` in it)."""
+    text = str(ref)
+    if "+" not in text or Path(text).exists():
+        return ref, None
+    model, _, lora = text.partition("+")
+    if not model or not lora or "+" in lora:
+        raise MalformedConfigError(
+            f"{text}: a model reference is a folder, or MODEL+LORA (one '+': a model and a PEFT adapter folder)."
+        )
+    return model, lora
+
+
+class LoraAppliedReader:
+    """A model with a PEFT LoRA adapter merged into its weights as they are read: W + scaling·B·A in float32 for
+    every adapted module, as PEFT's ``merge_and_unload``, which mergekit's ``model+lora`` runs
+    (``mergekit/common.py`` ``ModelReference.merged``)."""
+
+    def __init__(self, reader: CheckpointReader, adapter: str | Path):
+        from moerge.experts.peft_io import read_peft_folder
+
+        self.inner, self.folder, self.config = reader, reader.folder, reader.config
+        expert = read_peft_folder(adapter)
+        self.deltas = {}
+        for module, lm in expert.lora.items():
+            key = module + ".weight"
+            if key not in reader.entries or tuple(reader.shape(key)) != tuple(lm.weight_shape):
+                raise ShapeMismatchError(
+                    f"{adapter}: adapts {module} (weight {tuple(lm.weight_shape)}), which {reader.folder} lacks or "
+                    "holds in another shape; apply an adapter trained on that model."
+                )
+            self.deltas[key] = lm
+
+    def names(self) -> list[str]:
+        return self.inner.names()
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.inner.shape(key)
+
+    def dtype(self, key: str) -> str:
+        return self.inner.dtype(key)
+
+    def get(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        if key not in self.deltas:
+            return self.inner.get(key, out)
+        w = self.inner.get(key).float() + self.deltas[key].delta_for_weight().float()
+        if out is None:
+            return w.to(SAFETENSORS_DTYPES.get(self.dtype(key), torch.float32))
+        return out.copy_(w)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def open_model(ref: str | Path) -> CheckpointReader | LoraAppliedReader:
+    """A reader for a model reference: a folder (or GGUF file, or hub id), or ``MODEL+LORA``."""
+    from moerge.backbones.loading import model_folder
+
+    model, lora = split_lora_reference(ref)
+    reader = CheckpointReader(model_folder(model))
+    return reader if lora is None else LoraAppliedReader(reader, lora)
+
+
 def _tokenizer_vocab_hash(folder: Path) -> str | None:
     tj = folder / "tokenizer.json"
     if not tj.is_file():
@@ -167,7 +251,7 @@ def _tokenizer_vocab_hash(folder: Path) -> str | None:
     return hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest()
 
 
-def check_compatible(readers: list[CheckpointReader]) -> None:
+def check_compatible(readers: list[TensorSource]) -> None:
     """Refuse, naming the folder and the difference, models whose architecture, vocabulary or tensors differ."""
     ref = readers[0]
     for other in readers[1:]:
@@ -247,10 +331,72 @@ class ShardWriter:
         return paths
 
 
+def _read_stacked(readers: list[TensorSource], key: str, compute_dtype: torch.dtype) -> torch.Tensor:
+    """``[N, *shape]`` in ``compute_dtype``: tensor ``key`` of every input, each read into its slot."""
+    x = torch.empty((len(readers), *readers[0].shape(key)), dtype=compute_dtype)
+    for i, r in enumerate(readers):
+        r.get(key, out=x[i])
+    return x
+
+
+_BINS = 2**15  # a non-negative float32's top 16 bits (its sign bit is 0): exponent and 7 mantissa bits
+
+
+def model_thresholds(
+    readers: list[TensorSource],
+    base: TensorSource,
+    keys: list[str],
+    density: list[float],
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Per model i, the magnitude t such that the entries of τᵢ = θᵢ − θ₀ over the whole model (every floating
+    tensor in ``keys``) with |τ| ≥ t are its ``density[i]`` largest: TIES' whole-model trim.
+
+    Exact, with memory bounded by one stacked tensor: a first pass counts |τ| per model in 2¹⁵ bins ordered like
+    the values (the float32 bit pattern's top 16 bits), which locates the bin holding the threshold; a second pass
+    collects only that bin's entries and selects the threshold among them."""
+    n = len(readers)
+    float_keys = [k for k in keys if readers[0].dtype(k) in SAFETENSORS_DTYPES]
+
+    def magnitudes(key: str) -> torch.Tensor:
+        x = _read_stacked(readers, key, compute_dtype)
+        return x.sub_(base.get(key).to(compute_dtype)).abs_().reshape(n, -1).float()
+
+    counts = torch.zeros(n * _BINS, dtype=torch.int64)
+    offsets = (torch.arange(n) * _BINS)[:, None]
+    total = 0
+    for key in float_keys:
+        bins = magnitudes(key).view(torch.int32) >> 16
+        counts += torch.bincount((bins + offsets).flatten(), minlength=n * _BINS)
+        total += bins.shape[1]
+    counts = counts.reshape(n, _BINS)
+    at_or_above = counts.flip(1).cumsum(1).flip(1)  # [i, b]: entries of model i in bins ≥ b
+    ks = [total if d >= 1 else max(1, int(d * total)) for d in density]
+    thr = torch.zeros(n)
+    want: dict[int, tuple[int, int]] = {}  # model → (bin holding its threshold, entries needed from that bin)
+    for i, k in enumerate(ks):
+        if k >= total:
+            continue  # keeps everything: threshold 0
+        b = int((at_or_above[i] >= k).nonzero().max())
+        above = int(at_or_above[i, b + 1]) if b + 1 < _BINS else 0
+        want[i] = (b, k - above)
+    if want:
+        found: dict[int, list[torch.Tensor]] = {i: [] for i in want}
+        for key in float_keys:
+            mags = magnitudes(key)
+            bins = mags.view(torch.int32) >> 16
+            for i, (b, _) in want.items():
+                found[i].append(mags[i][bins[i] == b])
+        for i, (_, need) in want.items():
+            vals = torch.cat(found[i])
+            thr[i] = torch.kthvalue(vals, vals.numel() - need + 1).values
+    return thr
+
+
 def iter_merged(
     spec: MethodSpec,
-    readers: list[CheckpointReader],
-    base: CheckpointReader | None,
+    readers: list[TensorSource],
+    base: TensorSource | None,
     global_params: dict[str, Any],
     per_model: list[dict[str, Any]],
     *,
@@ -258,30 +404,37 @@ def iter_merged(
     stats: list[dict[str, torch.Tensor]] | None = None,
     fan_in_fan_out: AbstractSet[str] = frozenset(),
     compute_dtype: torch.dtype = torch.float32,
+    params_for: Callable[[str], tuple[dict[str, Any], list[dict[str, Any]], float]] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, merged tensor)`` for every tensor, reading one tensor per input at a time. The inputs are
-    read into ``compute_dtype`` and the method computes in it (mergekit's ``dtype``)."""
+    read into ``compute_dtype`` and the method computes in it (mergekit's ``dtype``). ``params_for(name)`` gives
+    a tensor's (global, per-model, t) parameters where they vary by more than the name (layer slices)."""
     ref = base or readers[0]
     keys = ref.names()
-    n = len(readers)
     cfg = (
         ref.config.get("text_config", ref.config)
         if isinstance(ref.config.get("text_config"), dict)
         else ref.config
     )
     num_layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or count_layers(keys)
+    threshold = None
+    if "threshold" in spec.uses and global_params.get("trim") == "model" and base is not None:
+        density = [pm.get("density", 1.0) for pm in per_model]
+        if not all(isinstance(d, (int, float)) for d in density):
+            raise MalformedConfigError(
+                f"merge method {spec.name!r}: trim: model keeps one fraction of each whole model, so density must "
+                "be one number per model (no gradients or filters); use trim: tensor for densities by tensor."
+            )
+        threshold = model_thresholds(readers, base, keys, density, compute_dtype)
     for key in keys:
         if readers[0].dtype(key) not in SAFETENSORS_DTYPES:  # integer buffers: taken from the base
             yield key, (base or readers[0]).get(key)
             continue
-        shape = readers[0].shape(key)
-        x = torch.empty((n, *shape), dtype=compute_dtype)
-        for i, r in enumerate(readers):  # one tensor per input model, read into its slot
-            r.get(key, out=x[i])
+        x = _read_stacked(readers, key, compute_dtype)
         b = base.get(key).to(compute_dtype) if base is not None else None
-        if not torch.isfinite(x).all() or (b is not None and not torch.isfinite(b).all()):
-            bad = [r.folder for i, r in enumerate(readers) if not torch.isfinite(x[i]).all()]
-            bad += [base.folder] if base is not None and b is not None and not torch.isfinite(b).all() else []
+        if not all_finite(x) or (b is not None and not all_finite(b)):
+            bad = [r.folder for i, r in enumerate(readers) if not all_finite(x[i])]
+            bad += [base.folder] if base is not None and b is not None and not all_finite(b) else []
             raise NonFiniteWeightsError(
                 f"{bad[0]}: tensor {key} holds NaN or Inf; nothing was written. Repair or re-save that model "
                 "before merging it."
@@ -289,8 +442,13 @@ def iter_merged(
         s = None
         if stats is not None and all(key in st for st in stats):
             s = torch.stack([st[key].to(compute_dtype) for st in stats])
-        g, pm = resolve_params(spec, global_params, per_model, key, num_layers)
-        if g is not global_params:  # values that vary by tensor: check them where they apply
+        if params_for is not None:
+            g0, pm0, t = params_for(key)
+            g, pm = resolve_params(spec, g0, pm0, key, num_layers, t=t)
+        else:
+            g0 = global_params
+            g, pm = resolve_params(spec, global_params, per_model, key, num_layers)
+        if g is not g0:  # values that vary by tensor: check them where they apply
             check_param_ranges(spec.name, g, pm, where=f"tensor {key}")
         yield (
             key,
@@ -305,6 +463,7 @@ def iter_merged(
                 stats=s,
                 layout="fan_in_fan_out" if key in fan_in_fan_out else "linear",
                 inplace=True,
+                threshold=threshold,
             ),
         )
         del x, b
@@ -329,6 +488,9 @@ def merge_checkpoints(
     progress: Callable[[str, int, int], None] | None = None,
     overwrite: bool = False,
     inputs: Sequence[str | Path | None] | None = None,
+    open_readers: Callable[[], tuple[list[Any], Any]] | None = None,
+    params_for: Callable[[str], tuple[dict[str, Any], list[dict[str, Any]], float]] | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ) -> Path:
     """Merge transformers folders ``models`` (against ``base_model``) into the folder ``out``, streaming. A model
     or base may also be a GGUF file or a hub id (`moerge.backbones.loading.model_folder`).
@@ -340,23 +502,26 @@ def merge_checkpoints(
     The output is written into a temporary sibling folder and renamed into place once complete, so a failed
     merge (bad parameters, NaN, a full disk) leaves ``out`` as it was; a non-empty ``out`` is replaced only with
     ``overwrite``, and never when it is (or holds) an input (``models``, ``base_model`` and ``inputs``).
-    ``progress(name, done, total)`` is called after each tensor is written."""
-    from moerge.backbones.loading import model_folder
+    ``progress(name, done, total)`` is called after each tensor is written.
 
+    Layer slices (`moerge.merging.slices`) pass ``open_readers() -> (readers, base)`` (readers that rename
+    layers), ``params_for`` (parameters by output tensor) and ``config_overrides`` (the new layer count)."""
     out = Path(out)
-    models = [model_folder(m) for m in models]  # a GGUF file or a hub id as a local folder
-    base_model = model_folder(base_model) if base_model is not None else None
-    sources = [*models, base_model, *(inputs or [])]
-    readers: list[CheckpointReader] = []
+    parts = [split_lora_reference(m) for m in [*models, *([base_model] if base_model is not None else [])]]
+    sources = [p for pair in parts for p in pair if p is not None] + list(inputs or [])
+    readers: list[TensorSource] = []
     base = None
     try:
-        readers = [CheckpointReader(m) for m in models]
-        base = CheckpointReader(base_model) if base_model is not None else None
+        if open_readers is not None:
+            readers, base = open_readers()
+        else:
+            readers = [open_model(m) for m in models]
+            base = open_model(base_model) if base_model is not None else None
         check_compatible(([base] if base else []) + readers)
         with atomic_output_dir(out, overwrite=overwrite, inputs=sources) as tmp:
             _merge_into(
                 spec, readers, base, tmp, global_params, per_model, dtype, out_dtype, seed, shard_size, stats,
-                fan_in_fan_out, recipe, copy_tokenizer, progress,
+                fan_in_fan_out, recipe, copy_tokenizer, progress, params_for, config_overrides,
             )  # fmt: skip
     finally:
         for r in readers + ([base] if base else []):
@@ -366,8 +531,8 @@ def merge_checkpoints(
 
 def _merge_into(
     spec: MethodSpec,
-    readers: list[CheckpointReader],
-    base: CheckpointReader | None,
+    readers: list[TensorSource],
+    base: TensorSource | None,
     out: Path,
     global_params: dict[str, Any],
     per_model: list[dict[str, Any]],
@@ -380,6 +545,8 @@ def _merge_into(
     recipe: dict[str, Any] | None,
     copy_tokenizer: bool,
     progress: Callable[[str, int, int], None] | None,
+    params_for: Callable[[str], tuple[dict[str, Any], list[dict[str, Any]], float]] | None = None,
+    config_overrides: dict[str, Any] | None = None,
 ) -> None:
     ref = base or readers[0]
     stored = out_dtype or dtype  # mergekit: out_dtype, else the compute dtype, else the inputs' own
@@ -401,11 +568,12 @@ def _merge_into(
         stats=stats,
         fan_in_fan_out=fan_in_fan_out,
         compute_dtype=DTYPES[dtype] if dtype else torch.float32,
+        params_for=params_for,
     )
     total = len(ref.names())
     try:
         for done, (key, merged) in enumerate(merged_tensors, 1):
-            if torch.is_floating_point(merged) and not torch.isfinite(merged).all():
+            if torch.is_floating_point(merged) and not all_finite(merged):
                 raise NonFiniteWeightsError(
                     f"merged tensor {key} holds NaN/Inf; nothing was written. Check the inputs (NaN weights) and "
                     "the parameters (weights summing to 0 with normalize, extreme scale)."
@@ -417,14 +585,21 @@ def _merge_into(
     except BaseException:
         writer.abort()
         raise
-    write_model_files(ref.folder, out, stored, recipe, copy_tokenizer)
+    write_model_files(ref.folder, out, stored, recipe, copy_tokenizer, config_overrides)
 
 
 def write_model_files(
-    ref: Path, out: Path, dtype: str | None, recipe: dict[str, Any] | None, copy_tokenizer: bool
+    ref: Path,
+    out: Path,
+    dtype: str | None,
+    recipe: dict[str, Any] | None,
+    copy_tokenizer: bool,
+    config_overrides: dict[str, Any] | None = None,
 ) -> None:
-    """config.json (dtype updated), generation config, the tokenizer (from the base) and a model card."""
+    """config.json (dtype and ``config_overrides`` applied), generation config, the tokenizer (from the base)
+    and a model card."""
     cfg = _read_json_file(ref / "config.json", "model config") if (ref / "config.json").is_file() else {}
+    cfg.update(config_overrides or {})
     if dtype:
         cfg["torch_dtype"] = dtype
         cfg["dtype"] = dtype
@@ -435,9 +610,47 @@ def write_model_files(
             shutil.copyfile(ref / name, out / name)
     if recipe is not None:
         (out / "moerge_merge.json").write_text(json.dumps(recipe, indent=2, default=str))
-        import yaml
+        (out / "README.md").write_text(model_card(recipe))
 
-        (out / "README.md").write_text(
-            "---\ntags: [moerge, merge]\n---\n# Merged model\n\nProduced by `moerge merge` with this recipe:\n\n"
-            "```yaml\n" + yaml.safe_dump(recipe, sort_keys=False) + "```\n"
-        )
+
+def model_card(recipe: dict[str, Any]) -> str:
+    """The merged folder's README: Hugging Face front matter (``base_model`` lists the inputs, as mergekit's
+    card does) and the method, its paper, the inputs and the recipe that reproduces the merge."""
+    import yaml
+
+    from moerge.merging.config import METHOD_ALIASES
+    from moerge.merging.registry import get_method
+
+    method = str(recipe.get("merge_method", ""))
+    models = [str(m.get("model")) for m in recipe.get("models") or [] if isinstance(m, dict)]
+    models += [str(src.get("model")) for sl in recipe.get("slices") or [] for src in sl.get("sources") or []]
+    base = recipe.get("base_model")
+    inputs = list(dict.fromkeys(([str(base)] if base else []) + models))
+    try:
+        paper = get_method(METHOD_ALIASES.get(method, (method, {}))[0]).paper
+    except Exception:  # a plugin method no longer importable: the card still records the recipe
+        paper = ""
+    front = {"base_model": inputs, "library_name": "transformers", "tags": ["moerge", "merge"]}
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).rstrip(),
+        "---",
+        "# Merged model",
+        "",
+        f"A merge made with moerge (`moerge merge`) by **{method}**" + (f" ({paper})." if paper else "."),
+        "",
+        *(["Base model: `" + str(base) + "`", ""] if base else []),
+        "Models merged:",
+        "",
+        *[f"- `{m}`" for m in dict.fromkeys(models)],
+        "",
+        "## Configuration",
+        "",
+        "This YAML reproduces the merge (`moerge merge config.yaml OUT`):",
+        "",
+        "```yaml",
+        yaml.safe_dump(recipe, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -25,6 +25,7 @@ METHOD_ALIASES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 # mergekit parameter spellings
 PARAM_ALIASES = {"lambda": "scale"}
+METHOD_PARAM_ALIASES = {"multislerp": {"normalize_weights": "normalize"}}
 IGNORED_PARAMS = {"int8_mask"}  # mergekit memory options with no effect on the result
 
 # Where each parameter means something: (low, high, low inclusive, high inclusive). Outside, a merge would be
@@ -70,10 +71,12 @@ def _values(v: Any) -> list[Any]:
     """The scalar values inside a parameter: itself, or those of a gradient / conditional `Setting`."""
     gradient = getattr(v, "gradient", None)
     conditions = getattr(v, "conditions", None)
+    fallback = getattr(v, "fallback", None)
+    extra = _values(fallback) if fallback is not None else []
     if gradient is not None:
-        return [x for g in gradient for x in _values(g)]
+        return [x for g in gradient for x in _values(g)] + extra
     if conditions is not None:
-        return [x for _, c in conditions for x in _values(c)]
+        return [x for _, c in conditions for x in _values(c)] + extra
     return [v]
 
 
@@ -90,6 +93,8 @@ def _check_filters(
                     "the part of a tensor name it should match (e.g. mlp, self_attn)."
                 )
             walk(inner, label)
+        if getattr(v, "fallback", None) is not None:
+            walk(v.fallback, label)
 
     for k, v in global_params.items():
         walk(v, k)
@@ -156,6 +161,44 @@ class ModelEntry(BaseModel):
         return {} if v is None else v
 
 
+class SliceSource(BaseModel):
+    """One input of an output slice: layers ``layer_range`` = [start, end) of ``model`` (mergekit's syntax)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=4096)
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_params(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+    @model_validator(mode="after")
+    def _range(self) -> SliceSource:
+        lo, hi = self.layer_range
+        if lo < 0 or hi <= lo:
+            raise ValueError(
+                f"layer_range {list(self.layer_range)}: expected [start, end) with 0 ≤ start < end"
+            )
+        return self
+
+
+class OutputSlice(BaseModel):
+    """A run of output layers: the sources' layers merged position by position (one source: copied)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sources: list[SliceSource] = Field(min_length=1)
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _none_params(cls, v: Any) -> Any:
+        return {} if v is None else v
+
+
 class MergeConfig(BaseModel):
     """A merge: method, inputs, parameters and output options."""
 
@@ -164,6 +207,7 @@ class MergeConfig(BaseModel):
     merge_method: str = Field(min_length=1, max_length=200)
     base_model: str | None = Field(default=None, min_length=1, max_length=4096)
     models: list[ModelEntry] = Field(default_factory=list)
+    slices: list[OutputSlice] | None = None  # mergekit's layer slices (frankenmerges); instead of models
     parameters: dict[str, Any] = Field(default_factory=dict)
     # as in mergekit: `dtype` is the dtype the merge computes in, `out_dtype` the one it stores (default: dtype)
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
@@ -210,6 +254,14 @@ class MergeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> MergeConfig:
+        if self.slices is not None:
+            if self.models:
+                raise ValueError("give either models or slices, not both (as in mergekit)")
+            if self.library is not None or self.lora_mode is not None:
+                raise ValueError("slices: layer slices are for full checkpoints, not LoRA experts")
+            if not self.slices:
+                raise ValueError("slices: at least one slice is needed")
+            return self
         if not self.models:
             raise ValueError("models: at least one model (or expert) to merge is needed")
         if self.library is not None and self.lora_mode is None:
@@ -228,7 +280,9 @@ class MergeConfig(BaseModel):
     def resolved_method(self) -> tuple[str, dict[str, Any]]:
         """The registry method name and the global parameters after mergekit aliases."""
         name, preset = METHOD_ALIASES.get(self.merge_method, (self.merge_method, {}))
-        return name, {**preset, **normalize_params(self.parameters)}
+        aliases = METHOD_PARAM_ALIASES.get(name, {})
+        params = {aliases.get(k, k): v for k, v in normalize_params(self.parameters).items()}
+        return name, {**preset, **params}
 
 
 def normalize_params(params: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import torch
 
 from moerge.errors import MalformedConfigError
 from moerge.merging.ops import (
+    LOW_PRECISION,
     bernoulli_drop,
     della_drop,
     disjoint_sum,
@@ -37,6 +38,10 @@ def _rescale_l1(original: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -
 
 
 def _weighted_sum(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Σ wᵢxᵢ: one ``tensordot`` in float32; in bfloat16/float16 mergekit's order (each wᵢxᵢ rounded, then
+    summed), so a merge computed in a low-precision ``dtype`` gives mergekit's tensors."""
+    if x.dtype in LOW_PRECISION:
+        return (x * expand(weight, x)).sum(dim=0)
     return torch.tensordot(weight.to(x.dtype), x, dims=([0], [0]))
 
 
@@ -54,7 +59,13 @@ def _linear_coefficients(weight: torch.Tensor, normalize: bool = True) -> torch.
     coefficients=_linear_coefficients,
 )
 def linear(x: torch.Tensor, weight: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
-    """Weighted average Σ wᵢθᵢ / Σ wᵢ (a uniform soup with equal weights); a weighted sum without ``normalize``."""
+    """Weighted average Σ wᵢθᵢ / Σ wᵢ (a uniform soup with equal weights); a weighted sum without ``normalize``.
+    Inputs in bfloat16/float16 are summed in float32 and the result rounded once, as mergekit's ``linear``."""
+    if x.dtype in LOW_PRECISION:  # mergekit's order: float32 accumulator, addcmul per model, divide, round
+        acc = torch.zeros(x.shape[1:], dtype=torch.float32)
+        for xi, wi in zip(x, weight.float()):
+            acc.addcmul_(xi, wi)
+        return (acc.div_(weight.float().sum()) if normalize else acc).to(x.dtype)
     out = _weighted_sum(x, weight)
     if normalize:
         s = weight.sum()
@@ -75,6 +86,8 @@ def task_arithmetic(
     x: torch.Tensor, weight: torch.Tensor, *, scale: float = 1.0, normalize: bool = False
 ) -> torch.Tensor:
     """θ₀ + λ Σ wᵢτᵢ (λ is ``scale``, mergekit's ``lambda``); divided by Σ wᵢ with ``normalize``."""
+    if x.dtype in LOW_PRECISION:
+        return disjoint_sum(x * expand(weight, x), weight, None, normalize) * scale
     out = _weighted_sum(x, weight)
     if normalize:
         s = float(weight.sum())
@@ -97,8 +110,8 @@ def _sparsified_task_arithmetic(
 ) -> torch.Tensor:
     if rescale == "l1":
         kept = _rescale_l1(original, kept)
-    w = expand(weight, kept)
-    weighted = kept.mul_(w) if kept is not original else kept * w
+    # in place: ``kept`` is either new or the task vectors themselves, which a delta method owns
+    weighted = kept.mul_(expand(weight, kept))
     return scale * disjoint_sum(weighted, weight, sign, normalize)
 
 
@@ -112,10 +125,35 @@ def ties(
     normalize: bool = True,
     scale: float = 1.0,
     rescale: Rescale = "none",
+    variant: Literal["mergekit", "peft"] = "mergekit",
+    trim: Literal["tensor", "model"] = "tensor",
+    threshold: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Trim each τᵢ to its top-``density`` magnitudes, elect a sign per entry from Σ wᵢτ̂ᵢ (``mass``) or the sign
-    count, and average the agreeing entries: Σ wᵢτ̂ᵢ·maskᵢ / Σ wᵢ·maskᵢ (mergekit's weighted TIES)."""
-    kept = trim_to_density(x, density)
+    """Trim each τᵢ to its top-``density`` magnitudes (per tensor, as mergekit), elect a sign per entry from
+    Σ wᵢτ̂ᵢ (``mass``) or the sign count, and average the agreeing entries: Σ wᵢτ̂ᵢ·maskᵢ / Σ wᵢ·maskᵢ
+    (mergekit's weighted TIES, ``generalized_task_arithmetic.py``).
+
+    ``variant: peft`` is PEFT's ``add_weighted_adapter(combination_type="ties")`` (``peft/utils/merge_utils.py``
+    ``ties``/``disjoint_merge``): the sign is elected on the unweighted τ̂ᵢ and Σ wᵢτ̂ᵢ·maskᵢ is divided by the
+    count of agreeing entries (``normalize`` is not used).
+
+    ``trim: model`` trims over the whole model, as the paper (Yadav et al. 2023, §3; the official
+    ``ties_minimal.ipynb`` ``topk_values_mask`` over the flattened task vector) and FusionBench do: each τᵢ keeps
+    the entries whose magnitude is at least the model-wide threshold ``threshold[i]`` that keeps a ``density``
+    fraction of all its entries (the engine computes it in a pre-pass; ties at the threshold are all kept, as
+    there)."""
+    if trim == "model":
+        assert threshold is not None
+        kept = torch.where(x.abs() >= expand(threshold, x), x, 0.0)
+    else:
+        kept = trim_to_density(x, density, inplace=rescale != "l1" and variant != "peft")
+    if variant == "peft":
+        if rescale == "l1":
+            kept = _rescale_l1(x, kept)
+        score = kept.sum(dim=0) if sign == "mass" else kept.sign().sum(dim=0)
+        agree = kept.sign() == torch.where(score >= 0, 1.0, -1.0).to(kept.dtype)
+        mixed = (kept * expand(weight, kept) * agree).sum(dim=0)
+        return scale * mixed / agree.sum(dim=0).clamp(min=1)
     return _sparsified_task_arithmetic(
         kept, x, weight, sign=sign, normalize=normalize, scale=scale, rescale=rescale
     )
@@ -159,13 +197,15 @@ def dare_ties(
     )
 
 
-@merge_method("breadcrumbs", paper="Davari & Belilovsky 2024, arXiv:2312.06795", per_model=("density",))
+@merge_method(
+    "breadcrumbs", paper="Davari & Belilovsky 2024, arXiv:2312.06795", per_model=("density", "gamma")
+)
 def breadcrumbs(
     x: torch.Tensor,
     weight: torch.Tensor,
     *,
     density: PerModel = 1.0,
-    gamma: float = 0.01,
+    gamma: PerModel = 0.01,
     sign: Literal["mass", "count"] | None = None,
     normalize: bool = False,
     scale: float = 1.0,
@@ -179,13 +219,13 @@ def breadcrumbs(
     )
 
 
-@merge_method("della", paper="Deep et al. 2024, arXiv:2406.11617", per_model=("density",))
+@merge_method("della", paper="Deep et al. 2024, arXiv:2406.11617", per_model=("density", "epsilon"))
 def della(
     x: torch.Tensor,
     weight: torch.Tensor,
     *,
     density: PerModel = 1.0,
-    epsilon: float = 0.15,
+    epsilon: PerModel = 0.15,
     sign: Literal["mass", "count"] | None = "mass",
     rescale: Rescale = "inverse",
     normalize: bool = True,
@@ -195,9 +235,10 @@ def della(
     """DELLA: MagPrune drops entries with a probability that falls with their magnitude rank (keep
     probability density ± ``epsilon``), rescales kept entries by 1/p, then elects signs and merges (TIES-style;
     ``sign: null`` gives mergekit's ``della_linear``)."""
-    if not all(float(d) - epsilon > 0 and float(d) + epsilon <= 1 or float(d) >= 1 for d in density.tolist()):
+    eps = epsilon.tolist()
+    if not all(d - e > 0 and d + e <= 1 or d >= 1 for d, e in zip(density.tolist(), eps)):
         raise MalformedConfigError(
-            f"della: density ± epsilon must lie in (0, 1]; got density {density.tolist()}, epsilon {epsilon}."
+            f"della: density ± epsilon must lie in (0, 1]; got density {density.tolist()}, epsilon {eps}."
         )
     kept = della_drop(x, density, epsilon, generator, rescale=rescale == "inverse")
     return _sparsified_task_arithmetic(
@@ -221,6 +262,8 @@ def slerp(
         return x[0].clone()
     else:
         raise MalformedConfigError("slerp takes a base and one model, or two models")
+    if v0.dtype in LOW_PRECISION:  # mergekit's slerp works in float32 and rounds the result once
+        return slerp_pair(t, v0.float(), v1.float()).to(v0.dtype)
     return slerp_pair(t, v0, v1)
 
 
@@ -311,3 +354,178 @@ def regmean(
     sol = torch.linalg.solve(g.sum(0), rhs)
     out = sol if layout == "fan_in_fan_out" else sol.T
     return out.to(x.dtype).contiguous()
+
+
+@merge_method(
+    "passthrough", paper="mergekit passthrough.py", space="weights", max_models=1, per_model=("scale",)
+)
+def passthrough(x: torch.Tensor, weight: torch.Tensor, *, scale: PerModel = 1.0) -> torch.Tensor:
+    """The one input, times its ``scale``: the method of ``slices:`` frankenmerges (layer stacking)."""
+    return x[0] * scale[0] if float(scale[0]) != 1.0 else x[0].clone()
+
+
+# ----------------------------------------------------------------------------------- mergekit's newer methods
+# Each follows mergekit 0.1.5's source (mergekit/merge_methods/<file>.py, named per method) operation by
+# operation, so the same YAML gives the same tensors; tests/compat compares them with mergekit itself.
+
+
+@merge_method(
+    "nearswap",
+    paper="alchemonaut, NearSwap (huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001); mergekit nearswap.py",
+    space="weights",
+    base="required",
+    min_models=1,
+    max_models=1,
+)
+def nearswap(
+    x: torch.Tensor, weight: torch.Tensor, *, t: float = 1e-4, base: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Take the model's value where it lies within ``t`` of the base, move toward it by t/|Δ| elsewhere:
+    w = clamp(t / |θ₁ − θ₀|, 0, 1), θ = w·θ₁ + (1 − w)·θ₀ (mergekit requires ``t``; 1e-4 here, the reference
+    model's value)."""
+    assert base is not None
+    b = x[0]
+    w = (t / (base - b).abs().clamp(min=1e-6)).clamp(min=0, max=1)
+    return w * b + (1 - w) * base
+
+
+@merge_method("sce", paper="Wan et al. 2024, arXiv:2408.07990 (FuseChat: SCE); mergekit sce.py")
+def sce(x: torch.Tensor, weight: torch.Tensor, *, select_topk: float = 1.0) -> torch.Tensor:
+    """Select, Calculate, Erase: keep the ``select_topk`` fraction of entries whose task vectors vary most across
+    models (variance over models), weight each model by its mean squared task vector (normalised to sum 1),
+    erase entries against the elected sign (TIES' ``mass`` election), and take the weighted mean of the rest.
+    Per-model ``weight`` is not used (as in mergekit)."""
+    n = x.shape[0]
+    if select_topk < 1:
+        if select_topk <= 0:
+            x = x * 0
+        else:
+            var = torch.var(x, dim=0, unbiased=False)
+            k = int(torch.count_nonzero(var) * select_topk)
+            mask = torch.zeros(var.numel(), dtype=x.dtype)
+            if k > 0:
+                mask[torch.topk(var.abs().reshape(-1), k=k, largest=True).indices] = 1
+            x = x * mask.reshape(var.shape).unsqueeze(0)
+    majority = (x.sum(dim=0) >= 0).to(x.dtype) * 2 - 1
+    erase = (x.sign() == majority).to(x.dtype)
+    w = x.square().reshape(n, -1).mean(dim=1)
+    total = float(w.sum())
+    w = torch.ones_like(w) / n if abs(total) < 1e-6 else w / total
+    erased = expand(w, x) * erase
+    return (x * erased).sum(dim=0) / erased.sum(dim=0).clamp(min=1e-6)
+
+
+@merge_method(
+    "karcher",
+    paper="Karcher mean on the unit sphere; mergekit karcher.py (arXiv:2603.04972)",
+    space="weights",
+)
+def karcher(x: torch.Tensor, weight: torch.Tensor, *, max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
+    """The Karcher (Riemannian) mean of the models' directions on the unit sphere, by ``max_iter`` steps of
+    gradient descent (stop when the tangent norm is below ``tol``), scaled by the mean of the norms. Uniform over
+    the models: per-model ``weight`` is not used (as in mergekit)."""
+    n = x.shape[0]
+    if n == 1:
+        return x[0].clone()
+    flat = x.reshape(n, -1)
+    alphas = [1.0 / n] * n
+    norms = [torch.linalg.vector_norm(v) for v in flat]
+    units = [torch.zeros_like(v) if float(nm) == 0.0 else v / nm for v, nm in zip(flat, norms)]
+    valid = [i for i in range(n) if float(norms[i]) > tol]
+    if not valid:
+        return torch.zeros_like(x[0])
+    a_sum = sum(alphas[i] for i in valid)
+    a_valid = [alphas[i] / a_sum for i in valid]
+    u_valid = [units[i] for i in valid]
+    mean = torch.zeros_like(u_valid[0])
+    for a, u in zip(a_valid, u_valid):
+        mean += a * u
+    mean_norm = torch.linalg.vector_norm(mean)
+    mean = u_valid[0].clone() if float(mean_norm) < tol else mean / mean_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for a, u in zip(a_valid, u_valid):
+            dot = torch.clamp(torch.dot(mean, u), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if float(theta) < tol:
+                continue
+            tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent)
+        if float(tangent_norm) < tol:
+            break
+        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        unit_norm = torch.linalg.vector_norm(mean)
+        if float(unit_norm) > tol:
+            mean = mean / unit_norm
+    scale = sum(a * nm for a, nm in zip(alphas, norms))
+    return (scale * mean).reshape(x.shape[1:])
+
+
+def _nuslerp(t: float, v0: torch.Tensor, v1: torch.Tensor, dim: int, flatten: bool, eps: float = 1e-8):
+    """mergekit's ``nuslerp``: SLERP along ``dim`` (rows or columns) or of the flattened tensors."""
+    shape = v0.shape
+    if flatten:
+        v0, v1 = v0.reshape(-1), v1.reshape(-1)
+    elif dim != -1:
+        v0, v1 = v0.transpose(dim, -1), v1.transpose(dim, -1)
+    u0 = v0 / torch.norm(v0, dim=-1, keepdim=True).clamp(min=1e-7)
+    u1 = v1 / torch.norm(v1, dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = torch.sum(u0 * u1, dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps**2
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    out = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    out = torch.where(colinear, (1 - t) * v0 + t * v1, out)
+    if dim != -1 and not flatten:
+        out = out.transpose(dim, -1)
+    return out.reshape(shape)
+
+
+@merge_method(
+    "nuslerp",
+    paper="Shoemake 1985; mergekit nuslerp.py",
+    space="weights",
+    base="optional",
+    min_models=2,
+    max_models=2,
+)
+def nuslerp(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    nuslerp_row_wise: bool = False,
+    nuslerp_flatten: bool = True,
+    base: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SLERP of two models at t = w₁/(w₀ + w₁) (0.5 when the weights sum to 0), of the flattened tensors or,
+    with ``nuslerp_flatten: false``, row by row (columns with ``nuslerp_row_wise``); around ``base`` (on task
+    vectors) when one is given."""
+    total = float(weight.sum())
+    t = 0.5 if abs(total) < 1e-6 else float(weight[1]) / total
+    dim = 0 if nuslerp_row_wise else -1
+    if base is not None:
+        return base + _nuslerp(t, x[0] - base, x[1] - base, dim, nuslerp_flatten)
+    return _nuslerp(t, x[0], x[1], dim, nuslerp_flatten)
+
+
+@merge_method(
+    "arcee_fusion",
+    paper="Arcee Fusion (arcee.ai); mergekit arcee_fusion.py",
+    space="weights",
+    base="required",
+    min_models=1,
+    max_models=1,
+)
+def arcee_fusion(x: torch.Tensor, weight: torch.Tensor, *, base: torch.Tensor | None = None) -> torch.Tensor:
+    """Take the model's entries whose importance |θ₁ − θ₀|·KL(softmax θ₁ ‖ softmax θ₀) (KL per row, over the
+    last axis) is at least median + 1.5·IQR of all importances; keep the base elsewhere. Quantiles are exact
+    (mergekit samples 1M entries with replacement from larger tensors, so there the two differ at random)."""
+    assert base is not None
+    b = x[0]
+    p = torch.softmax(b, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    importance = (b - base).abs() * torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    ranked = torch.sort(importance.reshape(-1)).values
+    idx = (torch.tensor([0.25, 0.5, 0.75]) * (ranked.numel() - 1)).long()
+    q1, median, q3 = ranked[idx]
+    mask = (importance >= median + 1.5 * (q3 - q1)).to(b.dtype)
+    return base + (b - base) * mask

@@ -105,12 +105,23 @@ def _param_model(spec: MethodSpec, names: tuple[str, ...], label: str) -> type[B
 class Setting:
     """A parameter that varies by tensor, as in mergekit: a *gradient* (a list of values interpolated over the
     layer position t ∈ [0, 1]) or *conditionals* (``[{filter: substring, value: …}, …]``, first match wins; a
-    filter-less entry matches everything)."""
+    filter-less entry matches everything).
+
+    ``fallback`` is what a tensor that no filter matches gets: a per-model setting falls through to the global
+    value of the same parameter, as in mergekit (``ConfigReader.parameter_sources`` yields the model's, then the
+    global settings, and ``parameter_resolver.resolve_parameter`` takes the first that is not None)."""
 
     def __init__(
-        self, gradient: list[Any] | None = None, conditions: list[tuple[str | None, Any]] | None = None
+        self,
+        gradient: list[Any] | None = None,
+        conditions: list[tuple[str | None, Any]] | None = None,
+        fallback: Any = None,
     ):
-        self.gradient, self.conditions = gradient, conditions
+        self.gradient, self.conditions, self.fallback = gradient, conditions, fallback
+
+    def with_fallback(self, fallback: Any) -> Setting:
+        """This setting, falling through to ``fallback`` (a value or a `Setting`) where no filter matches."""
+        return Setting(self.gradient, self.conditions, fallback)
 
     @classmethod
     def parse(cls, value: Any, check: Callable[[Any], Any], label: str, where: str) -> Setting:
@@ -137,6 +148,12 @@ class Setting:
         return cls(conditions=conds)
 
     def at(self, name: str, t: float) -> Any:
+        got = self._own(name, t)
+        if got is None and self.fallback is not None:
+            return self.fallback.at(name, t) if isinstance(self.fallback, Setting) else self.fallback
+        return got
+
+    def _own(self, name: str, t: float) -> Any:
         if self.gradient is not None:
             vals = self.gradient
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
@@ -180,13 +197,16 @@ def resolve_params(
     per_model: list[dict[str, Any]],
     name: str,
     num_layers: int | None,
+    t: float | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Scalar parameters for tensor ``name``: `Setting` values are evaluated (no matching filter → the default)."""
+    """Scalar parameters for tensor ``name``: `Setting` values are evaluated (no matching filter → the default).
+    ``t`` overrides the layer position (in a slice, mergekit's t runs over the slice's layers)."""
     if not any(isinstance(v, Setting) for v in global_params.values()) and not any(
         isinstance(v, Setting) for pm in per_model for v in pm.values()
     ):
         return global_params, per_model
-    t = layer_position(name, num_layers)
+    if t is None:
+        t = layer_position(name, num_layers)
 
     def one(k: str, v: Any) -> Any:
         if not isinstance(v, Setting):
@@ -243,14 +263,19 @@ def validate_params(
             return Setting.parse(value, lambda v: check(name, v, label), label, where)
         return check(name, value, label)
 
-    defaults = {k: v for k, v in global_params.items() if k in spec.per_model}
+    defaults = {n: setting(n, v, n) for n, v in global_params.items() if n in spec.per_model}
     g = {n: setting(n, global_params.get(n, spec.params[n][1]), n) for n in spec.global_params}
+
+    def one_model(n: str, pm: dict[str, Any], label: str) -> Any:
+        if n not in pm:
+            return defaults.get(n, spec.params[n][1])
+        value = setting(n, pm[n], label)
+        if isinstance(value, Setting) and n in defaults:  # unmatched filters fall through to the global value
+            return value.with_fallback(defaults[n])
+        return value
+
     models = [
-        {
-            n: setting(n, {**defaults, **pm}.get(n, spec.params[n][1]), f"models[{i}].{n}")
-            for n in spec.per_model
-        }
-        for i, pm in enumerate(per_model)
+        {n: one_model(n, pm, f"models[{i}].{n}") for n in spec.per_model} for i, pm in enumerate(per_model)
     ]
     n = len(per_model)
     if n < spec.min_models or (spec.max_models is not None and n > spec.max_models):
@@ -282,12 +307,16 @@ def merge_tensor(
     stats: torch.Tensor | None = None,
     layout: str = "linear",
     inplace: bool = False,
+    threshold: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one stacked tensor ``x`` ``[N, *shape]`` (float32) with already validated parameters.
     ``inplace=True`` lets the engine reuse ``x`` as scratch (task vectors are formed in place)."""
     kwargs: dict[str, Any] = dict(global_params)
     for p in spec.per_model:
-        kwargs[p] = torch.tensor([pm[p] for pm in per_model], dtype=x.dtype, device=x.device)
+        # float32 even when the merge computes in bfloat16: methods round them where mergekit does
+        kwargs[p] = torch.tensor(
+            [pm[p] for pm in per_model], dtype=torch.promote_types(x.dtype, torch.float32), device=x.device
+        )
     weight = kwargs.pop("weight")
     if "generator" in spec.uses:
         kwargs["generator"] = torch.Generator(device=x.device).manual_seed(tensor_seed(seed, name))
@@ -295,9 +324,16 @@ def merge_tensor(
         kwargs["stats"] = stats
     if "layout" in spec.uses:
         kwargs["layout"] = layout
-    if spec.space == "delta":
+    if "threshold" in spec.uses:
+        if global_params.get("trim") == "model" and threshold is None:
+            raise MalformedConfigError(
+                f"merge method {spec.name!r}: trim: model needs the whole model's task vectors, so it works on "
+                "full-checkpoint merges only; use trim: tensor here."
+            )
+        kwargs["threshold"] = threshold
+    if spec.space == "delta":  # the method owns the task vectors it is given (and may overwrite them)
         if base is None:  # LoRA ΔW: the inputs already are task vectors
-            return spec.fn(x, weight, **kwargs)
+            return spec.fn(x if inplace else x.clone(), weight, **kwargs)
         return base + spec.fn(x.sub_(base) if inplace else x - base, weight, **kwargs)
     if "base" in spec.uses:
         kwargs["base"] = base

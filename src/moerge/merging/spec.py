@@ -10,10 +10,14 @@ validate them the same way. A few keyword names are *reserved* and filled by the
 - ``base``: the base tensor (methods in ``space="weights"`` that use a base model);
 - ``stats``: per-model data statistics stacked like ``x`` (Fisher diagonals, Gram matrices);
 - ``generator``: a seeded ``torch.Generator`` (random methods such as DARE; seeded per tensor name);
-- ``layout``: ``"linear"`` or ``"fan_in_fan_out"`` for 2-D weights (RegMean needs to know the input axis).
+- ``layout``: ``"linear"`` or ``"fan_in_fan_out"`` for 2-D weights (RegMean needs to know the input axis);
+- ``threshold``: per-model magnitude thresholds ``[N]`` computed over the whole model before merging (TIES with
+  ``trim: model``; `moerge.merging.checkpoint.model_thresholds`), or None.
 
 ``space="delta"`` methods see task vectors ``x - base`` (the engine adds the base back); for LoRA experts they
-see the per-module ΔW directly. ``space="weights"`` methods see the weights themselves.
+see the per-module ΔW directly. A delta method owns the tensor it is given and may overwrite it (TIES trims in
+place, so the stacked task vectors exist once). ``space="weights"`` methods see the weights themselves and must
+not modify them.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ if TYPE_CHECKING:
 else:
     PerModel = float
 
-RESERVED = ("base", "stats", "generator", "layout")
+RESERVED = ("base", "stats", "generator", "layout", "threshold")
 
 
 @dataclass(frozen=True)
