@@ -45,8 +45,10 @@ class CallOwner:
         return f"CallOwner({self.name!r})"
 
 
-_EMPTY: Mapping[CallOwner, CallState] = MappingProxyType({})
-_ACTIVE: ContextVar[Mapping[CallOwner, CallState]] = ContextVar("moerge_active_calls", default=_EMPTY)
+_EMPTY: Mapping[CallOwner, CallState | BatchCall] = MappingProxyType({})
+_ACTIVE: ContextVar[Mapping[CallOwner, CallState | BatchCall]] = ContextVar(
+    "moerge_active_calls", default=_EMPTY
+)
 _RECOMPUTING: ContextVar[bool] = ContextVar("moerge_recomputing", default=False)
 
 
@@ -159,14 +161,96 @@ def explicit_selection(weights: torch.Tensor, num_experts: int, batch_size: int)
     return Selection(w.gather(1, idx), idx, "example")
 
 
+class BatchCall:
+    """Several calls' examples in one forward pass, row ``i`` of the batch belonging to ``calls[i]`` (each a call
+    of batch size 1): a server's decode step, where requests routed by different recipes share one forward.
+
+    Expert layers ask `parts` for the groups of rows that share an aggregation, each with one per-token
+    `Selection` over the group's tokens. Each call keeps its own plan (an example-level router's decision made
+    on the prompt holds for the tokens after it, as in ``generate``) and its own recordings. Rows of calls whose
+    router is `Router.tokenwise` and that share that router are routed with one ``select``."""
+
+    def __init__(self, calls: list[CallState | None]):
+        self.calls = list(calls)  # None: a row without experts (the base model)
+        self.num_experts = next((c.num_experts for c in calls if c is not None), 0)
+
+    def parts(self, module: str, x: torch.Tensor) -> list[tuple[torch.Tensor, Selection, Aggregation]]:
+        """``[(rows, selection, aggregation)]`` for an expert layer's input ``x [B, T, d]`` (or ``[B, d]``):
+        ``selection`` is per token over ``x[rows]``'s tokens in order; rows without experts are left out.
+        ``"parameter"`` aggregation is served as ``"output"`` (the same map for a linear module)."""
+        T = x.shape[1] if x.ndim >= 3 else 1
+        E = self.num_experts
+        pieces: dict[Aggregation, list[tuple[list[int], torch.Tensor, torch.Tensor]]] = {}
+        shared: dict[int, list[int]] = {}  # rows of calls routed together, by router
+        for i, call in enumerate(self.calls):
+            if call is None:
+                continue
+            if call._explicit is None and call.router.tokenwise:
+                shared.setdefault(id(call.router), []).append(i)
+                continue
+            sel = call.select(module, x[i : i + 1])
+            if sel is not None:
+                self._add(pieces, module, [i], call, sel, T, E)
+        for rows in shared.values():
+            first = self.calls[rows[0]]
+            assert first is not None
+            xg = x.index_select(0, torch.tensor(rows, device=x.device))
+            sel = first.router.select(module, xg, first)
+            if sel is not None:
+                self._add(pieces, module, rows, first, sel.to(x.device), T, E)
+        out: list[tuple[torch.Tensor, Selection, Aggregation]] = []
+        for agg, group in pieces.items():
+            k = max(w.shape[1] for _, w, _ in group)
+            rows = [r for rs, _, _ in group for r in rs]
+            weights = torch.cat([_pad_k(w, k, 0.0) for _, w, _ in group])
+            indices = torch.cat([_pad_k(idx, k, 0) for _, _, idx in group])
+            out.append((torch.tensor(rows, device=x.device), Selection(weights, indices, "token"), agg))
+        return out
+
+    def _add(
+        self,
+        pieces: dict[Aggregation, list],
+        module: str,
+        rows: list[int],
+        call: CallState,
+        sel: Selection,
+        T: int,
+        E: int,
+    ) -> None:
+        n = len(rows)
+        if sel.per == "example":
+            sel = Selection(sel.weights.repeat_interleave(T, 0), None if sel.indices is None else
+                            sel.indices.repeat_interleave(T, 0), "token")  # fmt: skip
+        if sel.rows != n * T:
+            raise ShapeMismatchError(f"{sel.rows} routing rows for {n} examples of {T} tokens")
+        idx = sel.indices
+        if idx is None:
+            idx = torch.arange(E, device=sel.weights.device).expand(sel.rows, -1)
+        if not _RECOMPUTING.get():
+            recording = [(j, c) for j, r in enumerate(rows) if (c := self.calls[r]) is not None and c.inputs.record]
+            if recording:
+                dense = Selection(sel.weights, idx, "token").dense(E).detach().float().view(n, T, E)
+                for j, c in recording:
+                    c.recorded.setdefault(module, []).append(dense[j : j + 1])
+        agg: Aggregation = "factor" if call.aggregation == "factor" else "output"
+        pieces.setdefault(agg, []).append((rows, sel.weights, idx))
+
+
+def _pad_k(t: torch.Tensor, k: int, value: float) -> torch.Tensor:
+    """``[M, k']`` padded on the right to ``[M, k]`` with ``value`` (zero weights add nothing)."""
+    if t.shape[1] == k:
+        return t
+    return torch.nn.functional.pad(t, (0, k - t.shape[1]), value=value)
+
+
 # ---------------------------------------------------------------------- binding calls to the current context
-def active_call(owner: CallOwner) -> CallState | None:
+def active_call(owner: CallOwner) -> CallState | BatchCall | None:
     """The call of ``owner``'s routed model in flight in this context (thread / task), if any."""
     return _ACTIVE.get().get(owner)
 
 
 @contextlib.contextmanager
-def activate(owner: CallOwner, call: CallState) -> Iterator[CallState]:
+def activate(owner: CallOwner, call: CallState | BatchCall) -> Iterator[CallState | BatchCall]:
     """Bind ``call`` to ``owner`` in the current context for the duration of the block."""
     current = _ACTIVE.get()
     if owner in current:
@@ -189,7 +273,7 @@ def checkpoint_context_fn() -> tuple[contextlib.AbstractContextManager, contextl
 
 
 @contextlib.contextmanager
-def _rebind(calls: Mapping[CallOwner, CallState]) -> Iterator[None]:
+def _rebind(calls: Mapping[CallOwner, CallState | BatchCall]) -> Iterator[None]:
     token, again = _ACTIVE.set(calls), _RECOMPUTING.set(True)
     try:
         yield
