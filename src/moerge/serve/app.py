@@ -17,7 +17,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
+from fastapi import FastAPI
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from moerge.errors import MoergeError
 from moerge.serve.catalog import ModelNotFoundError
@@ -88,12 +92,8 @@ class HTTPError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
-def create_app(engine: Engine) -> Any:
+def create_app(engine: Engine) -> FastAPI:
     """The FastAPI app over ``engine`` (started and stopped with the app's lifespan)."""
-    from fastapi import FastAPI
-    from fastapi import Request as HTTPRequest
-    from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-    from starlette.concurrency import run_in_threadpool
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
