@@ -227,7 +227,9 @@ class BatchCall:
         if idx is None:
             idx = torch.arange(E, device=sel.weights.device).expand(sel.rows, -1)
         if not _RECOMPUTING.get():
-            recording = [(j, c) for j, r in enumerate(rows) if (c := self.calls[r]) is not None and c.inputs.record]
+            recording = [
+                (j, c) for j, r in enumerate(rows) if (c := self.calls[r]) is not None and c.inputs.record
+            ]
             if recording:
                 dense = Selection(sel.weights, idx, "token").dense(E).detach().float().view(n, T, E)
                 for j, c in recording:

