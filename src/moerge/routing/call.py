@@ -115,7 +115,14 @@ class CallState:
     # ------------------------------------------------------------------ what expert layers use
     def select(self, module: str, x: torch.Tensor) -> Selection | None:
         """The selection for one expert layer's input ``x``, on ``x``'s device (rows expanded to the batch
-        where generation repeats examples)."""
+        where generation repeats examples), recorded when the call records."""
+        sel = self.selection(module, x)
+        if sel is not None and self.inputs.record and not _RECOMPUTING.get():
+            self._record(module, x, sel)
+        return sel
+
+    def selection(self, module: str, x: torch.Tensor) -> Selection | None:
+        """`select` without recording (a `BatchCall` records its rows itself)."""
         sel = self._explicit if self._explicit is not None else self.router.select(module, x, self)
         if sel is None:
             return None
@@ -126,8 +133,6 @@ class CallState:
                 if actual % sel.rows:
                     raise ShapeMismatchError(f"{sel.rows} routing rows for a batch of {actual}")
                 sel = sel.repeat_rows(actual // sel.rows)
-        if self.inputs.record and not _RECOMPUTING.get():
-            self._record(module, x, sel)
         return sel
 
     def _record(self, module: str, x: torch.Tensor, sel: Selection) -> None:
@@ -182,22 +187,36 @@ class BatchCall:
         E = self.num_experts
         pieces: dict[Aggregation, list[tuple[list[int], torch.Tensor, torch.Tensor]]] = {}
         shared: dict[int, list[int]] = {}  # rows of calls routed together, by router
+        per_example: dict[Aggregation, list[tuple[int, Selection]]] = {}  # one-row example-level selections
         for i, call in enumerate(self.calls):
             if call is None:
                 continue
             if call._explicit is None and call.router.tokenwise:
                 shared.setdefault(id(call.router), []).append(i)
                 continue
-            sel = call.select(module, x[i : i + 1])
-            if sel is not None:
-                self._add(pieces, module, [i], call, sel, T, E)
+            sel = call.selection(module, x[i : i + 1])
+            if sel is None:
+                continue
+            agg: Aggregation = "factor" if call.aggregation == "factor" else "output"
+            if sel.per == "example" and sel.rows == 1:
+                per_example.setdefault(agg, []).append((i, sel))
+            else:
+                self._add(pieces, module, [i], agg, sel, T, E)
+        for agg, items in per_example.items():  # one Selection for all of them: no per-row work below
+            k = max(s.weights.shape[1] for _, s in items)
+            weights = torch.cat([_pad_k(s.weights, k, 0.0) for _, s in items])
+            indices = torch.cat([_pad_k(_indices(s, E), k, 0) for _, s in items])
+            self._add(
+                pieces, module, [i for i, _ in items], agg, Selection(weights, indices, "example"), T, E
+            )
         for rows in shared.values():
             first = self.calls[rows[0]]
             assert first is not None
             xg = x.index_select(0, torch.tensor(rows, device=x.device))
             sel = first.router.select(module, xg, first)
             if sel is not None:
-                self._add(pieces, module, rows, first, sel.to(x.device), T, E)
+                agg = "factor" if first.aggregation == "factor" else "output"
+                self._add(pieces, module, rows, agg, sel.to(x.device), T, E)
         out: list[tuple[torch.Tensor, Selection, Aggregation]] = []
         for agg, group in pieces.items():
             k = max(w.shape[1] for _, w, _ in group)
@@ -212,7 +231,7 @@ class BatchCall:
         pieces: dict[Aggregation, list],
         module: str,
         rows: list[int],
-        call: CallState,
+        agg: Aggregation,
         sel: Selection,
         T: int,
         E: int,
@@ -223,9 +242,7 @@ class BatchCall:
                             sel.indices.repeat_interleave(T, 0), "token")  # fmt: skip
         if sel.rows != n * T:
             raise ShapeMismatchError(f"{sel.rows} routing rows for {n} examples of {T} tokens")
-        idx = sel.indices
-        if idx is None:
-            idx = torch.arange(E, device=sel.weights.device).expand(sel.rows, -1)
+        idx = _indices(sel, E)
         if not _RECOMPUTING.get():
             recording = [
                 (j, c) for j, r in enumerate(rows) if (c := self.calls[r]) is not None and c.inputs.record
@@ -234,8 +251,14 @@ class BatchCall:
                 dense = Selection(sel.weights, idx, "token").dense(E).detach().float().view(n, T, E)
                 for j, c in recording:
                     c.recorded.setdefault(module, []).append(dense[j : j + 1])
-        agg: Aggregation = "factor" if call.aggregation == "factor" else "output"
         pieces.setdefault(agg, []).append((rows, sel.weights, idx))
+
+
+def _indices(sel: Selection, E: int) -> torch.Tensor:
+    """``sel``'s expert indices ``[M, k]`` (every expert, in order, for a dense selection)."""
+    if sel.indices is not None:
+        return sel.indices
+    return torch.arange(E, device=sel.weights.device).expand(sel.rows, -1)
 
 
 def _pad_k(t: torch.Tensor, k: int, value: float) -> torch.Tensor:

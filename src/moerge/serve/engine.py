@@ -1,12 +1,16 @@
 """Continuous batching at decode-step granularity: the requests in flight share one forward per step,
 whatever their recipe, experts or length; requests join (after a prefill of their own) and leave between steps.
 
-KV cache: each request keeps its own keys/values (``[1, heads, capacity, head_dim]`` per layer, written in
-place); a decode step stacks them, left-padded to the longest, into one ``DynamicCache`` with an attention
-mask over the padding and each request's own position ids, and writes the new position back. Routing: a
-request's `CallState` lives as long as the request (its prefill is a call of its own, so an example-level
-router decides on the prompt exactly as in ``generate``); a decode step binds a `BatchCall` of the requests'
-calls, so each row is routed by its own recipe in the one forward. Greedy output equals ``moerge generate``'s.
+Prefill: the requests admitted together are prefilled in one forward, right-padded to the longest prompt
+(causal attention: a prompt's tokens never see the padding after them, and each request's call is given its
+own padded ids and mask, so an example-level router pools over the prompt alone, as in ``generate``).
+KV cache: the batch keeps one ``DynamicCache`` (per layer ``[B, heads, L, head_dim]``, left-padded, with an
+``[B, L]`` attention mask over the padding and each row's own position ids) across steps; a decode step appends
+one column, a request joining (after its prefill) or leaving changes the rows, and the leading columns no row
+uses any more are dropped. Routing: a request's `CallState` lives as long as the request; a forward over several
+requests binds a `BatchCall` of their calls, so each row is routed by its own recipe in the one forward.
+Greedy output equals ``moerge generate``'s; sampling is `moerge.model.generation.sample_next` (the function
+``generate`` samples with), so a seeded request draws the tokens ``moerge generate`` draws with that seed.
 
 One engine thread runs the model; the HTTP layer submits `Request`s and reads their events from an asyncio
 queue (``("delta", text)``, ``("done", finish_reason)``, ``("error", status, message)``).
@@ -17,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import inspect
-import random
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 
 from moerge.errors import MoergeError
-from moerge.model.generation import cut_at_stop, encode_prompt
+from moerge.model.generation import cut_at_stop, encode_prompt, new_generator, sample_next
 from moerge.routing.call import BatchCall, CallState, activate
 from moerge.routing.inputs import RoutingInputs
 from moerge.serve.catalog import Catalog, Route
@@ -67,9 +70,6 @@ class Request:
     cancelled: bool = False
     # filled by the engine
     call: CallState | None = None
-    keys: list[torch.Tensor] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)
-    length: int = 0  # cached positions
     generated: list[int] = field(default_factory=list)
     emitted: int = 0  # characters of text sent
     text: str = ""
@@ -114,10 +114,15 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.batched = True  # False: one request at a time (the benchmark's baseline)
+        # the decode batch (engine thread only): rows in `_active`'s order
+        self._cache: Any = None  # a transformers DynamicCache [B, heads, L, head_dim] per layer, left-padded
+        self._mask: torch.Tensor | None = None  # [B, L]: 1 where a row has a cached position
+        self._pos: torch.Tensor | None = None  # [B]: each row's next position (= its cached positions)
         # transformers 5.x names the cache argument `cache` (`past_key_values` before)
         params = inspect.signature(self.model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        pad = self.tokenizer.pad_token_id
+        self._pad_id = int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
         limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         self.max_positions: int | None = int(limit) if limit else None
 
@@ -185,26 +190,24 @@ class Engine:
                     self._waiting.clear()
                     self._active.clear()
                     return
-                slots = self.config.max_batch_size if self.batched else 1
                 admitted = []
-                while self._waiting and len(self._active) + len(admitted) < slots:
+                while self._waiting and len(self._active) + len(admitted) < self.config.max_batch_size:
                     admitted.append(self._waiting.popleft())
                 self.metrics.queue_depth = len(self._waiting)
             try:
-                for r in admitted:
-                    if self._alive(r):
-                        self._prefill(r)
-                self._active.extend(r for r in admitted if r.finish_reason is None and not r.cancelled)
-                self._active = [r for r in self._active if self._alive(r)]
+                admitted = [r for r in admitted if self._alive(r)]
+                if admitted:
+                    self._prefill(admitted)
+                self._leave()
                 if self._active:
-                    self._step(self._active)
-                    self._active = [r for r in self._active if r.finish_reason is None]
+                    self._step()
+                    self._leave()
             except Exception as err:  # no request may take the server down: fail the batch, go on
                 for r in [*admitted, *self._active]:
                     if r.finish_reason is None:
                         r.finish_reason = "error"
                         r.send("error", 500, f"internal error while generating: {type(err).__name__}: {err}")
-                self._active = []
+                self._active, self._cache, self._mask, self._pos = [], None, None, None
             self.metrics.active = len(self._active)
 
     def _alive(self, r: Request) -> bool:
@@ -220,7 +223,7 @@ class Engine:
         return True
 
     # ------------------------------------------------------------------ model
-    def _new_call(self, r: Request) -> CallState | None:
+    def _new_call(self, r: Request, ids: torch.Tensor, mask: torch.Tensor) -> CallState | None:
         router = r.route.router
         if router is None:
             return None
@@ -230,71 +233,116 @@ class Engine:
             num_experts=self.catalog.num_experts,
             aggregation=r.route.aggregation,
             batch_size=1,
-            input_ids=r.prompt_ids,
-            attention_mask=torch.ones_like(r.prompt_ids),
+            input_ids=ids,
+            attention_mask=mask,
             tokenizer=self.tokenizer,
         )
 
     @torch.no_grad()
-    def _prefill(self, r: Request) -> None:
-        ids = r.prompt_ids.to(self.device)
-        r.call = self._new_call(r)
-        seed = r.sampling.seed if r.sampling.seed is not None else random.getrandbits(63)
-        r.generator = torch.Generator().manual_seed(seed)
-        ctx = activate(self.catalog.owner, r.call) if r.call is not None else _null()
+    def _prefill(self, batch: list[Request]) -> None:
+        """One forward over the prompts of ``batch`` (right-padded); the first token of each; the requests
+        that go on join the decode batch."""
+        lengths = [r.prompt_tokens for r in batch]
+        T = max(lengths)
+        ids = torch.full((len(batch), T), self._pad_id, dtype=torch.long)
+        mask = torch.zeros(len(batch), T, dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, : lengths[i]] = r.prompt_ids[0]
+            mask[i, : lengths[i]] = 1
+            r.call = self._new_call(r, ids[i : i + 1], mask[i : i + 1])
+            r.generator = new_generator(r.sampling.seed, self.device)
+        calls = [r.call for r in batch]
+        if len(batch) == 1:  # alone: the call itself, exactly as generate runs it
+            ctx = activate(self.catalog.owner, calls[0]) if calls[0] is not None else _null()
+        else:
+            ctx = activate(self.catalog.owner, BatchCall(calls)) if any(calls) else _null()
+        ids, mask = ids.to(self.device), mask.to(self.device)
         with ctx:
-            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True)
-        capacity = r.prompt_tokens + r.sampling.max_tokens
-        for k, v in _kv_layers(_cache_of(out)):
-            keys = k.new_zeros(1, k.shape[1], capacity, k.shape[3])
-            values = v.new_zeros(1, v.shape[1], capacity, v.shape[3])
-            keys[:, :, : k.shape[2]] = k
-            values[:, :, : v.shape[2]] = v
-            r.keys.append(keys)
-            r.values.append(values)
-        r.length = r.prompt_tokens
-        self.metrics.prompt_tokens += r.prompt_tokens
-        self._emit(r, out.logits[0, -1])
+            out = self.model(input_ids=ids, attention_mask=mask, use_cache=True)
+        if len(batch) > 1:  # the recordings of the padding go
+            for r, n in zip(batch, lengths):
+                for chunks in r.call.recorded.values() if r.call is not None else ():
+                    chunks[-1] = chunks[-1][:, :n]
+        self.metrics.prompt_tokens += sum(lengths)
+        for i, r in enumerate(batch):
+            self._emit(r, out.logits[i, lengths[i] - 1])
+        joining = [i for i, r in enumerate(batch) if r.finish_reason is None]
+        if joining:
+            kv = _kv_layers(_cache_of(out))
+            self._join([batch[i] for i in joining], kv, [lengths[i] for i in joining], joining)
 
-    @torch.no_grad()
-    def _step(self, batch: list[Request]) -> None:
+    def _join(self, rows: list[Request], kv: list[tuple[torch.Tensor, torch.Tensor]], lengths: list[int],
+              index: list[int]) -> None:  # fmt: skip
+        """Add prefilled ``rows`` (their keys/values: rows ``index`` of ``kv``, right-padded) to the batch."""
         from transformers import DynamicCache
 
-        B = len(batch)
-        L = max(r.length for r in batch)
+        old = _kv_layers(self._cache) if self._cache is not None else None
+        L_old = self._mask.shape[1] if self._mask is not None else 0
+        L = max(L_old, *lengths)
+        n = len(rows)
         layers = []
-        for layer in range(len(batch[0].keys)):
-            k0 = batch[0].keys[layer]
-            K = k0.new_zeros(B, k0.shape[1], L, k0.shape[3])
-            V = K.clone()
-            for i, r in enumerate(batch):
-                K[i, :, L - r.length :] = r.keys[layer][0, :, : r.length]
-                V[i, :, L - r.length :] = r.values[layer][0, :, : r.length]
+        for layer, (k, v) in enumerate(kv):
+            K = k.new_zeros(n, k.shape[1], L, k.shape[3])
+            V = v.new_zeros(n, v.shape[1], L, v.shape[3])
+            for j, (i, p) in enumerate(zip(index, lengths)):
+                K[j, :, L - p :] = k[i, :, :p]
+                V[j, :, L - p :] = v[i, :, :p]
+            if old is not None:
+                k0, v0 = old[layer]
+                K = torch.cat([_pad_left(k0, L - L_old, 2), K])
+                V = torch.cat([_pad_left(v0, L - L_old, 2), V])
             layers.append((K, V))
-        mask = torch.ones(B, L + 1, dtype=torch.long, device=self.device)
-        for i, r in enumerate(batch):
-            mask[i, : L - r.length] = 0
+        mask = torch.zeros(n, L, dtype=torch.long, device=self.device)
+        for j, p in enumerate(lengths):
+            mask[j, L - p :] = 1
+        pos = torch.tensor(lengths, device=self.device)
+        if self._mask is not None and self._pos is not None:
+            mask = torch.cat([_pad_left(self._mask, L - L_old, 1), mask])
+            pos = torch.cat([self._pos, pos])
+        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._mask, self._pos = mask, pos
+        self._active.extend(rows)
+
+    def _leave(self) -> None:
+        """Drop finished, cancelled and timed-out rows from the batch (and the columns no row uses any more)."""
+        keep = [i for i, r in enumerate(self._active) if r.finish_reason is None and self._alive(r)]
+        if len(keep) == len(self._active):
+            return
+        if not keep:
+            self._active, self._cache, self._mask, self._pos = [], None, None, None
+            return
+        from transformers import DynamicCache
+
+        assert self._mask is not None and self._pos is not None
+        idx = torch.tensor(keep, device=self.device)
+        pos = self._pos.index_select(0, idx)
+        start = self._mask.shape[1] - int(pos.max())  # columns before it are padding in every row left
+        layers = [(k.index_select(0, idx)[:, :, start:], v.index_select(0, idx)[:, :, start:])
+                  for k, v in _kv_layers(self._cache)]  # fmt: skip
+        self._cache = DynamicCache(ddp_cache_data=layers)
+        self._mask = self._mask.index_select(0, idx)[:, start:]
+        self._pos = pos
+        self._active = [self._active[i] for i in keep]
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        """One decode step: one forward over every row of the batch, one token each."""
+        batch = self._active
+        assert self._mask is not None and self._pos is not None
+        B = len(batch)
+        mask = torch.cat([self._mask, self._mask.new_ones(B, 1)], dim=1)
         ids = torch.tensor([[r.generated[-1]] for r in batch], device=self.device)
-        positions = torch.tensor([[r.length] for r in batch], device=self.device)
-        cache = DynamicCache(ddp_cache_data=layers)
         calls = [r.call for r in batch]
         ctx = activate(self.catalog.owner, BatchCall(calls)) if any(calls) else _null()
         with ctx:
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-            )
-        for layer, (k, v) in enumerate(_kv_layers(_cache_of(out))):
-            for i, r in enumerate(batch):
-                r.keys[layer][0, :, r.length] = k[i, :, -1]
-                r.values[layer][0, :, r.length] = v[i, :, -1]
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=self._pos[:, None],
+                             use_cache=True, **{self._cache_arg: self._cache})  # fmt: skip
+        self._cache = _cache_of(out)
+        self._mask, self._pos = mask, self._pos + 1
         self.metrics.batch_sizes.append(B)
+        logits = out.logits[:, -1]
         for i, r in enumerate(batch):
-            r.length += 1
-            self._emit(r, out.logits[i, -1])
+            self._emit(r, logits[i])
 
     def _emit(self, r: Request, logits: torch.Tensor) -> None:
         """Pick the next token from ``logits``, send the text it makes safe to send, and finish if done."""
@@ -327,15 +375,16 @@ class Engine:
         s = r.sampling
         if s.temperature == 0:
             return int(logits.argmax())
-        # transformers' own warpers, in generate's order (temperature, then top-p), then one draw
-        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+        return int(sample_next(logits[None], s.temperature, s.top_p, 0, r.generator)[0])
 
-        scores = logits.float()[None]
-        scores = TemperatureLogitsWarper(s.temperature)(None, scores)
-        if s.top_p < 1.0:
-            scores = TopPLogitsWarper(s.top_p)(None, scores)
-        probs = torch.softmax(scores, -1)
-        return int(torch.multinomial(probs, 1, generator=r.generator)[0, 0])
+
+def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """``t`` with ``n`` zeros before its first entry along ``dim``."""
+    if n == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def _cache_of(out: Any) -> Any:
