@@ -178,6 +178,24 @@ class BatchCall:
     def __init__(self, calls: list[CallState | None]):
         self.calls = list(calls)  # None: a row without experts (the base model)
         self.num_experts = next((c.num_experts for c in calls if c is not None), 0)
+        # the same for every module of the forward: which rows are routed together, which one by one
+        self._shared: dict[int, list[int]] = {}  # rows of calls routed together, by router
+        self._alone: list[tuple[int, CallState]] = []
+        for i, call in enumerate(self.calls):
+            if call is None:
+                continue
+            if call._explicit is None and call.router.tokenwise:
+                self._shared.setdefault(id(call.router), []).append(i)
+            else:
+                self._alone.append((i, call))
+        self._rows: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+    def _row_tensor(self, rows: list[int], device: torch.device) -> torch.Tensor:
+        key = (tuple(rows), device)
+        t = self._rows.get(key)
+        if t is None:
+            t = self._rows[key] = torch.tensor(rows, device=device)
+        return t
 
     def parts(self, module: str, x: torch.Tensor) -> list[tuple[torch.Tensor, Selection, Aggregation]]:
         """``[(rows, selection, aggregation)]`` for an expert layer's input ``x [B, T, d]`` (or ``[B, d]``):
@@ -186,14 +204,8 @@ class BatchCall:
         T = x.shape[1] if x.ndim >= 3 else 1
         E = self.num_experts
         pieces: dict[Aggregation, list[tuple[list[int], torch.Tensor, torch.Tensor]]] = {}
-        shared: dict[int, list[int]] = {}  # rows of calls routed together, by router
         per_example: dict[Aggregation, list[tuple[int, Selection]]] = {}  # one-row example-level selections
-        for i, call in enumerate(self.calls):
-            if call is None:
-                continue
-            if call._explicit is None and call.router.tokenwise:
-                shared.setdefault(id(call.router), []).append(i)
-                continue
+        for i, call in self._alone:
             sel = call.selection(module, x[i : i + 1])
             if sel is None:
                 continue
@@ -209,10 +221,10 @@ class BatchCall:
             self._add(
                 pieces, module, [i for i, _ in items], agg, Selection(weights, indices, "example"), T, E
             )
-        for rows in shared.values():
+        for rows in self._shared.values():
             first = self.calls[rows[0]]
             assert first is not None
-            xg = x.index_select(0, torch.tensor(rows, device=x.device))
+            xg = x if len(rows) == len(self.calls) else x.index_select(0, self._row_tensor(rows, x.device))
             sel = first.router.select(module, xg, first)
             if sel is not None:
                 agg = "factor" if first.aggregation == "factor" else "output"
@@ -223,7 +235,7 @@ class BatchCall:
             rows = [r for rs, _, _ in group for r in rs]
             weights = torch.cat([_pad_k(w, k, 0.0) for _, w, _ in group])
             indices = torch.cat([_pad_k(idx, k, 0) for _, _, idx in group])
-            out.append((torch.tensor(rows, device=x.device), Selection(weights, indices, "token"), agg))
+            out.append((self._row_tensor(rows, x.device), Selection(weights, indices, "token"), agg))
         return out
 
     def _add(

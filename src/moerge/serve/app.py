@@ -179,7 +179,8 @@ def create_app(engine: Engine) -> FastAPI:
             prompt = [m.plain() for m in body.messages] if chat else body.text()
             route, ids, sampling = await run_in_threadpool(prepare, body, prompt)
             r = Request(route, ids, sampling, asyncio.get_running_loop(), asyncio.Queue(),
-                        record=body.return_routing, deadline=started + config.request_timeout_s)  # fmt: skip
+                        record=body.return_routing, stream=body.stream,
+                        deadline=started + config.request_timeout_s)  # fmt: skip
             try:
                 engine.submit(r)
             except ServerBusyError as err:

@@ -66,6 +66,9 @@ class Request:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     record: bool = False
+    stream: bool = (
+        True  # False: the text is sent once, when the request finishes (fewer wake-ups of the loop)
+    )
     deadline: float = float("inf")
     cancelled: bool = False
     # filled by the engine
@@ -84,12 +87,28 @@ class Request:
     def send(self, *event: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
+    def _mean_routing(self) -> torch.Tensor | None:
+        """``[T, E]``: each position's expert weights averaged over the routed modules (None: no experts)."""
+        recorded = self.call.routing() if self.call is not None else {}
+        return torch.stack([w[0] for w in recorded.values()]).mean(0) if recorded else None
+
+    def _served(self) -> list[int]:
+        """The generated tokens an expert served (the eos that ends a completion is not one)."""
+        return self.generated[: len(self.generated) - (self.finish_reason == "eos")]
+
+    def expert_token_counts(self) -> torch.Tensor | None:
+        """``[E]``: per expert, the generated tokens whose mean weight on it is > 0 (as `routing` lists them)."""
+        mean = self._mean_routing()
+        if mean is None:
+            return None
+        start = self.prompt_tokens - 1  # the forward at this position produced the first generated token
+        return (mean[start : start + len(self._served())] > 0).sum(0)
+
     def routing(self, expert_names: list[str], top: int = 4) -> list[dict[str, Any]]:
         """Per generated token: the experts with the largest mean weight over the routed modules."""
-        recorded = self.call.routing() if self.call is not None else {}
-        mean = torch.stack([w[0] for w in recorded.values()]).mean(0) if recorded else None  # [T, E]
+        mean = self._mean_routing()  # [T, E]
         out = []
-        for j, token in enumerate(self.generated[: len(self.generated) - (self.finish_reason == "eos")]):
+        for j, token in enumerate(self._served()):
             experts: dict[str, float] = {}
             pos = self.prompt_tokens - 1 + j  # the forward at this position produced token j
             if mean is not None and pos < mean.shape[0]:
@@ -364,7 +383,7 @@ class Engine:
         safe = len(r.text) - hold
         while safe > r.emitted and r.text[safe - 1] == "\ufffd" and not r.finish_reason:
             safe -= 1  # an incomplete multi-byte character: wait for the rest
-        if safe > r.emitted:
+        if safe > r.emitted and (r.stream or r.finish_reason):
             r.send("delta", r.text[r.emitted : safe])
             r.emitted = safe
         if r.finish_reason:

@@ -38,11 +38,11 @@ class Metrics:
                         self.latency_counts[i] += 1
 
     def observe_routing(self, request: Any) -> None:
-        counts: Counter[str] = Counter()
-        for token in request.routing(self.expert_names, top=len(self.expert_names)):
-            counts.update(token["experts"].keys())
+        counts = request.expert_token_counts()
+        if counts is None:
+            return
         with self._lock:
-            self.expert_tokens.update(counts)
+            self.expert_tokens.update({n: int(c) for n, c in zip(self.expert_names, counts.tolist()) if c})
 
     def render(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
