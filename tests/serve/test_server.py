@@ -1,12 +1,18 @@
 """`moerge serve` end to end: a real uvicorn server on 127.0.0.1 driven by the official `openai` client, over a
 tiny Llama and a two-expert library built here. Greedy completions are checked against `moerge generate` (the
 CLI, run in-process) for the same prompt and recipe; bad inputs get their status; 32 concurrent clients against
-a queue of 8 get only 200s and 429s, and the server answers /health after."""
+a queue of 8 get only 200s and 429s, and the server answers /health after. Seeded sampling draws what `moerge
+generate` draws with the same seed; a request past its timeout gets a 504; a client gone mid-stream frees its
+slot; SIGTERM lets in-flight requests finish and the process exit 0."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -251,3 +257,159 @@ def test_metrics_in_prometheus_format(server, client):
     assert "# TYPE moerge_request_latency_seconds histogram" in text
     line = next(x for x in text.splitlines() if x.startswith('moerge_expert_tokens_total{expert="expert0"}'))
     assert int(line.split()[-1]) >= 1
+
+
+SAMPLING = {"temperature": 1.3, "top_p": 0.9, "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def sampled(files):
+    """`moerge generate --json` with sampling (temperature 1.3, top-p 0.9, seed 3, 10 tokens) per model."""
+    import contextlib
+    import io
+
+    from moerge.cli import app
+    from moerge.cli.common import run_app
+
+    out = {}
+    rows = files / "prompts-sampled.jsonl"
+    rows.write_text(json.dumps(PROMPTS[0]) + "\n")
+    for model, args in GENERATE_ARGS.items():
+        with contextlib.redirect_stdout(io.StringIO()) as buf:
+            code = run_app(app, ["generate", str(files / "base"), str(files / "lib"), *args, "--prompts",
+                                 str(rows), "-n", "10", "--json", "--temperature", "1.3", "--top-p", "0.9",
+                                 "--seed", "3"])  # fmt: skip
+        assert code == 0
+        out[model] = next(json.loads(x) for x in buf.getvalue().splitlines() if x.startswith("{"))[
+            "completion"
+        ]
+    return out
+
+
+@pytest.mark.parametrize("model", list(GENERATE_ARGS))
+def test_seeded_sampling_draws_what_moerge_generate_draws(client, sampled, generated, model):
+    done = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=10, **SAMPLING)
+    assert done.choices[0].text == sampled[model]
+    assert sampled[model] != generated[(model, False, PROMPTS[0])]  # sampled indeed, not greedy
+
+
+def test_a_request_past_its_timeout_gets_504(server, client):
+    url, engine = server
+    before = engine.config.request_timeout_s
+    engine.config.request_timeout_s = 1e-6  # the deadline has passed when the engine takes the request
+    try:
+        with pytest.raises(openai.InternalServerError) as err:
+            client.completions.create(model="base", prompt="abc=", max_tokens=5)
+        assert err.value.status_code == 504 and "timeout" in str(err.value)
+        body = {"model": "arrow", "prompt": "abc=", "max_tokens": 5, "stream": True}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=30)  # streamed: the error is the one event
+        events = [json.loads(x[5:]) for x in r.text.splitlines() if x.startswith("data:")]
+        assert len(events) == 1 and "timeout" in events[0]["error"]["message"]
+    finally:
+        engine.config.request_timeout_s = before
+    assert httpx.get(url + "/health").json() == {"status": "ok", "queue": 0, "in_flight": 0}
+
+
+def _wait(condition, what: str, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {seconds:g} s"
+        time.sleep(0.02)
+
+
+def test_a_client_gone_mid_stream_frees_its_slot(server, generated):
+    """The engine is held before each decode step (one step per permit), so the request is in flight when the
+    client closes its connection; the next token finds the client gone, the request is cancelled and leaves
+    the batch at the next step, long before its 32 tokens."""
+    url, engine = server
+    assert len(generated[("base", False, "abc=")]) >= 4  # greedy: the first tokens are no eos
+    permits, opened = threading.Semaphore(0), threading.Event()
+    submitted = []
+    step, submit = engine._step, engine.submit
+
+    def gated_step():
+        if not opened.is_set():
+            permits.acquire(timeout=30)
+        step()
+
+    engine._step = gated_step
+    engine.submit = lambda r: (submitted.append(r), submit(r))[1]
+    cancelled_before = engine.metrics.cancelled
+    try:
+        host, port = url.removeprefix("http://").split(":")
+        body = json.dumps({"model": "base", "prompt": "abc=", "max_tokens": 32, "temperature": 0,
+                           "stream": True}).encode()  # fmt: skip
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode()  # fmt: skip
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(head + body)
+            received = b""
+            while b"data:" not in received:  # the first token (from the prefill)
+                chunk = sock.recv(4096)
+                assert chunk, "the server closed the stream"
+                received += chunk
+        permits.release()  # one decode step: its token goes to a closed connection
+        _wait(lambda: submitted and submitted[0].cancelled, "the server notices the client is gone")
+    finally:
+        opened.set()
+        permits.release()
+        del engine._step, engine.submit
+    _wait(lambda: httpx.get(url + "/health").json()["in_flight"] == 0, "the slot is freed")
+    request = submitted[0]
+    assert len(request.generated) <= 3 and request.finish_reason is None  # prefill + 2 steps, then dropped
+    assert engine.metrics.cancelled == cancelled_before + 1
+    assert httpx.get(url + "/health").json() == {"status": "ok", "queue": 0, "in_flight": 0}
+
+
+def test_sigterm_lets_in_flight_requests_finish_and_exits_0(files, generated):
+    """`moerge serve` in a process of its own: SIGTERM after the first streamed token of two requests; both
+    streams end cleanly (finished, equal to `moerge generate`'s completion, or a clean error event), new
+    connections are refused, and the process exits 0."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "moerge", "serve", str(files / "base"), str(files / "lib"), "--recipe", "arrow",
+           "--port", str(port), "--max-tokens-limit", "32"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    results: dict[str, list[str]] = {}
+    first = threading.Event()
+
+    def stream(model: str) -> None:
+        body = {"model": model, "prompt": "abc=", "max_tokens": 10, "temperature": 0, "stream": True}
+        events = results.setdefault(model, [])
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    events.append(line[5:].strip())
+                    first.set()
+
+    try:
+
+        def up() -> bool:
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "the server exited"
+            try:
+                return httpx.get(url + "/health", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait(up, "the server starts", 120)
+        threads = [threading.Thread(target=stream, args=(m,)) for m in ("base", "arrow")]
+        for t in threads:
+            t.start()
+        assert first.wait(60)
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(60)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert code == 0
+    for model, events in results.items():
+        if events[-1] == "[DONE]":
+            text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+            assert text == generated[("base" if model == "base" else "arrow", False, "abc=")]
+        else:
+            assert "error" in json.loads(events[-1]), events[-1]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(url + "/health", timeout=2)

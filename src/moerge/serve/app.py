@@ -308,7 +308,24 @@ def create_app(engine: Engine) -> FastAPI:
 
 
 def run(engine: Engine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning") -> None:
-    """Serve ``engine`` with uvicorn until SIGINT/SIGTERM (in-flight requests get 10 s to finish)."""
+    """Serve ``engine`` with uvicorn until SIGINT/SIGTERM. On SIGTERM uvicorn stops taking connections and gives
+    in-flight requests 10 s to finish; the engine then ends what is left with a 503; the process exits 0."""
+    import signal
+    import threading
+
     import uvicorn
 
-    uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(engine), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10
+        )
+    )
+    # uvicorn raises the SIGTERM it shut down on again once done (killing the process, status 143); the
+    # shutdown was graceful, so that second one is ignored and the command returns (status 0)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: None) if main else None
+    try:
+        server.run()
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
