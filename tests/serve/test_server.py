@@ -103,6 +103,7 @@ GENERATE_ARGS = {
     "base": ["--recipe", "base"],
     "expert1": ["--recipe", "single_expert", "-o", "expert=expert1"],
     "arrow": ["--recipe", "arrow"],
+    "arrow:granularity=example": ["--recipe", "arrow", "-o", "granularity=example"],  # decides on the prompt
 }
 
 
@@ -413,3 +414,45 @@ def test_sigterm_lets_in_flight_requests_finish_and_exits_0(files, generated):
             assert "error" in json.loads(events[-1]), events[-1]
     with pytest.raises(httpx.ConnectError):
         httpx.get(url + "/health", timeout=2)
+
+
+def test_requests_admitted_together_are_prefilled_together(server, generated):
+    """Engine level: requests queued before the engine starts are admitted together and prefilled in one
+    right-padded forward; each gets `moerge generate`'s completion, and the same routing as when served alone."""
+    import queue
+
+    from moerge.serve.config import ServeConfig
+    from moerge.serve.engine import Engine, Request, Sampling
+
+    catalog = server[1].catalog
+    jobs = [(m, p) for m in GENERATE_ARGS for p in PROMPTS]
+
+    class Direct:  # events straight into a thread-safe queue
+        def call_soon_threadsafe(self, f, *args):
+            f(*args)
+
+    def serve_all(batch: int) -> tuple[list[Request], list[int]]:
+        engine = Engine(catalog, ServeConfig(max_batch_size=batch, max_queue=len(jobs)))
+        prefills, prefill = [], engine._prefill
+        engine._prefill = lambda rs: (prefills.append(len(rs)), prefill(rs))[1]
+        requests = [Request(catalog.resolve(m), engine.encode(p, chat=False), Sampling(10), Direct(), queue.Queue(),
+                            record=True) for m, p in jobs]  # fmt: skip
+        for r in requests:
+            engine.submit(r)
+        engine.start()
+        try:
+            for r in requests:
+                while (event := r.events.get(timeout=60))[0] == "delta":
+                    pass
+                assert event[0] == "done", event
+        finally:
+            engine.stop()
+        return requests, prefills
+
+    together, prefills = serve_all(len(jobs))
+    assert prefills[0] == len(jobs)  # one forward for every prompt
+    assert [r.text for r in together] == [generated[(m, False, p)] for m, p in jobs]
+    alone, prefills = serve_all(1)
+    assert set(prefills) == {1}
+    names = catalog.expert_names
+    assert [r.routing(names) for r in together] == [r.routing(names) for r in alone]
