@@ -456,3 +456,15 @@ def test_requests_admitted_together_are_prefilled_together(server, generated):
     assert set(prefills) == {1}
     names = catalog.expert_names
     assert [r.routing(names) for r in together] == [r.routing(names) for r in alone]
+
+
+def test_prefill_groups_keep_within_the_padded_token_budget(server):
+    from moerge.serve.config import ServeConfig
+    from moerge.serve.engine import Engine, Request, Sampling
+
+    catalog = server[1].catalog
+    engine = Engine(catalog, ServeConfig(max_prefill_tokens=10))
+    requests = [Request(catalog.resolve("base"), torch.ones(1, n, dtype=torch.long), Sampling(1), None, None)
+                for n in (5, 2, 12, 3, 5)]  # fmt: skip
+    groups = [[r.prompt_tokens for r in g] for g in engine._prefill_groups(requests)]
+    assert groups == [[2, 3], [5, 5], [12]]  # 2×3 ≤ 10, 3×5 > 10, 2×5 ≤ 10; 12 alone

@@ -11,6 +11,11 @@ class ServeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_batch_size: int = Field(default=16, ge=1, description="requests decoded together in one forward")
+    max_prefill_tokens: int = Field(
+        default=4096,
+        ge=1,
+        description="requests admitted together are prefilled together while (requests × longest prompt) fits",
+    )
     max_queue: int = Field(default=64, ge=0, description="requests waiting for a slot; beyond it: 429")
     request_timeout_s: float = Field(default=120.0, gt=0, description="a request running longer fails (504)")
     max_prompt_tokens: int = Field(default=1024, ge=1, description="longer prompts are refused (400)")

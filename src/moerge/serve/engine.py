@@ -215,8 +215,8 @@ class Engine:
                 self.metrics.queue_depth = len(self._waiting)
             try:
                 admitted = [r for r in admitted if self._alive(r)]
-                if admitted:
-                    self._prefill(admitted)
+                for group in self._prefill_groups(admitted):
+                    self._prefill(group)
                 self._leave()
                 if self._active:
                     self._step()
@@ -240,6 +240,17 @@ class Engine:
             )
             return False
         return True
+
+    def _prefill_groups(self, admitted: list[Request]) -> list[list[Request]]:
+        """``admitted`` by prompt length (less padding), in groups of at most ``max_prefill_tokens`` padded
+        tokens (a prompt longer than that alone)."""
+        groups: list[list[Request]] = []
+        for r in sorted(admitted, key=lambda r: r.prompt_tokens):
+            if groups and (len(groups[-1]) + 1) * r.prompt_tokens <= self.config.max_prefill_tokens:
+                groups[-1].append(r)
+            else:
+                groups.append([r])
+        return groups
 
     # ------------------------------------------------------------------ model
     def _new_call(self, r: Request, ids: torch.Tensor, mask: torch.Tensor) -> CallState | None:
