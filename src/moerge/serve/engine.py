@@ -66,9 +66,8 @@ class Request:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     record: bool = False
-    stream: bool = (
-        True  # False: the text is sent once, when the request finishes (fewer wake-ups of the loop)
-    )
+    # False: the text is sent once, when the request finishes (no wake-up of the event loop per token)
+    stream: bool = True
     deadline: float = float("inf")
     cancelled: bool = False
     # filled by the engine
