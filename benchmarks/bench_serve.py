@@ -2,14 +2,16 @@
 (mixed models: arrow, phatgoose, base, one expert) to a real `moerge serve --demo` (the synthetic suite's base
 model and library, built if not cached) in a process of its own. Batched (`--max-batch-size 64`: continuous
 batching, one forward per decode step, prompts admitted together prefilled together) against the same server
-decoding one request at a time (`--max-batch-size 1`), with the same requests (request i: model i mod 4, prompt
-i mod 8, the same max_tokens, temperature 0); the completions of the two servers are checked equal. Throughput in
-generated tokens/s, latency p50/p99.
+decoding one request at a time (`--max-batch-size 1`). Both are up at once and each level runs on the two back to
+back, alternating which goes first, `--repeats` times (medians reported), so that the machine's changing load
+falls on both alike. The same requests (request i: model i mod 4, prompt i mod 8, the same max_tokens,
+temperature 0); the completions of the two servers are checked equal. Throughput in generated tokens/s, latency
+p50/p99 over every run.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_serve.py --requests 64 --max-tokens 32
 
-The clients run in this process (threads sharing one keep-alive connection pool), the server in a subprocess, so
-client work does not take the server's interpreter lock.
+The clients run in this process (threads sharing one keep-alive connection pool per server), the servers in
+processes of their own, so client work does not take a server's interpreter lock.
 """
 
 from __future__ import annotations
@@ -71,45 +73,59 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--clients", default="1,4,16,64")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each level and mode, alternated")
     args = ap.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
+    modes = {"one at a time": 1, "batched": 64}
     load_before = os.getloadavg()[0]
-    results: dict[tuple[str, int], tuple[float, list[float], list[str]]] = {}
-    models: list[str] = []
-    for mode, batch in (("one at a time", 1), ("batched", 64)):
-        proc, url = start_server(batch, args.max_tokens)
-        try:
-            with httpx.Client(base_url=url, timeout=600,
-                              limits=httpx.Limits(max_connections=max(levels))) as client:  # fmt: skip
-                names = [m["id"] for m in client.get("/v1/models").json()["data"]]
-                models = ["arrow", "phatgoose", "base", names[1]]  # names[1]: the first expert
-
-                one = functools.partial(request, client, models, args.max_tokens)
-                for i in range(len(models)):
-                    one(i)  # warm-up: builds each model's router
-                for n in levels:
+    rates: dict[tuple[str, int], list[float]] = {(m, n): [] for m in modes for n in levels}
+    latencies: dict[tuple[str, int], list[float]] = {(m, n): [] for m in modes for n in levels}
+    texts: dict[tuple[str, int], list[str]] = {}
+    servers = {mode: start_server(batch, args.max_tokens) for mode, batch in modes.items()}
+    try:
+        clients = {mode: httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=max(levels)))
+                   for mode, (_, url) in servers.items()}  # fmt: skip
+        names = [m["id"] for m in clients["batched"].get("/v1/models").json()["data"]]
+        models = ["arrow", "phatgoose", "base", names[1]]  # names[1]: the first expert
+        send = {mode: functools.partial(request, c, models, args.max_tokens) for mode, c in clients.items()}
+        for mode in modes:
+            for i in range(len(models)):
+                send[mode](i)  # warm-up: builds each model's router
+        # both servers are up (an idle one takes no CPU); each level runs the two modes back to back,
+        # alternating which goes first, so that a change in the machine's load falls on both alike
+        for n in levels:
+            for rep in range(args.repeats):
+                for mode in list(modes)[:: 1 if rep % 2 == 0 else -1]:
                     t = time.perf_counter()
                     with ThreadPoolExecutor(n) as pool:
-                        done = list(pool.map(one, range(args.requests)))
-                    wall = time.perf_counter() - t
-                    rate = sum(d[1] for d in done) / wall
-                    results[(mode, n)] = (rate, sorted(d[0] for d in done), [d[2] for d in done])
-        finally:
+                        done = list(pool.map(send[mode], range(args.requests)))
+                    rates[(mode, n)].append(sum(d[1] for d in done) / (time.perf_counter() - t))
+                    latencies[(mode, n)] += [d[0] for d in done]
+                    texts[(mode, n)] = [d[2] for d in done]
+        for c in clients.values():
+            c.close()
+    finally:
+        for proc, _ in servers.values():
             proc.send_signal(signal.SIGTERM)
+        for proc, _ in servers.values():
             proc.wait(30)
-    same = all(results[("batched", n)][2] == results[("one at a time", n)][2] for n in levels)
-    print(f"{args.requests} requests, max_tokens {args.max_tokens}, models {', '.join(models)}; "
-          f"1-minute load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after\n")  # fmt: skip
-    print("| clients | mode | tokens/s | p50 latency (s) | p99 latency (s) | speed-up |")
-    print("|---:|---|---:|---:|---:|---:|")
+    same = all(texts[("batched", n)] == texts[("one at a time", n)] for n in levels)
+    print(f"{args.requests} requests × {args.repeats} runs per level and mode, max_tokens {args.max_tokens}, "
+          f"models {', '.join(models)}; 1-minute load average {load_before:.2f} before, "
+          f"{os.getloadavg()[0]:.2f} after\n")  # fmt: skip
+    print(
+        "| clients | mode | tokens/s (median) | p50 latency (s) | p99 latency (s) | speed-up | speed-up per run |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---|")
     for n in levels:
-        base = results[("one at a time", n)][0]
-        for mode in ("one at a time", "batched"):
-            rate, lat, _ = results[(mode, n)]
+        base = statistics.median(rates[("one at a time", n)])
+        for mode in modes:
+            rate = statistics.median(rates[(mode, n)])
+            lat = sorted(latencies[(mode, n)])
             p99 = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
-            print(
-                f"| {n} | {mode} | {rate:.0f} | {statistics.median(lat):.3f} | {p99:.3f} | {rate / base:.2f}× |"
-            )
+            runs = ", ".join(f"{a / b:.2f}" for a, b in zip(rates[(mode, n)], rates[("one at a time", n)]))
+            print(f"| {n} | {mode} | {rate:.0f} | {statistics.median(lat):.3f} | {p99:.3f} | {rate / base:.2f}× "
+                  f"| {runs} |")  # fmt: skip
     print(f"\ncompletions of the batched server equal the one-at-a-time server's: {'yes' if same else 'NO'}")
 
 
