@@ -468,3 +468,45 @@ def test_prefill_groups_keep_within_the_padded_token_budget(server):
                 for n in (5, 2, 12, 3, 5)]  # fmt: skip
     groups = [[r.prompt_tokens for r in g] for g in engine._prefill_groups(requests)]
     assert groups == [[2, 3], [5, 5], [12]]  # 2×3 ≤ 10, 3×5 > 10, 2×5 ≤ 10; 12 alone
+
+
+def test_draining_ends_requests_still_running_with_a_503(server, generated):
+    """What SIGTERM does after its grace period: requests still in flight (held here before their first decode
+    step) get a 503 event, new ones are refused, and the engine stays up until stopped."""
+    import queue
+
+    from moerge.serve.config import ServeConfig
+    from moerge.serve.engine import Engine, Request, Sampling, ServerBusyError
+
+    assert len(generated[("base", False, "abc=")]) >= 3  # greedy: the first tokens are no eos
+    catalog = server[1].catalog
+    engine = Engine(catalog, ServeConfig())
+    permits = threading.Semaphore(0)
+    step = engine._step
+    engine._step = lambda: (permits.acquire(timeout=30), step())[1]
+
+    class Direct:
+        def call_soon_threadsafe(self, f, *args):
+            f(*args)
+
+    def request():
+        return Request(catalog.resolve("base"), engine.encode("abc=", chat=False), Sampling(32), Direct(),
+                       queue.Queue())  # fmt: skip
+
+    running = request()
+    engine.submit(running)
+    engine.start()
+    try:
+        assert running.events.get(timeout=30)[0] == "delta"  # prefilled; held before its first step
+        engine.drain(0)
+        with pytest.raises(ServerBusyError, match="shutting down"):
+            engine.submit(request())
+        permits.release()
+        events = []
+        while not events or events[-1][0] == "delta":
+            events.append(running.events.get(timeout=30))
+        assert events[-1][:2] == ("error", 503) and running.finish_reason is None
+        assert engine._thread is not None and engine._thread.is_alive()
+    finally:
+        permits.release()
+        engine.stop()

@@ -131,6 +131,8 @@ class Engine:
         self._active: list[Request] = []
         self._cond = threading.Condition()
         self._stopping = False
+        self._draining = False
+        self._drain_deadline = float("inf")
         self._thread: threading.Thread | None = None
         # the decode batch (engine thread only): rows in `_active`'s order
         self._cache: Any = None  # a transformers DynamicCache [B, heads, L, head_dim] per layer, left-padded
@@ -168,7 +170,7 @@ class Engine:
     def submit(self, request: Request) -> None:
         """Queue ``request``; raises `ServerBusyError` when the queue is full."""
         with self._cond:
-            if self._stopping:
+            if self._stopping or self._draining:
                 raise ServerBusyError("the server is shutting down; retry on another replica")
             if len(self._waiting) >= self.config.max_queue:
                 raise ServerBusyError(
@@ -189,6 +191,14 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="moerge-serve-engine", daemon=True)
         self._thread.start()
 
+    def drain(self, seconds: float) -> None:
+        """Shutting down: take no new request; those still in flight or waiting after ``seconds`` are ended
+        with a 503 (while their connections are still open) and the engine goes on idle until `stop`."""
+        with self._cond:
+            self._draining = True
+            self._drain_deadline = time.monotonic() + seconds
+            self._cond.notify()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop taking requests; those in flight or waiting are ended with an error event."""
         with self._cond:
@@ -202,12 +212,15 @@ class Engine:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._active:
                     self._cond.wait()
-                if self._stopping:
+                if self._stopping or time.monotonic() > self._drain_deadline:
                     for r in [*self._waiting, *self._active]:
                         r.send("error", 503, "the server shut down before this request finished")
                     self._waiting.clear()
-                    self._active.clear()
-                    return
+                    self._active, self._cache, self._mask, self._pos = [], None, None, None
+                    self.metrics.active = self.metrics.queue_depth = 0
+                    if self._stopping:
+                        return
+                    continue
                 admitted = []
                 while self._waiting and len(self._active) + len(admitted) < self.config.max_batch_size:
                     admitted.append(self._waiting.popleft())
