@@ -12,7 +12,8 @@ requests binds a `BatchCall` of their calls, so each row is routed by its own re
 Greedy output equals ``moerge generate``'s; sampling is `moerge.model.generation.sample_next` (the function
 ``generate`` samples with), so a seeded request draws the tokens ``moerge generate`` draws with that seed.
 
-One engine thread runs the model; the HTTP layer submits `Request`s and reads their events from an asyncio
+Shutdown: `drain` refuses new requests and, past its deadline, ends those still running with a 503; `stop`
+ends the thread. One engine thread runs the model; the HTTP layer submits `Request`s and reads their events from an asyncio
 queue (``("delta", text)``, ``("done", finish_reason)``, ``("error", status, message)``).
 """
 
