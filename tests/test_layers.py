@@ -22,6 +22,7 @@ LAYERS = [
     ["merging"],
     ["bench"],
     ["plugins"],
+    ["serve"],
     ["cli"],
     ["__main__"],
 ]

@@ -28,7 +28,7 @@ def _global_options(
 
 
 # Each module defines `register(app)`; add a module here to add a command group.
-COMMAND_MODULES = ["library", "hub", "train", "merge", "route", "bench"]
+COMMAND_MODULES = ["library", "hub", "train", "merge", "route", "bench", "serve"]
 
 for _name in COMMAND_MODULES:
     try:

@@ -31,7 +31,7 @@ from torch import nn
 
 from moerge.errors import RecipeNotApplicableError, RoutingError, ShapeMismatchError
 from moerge.experts.expert import LoraModule
-from moerge.routing.call import Aggregation, CallOwner, active_call
+from moerge.routing.call import Aggregation, BatchCall, CallOwner, active_call
 from moerge.routing.selection import Selection
 
 # Per-token sparse selections use sparse kernels when E > GATHER_RATIO · k; below that one matmul over all
@@ -258,6 +258,11 @@ class ExpertLayer(nn.Module):
         call = active_call(self.owner)
         if call is None:
             return out
+        if isinstance(call, BatchCall):  # several calls' rows in one forward (a server's decode step)
+            for rows, part, agg in call.parts(self.module_name, x):
+                delta = expert_delta(x.index_select(0, rows), self.A, self.Bt, part, agg)
+                out = out.index_add(0, rows, _as(delta, out.dtype))
+            return out
         sel = call.select(self.module_name, x)
         if sel is None:
             return out
@@ -294,6 +299,11 @@ class EmbeddingExpertLayer(ExpertLayer):
         out = self.base(x, *args, **kwargs)
         call = active_call(self.owner)
         if call is None:
+            return out
+        if isinstance(call, BatchCall):
+            for rows, part, agg in call.parts(self.module_name, out):
+                delta = embedding_delta(x.index_select(0, rows), self.At, self.Bt, part, agg)
+                out = out.index_add(0, rows, _as(delta, out.dtype))
             return out
         try:
             sel = call.select(self.module_name, out)

@@ -3,9 +3,11 @@
     completion = complete(routed, tokenizer, "2+2=", GenerateConfig(temperature=0.7, seed=0, stop=["\\n"]))
     completion.text, completion.stop
 
-Sampling is transformers' own (``generate(do_sample=True)``: temperature, then top-k, then top-p, then one
-``torch.multinomial`` draw per token); with a seed, the generator is seeded just before each prompt, so a
-prompt's completion does not depend on the prompts before it.
+Sampling is `sample_next`, transformers' own recipe (``generate(do_sample=True)``: its temperature, top-k and
+top-p warpers in that order, a softmax, then one ``torch.multinomial`` draw per token), run inside ``generate``
+as a logits processor; ``moerge serve`` samples with the same function, so a seeded request draws the same
+tokens. With a seed, the generator is seeded just before each prompt, so a prompt's completion does not depend
+on the prompts before it.
 """
 
 from __future__ import annotations
@@ -102,6 +104,47 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, str | None]:
     return text[:at], s
 
 
+def sample_next(
+    scores: torch.Tensor, temperature: float, top_p: float = 1.0, top_k: int = 0, generator: Any = None
+) -> torch.Tensor:
+    """One sampled token per row of ``scores [B, V]``: transformers' temperature, top-k and top-p warpers (each
+    only where it changes something, as ``generate`` adds them), a softmax, one ``torch.multinomial`` draw from
+    ``generator`` (None: torch's default generator). Returns ``[B]`` token ids."""
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores = scores.float()
+    if temperature != 1.0:
+        scores = TemperatureLogitsWarper(temperature)(None, scores)
+    if top_k:
+        scores = TopKLogitsWarper(top_k=top_k)(None, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p=top_p)(None, scores)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)
+
+
+def new_generator(seed: int | None, device: Any) -> torch.Generator | None:
+    """A generator on ``device`` seeded with ``seed`` (its draws are torch's after ``torch.manual_seed(seed)``);
+    None without a seed (draw from torch's default generator)."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _sampler(config: GenerateConfig):
+    from transformers import LogitsProcessor
+
+    class Sample(LogitsProcessor):
+        """Sample with `sample_next` inside greedy ``generate``: every score but the drawn token's is -inf."""
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            token = sample_next(scores, config.temperature, config.top_p, config.top_k)
+            out = torch.full_like(scores, -float("inf"))
+            return out.scatter_(1, token[:, None], 0.0)
+
+    return Sample()
+
+
 def _stop_criterion(tokenizer: Any, stop: list[str], prompt_tokens: int):
     from transformers import StoppingCriteria
 
@@ -127,7 +170,7 @@ def complete(
     routing: RoutingInputs | None = None,
 ) -> Completion:
     """Complete ``prompt`` with ``model`` (a `MoErgedModel`, routed by ``routing``, or a plain causal LM)."""
-    from transformers import StoppingCriteriaList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
     from moerge.model.routed import MoErgedModel
 
@@ -138,10 +181,9 @@ def complete(
     n = int(enc["input_ids"].shape[1])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     kwargs: dict[str, Any] = dict(max_new_tokens=config.max_new_tokens, pad_token_id=pad)
-    if config.temperature > 0:
-        kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k)
-    else:
-        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if config.temperature > 0:  # greedy over the scores `sample_next` leaves: its draw
+        kwargs["logits_processor"] = LogitsProcessorList([_sampler(config)])
     if config.stop:
         kwargs["stopping_criteria"] = StoppingCriteriaList([_stop_criterion(tokenizer, config.stop, n)])
     if isinstance(model, MoErgedModel):

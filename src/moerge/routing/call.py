@@ -45,8 +45,10 @@ class CallOwner:
         return f"CallOwner({self.name!r})"
 
 
-_EMPTY: Mapping[CallOwner, CallState] = MappingProxyType({})
-_ACTIVE: ContextVar[Mapping[CallOwner, CallState]] = ContextVar("moerge_active_calls", default=_EMPTY)
+_EMPTY: Mapping[CallOwner, CallState | BatchCall] = MappingProxyType({})
+_ACTIVE: ContextVar[Mapping[CallOwner, CallState | BatchCall]] = ContextVar(
+    "moerge_active_calls", default=_EMPTY
+)
 _RECOMPUTING: ContextVar[bool] = ContextVar("moerge_recomputing", default=False)
 
 
@@ -118,7 +120,14 @@ class CallState:
     # ------------------------------------------------------------------ what expert layers use
     def select(self, module: str, x: torch.Tensor) -> Selection | None:
         """The selection for one expert layer's input ``x``, on ``x``'s device (rows expanded to the batch
-        where generation repeats examples)."""
+        where generation repeats examples), recorded when the call records."""
+        sel = self.selection(module, x)
+        if sel is not None and self.inputs.record and not _RECOMPUTING.get():
+            self._record(module, x, sel)
+        return sel
+
+    def selection(self, module: str, x: torch.Tensor) -> Selection | None:
+        """`select` without recording (a `BatchCall` records its rows itself)."""
         sel = self._explicit if self._explicit is not None else self.router.select(module, x, self)
         if sel is None:
             return None
@@ -129,8 +138,6 @@ class CallState:
                 if actual % sel.rows:
                     raise ShapeMismatchError(f"{sel.rows} routing rows for a batch of {actual}")
                 sel = sel.repeat_rows(actual // sel.rows)
-        if self.inputs.record and not _RECOMPUTING.get():
-            self._record(module, x, sel)
         return sel
 
     def _record(self, module: str, x: torch.Tensor, sel: Selection) -> None:
@@ -164,14 +171,128 @@ def explicit_selection(weights: torch.Tensor, num_experts: int, batch_size: int)
     return Selection(w.gather(1, idx), idx, "example")
 
 
+class BatchCall:
+    """Several calls' examples in one forward pass, row ``i`` of the batch belonging to ``calls[i]`` (each a call
+    of batch size 1): a server's decode step, where requests routed by different recipes share one forward.
+
+    Expert layers ask `parts` for the groups of rows that share an aggregation, each with one per-token
+    `Selection` over the group's tokens. Each call keeps its own plan (an example-level router's decision made
+    on the prompt holds for the tokens after it, as in ``generate``) and its own recordings. Rows of calls whose
+    router is `Router.tokenwise` and that share that router are routed with one ``select``."""
+
+    def __init__(self, calls: list[CallState | None]):
+        self.calls = list(calls)  # None: a row without experts (the base model)
+        self.num_experts = next((c.num_experts for c in calls if c is not None), 0)
+        # the same for every module of the forward: which rows are routed together, which one by one
+        self._shared: dict[int, list[int]] = {}  # rows of calls routed together, by router
+        self._alone: list[tuple[int, CallState]] = []
+        for i, call in enumerate(self.calls):
+            if call is None:
+                continue
+            if call._explicit is None and call.router.tokenwise:
+                self._shared.setdefault(id(call.router), []).append(i)
+            else:
+                self._alone.append((i, call))
+        self._rows: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+    def _row_tensor(self, rows: list[int], device: torch.device) -> torch.Tensor:
+        key = (tuple(rows), device)
+        t = self._rows.get(key)
+        if t is None:
+            t = self._rows[key] = torch.tensor(rows, device=device)
+        return t
+
+    def parts(self, module: str, x: torch.Tensor) -> list[tuple[torch.Tensor, Selection, Aggregation]]:
+        """``[(rows, selection, aggregation)]`` for an expert layer's input ``x [B, T, d]`` (or ``[B, d]``):
+        ``selection`` is per token over ``x[rows]``'s tokens in order; rows without experts are left out.
+        ``"parameter"`` aggregation is served as ``"output"`` (the same map for a linear module)."""
+        T = x.shape[1] if x.ndim >= 3 else 1
+        E = self.num_experts
+        pieces: dict[Aggregation, list[tuple[list[int], torch.Tensor, torch.Tensor]]] = {}
+        per_example: dict[Aggregation, list[tuple[int, Selection]]] = {}  # one-row example-level selections
+        for i, call in self._alone:
+            sel = call.selection(module, x[i : i + 1])
+            if sel is None:
+                continue
+            agg: Aggregation = "factor" if call.aggregation == "factor" else "output"
+            if sel.per == "example" and sel.rows == 1:
+                per_example.setdefault(agg, []).append((i, sel))
+            else:
+                self._add(pieces, module, [i], agg, sel, T, E)
+        for agg, items in per_example.items():  # one Selection for all of them: no per-row work below
+            k = max(s.weights.shape[1] for _, s in items)
+            weights = torch.cat([_pad_k(s.weights, k, 0.0) for _, s in items])
+            indices = torch.cat([_pad_k(_indices(s, E), k, 0) for _, s in items])
+            self._add(
+                pieces, module, [i for i, _ in items], agg, Selection(weights, indices, "example"), T, E
+            )
+        for rows in self._shared.values():
+            first = self.calls[rows[0]]
+            assert first is not None
+            xg = x if len(rows) == len(self.calls) else x.index_select(0, self._row_tensor(rows, x.device))
+            sel = first.router.select(module, xg, first)
+            if sel is not None:
+                agg = "factor" if first.aggregation == "factor" else "output"
+                self._add(pieces, module, rows, agg, sel.to(x.device), T, E)
+        out: list[tuple[torch.Tensor, Selection, Aggregation]] = []
+        for agg, group in pieces.items():
+            k = max(w.shape[1] for _, w, _ in group)
+            rows = [r for rs, _, _ in group for r in rs]
+            weights = torch.cat([_pad_k(w, k, 0.0) for _, w, _ in group])
+            indices = torch.cat([_pad_k(idx, k, 0) for _, _, idx in group])
+            out.append((self._row_tensor(rows, x.device), Selection(weights, indices, "token"), agg))
+        return out
+
+    def _add(
+        self,
+        pieces: dict[Aggregation, list],
+        module: str,
+        rows: list[int],
+        agg: Aggregation,
+        sel: Selection,
+        T: int,
+        E: int,
+    ) -> None:
+        n = len(rows)
+        if sel.per == "example":
+            sel = Selection(sel.weights.repeat_interleave(T, 0), None if sel.indices is None else
+                            sel.indices.repeat_interleave(T, 0), "token")  # fmt: skip
+        if sel.rows != n * T:
+            raise ShapeMismatchError(f"{sel.rows} routing rows for {n} examples of {T} tokens")
+        idx = _indices(sel, E)
+        if not _RECOMPUTING.get():
+            recording = [
+                (j, c) for j, r in enumerate(rows) if (c := self.calls[r]) is not None and c.inputs.record
+            ]
+            if recording:
+                dense = Selection(sel.weights, idx, "token").dense(E).detach().float().view(n, T, E)
+                for j, c in recording:
+                    c.recorded.setdefault(module, []).append(dense[j : j + 1])
+        pieces.setdefault(agg, []).append((rows, sel.weights, idx))
+
+
+def _indices(sel: Selection, E: int) -> torch.Tensor:
+    """``sel``'s expert indices ``[M, k]`` (every expert, in order, for a dense selection)."""
+    if sel.indices is not None:
+        return sel.indices
+    return torch.arange(E, device=sel.weights.device).expand(sel.rows, -1)
+
+
+def _pad_k(t: torch.Tensor, k: int, value: float) -> torch.Tensor:
+    """``[M, k']`` padded on the right to ``[M, k]`` with ``value`` (zero weights add nothing)."""
+    if t.shape[1] == k:
+        return t
+    return torch.nn.functional.pad(t, (0, k - t.shape[1]), value=value)
+
+
 # ---------------------------------------------------------------------- binding calls to the current context
-def active_call(owner: CallOwner) -> CallState | None:
+def active_call(owner: CallOwner) -> CallState | BatchCall | None:
     """The call of ``owner``'s routed model in flight in this context (thread / task), if any."""
     return _ACTIVE.get().get(owner)
 
 
 @contextlib.contextmanager
-def activate(owner: CallOwner, call: CallState) -> Iterator[CallState]:
+def activate(owner: CallOwner, call: CallState | BatchCall) -> Iterator[CallState | BatchCall]:
     """Bind ``call`` to ``owner`` in the current context for the duration of the block."""
     current = _ACTIVE.get()
     if owner in current:
@@ -205,7 +326,7 @@ def checkpoint_context_fn() -> tuple[contextlib.AbstractContextManager, contextl
 
 
 @contextlib.contextmanager
-def _rebind(calls: Mapping[CallOwner, CallState]) -> Iterator[None]:
+def _rebind(calls: Mapping[CallOwner, CallState | BatchCall]) -> Iterator[None]:
     token, again = _ACTIVE.set(calls), _RECOMPUTING.set(True)
     try:
         yield

@@ -50,6 +50,10 @@ class PrototypeRouter(Router):
             p = cast
         return p
 
+    @property
+    def tokenwise(self) -> bool:
+        return self.granularity == "token"
+
     def select(self, module: str, x: torch.Tensor, call: CallState) -> Selection | None:
         P = self._protos(module, x)
         if self.granularity == "token":

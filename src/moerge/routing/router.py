@@ -35,6 +35,12 @@ class Router:
     train_seconds: float = 0.0
     trainable_parameters: int = 0
 
+    @property
+    def tokenwise(self) -> bool:
+        """True when ``select`` decides each token from that token's input alone (no call state, no batch
+        shape), so rows of several calls may be routed in one ``select`` (`moerge.routing.call.BatchCall`)."""
+        return False
+
     def begin_call(self, call: CallState) -> None:
         for field in self.needs:
             if getattr(call.inputs, field) is None:
