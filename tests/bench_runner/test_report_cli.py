@@ -55,3 +55,17 @@ def test_bench_cli_on_suite_folder(reduced_suite, tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert {m["name"] for m in data["methods"]} == {"base", "oracle", "arrow:k=1"}
     assert data["config"]["limit"] == 2 and data["config"]["threads"] == 1
+
+
+def test_footnotes_group_one_reason_over_the_tasks_it_names():
+    """A reason repeated per task (naming each) is one footnote listing the tasks; task names inside other words
+    ("a" in "reason") are left alone; a reason naming no task is kept as given."""
+    from moerge.bench.report import grouped_reasons
+
+    failed = [("cipher2", "the prompt of cipher2 is too long"), ("copy9", "the prompt of copy9 is too long"),
+              ("a", "no data for this reason"), ("b", "no data for this reason"), ("c", "c alone failed")]  # fmt: skip
+    assert grouped_reasons(failed) == [
+        (["c"], "c alone failed"),
+        ([], "no data for this reason"),
+        (["cipher2", "copy9"], "the prompt of the task is too long"),
+    ]

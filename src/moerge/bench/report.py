@@ -80,14 +80,16 @@ def table_rows(results: BenchResults) -> tuple[list[str], list[list[str]], list[
     rows, notes = [], []
     for row in summary:
         name = row["method"]
-        reasons = sorted(
-            {r.reason for r in results.results if r.method == name and r.status != "ok" and r.reason}
-        )
-        if row["status"] != "ok" and row.get("reason"):
-            reasons = sorted(set(reasons) | {row["reason"]})
+        failed = [
+            (r.task, r.reason) for r in results.results if r.method == name and r.status != "ok" and r.reason
+        ]
+        reasons = grouped_reasons(failed)
+        if row["status"] != "ok" and row.get("reason") and not any(row["reason"] == r for _, r in reasons):
+            reasons.append(([], row["reason"]))
         mark = ""
-        for reason in reasons:
-            notes.append(f"[{len(notes) + 1}] {name}: {reason}")
+        for tasks, reason in reasons:
+            where = f" on {', '.join(tasks)}" if len(tasks) > 1 else ""
+            notes.append(f"[{len(notes) + 1}] {name}{where}: {reason}")
             mark += f"[{len(notes)}]"
         rows.append([
             name + (f" {mark}" if mark else ""),
@@ -104,6 +106,29 @@ def table_rows(results: BenchResults) -> tuple[list[str], list[list[str]], list[
             str(row.get("held_out_rank", "")),
         ])  # fmt: skip
     return header, rows, notes
+
+
+def grouped_reasons(failed: list[tuple[str, str]]) -> list[tuple[list[str], str]]:
+    """One footnote per reason, however many tasks gave it: reasons that differ only by the task they name are
+    one reason about "the task", with those tasks listed (``[(tasks, reason)]``, sorted by reason; ``tasks`` is
+    empty where the reason names no task)."""
+    groups: dict[str, list[tuple[str, str]]] = {}
+    for task, reason in failed:
+        members = groups.setdefault(_generic(task, reason), [])
+        if task not in [t for t, _ in members]:
+            members.append((task, reason))
+    out = []
+    for key, ms in groups.items():
+        named = any(_generic(t, r) != r for t, r in ms)
+        out.append(([t for t, _ in ms] if named else [], key if len(ms) > 1 else ms[0][1]))
+    return sorted(out, key=lambda x: x[1])
+
+
+def _generic(task: str, reason: str) -> str:
+    """``reason`` with the task's name (as a whole word) replaced by "the task"."""
+    import re
+
+    return re.sub(rf"(?<![\w-]){re.escape(task)}(?![\w-])", "the task", reason) if task else reason
 
 
 def legend(results: BenchResults) -> str:
