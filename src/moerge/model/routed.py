@@ -207,7 +207,7 @@ def _tell_router(owner: CallOwner, _module: nn.Module, args: tuple, kwargs: dict
     """Forward pre-hook of a routed model whose router follows forwards: hand it each pass's token ids (the
     whole prompt first, then each step's new tokens under ``generate``), with the call unbound meanwhile."""
     call = active_call(owner)
-    if call is None or call.routed_by_caller:
+    if not isinstance(call, CallState) or call.routed_by_caller:  # no call, or a server's BatchCall
         return
     ids = kwargs.get("input_ids")
     if ids is None and args and isinstance(args[0], torch.Tensor):

@@ -156,6 +156,12 @@ class Catalog:
                 if why is not None:
                     raise RecipeNotApplicableError(f"model {name!r}: {why}")
                 routing = rec.build(self.ctx, opts)
+                if routing.router.follows_forwards:  # e.g. Token-Level Adaptation
+                    raise RecipeNotApplicableError(
+                        f"model {name!r}: recipe {rec.name!r} re-decides its experts as the text grows, "
+                        "recomputing every token without a KV cache, which batched serving does not do; use "
+                        "`moerge generate` for it"
+                    )
                 route = Route(name, routing.router, routing.aggregation)
                 self._built[key] = route
                 while len(self._built) > self._max_variants + len(self.recipes) + self.num_experts:
