@@ -133,3 +133,17 @@ def test_seeds_from_the_cli(tmp_path, reduced_suite):
     )
     res = CliRunner().invoke(app, ["bench", "--suite", reduced_suite.root, "--seeds", "2"])
     assert res.exit_code != 0 and "built-in suite" in str(res.exception)
+
+
+def test_results_from_before_user_data_modes_read_as_zero_shot_recipes():
+    """An older results.json (config ``user_data: zero-shot``, no mode per method) served zero-shot recipes only."""
+    old = fake_run({"a": 0.5, "b": 0.5}).model_dump()
+    old["config"] = {"user_data": "zero-shot"}
+    old["methods"][1]["kind"] = "baseline"
+    got = BenchResults.model_validate(old)
+    assert [m.user_data for m in got.methods] == [
+        "zero-shot",
+        None,
+    ]  # the recipe; a reference baseline stays —
+    new = BenchResults.model_validate({**old, "config": {"user_data": ["zero-shot", "few-shot"]}})
+    assert [m.user_data for m in new.methods] == [None, None]  # a current file records each method's mode
