@@ -101,6 +101,7 @@ def test_split_is_deterministic_and_document_level(monkeypatch):
     c = first.domains["c"]
     assert len(c.target) == 20 and c.target == again.domains["c"].target
     assert docs(c.target) and not docs(c.target) & docs(c.eval)
+    assert not set(c.target) & set(c.eval) and len(set(c.target)) == len(c.target)  # nor the same text twice
     assert first.domains["a"].target == [] and first.domains["b"].target == []
     few = build_real_text(config.model_copy(update={"target_passages": 4}))
     assert few.domains["c"].target == c.target[:4] and few.domains["c"].eval == c.eval
@@ -280,7 +281,7 @@ def test_built_suite_trains_one_expert_per_domain_on_a_gguf_base(monkeypatch, tm
     assert again.root == suite.root and len(list((tmp_path / "suites").iterdir())) == 1
     # the target splits are written with the suite and the same when it is loaded from the cache
     assert (Path(suite.root) / "tasks" / "c.target.jsonl").is_file()
-    want = [e.text for e in build_real_text(config).domains["c"].target]
+    want = build_real_text(config).domains["c"].target
     assert [e.text for e in suite.task("c").target] == [e.text for e in again.task("c").target] == want
 
     # Interrupted at the multitask LoRA (after both experts), the build resumes elsewhere to the same suite: the

@@ -720,7 +720,10 @@ def split_domain(spec: DomainSpec, source: SourceDocs, config: RealTextConfig) -
         train_passages = _take_passages(rest, chars, config.train_passages, window=window)
     target: list[str] = []
     if spec.split == "held_out":
-        target = _take_passages(rest, chars, target_count(config), window=window)
+        # another document can still give a passage of the same text (boilerplate): those are left out
+        held = set(eval_passages)
+        more = _take_passages(rest, chars, target_count(config) + len(held), window=window)
+        target = [t for t in dict.fromkeys(more) if t not in held][: target_count(config)]
     if not eval_passages or (spec.split == "held_in" and not train_passages):
         raise SourceMissingError(
             f"real-text domain {spec.name!r}: too little text ({len(refs)} documents) for a split; "
@@ -783,6 +786,8 @@ def build_real_text(config: RealTextConfig | None = None) -> RealTextData:
     switch_target = (
         switch_documents(domains, held_in, target_count(config), config.seed, part="train") if switch else []
     )
+    evaluated = {doc.text for doc in switch}
+    switch_target = [doc for doc in switch_target if doc.text not in evaluated]
     return RealTextData(config, domains, switch, switch_target)
 
 
