@@ -16,8 +16,10 @@ def test_mean_interval_is_students_t():
     assert mean_interval([0.5]) == (0.5, None)
 
 
-def fake_run(scores: dict[str, float], premise: dict | None = None) -> BenchResults:
-    """One held-out task per method with the given normalised quality."""
+def fake_run(
+    scores: dict[str, float], premise: dict | None = None, user_data: dict[str, str] | None = None
+) -> BenchResults:
+    """One held-out task per method with the given normalised quality (and user-data mode, where given)."""
     results = [
         TaskResult(
             method=m,
@@ -30,7 +32,7 @@ def fake_run(scores: dict[str, float], premise: dict | None = None) -> BenchResu
         )  # fmt: skip
         for m, v in scores.items()
     ]
-    methods = [MethodResult(name=m, kind="recipe") for m in scores]
+    methods = [MethodResult(name=m, kind="recipe", user_data=(user_data or {}).get(m)) for m in scores]
     tasks = [{"name": "t", "split": "held_out", "condition": "switching", "metric": "exact_match"}]
     return BenchResults(suite="s", experts=["a", "b"], tasks=tasks, methods=methods, results=results, config={},
                         environment={}, premise=premise)  # fmt: skip
@@ -83,11 +85,13 @@ def test_seeded_configs_change_only_the_training_seeds():
 def test_interval_table_over_runs(tmp_path):
     from moerge.bench.seeds import interval_rows, write_seed_report
 
-    runs = [fake_run({"a": a, "b": 0.5}) for a in (0.6, 0.7, 0.8)]
+    runs = [fake_run({"a": a, "b": 0.5}, user_data={"a": "few-shot 5"}) for a in (0.6, 0.7, 0.8)]
     header, rows = interval_rows(runs)
-    cell = rows[0][1]
+    col = header.index("switching")
     mean, half = mean_interval([0.6, 0.7, 0.8])
-    assert cell == f"{mean:+.2f} ± {half:.2f}" and rows[1][1] == "+0.50 ± 0.00"
+    assert rows[0][col] == f"{mean:+.2f} ± {half:.2f}" and rows[1][col] == "+0.50 ± 0.00"
+    # the user-data column, as in a single run's table: few N for a few-shot method, — for a reference one
+    assert header[:2] == ["method", "user data"] and [r[1] for r in rows] == ["few 5", "—"]
     report = write_seed_report(runs, tmp_path / "out", plots=False)
     text = report.read_text()
     assert "over 3 seeds" in text and (tmp_path / "out" / "seed-2" / "results.json").is_file()
@@ -129,3 +133,17 @@ def test_seeds_from_the_cli(tmp_path, reduced_suite):
     )
     res = CliRunner().invoke(app, ["bench", "--suite", reduced_suite.root, "--seeds", "2"])
     assert res.exit_code != 0 and "built-in suite" in str(res.exception)
+
+
+def test_results_from_before_user_data_modes_read_as_zero_shot_recipes():
+    """An older results.json (config ``user_data: zero-shot``, no mode per method) served zero-shot recipes only."""
+    old = fake_run({"a": 0.5, "b": 0.5}).model_dump()
+    old["config"] = {"user_data": "zero-shot"}
+    old["methods"][1]["kind"] = "baseline"
+    got = BenchResults.model_validate(old)
+    assert [m.user_data for m in got.methods] == [
+        "zero-shot",
+        None,
+    ]  # the recipe; a reference baseline stays —
+    new = BenchResults.model_validate({**old, "config": {"user_data": ["zero-shot", "few-shot"]}})
+    assert [m.user_data for m in new.methods] == [None, None]  # a current file records each method's mode

@@ -96,6 +96,25 @@ def test_split_is_deterministic_and_document_level(monkeypatch):
         assert s0 == 0 and e0 == s1 and e1 == len(doc.text) and d0 != d1 and {d0, d1} <= {"a", "b"}
         assert doc.text[:e0].rstrip("\n") in "\n\n".join(first.domains[d0].eval)
         assert doc.text[s1:] in "\n\n".join(first.domains[d1].eval)
+    # Target splits: a held-out domain's come from documents after its eval ones (none in eval), as many
+    # passages as an expert's training split; held-in domains use their training passages instead.
+    c = first.domains["c"]
+    assert len(c.target) == 20 and c.target == again.domains["c"].target
+    assert docs(c.target) and not docs(c.target) & docs(c.eval)
+    assert not set(c.target) & set(c.eval) and len(set(c.target)) == len(c.target)  # nor the same text twice
+    assert first.domains["a"].target == [] and first.domains["b"].target == []
+    few = build_real_text(config.model_copy(update={"target_passages": 4}))
+    assert few.domains["c"].target == c.target[:4] and few.domains["c"].eval == c.eval
+    # domain_switch's target documents: halves of held-in *training* passages, none an eval document
+    assert len(first.switch_target) == 20 and len(few.switch_target) == 4
+    assert not {d.text for d in first.switch_target} & {d.text for d in first.switch}
+    for doc in first.switch_target:
+        (s0, e0, d0), (s1, e1, d1) = doc.spans
+        assert s0 == 0 and e0 == s1 and e1 == len(doc.text) and d0 != d1
+        assert doc.text[:e0].rstrip("\n") in "\n\n".join(first.domains[d0].train)
+        assert doc.text[s1:] in "\n\n".join(first.domains[d1].train)
+    # the target splits are generated on load: they change neither the cache key nor the other splits
+    assert rt.suite_key(config, first) == rt.suite_key(config.model_copy(update={"target_passages": 4}), few)
 
 
 def test_missing_source_names_the_install_command(monkeypatch):
@@ -160,6 +179,15 @@ def test_suite_has_nll_tasks_with_domain_routing_labels(monkeypatch, tiny_llama_
     assert all(ex.char_experts() == [("a",)] * len(ex.text) for ex in a.eval)
     assert all(ex.char_experts() == [("a",)] * len(ex.text) for ex in near.eval)
     assert all(ex.routing == [] for ex in far.eval) and far.train == []
+    # target splits: held-out tasks carry their own (labelled like their eval), held-in ones use train
+    data = build_real_text(config)
+    assert [e.text for e in near.target] == data.domains["near_a"].target and len(near.target) == 8
+    assert all(ex.char_experts() == [("a",)] * len(ex.text) for ex in near.target)
+    assert [e.text for e in far.target] == data.domains["far"].target and far.target_examples() == far.target
+    assert [e.text for e in switch.target] == [d.text for d in data.switch_target] and len(switch.target) == 8
+    assert a.target == [] and a.target_examples() == a.train
+    for t in (near, far, switch):
+        assert not {e.text for e in t.target} & {e.text for e in t.eval}
     tok = AutoTokenizer.from_pretrained(str(tiny_llama_dir))  # character-level: one token per character
     docs = build_real_text(config).switch
     batches = list(switch.eval_batches(tok, batch_size=1, experts=suite.experts))
@@ -251,6 +279,10 @@ def test_built_suite_trains_one_expert_per_domain_on_a_gguf_base(monkeypatch, tm
     assert fast.premise["mean"] == pytest.approx(slow.premise["mean"], abs=1e-4)
     again = build_real_text_suite(config, root=tmp_path / "suites")  # cached: nothing is retrained
     assert again.root == suite.root and len(list((tmp_path / "suites").iterdir())) == 1
+    # the target splits are written with the suite and the same when it is loaded from the cache
+    assert (Path(suite.root) / "tasks" / "c.target.jsonl").is_file()
+    want = build_real_text(config).domains["c"].target
+    assert [e.text for e in suite.task("c").target] == [e.text for e in again.task("c").target] == want
 
     # Interrupted at the multitask LoRA (after both experts), the build resumes elsewhere to the same suite: the
     # multitask LoRA and the gates use prefix states the experts kept in the uninterrupted build.
@@ -289,3 +321,49 @@ def test_built_suite_trains_one_expert_per_domain_on_a_gguf_base(monkeypatch, tm
         for training in [*j["experts"].values(), j["multitask"]]:
             training.pop("seconds")
     assert ja == jb
+
+
+def test_a_suite_built_before_target_splits_gets_them_on_load(monkeypatch, tmp_path):
+    """A real-text suite folder written without target splits (an older build): `with_targets` and
+    ``moerge bench --suite FOLDER`` add them from the installed text — only to a task whose eval passages are the
+    ones that text gives (else the target documents could be eval documents of the folder)."""
+    from moerge.bench.suites.format import load_jsonl_suite, write_jsonl_suite
+    from moerge.bench.suites.real_text import real_text_suite, with_targets
+    from moerge.cli.bench import _load_suite
+
+    for name, n in (("fake_a", 20), ("fake_b", 20), ("fake_c", 20)):
+        monkeypatch.setitem(rt.READERS, name, _fake_reader(n))
+    domains = [
+        DomainSpec(name="a", reader="fake_a", split="held_in", condition="in_distribution"),
+        DomainSpec(name="b", reader="fake_b", split="held_in", condition="in_distribution"),
+        DomainSpec(name="c", reader="fake_c", split="held_out", condition="unrelated"),
+    ]
+    monkeypatch.setattr(rt, "DEFAULT_DOMAINS", domains)  # the domains a folder's recorded config stands for
+    config = RealTextConfig(
+        passage_chars=80,
+        train_passages=6,
+        eval_passages=3,
+        validation_passages=2,
+        switch_docs=2,
+        progress=False,
+    )
+    data = build_real_text(config)
+    full = real_text_suite(config, base_model="some/base", data=data)
+    old = full.model_copy(update={"tasks": [t.model_copy(update={"target": []}) for t in full.tasks]})
+    write_jsonl_suite(old, tmp_path / "old")
+    loaded = load_jsonl_suite(tmp_path / "old")
+    assert all(t.target == [] for t in loaded.tasks)
+    for got in (with_targets(loaded, data), with_targets(loaded), _load_suite(str(tmp_path / "old"), False, None,
+                                                                               False, False)[0]):  # fmt: skip
+        for t in got.tasks:
+            assert [e.text for e in t.target] == [e.text for e in full.task(t.name).target], t.name
+        assert [e.text for e in got.task("c").target] == data.domains["c"].target and data.domains["c"].target
+    # another eval passage than the installed text gives (the text changed since the build): no target split
+    c = loaded.task("c")
+    changed = c.model_copy(update={"eval": [c.eval[0].model_copy(update={"text": c.eval[0].text + " x"}),
+                                            *c.eval[1:]]})  # fmt: skip
+    edited = loaded.model_copy(update={"tasks": [changed if t.name == "c" else t for t in loaded.tasks]})
+    got = with_targets(edited, data)
+    assert (
+        got.task("c").target == [] and got.task("domain_switch").target == full.task("domain_switch").target
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from moerge.errors import UnknownNameError
 
@@ -98,6 +98,16 @@ class BenchResults(BaseModel):
     premise: dict[str, Any] | None = Field(
         None, description="premise diagnostics (moerge.bench.premise.PremiseReport.to_dict), when measured"
     )
+
+    @model_validator(mode="after")
+    def _zero_shot_before_modes(self) -> BenchResults:
+        """A results file from before user-data modes were recorded per method: its config's single
+        ``user_data: zero-shot`` served zero-shot recipes only, so that is each recipe's mode."""
+        if self.config.get("user_data") == "zero-shot":
+            for m in self.methods:
+                if m.kind == "recipe" and m.user_data is None:
+                    m.user_data = "zero-shot"
+        return self
 
     def premise_report(self) -> Any:
         """The premise diagnostics as a `moerge.bench.premise.PremiseReport` (None when not measured)."""

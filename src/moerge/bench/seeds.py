@@ -95,18 +95,25 @@ def token_accuracy_rows(runs: Sequence[BenchResults]) -> tuple[list[str], list[l
 
 
 def interval_rows(runs: Sequence[BenchResults]) -> tuple[list[str], list[list[str]]]:
-    """The summary table over seeds: per method and split/condition the mean normalised quality ± the half-width
-    of its 95% interval (raw means where normalisation is undefined), and the routing accuracy likewise."""
-    from moerge.bench.report import METRIC_SHORT, group_title
+    """The summary table over seeds: per method its user-data mode (as in each run's table), then per
+    split/condition the mean normalised quality ± the half-width of its 95% interval (raw means where
+    normalisation is undefined), and the routing accuracy likewise."""
+    from moerge.bench.report import METRIC_SHORT, format_user_data, group_title
 
     first = runs[0]
     groups = first.groups()
-    header = ["method", *[group_title(f"{s}/{c}") for s, c in groups], "route acc in", "route acc out"]
+    header = [
+        "method",
+        "user data",
+        *[group_title(f"{s}/{c}") for s, c in groups],
+        "route acc in",
+        "route acc out",
+    ]
     rows = []
     for m in first.methods:
         if m.kind == "single":
             continue
-        row = [m.name]
+        row = [m.name, format_user_data(m.user_data)]
         for split, cond in groups:
             cells = [r.group_score(m.name, split, cond) for r in runs]
             normalized = [c["value"] for c in cells if c and c["status"] == "ok" and c["normalized"]]

@@ -52,7 +52,13 @@ def _load_suite(suite: str, reduced: bool, root: Path | None, rebuild: bool, pro
         return real_text.build_real_text_suite(config, root=root, force=rebuild), "built or cached"
     from moerge.bench.suites.format import load_jsonl_suite
 
-    return load_jsonl_suite(suite), "loaded"
+    loaded = load_jsonl_suite(suite)
+    # a real-text build's folder: its target splits, as when it is loaded from the cache
+    if loaded.info.get("kind") == "real_text":
+        from moerge.bench.suites import real_text
+
+        return real_text.with_targets(loaded), "loaded (target splits from the installed text)"
+    return loaded, "loaded"
 
 
 def _run(

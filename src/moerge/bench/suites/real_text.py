@@ -34,6 +34,12 @@ Splits are deterministic: a domain's documents are listed in sorted order, shuff
 then cut into passages of about ``passage_chars`` characters. The versions of every source package are
 recorded with the data.
 
+Target splits (the labelled data a user of a held-out task brings, for few-shot / full recipes): a held-out
+domain's come from its documents after the eval ones (document-level disjoint from eval, like train); the
+``domain_switch`` task's are switching documents made of held-in *training* passages (its eval documents are
+made of eval passages). They are generated on load, like the synthetic suite's, and are not part of the cache
+key (`suite_key`), so adding them changed no built suite. Held-in tasks use their training passages.
+
     data = build_real_text(RealTextConfig.reduced())          # passages per domain (seconds)
     suite = real_text_suite(RealTextConfig.reduced())         # a moerge.bench.suites.format.Suite, no experts
     suite = build_real_text_suite(RealTextConfig.reduced())   # + one LoRA per held-in domain, cached
@@ -485,6 +491,12 @@ class RealTextConfig(BaseModel):
         16, ge=0, description="held-in: validation passages per domain, for tuning merges (never trained on)"
     )
     switch_docs: int = Field(32, ge=0, description="documents of the domain_switch condition")
+    target_passages: int | None = Field(
+        None,
+        ge=1,
+        description="labelled target passages per held-out task (domain_switch included) for few-shot / full "
+        "recipes, disjoint from its eval passages; None: train_passages. Generated on load, not in the cache key",
+    )
     domains: list[DomainSpec] = Field(default_factory=lambda: [d.model_copy() for d in DEFAULT_DOMAINS])
     base_model: str = Field(
         REAL_SUITE_BASE, description="source for moerge.backbones.loading.load_base_model"
@@ -537,6 +549,7 @@ class DomainText:
     versions: dict[str, str]
     n_documents: int
     validation: list[str] = field(default_factory=list)
+    target: list[str] = field(default_factory=list)  # held-out: the target split (not hashed: `suite_key`)
 
 
 @dataclass
@@ -554,6 +567,7 @@ class RealTextData:
     config: RealTextConfig
     domains: dict[str, DomainText]
     switch: list[SwitchDoc]
+    switch_target: list[SwitchDoc] = field(default_factory=list)  # domain_switch's target split (not hashed)
 
     def versions(self) -> dict[str, str]:
         out: dict[str, str] = {}
@@ -684,7 +698,8 @@ def _take_documents(
 def split_domain(spec: DomainSpec, source: SourceDocs, config: RealTextConfig) -> DomainText:
     """Shuffle documents with a seed from ``(config.seed, domain)`` and split them at the document level into
     eval (the first ``eval_fraction``), then, for held-in domains, validation (the next documents, until
-    ``validation_passages`` passages are made) and train (the rest): no document is in two splits."""
+    ``validation_passages`` passages are made) and train (the rest), for held-out domains target (the rest, up to
+    ``target_passages``): no document is in two splits."""
     refs = list(source.docs)
     random.Random(_domain_seed(config.seed, spec.name)).shuffle(refs)
     n_eval = max(1, round(len(refs) * config.eval_fraction))
@@ -703,24 +718,42 @@ def split_domain(spec: DomainSpec, source: SourceDocs, config: RealTextConfig) -
             validation, used = _take_documents(rest, chars, config.validation_passages, window=window)
             rest = rest[used:]
         train_passages = _take_passages(rest, chars, config.train_passages, window=window)
+    target: list[str] = []
+    if spec.split == "held_out":
+        # another document can still give a passage of the same text (boilerplate): those are left out
+        held = set(eval_passages)
+        more = _take_passages(rest, chars, target_count(config) + len(held), window=window)
+        target = [t for t in dict.fromkeys(more) if t not in held][: target_count(config)]
     if not eval_passages or (spec.split == "held_in" and not train_passages):
         raise SourceMissingError(
             f"real-text domain {spec.name!r}: too little text ({len(refs)} documents) for a split; "
             "reinstall its source package or drop the domain from the config"
         )
-    return DomainText(spec, train_passages, eval_passages, dict(source.versions), len(refs), validation)
+    return DomainText(
+        spec, train_passages, eval_passages, dict(source.versions), len(refs), validation, target
+    )
+
+
+def target_count(config: RealTextConfig) -> int:
+    """Target passages per held-out task: ``target_passages``, else ``train_passages`` (what an expert gets)."""
+    return config.target_passages or config.train_passages
 
 
 def switch_documents(
-    domains: dict[str, DomainText], held_in: list[str], n: int, seed: int
+    domains: dict[str, DomainText],
+    held_in: list[str],
+    n: int,
+    seed: int,
+    part: Literal["eval", "train"] = "eval",
 ) -> list[SwitchDoc]:
     """``n`` documents made of the first half of an eval passage of one held-in domain, then the second half
-    of one from another (joined at a line break where possible), with per-span domain labels."""
-    rng = random.Random(_domain_seed(seed, SWITCH_DOMAIN))
+    of one from another (joined at a line break where possible), with per-span domain labels. ``part="train"``:
+    of training passages instead (the task's target split, from a seeded stream of its own)."""
+    rng = random.Random(_domain_seed(seed, SWITCH_DOMAIN if part == "eval" else f"{SWITCH_DOMAIN}/target"))
     out = []
     for _ in range(n):
         a, b = rng.sample(held_in, 2)
-        pa, pb = rng.choice(domains[a].eval), rng.choice(domains[b].eval)
+        pa, pb = rng.choice(getattr(domains[a], part)), rng.choice(getattr(domains[b], part))
         head = _half(pa, first=True)
         tail = _half(pb, first=False)
         text = head + "\n" + tail
@@ -750,7 +783,12 @@ def build_real_text(config: RealTextConfig | None = None) -> RealTextData:
         domains[spec.name] = split_domain(spec, READERS[spec.reader](), config)
     held_in = config.held_in()
     switch = switch_documents(domains, held_in, config.switch_docs, config.seed) if len(held_in) >= 2 else []
-    return RealTextData(config, domains, switch)
+    switch_target = (
+        switch_documents(domains, held_in, target_count(config), config.seed, part="train") if switch else []
+    )
+    evaluated = {doc.text for doc in switch}
+    switch_target = [doc for doc in switch_target if doc.text not in evaluated]
+    return RealTextData(config, domains, switch, switch_target)
 
 
 def missing_sources(config: RealTextConfig | None = None) -> dict[str, str]:
@@ -807,17 +845,22 @@ def real_text_suite(
                     Example(text=t, targets=[(0, len(t))], routing=_routing(t, label)) for t in d.validation
                 ],
                 eval=[Example(text=t, targets=[(0, len(t))], routing=_routing(t, label)) for t in d.eval],
+                target=[Example(text=t, targets=[(0, len(t))], routing=_routing(t, label)) for t in d.target],
             )
         )
     if data.switch:
-        switch = [
-            Example(
-                text=doc.text,
-                targets=[(0, len(doc.text))],
-                routing=[{"start": s, "end": e, "experts": [name]} for s, e, name in doc.spans],
-            )
-            for doc in data.switch
-        ]
+
+        def switching(docs: list[SwitchDoc]) -> list[Example]:
+            return [
+                Example(
+                    text=doc.text,
+                    targets=[(0, len(doc.text))],
+                    routing=[{"start": s, "end": e, "experts": [name]} for s, e, name in doc.spans],
+                )
+                for doc in docs
+            ]
+
+        switch = switching(data.switch)
         tasks.append(
             Task(
                 name=SWITCH_DOMAIN,
@@ -827,6 +870,7 @@ def real_text_suite(
                 experts=sorted({n for doc in data.switch for *_, n in doc.spans}),
                 description="documents that switch from one held-in domain to another half-way",
                 eval=switch,
+                target=switching(data.switch_target),
             )
         )
     info = {
@@ -848,7 +892,7 @@ def real_text_suite(
 def suite_key(config: RealTextConfig, data: RealTextData) -> str:
     """Hash of the configuration (not the progress flags) and of every passage, so a change in the installed
     text (another package version) gives another cache folder."""
-    cfg = config.model_dump(mode="json", exclude={"progress", "threads"})
+    cfg = config.model_dump(mode="json", exclude={"progress", "threads", "target_passages"})
     for part in ("expert", "multitask"):
         cfg[part].pop("progress", None)
     h = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode())
@@ -886,12 +930,33 @@ def build_real_text_suite(
     t_data = time.perf_counter() - t0
     name = f"real-text-{config.form}-{suite_key(config, data)}"
     folder = Path(root or default_root()).expanduser() / name
-    return build_cached(
+    suite = build_cached(
         folder,
         lambda out, steps: _build_into(out, steps, config, data, t_data, model, tokenizer),
         force,
         progress=config.progress,
     )
+    return with_targets(suite, data)
+
+
+def with_targets(suite, data: RealTextData | None = None):
+    """``suite`` (a built real-text suite) with the target splits of its held-out tasks, generated from ``data``
+    (default: `build_real_text` of the configuration recorded in ``suite.info``), so a suite built before
+    target splits existed gets them too. A task gets its split only when its eval passages are the ones
+    ``data`` gives (the installed text it was drawn from is unchanged), which is what makes the target
+    documents disjoint from its eval documents; a task whose text changed gets none."""
+    if data is None:
+        config = RealTextConfig(**{**suite.info.get("config", {}), "progress": False})
+        data = build_real_text(config)
+    fresh = {t.name: t for t in real_text_suite(data.config, base_model=suite.base_model, data=data).tasks}
+    tasks = []
+    for t in suite.tasks:
+        f = fresh.get(t.name)
+        if t.held_in or f is None or not f.target or [e.text for e in t.eval] != [e.text for e in f.eval]:
+            tasks.append(t)
+        else:
+            tasks.append(type(t).model_validate({**dict(t), "target": f.target}))  # checks disjointness again
+    return suite.model_copy(update={"tasks": tasks})
 
 
 def _build_into(
