@@ -76,6 +76,12 @@ EXPECTATIONS: tuple[Expectation, ...] = (
                 "Muqeeth et al. 2024 (its per-token baseline)",
                 "average_activation", "average_activation:granularity=example", "held_out", "switching",
                 strict=True, premise="average_activation"),
+    Expectation("LoRA-Flow ≥ LoraHub on held-out tasks (same few examples)",
+                "Wang et al. 2024, LoRA-Flow (ACL): per-token gates beat task-level weights such as LoraHub's",
+                "lora_flow", "lorahub", "held_out"),
+    Expectation("a router learned on the target task's examples ≥ a zero-shot router (LoRA-Flow vs PHATGOOSE)",
+                "Yadav et al. 2024, arXiv:2408.07057 (survey): target data is worth having when it exists",
+                "lora_flow", "phatgoose", "held_out"),
 )  # fmt: skip
 
 
