@@ -510,3 +510,28 @@ def test_draining_ends_requests_still_running_with_a_503(server, generated):
     finally:
         permits.release()
         engine.stop()
+
+
+def test_a_router_that_follows_generation_is_refused(files, tmp_path):
+    """Token-Level Adaptation re-embeds the text as it grows and recomputes without a KV cache; batched decoding
+    keeps caches, so the server refuses it with the fix (rather than serving the prompt's weights silently)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moerge.errors import RecipeNotApplicableError
+    from moerge.experts.library import ExpertLibrary
+    from moerge.recipes import prepare_signatures
+    from moerge.serve.catalog import Catalog
+
+    shutil.copytree(files / "lib", tmp_path / "lib")  # the module's library stays without centroids
+    model = AutoModelForCausalLM.from_pretrained(files / "base")
+    tok = AutoTokenizer.from_pretrained(files / "base")
+    lib = ExpertLibrary.open(tmp_path / "lib")
+    data = {f"expert{i}": [{"prompt": f"abc{i}", "completion": "de"}] * 3 for i in range(2)}
+    # the base model's embedder, prepared on the plain model: the catalog (which injects the experts) finds it
+    prepare_signatures("token_level_adaptation", model, tok, lib, data, embedding_model="base")
+    catalog = Catalog(model, tok, lib, recipes={"token_level_adaptation": {"embedding_model": "base"}})
+    with pytest.raises(RecipeNotApplicableError, match="KV cache.*moerge generate"):
+        catalog.resolve("token_level_adaptation")
+    assert catalog.resolve("base").router is None  # the catalog still serves the rest

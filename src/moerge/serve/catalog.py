@@ -75,6 +75,12 @@ class Catalog:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.ctx = BuildContext(model=model, experts=expert_list, library=lib, tokenizer=tokenizer)
+        if getattr(model, "moerge_base_fingerprint", None) is None:
+            from moerge.experts.fingerprint import fingerprint_model
+
+            # the base model's own key, taken before injection renames its parameters, so that base-model
+            # embedders find the centroids `moerge library prepare` stored for it
+            model.moerge_base_fingerprint = fingerprint_model(model)
         layers, self.owner = inject(model, expert_list)
         self.ctx.modules = list(layers)
         self.expert_names: list[str] = self.ctx.names
