@@ -143,3 +143,9 @@ def test_tokenizer_config_refusals(tok_models, tmp_path):
     with pytest.raises(Exception, match="vocab_size differs"):  # without an output tokenizer: refused
         moerge.merge(common, tmp_path / "c")
     assert not (tmp_path / "b").exists()
+    bare = tmp_path / "bare"  # a model folder without its tokenizer
+    bare.mkdir()
+    for f in ("model.safetensors", "config.json"):
+        shutil.copyfile(tok_models["t0"] / f, bare / f)
+    with pytest.raises(MalformedConfigError, match="tokenizer does not load"):
+        moerge.merge({**common, "models": [str(bare)], "tokenizer_source": "union"}, tmp_path / "d")

@@ -21,7 +21,8 @@ have the token. ``pad_to_multiple_of`` pads the vocabulary with rows equal to th
 Where mergekit's order is not defined, moerge's is: mergekit walks the inputs as a Python set (its
 ``referenced_models``), so the ids of tokens that several non-base models add depend on the process's hash seed;
 moerge walks the base, then the models in the config's order. With no base model mergekit takes the base
-tokenizer from that set too; moerge takes the first model's.
+tokenizer from that set too; moerge takes the first model's. An input whose tokenizer does not load is refused
+(mergekit assumes it is the base's).
 """
 
 from __future__ import annotations
@@ -63,7 +64,13 @@ def _config_vocab_size(folder: Path) -> int | None:
 def _load_tokenizer(folder: Path) -> Any:
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(folder), use_fast=True)
+    except Exception as e:  # transformers' errors for a folder without (or with a broken) tokenizer vary
+        raise MalformedConfigError(
+            f"{folder}: its tokenizer does not load ({str(e)[:120]}); an output tokenizer needs every input's "
+            "tokenizer saved in its folder (mergekit would assume the base's)."
+        ) from None
 
 
 def _stripped_tokenizer(folder: Path) -> Any:
@@ -153,13 +160,7 @@ def build_tokenizer_plan(
         if i == first:
             toks.append(base_tok)
             continue
-        try:
-            toks.append(_load_tokenizer(f))
-        except Exception as e:  # mergekit: "Unable to load tokenizer ... Assuming same as base"
-            raise MalformedConfigError(
-                f"{f}: its tokenizer does not load ({str(e)[:120]}); save the model's tokenizer in its folder "
-                "(mergekit would assume the base's)."
-            ) from None
+        toks.append(_load_tokenizer(f))  # mergekit assumes the base's when one does not load; moerge refuses
     order = [first] + [i for i in range(len(folders)) if i != first]
     if source == "union":
         out = _union_tokenizer(base_tok, [(folders[i], toks[i]) for i in order])
