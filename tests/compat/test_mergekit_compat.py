@@ -87,7 +87,33 @@ def build_models(root: Path) -> dict[str, Path]:
         )
         out[f"ft{i}"] = d.resolve()
     out["lora"] = write_adapter(root / "lora", hidden=64, seed=7).resolve()
+    # fine-tunes whose tokenizers add tokens (mergekit reads real tokenizer files): tok1's ids of <A>, <B> equal
+    # tok0's, tok2 adds <C> before <A>, so aligning tok0 to tok2's vocabulary permutes rows
+    for i, added in enumerate((["<A>", "<B>"], ["<A>", "<B>", "<C>"], ["<C>", "<A>"])):
+        out[f"tok{i}"] = with_added_tokens(out[f"ft{i}"], root / f"tok{i}", added, seed=200 + i)
     return out
+
+
+def with_added_tokens(src: Path, dst: Path, tokens: list[str], seed: int) -> Path:
+    """A copy of the model ``src`` whose tokenizer adds the special ``tokens``, with random new rows in its
+    embeddings and LM head and ``vocab_size`` grown to match."""
+    from safetensors.torch import load_file, save_file
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    shutil.copytree(src, dst)
+    tok = AutoTokenizer.from_pretrained(str(src))
+    tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+    tok.save_pretrained(str(dst))
+    sd = load_file(str(src / "model.safetensors"))
+    g = torch.Generator().manual_seed(seed)
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        sd[k] = torch.cat([sd[k], torch.randn(len(tokens), sd[k].shape[1], generator=g)])
+    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["vocab_size"] = sd["lm_head.weight"].shape[0]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst.resolve()
 
 
 def write_adapter(folder: Path, hidden: int, seed: int) -> Path:
@@ -150,6 +176,7 @@ def configs(m: dict[str, Path]) -> dict[str, dict]:
             y["parameters"] = params
         return {"yaml": y, **extra}
 
+    toks = [str(m[f"tok{i}"]) for i in range(3)]
     out = {
         "linear": c("linear", with_base=False),
         "task_arithmetic": c("task_arithmetic", params={"lambda": 0.7}),
@@ -332,11 +359,53 @@ def configs(m: dict[str, Path]) -> dict[str, dict]:
         "linear, dtype bfloat16, out_dtype float32": c(
             "linear", with_base=False, dtype="bfloat16", out_dtype="float32"
         ),
+        # output tokenizers: inputs' embeddings and LM heads aligned to it (a token only tok1 has comes from
+        # tok1, one tok0 and tok1 have but the base lacks is their mean); the saved vocabularies are compared too
+        "task_arithmetic, tokenizer_source union": c(
+            "task_arithmetic",
+            mods=[{"model": t, "parameters": {"weight": w}} for t, w in zip(toks[:2], W)],
+            tokenizer_source="union",
+        ),
+        "ties, tokenizer_source base": c(
+            "ties",
+            mods=[{"model": t, "parameters": {"weight": w, "density": 0.5}} for t, w in zip(toks[:2], W)],
+            tokenizer_source="base",
+        ),
+        "task_arithmetic, tokenizer_source a model": c(
+            "task_arithmetic",
+            mods=[{"model": t, "parameters": {"weight": w}} for t, w in zip(toks[::2], W)],
+            tokenizer_source=toks[2],
+        ),
+        # mergekit walks the inputs as a Python set, so ids of tokens that several models add in different
+        # orders vary with the hash seed: here tok0's added tokens are a prefix of tok1's, so the union is fixed
+        "task_arithmetic, tokenizer: per-token sources, force, padding": c(
+            "task_arithmetic",
+            mods=[{"model": t, "parameters": {"weight": w}} for t, w in zip(toks[:2], W)],
+            tokenizer={
+                "source": "union",
+                "pad_to_multiple_of": 8,
+                "tokens": {
+                    "<new>": {"source": {"kind": "zero"}},
+                    "<A>": {"source": {"kind": "model_token", "model": toks[1], "token": "<C>"}},
+                    "x": {"source": toks[0], "force": True},
+                    "<B>": {"source": toks[1]},
+                },
+            },
+        ),
     }
     for cfg in out.values():
-        if "out_dtype" in cfg:
-            cfg["yaml"]["out_dtype"] = cfg.pop("out_dtype")
+        for key in ("out_dtype", "tokenizer_source", "tokenizer"):
+            if key in cfg:
+                cfg["yaml"][key] = cfg.pop(key)
     return out
+
+
+def saved_vocab(folder: Path) -> tuple[dict[str, int], int]:
+    """The saved tokenizer's vocabulary (token → id) and config.json's vocab_size."""
+    from transformers import AutoTokenizer
+
+    vocab = AutoTokenizer.from_pretrained(str(folder)).get_vocab()
+    return vocab, json.loads((folder / "config.json").read_text())["vocab_size"]
 
 
 def dare_statistics(out: dict, base: dict, fts: list[dict], cfg: dict) -> dict:
@@ -401,6 +470,14 @@ def compare(name: str, case: dict, mk: Path, mo: Path, base_sd: dict, fts: list[
     if layers_mk != layers_mo:
         r["ok"] = False
         r["detail"] += f"; num_hidden_layers mergekit {layers_mk}, moerge {layers_mo}"
+    if "tokenizer_source" in case["yaml"] or "tokenizer" in case["yaml"]:
+        vocab_mk, vocab_mo = (saved_vocab(f) for f in (mk, mo))
+        if vocab_mk != vocab_mo:
+            r["ok"] = False
+            diff = sorted(set(vocab_mk[0].items()) ^ set(vocab_mo[0].items()))[:4]
+            r["detail"] += f"; tokenizers differ: {diff}, vocab_size {vocab_mk[1]} vs {vocab_mo[1]}"
+        else:
+            r["detail"] += f"; same vocabulary ({len(vocab_mk[0])} tokens, vocab_size {vocab_mk[1]})"
     if dt_mk != dt_mo or cfg_mk != cfg_mo:
         r["ok"] = False
         r["detail"] += (

@@ -205,6 +205,7 @@ def merge(
         copy_tokenizer=cfg.copy_tokenizer,
         overwrite=overwrite,
         inputs=_inputs(cfg) + [cfg.library],
+        tokenizer=cfg.tokenizer_spec(),
         progress=progress,
     )
 

@@ -29,7 +29,7 @@ from moerge.errors import (
     UnsafeFormatError,
 )
 from moerge.experts.paths import atomic_output_dir, contain
-from moerge.merging.config import check_param_ranges, parse_size
+from moerge.merging.config import TokenizerSpec, check_param_ranges, parse_size
 from moerge.merging.registry import MethodSpec, count_layers, merge_tensor, resolve_params
 from moerge.merging.st_io import (
     ST_TO_TORCH,
@@ -251,8 +251,9 @@ def _tokenizer_vocab_hash(folder: Path) -> str | None:
     return hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest()
 
 
-def check_compatible(readers: list[TensorSource]) -> None:
-    """Refuse, naming the folder and the difference, models whose architecture, vocabulary or tensors differ."""
+def check_compatible(readers: list[TensorSource], same_vocab: bool = True) -> None:
+    """Refuse, naming the folder and the difference, models whose architecture, vocabulary or tensors differ
+    (vocabularies may differ when ``same_vocab`` is false: inputs aligned to an output tokenizer)."""
     ref = readers[0]
     for other in readers[1:]:
         where = f"{other.folder} vs {ref.folder}"
@@ -268,7 +269,7 @@ def check_compatible(readers: list[TensorSource]) -> None:
                 "merge models that share a tokenizer, or resize/transplant the vocabulary first."
             )
         h_ref, h_other = _tokenizer_vocab_hash(ref.folder), _tokenizer_vocab_hash(other.folder)
-        if h_ref and h_other and h_ref != h_other:
+        if same_vocab and h_ref and h_other and h_ref != h_other:
             raise ShapeMismatchError(
                 f"{where}: the tokenizers' vocabularies differ (same size, different tokens); token embeddings "
                 "would be averaged across different tokens. Merge models that share a tokenizer."
@@ -491,6 +492,7 @@ def merge_checkpoints(
     open_readers: Callable[[], tuple[list[Any], Any]] | None = None,
     params_for: Callable[[str], tuple[dict[str, Any], list[dict[str, Any]], float]] | None = None,
     config_overrides: dict[str, Any] | None = None,
+    tokenizer: TokenizerSpec | None = None,
 ) -> Path:
     """Merge transformers folders ``models`` (against ``base_model``) into the folder ``out``, streaming. A model
     or base may also be a GGUF file or a hub id (`moerge.backbones.loading.model_folder`).
@@ -505,7 +507,11 @@ def merge_checkpoints(
     ``progress(name, done, total)`` is called after each tensor is written.
 
     Layer slices (`moerge.merging.slices`) pass ``open_readers() -> (readers, base)`` (readers that rename
-    layers), ``params_for`` (parameters by output tensor) and ``config_overrides`` (the new layer count)."""
+    layers), ``params_for`` (parameters by output tensor) and ``config_overrides`` (the new layer count).
+
+    ``tokenizer`` (mergekit's ``tokenizer_source`` / ``tokenizer:``) builds an output tokenizer and aligns every
+    input's embeddings and LM head to it before merging (`moerge.merging.vocab`); the output holds that
+    tokenizer and its ``vocab_size``."""
     out = Path(out)
     parts = [split_lora_reference(m) for m in [*models, *([base_model] if base_model is not None else [])]]
     sources = [p for pair in parts for p in pair if p is not None] + list(inputs or [])
@@ -517,12 +523,24 @@ def merge_checkpoints(
         else:
             readers = [open_model(m) for m in models]
             base = open_model(base_model) if base_model is not None else None
-        check_compatible(([base] if base else []) + readers)
+        out_tokenizer = None
+        if tokenizer is not None:
+            from moerge.merging.vocab import align_readers
+
+            readers, base, tok_plan = align_readers(  # type: ignore[assignment]
+                readers, base, tokenizer, DTYPES[dtype] if dtype else torch.float32
+            )
+            out_tokenizer = tok_plan.tokenizer
+            config_overrides = {**(config_overrides or {}), "vocab_size": tok_plan.vocab_size}
+        check_compatible(([base] if base else []) + readers, same_vocab=tokenizer is None)
         with atomic_output_dir(out, overwrite=overwrite, inputs=sources) as tmp:
             _merge_into(
                 spec, readers, base, tmp, global_params, per_model, dtype, out_dtype, seed, shard_size, stats,
-                fan_in_fan_out, recipe, copy_tokenizer, progress, params_for, config_overrides,
+                fan_in_fan_out, recipe, copy_tokenizer and out_tokenizer is None, progress, params_for,
+                config_overrides,
             )  # fmt: skip
+            if out_tokenizer is not None:  # mergekit: tokenizer.save_pretrained(out, safe_serialization=True)
+                out_tokenizer.save_pretrained(str(tmp))
     finally:
         for r in readers + ([base] if base else []):
             r.close()

@@ -199,6 +199,44 @@ class OutputSlice(BaseModel):
         return {} if v is None else v
 
 
+class ZeroEmbedding(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(BaseModel):
+    """A row of ``model``'s own vocabulary: ``token`` (by its text) or ``token_id``."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["model_token"]
+    model: str = Field(min_length=1, max_length=4096)
+    token_id: int | None = Field(default=None, ge=0)
+    token: str | None = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelTokenEmbedding:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give exactly one of token_id or token")
+        return self
+
+
+class TokenEmbedding(BaseModel):
+    """Where one output token's row comes from (mergekit's ``TokenEmbeddingConfig``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: ZeroEmbedding | ModelTokenEmbedding | str | None = None
+    force: bool = False
+
+
+class TokenizerSpec(BaseModel):
+    """mergekit's ``tokenizer:`` block."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(default="union", min_length=1, max_length=4096)  # union, base, or a model
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = Field(default=None, ge=1)
+
+
 class MergeConfig(BaseModel):
     """A merge: method, inputs, parameters and output options."""
 
@@ -215,6 +253,9 @@ class MergeConfig(BaseModel):
     seed: int = Field(default=0, ge=0, lt=2**63)
     shard_size: int | str = "2GB"
     copy_tokenizer: bool = True
+    # mergekit's output tokenizer with embedding alignment (`moerge.merging.vocab`): union, base, or a model
+    tokenizer_source: str | None = Field(default=None, min_length=1, max_length=4096)
+    tokenizer: TokenizerSpec | None = None
     # moerge extensions: LoRA experts
     library: str | None = Field(default=None, min_length=1, max_length=4096)
     lora_mode: Literal["exact", "factor", "svd", "dense"] | None = None
@@ -254,6 +295,13 @@ class MergeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> MergeConfig:
+        if self.tokenizer_source is not None and self.tokenizer is not None:
+            raise ValueError("give tokenizer_source or tokenizer, not both (as in mergekit)")
+        if self.tokenizer_spec() is not None and (self.slices is not None or self.is_lora):
+            raise ValueError(
+                "tokenizer_source / tokenizer: an output tokenizer is supported for merges of full models "
+                "(models:), not with slices: or LoRA experts"
+            )
         if self.slices is not None:
             if self.models:
                 raise ValueError("give either models or slices, not both (as in mergekit)")
@@ -272,6 +320,12 @@ class MergeConfig(BaseModel):
         if self.add_to_library and self.library is None:
             raise ValueError("add_to_library needs library")
         return self
+
+    def tokenizer_spec(self) -> TokenizerSpec | None:
+        """The output tokenizer asked for (``tokenizer:``, or ``tokenizer_source:`` alone), or None."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        return None if self.tokenizer_source is None else TokenizerSpec(source=self.tokenizer_source)
 
     @property
     def is_lora(self) -> bool:
