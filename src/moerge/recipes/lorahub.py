@@ -63,6 +63,12 @@ class LoraHubRouter(Router):
     def begin_call(self, call: Any) -> None:
         call.plan["selection"] = Selection(self.weights.expand(call.batch_size, -1), None, "example")
 
+    def state(self) -> dict[str, torch.Tensor]:  # what `moerge.train.router.trained_router` stores and loads
+        return {"weights": self.weights.clone()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.weights = tensors["weights"].float()
+
     def experts_per_token(self, num_experts: int) -> float:
         return 1.0  # the mix is one LoRA of the experts' largest rank (`merged_lora`)
 
@@ -154,7 +160,7 @@ def search_weights(objective: Callable[[Any], float], n: int, options: LoraHubOp
 
 def build_lorahub(ctx: BuildContext, options: LoraHubOptions) -> Routing:
     from moerge.model.routed import MoErgedModel
-    from moerge.train.router import ROUTER_KIND, data_hash, router_config
+    from moerge.train.router import RouterTrainResult, data_hash, router_config, trained_router
 
     target = ctx.require_target()
     if not target.rows:
@@ -186,22 +192,18 @@ def build_lorahub(ctx: BuildContext, options: LoraHubOptions) -> Routing:
         return loss + options.l1 * sum(abs(float(x)) for x in w) / len(w)
 
     router.trainable_parameters = E
+
+    def search() -> RouterTrainResult:
+        ctx.describe(f"lorahub: searching {E} weights on {len(target.rows)} examples of {target.task}")
+        t0 = time.perf_counter()
+        router.weights = torch.tensor(search_weights(objective, E, options), dtype=torch.float32)
+        router.train_seconds = time.perf_counter() - t0
+        return RouterTrainResult(steps=options.budget, seconds=router.train_seconds)
+
     # the found weights are cached like a trained router (keyed by options, expert set, modules and data)
     config = router_config("lorahub", options.model_dump(), ctx.experts, ctx.library, ctx.modules,
                            data_hash(target.rows))  # fmt: skip
-    got = ctx.library.get_artifact(ROUTER_KIND, config, None) if ctx.library is not None else None
-    if got is not None:
-        router.weights = got[0]["weights"].float()
-        router.train_seconds = float(got[1].get("train_seconds", 0.0))
-        return Routing(router, "factor")
-    ctx.describe(f"lorahub: searching {E} weights on {len(target.rows)} examples of {target.task}")
-    t0 = time.perf_counter()
-    weights = search_weights(objective, E, options)
-    router.weights = torch.tensor(weights, dtype=torch.float32)
-    router.train_seconds = time.perf_counter() - t0
-    if ctx.library is not None:
-        info = {"train_seconds": router.train_seconds, "trainable_parameters": E, "evaluations": calls[0]}
-        ctx.library.put_artifact(ROUTER_KIND, config, None, {"weights": router.weights}, info)
+    trained_router(ctx.library, config, router, search)  # type: ignore[arg-type]
     return Routing(router, "factor")
 
 
