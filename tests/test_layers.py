@@ -18,6 +18,7 @@ LAYERS = [
     ["routing"],
     ["model"],
     ["train"],
+    ["pool"],
     ["recipes"],
     ["merging"],
     ["bench"],

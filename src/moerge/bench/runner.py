@@ -45,7 +45,7 @@ from moerge.bench.config import (
 from moerge.bench.evaluate import BenchRun, evaluate, mode_label, target_data, timed
 from moerge.bench.metrics import peak_memory
 from moerge.bench.results import BenchResults, MethodResult, TaskResult, normalize
-from moerge.bench.subjects import RoutedSubject
+from moerge.bench.subjects import BuiltSubject, RoutedSubject
 from moerge.errors import LibraryError, MoergeError, RecipeNotApplicableError
 
 __all__ = [
@@ -97,7 +97,7 @@ def run_recipe(run: BenchRun, spec: RecipeSpec) -> None:
     """Attach ``spec``'s recipe and evaluate every split its taxonomy record allows: once for every task when it
     is zero-shot, or once per task with that task's `TargetData` (few-shot / full, as its record declares),
     evaluated on that task only."""
-    from moerge.recipes.facade import attach, detach
+    from moerge.recipes.facade import attach, build_model, detach
     from moerge.recipes.registry import get_recipe
 
     rec = get_recipe(spec.recipe)
@@ -137,12 +137,13 @@ def run_recipe(run: BenchRun, spec: RecipeSpec) -> None:
                                        f"task {task.name!r} has no target data (a `target` split) for {mode} use")  # fmt: skip
             else:
                 builds.append(([task], data))
+    make = build_model if rec.builds_model else attach
     train_s: list[float] = []
     with peak_memory(run.config.device) as mem:
         for tasks, data in builds:
             try:
                 routed, build_s = timed(
-                    lambda data=data: attach(
+                    lambda data=data, make=make: make(
                         run.model,
                         run.library,
                         rec,
@@ -160,6 +161,16 @@ def run_recipe(run: BenchRun, spec: RecipeSpec) -> None:
                 results += run.skipped(spec.label, tasks, "error", f"{type(e).__name__}: {e}")
                 continue
             meta.build_s += build_s
+            if rec.builds_model:  # a whole new model (WEMoE, BTX …): the base model was not touched
+                subject: Any = BuiltSubject(routed)
+                meta.expert_flops_per_token = subject.flops
+                train_s.append(float(routed.train_seconds))
+                meta.trainable_parameters = max(
+                    meta.trainable_parameters or 0, int(routed.trainable_parameters)
+                )
+                results += evaluate(run, subject, spec.label, tasks)
+                del routed, subject
+                continue
             try:
                 subject = RoutedSubject(routed)
                 meta.expert_flops_per_token = subject.flops

@@ -36,6 +36,19 @@ class PlainSubject(Subject):
         return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, None
 
 
+class BuiltSubject(Subject):
+    """A whole model a model-building recipe made (`moerge.recipes.BuiltModel`): its per-example routers see the
+    prompt only (``routing_mask``), never the answer being scored."""
+
+    def __init__(self, built: Any):
+        self.model = built
+        self.flops = float(built.flops_per_token)
+
+    def forward(self, batch: Any, task: Any) -> tuple[Any, Any]:
+        mask, _ = routing_view(batch)
+        return self.model.logits(batch.input_ids, batch.attention_mask, mask), None
+
+
 class RoutedSubject(Subject):
     """A `MoErgedModel`: each call carries task names, the example texts the router may see, and (for the
     oracle) the ground-truth weights; routing weights are recorded."""

@@ -347,11 +347,10 @@ def inject(
     return layers, owner
 
 
-@torch.no_grad()
-def merge_into(model: nn.Module, expert: Expert, weight: float = 1.0) -> nn.Module:
-    """Add ``weight`` × the expert's update to ``model``'s weights in place (PEFT's ``merge_and_unload`` for one
-    adapter): ``W += weight · ΔW`` in each weight's own layout (Linear, Conv1D, Embedding), dense deltas by
-    parameter name. Returns ``model``."""
+def weight_deltas(model: nn.Module, expert: Expert) -> dict[str, torch.Tensor]:
+    """The expert's update of each of ``model``'s parameters, by parameter name and in the parameter's own
+    layout (LoRA densified: ``scaling · B @ A``, transposed for Conv1D and embeddings; dense deltas as stored).
+    What a method that treats experts as task vectors (WEMoE, Twin-Merging, BTX) reads; shapes are checked."""
     params = dict(model.named_parameters(remove_duplicate=False))  # tied weights under every name
     updates = {f"{m}.weight": lm.delta_for_weight() for m, lm in expert.lora.items()}
     updates.update(expert.dense)
@@ -359,12 +358,23 @@ def merge_into(model: nn.Module, expert: Expert, weight: float = 1.0) -> nn.Modu
         p = params.get(key)
         if p is None:
             raise ShapeMismatchError(
-                f"expert {expert.name!r} updates {key}, which the model does not have; merge it into its base model"
+                f"expert {expert.name!r} updates {key}, which the model does not have; use it with its base model"
             )
         if tuple(p.shape) != tuple(delta.shape):
             raise ShapeMismatchError(
                 f"expert {expert.name!r}: {key} has shape {tuple(p.shape)} in the model, the update {tuple(delta.shape)}"
             )
+    return updates
+
+
+@torch.no_grad()
+def merge_into(model: nn.Module, expert: Expert, weight: float = 1.0) -> nn.Module:
+    """Add ``weight`` × the expert's update to ``model``'s weights in place (PEFT's ``merge_and_unload`` for one
+    adapter): ``W += weight · ΔW`` in each weight's own layout (Linear, Conv1D, Embedding), dense deltas by
+    parameter name. Returns ``model``."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for key, delta in weight_deltas(model, expert).items():
+        p = params[key]
         p.add_(delta.to(device=p.device, dtype=p.dtype), alpha=weight)
     return model
 

@@ -9,6 +9,7 @@ from typing import Any
 from moerge.recipes.recipe import (
     AXES,
     BuildContext,
+    BuiltModel,
     Recipe,
     RecipeOptions,
     Routing,
@@ -27,6 +28,7 @@ from moerge.recipes.registry import (
 __all__ = [
     "AXES",
     "BuildContext",
+    "BuiltModel",
     "Recipe",
     "RecipeOptions",
     "Routing",
@@ -34,6 +36,7 @@ __all__ = [
     "TargetData",
     "Taxonomy",
     "attach",
+    "build_model",
     "detach",
     "get_recipe",
     "list_recipes",
@@ -45,7 +48,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("attach", "detach", "prepare_signatures"):
+    if name in ("attach", "build_model", "detach", "prepare_signatures"):
         from moerge.recipes import facade
 
         return getattr(facade, name)

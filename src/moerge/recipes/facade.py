@@ -12,11 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from moerge.errors import ExpertNotFoundError, MoergeError
+from moerge.errors import ExpertNotFoundError, MoergeError, RecipeNotApplicableError
 from moerge.experts.expert import Expert
 from moerge.model.routed import MoErgedModel, detach, inject
 from moerge.recipes.progress import SignatureProgress, as_progress
-from moerge.recipes.recipe import BuildContext, Recipe, Routing, Rows, TargetData
+from moerge.recipes.recipe import BuildContext, BuiltModel, Recipe, Routing, Rows, TargetData
 from moerge.recipes.registry import get_recipe
 from moerge.routing.call import CallOwner
 from moerge.routing.router import Router
@@ -92,6 +92,11 @@ def attach(
         # the user-data check against the data given; without any, a recipe that needs it says how to pass it
         # (`BuildContext.require_target`) when its builder asks
         rec.check_applicable(ctx, user_data=target.mode if target is not None else "full", options=opts)
+        if rec.model_builder is not None:
+            raise RecipeNotApplicableError(
+                f"recipe {rec.name!r} builds a whole model rather than routing the experts attached to yours: "
+                f"use moerge.recipes.build_model(model, library, {rec.name!r}, ...)"
+            )
         if rec.builder is None:  # the base recipe: no expert layers
             return MoErgedModel(model, {}, ctx.names, None, "output", CallOwner(), rec, opts, tokenizer)
     layers, owner = inject(model, expert_list, target_modules)
@@ -105,6 +110,37 @@ def attach(
     return MoErgedModel(
         model, layers, ctx.names, routing.router, routing.aggregation, owner, rec, opts, tokenizer
     )
+
+
+def build_model(
+    model: Any,
+    library_or_experts: Any,
+    recipe: str | Recipe,
+    *,
+    experts: Sequence[str] | None = None,
+    tokenizer: Any = None,
+    embedder: Any = None,
+    embedders: dict[str, Any] | None = None,
+    target: TargetData | None = None,
+    **options: Any,
+) -> BuiltModel:
+    """Build the whole model a model-building recipe makes from ``model`` (left unchanged) and the experts
+    (WEMoE, Branch-Train-MiX, Twin-Merging …: `Recipe.model_builder`). Arguments as in `attach`."""
+    expert_list, library = resolve_experts(library_or_experts, experts)
+    ctx = BuildContext(
+        model=model, experts=expert_list, library=library, tokenizer=tokenizer, embedder=embedder,
+        embedders=embedders if embedders is not None else {}, target=target,
+    )  # fmt: skip
+    rec = get_recipe(recipe)
+    if rec.model_builder is None:
+        raise RecipeNotApplicableError(
+            f"recipe {rec.name!r} routes the experts attached to a model: use moerge.recipes.attach(model, "
+            f"library, {rec.name!r}, ...)"
+        )
+    opts = rec.parse_options(options)
+    rec.check_applicable(ctx, user_data=target.mode if target is not None else "full", options=opts)
+    ctx.recipe = rec.name
+    return rec.model_builder(ctx, opts)
 
 
 def _custom_routing(router: Router, options: dict[str, Any]) -> Routing:

@@ -246,6 +246,31 @@ class Routing:
     aggregation: Aggregation = "output"
 
 
+@dataclass
+class BuiltModel:
+    """What a model-building recipe returns (``Recipe.model_builder``): a whole model evaluated as it is —
+    methods that rewrite the model rather than route among injected expert layers (WEMoE's weight-ensembling
+    MLPs, Branch-Train-MiX's MoE, Twin-Merging's shared model plus exclusive experts).
+
+    ``model`` is a new module (the builder never changes ``ctx.model``); ``logits(input_ids, attention_mask,
+    routing_mask)`` runs it, where ``routing_mask`` marks the tokens a per-example router may look at (the prompt,
+    never the answer being scored; ``None``: all of ``attention_mask``). The default ignores ``routing_mask`` —
+    right for models that route per token causally. ``train_seconds`` / ``trainable_parameters`` are the cost
+    columns the benchmark reports; ``flops_per_token`` the multiply-adds per token beyond the base model's."""
+
+    model: Any
+    forward: Callable[[Any, Any, Any], Any] | None = None
+    train_seconds: float = 0.0
+    trainable_parameters: int = 0
+    flops_per_token: float = 0.0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def logits(self, input_ids: Any, attention_mask: Any = None, routing_mask: Any = None) -> Any:
+        if self.forward is not None:
+            return self.forward(input_ids, attention_mask, routing_mask)
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
 # Option values → the taxonomy axis value they mean (for `Recipe.taxonomy_for`).
 _AXIS_VALUE = {"token": "step", "example": "example", "task": "task", "output": "output", "parameter": "parameter",
                "factor": "parameter, factor mix"}  # fmt: skip
@@ -260,7 +285,12 @@ class Recipe:
       taxonomy's ``generalization`` records what the paper evaluated, which is no reason to refuse a setting;
     - ``needs_inputs``: `RoutingInputs` fields every call must carry (e.g. ``task_names``);
     - ``option_axes``: options that move the method along a taxonomy axis (``{"granularity": "granularity"}``);
-    - ``variants``: option sets the benchmark runs besides the defaults (a callable, evaluated at run time).
+    - ``variants``: option sets the benchmark runs besides the defaults (a callable, evaluated at run time);
+    - ``model_builder``: instead of ``builder``, for methods that build a whole new model from the base and the
+      experts (``model_builder(ctx, options) -> BuiltModel``; `moerge.recipes.build_model` runs it, the
+      benchmark evaluates the model it returns);
+    - ``query_router``: instead of ``builder``, for routers among whole models (the pool suite's methods:
+      RouteLLM, Zooter …): ``query_router(options) -> moerge.pool.query.QueryRouter``.
     """
 
     name: str
@@ -274,6 +304,21 @@ class Recipe:
     needs_inputs: tuple[str, ...] = ()
     option_axes: Mapping[str, str] = field(default_factory=dict)
     variants: Callable[[], Sequence[dict[str, Any]]] = tuple
+    model_builder: Callable[[BuildContext, Any], BuiltModel] | None = None
+    query_router: Callable[[Any], Any] | None = None
+
+    @property
+    def kind(self) -> Literal["router", "model", "pool"]:
+        """``router``: routes experts injected into a model; ``model``: builds a whole model; ``pool``: picks
+        one whole model of a pool per query."""
+        if self.query_router is not None:
+            return "pool"
+        return "model" if self.model_builder is not None else "router"
+
+    @property
+    def builds_model(self) -> bool:
+        """Whether the recipe builds a whole model (``model_builder``) rather than a router."""
+        return self.model_builder is not None
 
     @property
     def key(self) -> str:
@@ -298,6 +343,11 @@ class Recipe:
     def build(self, ctx: BuildContext, options: BaseModel) -> Routing:
         from moerge.routing.router import Router
 
+        if self.model_builder is not None:
+            raise RecipeNotApplicableError(
+                f"recipe {self.name!r} builds a whole model, not a router: use "
+                f"moerge.recipes.build_model(model, library, {self.name!r}, ...)"
+            )
         if self.builder is None:
             raise RecipeNotApplicableError(f"recipe {self.name!r} needs no router")
         ctx.recipe = self.name
