@@ -365,3 +365,22 @@ def _load_hub(model_id: str, torch_dtype):
         raise ModelLoadError(
             f"{model_id}: model not found: not a local file or folder ({here}) {tried}; {fix}"
         ) from exc
+
+
+class PortableModel:
+    """A loaded causal LM as plain data — its config and weights — for another process (an executor's worker):
+    a live model may hold hooks that cannot be pickled (transformers' output-capturing hooks, once hidden states
+    were requested). ``load()`` rebuilds an equal model in eval mode."""
+
+    def __init__(self, model: Any):
+        self.config = model.config
+        self.state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        self.dtype = next(iter(self.state.values())).dtype if self.state else None
+
+    def load(self) -> Any:
+        from transformers import AutoModelForCausalLM
+
+        with quiet_transformers():
+            model = AutoModelForCausalLM.from_config(self.config, torch_dtype=self.dtype)
+        model.load_state_dict(self.state)
+        return model.eval()

@@ -204,6 +204,11 @@ class BenchConfig(BaseModel):
         "(per metric: accuracy points, nats per token), since the ratio would amplify noise",
     )
     device: str = "cpu"
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description="run the recipes one after another here (local) or each as a Ray task (ray; baselines, "
+        "premise and artifact preparation stay here). Results are the same either way",
+    )
     threads: int | None = Field(
         None,
         ge=1,

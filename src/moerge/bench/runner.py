@@ -30,6 +30,7 @@ import hashlib
 import platform
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from moerge.bench.artifacts import prepare_artifacts
@@ -213,6 +214,58 @@ def measure_run_premise(run: BenchRun, specs: Sequence[RecipeSpec]) -> Any:
         return None
 
 
+def run_recipes_elsewhere(
+    run: BenchRun, specs: Sequence[RecipeSpec], *, given_model: Any, library_url: str
+) -> None:
+    """Each recipe as a task of ``run.config.executor`` (Ray): a worker runs `run_bench` for that recipe alone —
+    no baselines, no premise, the artifacts this run prepared read from the same folder — and its method and
+    task results join this run's (normalised here, with the baselines)."""
+    from moerge.backbones.loading import PortableModel
+    from moerge.executor import get_executor
+
+    config = run.config
+    folder = getattr(run.library, "folder", None)  # the overlay this run's artifacts went to
+    worker_config = config.model_copy(
+        update=dict(
+            baselines=[], premise=False, prepare_artifacts=False, progress=False, executor="local",
+            artifacts_dir=str(folder) if folder is not None else config.artifacts_dir,
+        )
+    )  # fmt: skip
+    portable = PortableModel(given_model) if given_model is not None else None
+    jobs = [
+        _RecipeJob(run.suite, worker_config.model_copy(update={"recipes": [s.label]}), portable,
+                   run.tokenizer if given_model is not None else None, library_url, run.names)
+        for s in specs
+    ]  # fmt: skip
+    run.describe(f"{len(specs)} recipes on {config.executor}")
+    parts = get_executor(config.executor).map(
+        _run_recipe_job, jobs, on_done=lambda i, r: run.advance(len(run.suite.tasks))
+    )
+    for part in parts:
+        run.methods += part.methods
+        run.results += part.results
+        run.notes += part.notes
+
+
+@dataclass(frozen=True)
+class _RecipeJob:
+    suite: Any
+    config: BenchConfig
+    model: Any
+    tokenizer: Any
+    library: str
+    experts: list[str]
+
+
+def _run_recipe_job(job: _RecipeJob) -> BenchResults:
+    """One recipe's `run_bench` in an executor's worker (module-level: it is pickled)."""
+    from moerge.experts.library import ExpertLibrary
+
+    model = job.model.load() if job.model is not None else None
+    return run_bench(job.suite, job.config, model=model, tokenizer=job.tokenizer,
+                     library=ExpertLibrary.open(job.library), experts=job.experts)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------- entry point
 def run_bench(
     suite: Any,
@@ -242,6 +295,7 @@ def run_bench(
     specs = [parse_method(m) for m in config.recipes] if config.recipes is not None else default_methods()
     check_methods(specs)
     baselines = get_baselines(config.baselines, [m.label for m in config.merges.methods])
+    given_model = model
     if model is None:
         model, tok = suite.load_base()
         tokenizer = tokenizer or tok
@@ -269,6 +323,7 @@ def run_bench(
     if any(b.name == "merges" for b in baselines):
         for m in selected_merges(config):
             check_merge_baseline(m, n_models=len(names))
+    library_url = library.url
     if not config.write_artifacts:
         from moerge.experts.artifacts import ArtifactOverlay, default_artifacts_dir
 
@@ -293,9 +348,12 @@ def run_bench(
         for b in baselines:
             run.describe(b.name)
             b.run(run)
-        for spec in specs:
-            run.describe(spec.label)
-            run_recipe(run, spec)
+        if config.executor == "local" or len(specs) < 2:
+            for spec in specs:
+                run.describe(spec.label)
+                run_recipe(run, spec)
+        else:
+            run_recipes_elsewhere(run, specs, given_model=given_model, library_url=library_url)
         run.describe("done")
     if prefix is not None:
         run.notes.append(

@@ -88,6 +88,7 @@ def _run(
     write_artifacts: bool = False,
     user_data: list[str] | None = None,
     few_shot: int | None = None,
+    executor: str | None = None,
 ) -> None:
     from moerge.cli import plugins as cli_plugins
     from moerge.cli.common import console, err_console
@@ -111,7 +112,7 @@ def _run(
              "prepare_artifacts": artifacts, "device": device, "threads": threads,
              "experts": routing_options.parse_experts(experts),
              "artifacts_dir": str(artifacts_dir) if artifacts_dir is not None else None,
-             "write_artifacts": write_artifacts or None, "few_shot": few_shot,
+             "write_artifacts": write_artifacts or None, "few_shot": few_shot, "executor": executor,
              "user_data": [m.strip() for v in user_data for m in v.split(",") if m.strip()] if user_data else None}  # fmt: skip
     fields.update({k: v for k, v in flags.items() if v is not None})
     fields["progress"] = progress
@@ -367,13 +368,18 @@ def bench(
         min=1,
         help="labelled examples per task for few-shot recipes and baselines (default 20)",
     ),
+    executor: str | None = typer.Option(
+        None,
+        "--executor",
+        help="local (default): recipes one after another; ray: each recipe a Ray task (pip install 'moerge[ray]')",
+    ),
 ) -> None:
     """Run recipes and baselines on a suite: quality, routing, cost; write report.md, report.html, results.json."""
     if ctx.invoked_subcommand is not None:
         return
     _run(suite, recipe, baseline, library, base, out, config, limit, batch_size, reduced, root, rebuild,
          artifacts, device, progress, threads, plugin, seeds, plots, wide, as_json, experts, artifacts_dir,
-         write_artifacts, user_data, few_shot)  # fmt: skip
+         write_artifacts, user_data, few_shot, executor)  # fmt: skip
 
 
 def report(

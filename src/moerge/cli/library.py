@@ -290,12 +290,21 @@ def prepare(
     ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     plugin: list[str] = cli_plugins.plugin_option(),
+    executor: str = typer.Option(
+        "local",
+        "--executor",
+        help="local (default), or ray: each expert's signature a Ray task (pip install 'moerge[ray]')",
+    ),
 ) -> None:
     """Compute and store the routing signatures (PHATGOOSE gates, centroids, Arrow prototypes …) recipes need
     for the library's experts, from each expert's training data where the signature needs data."""
     from moerge.experts.library import ExpertLibrary
     from moerge.recipes.registry import get_recipe
 
+    if executor not in ("local", "ray"):
+        from moerge.errors import UsageError
+
+        raise UsageError(f"--executor {executor!r}: use local or ray")
     cli_plugins.load(plugin)
     lib = ExpertLibrary.open(library)
     names = routing_options.parse_experts(experts) or lib.names(kind="lora")
@@ -326,7 +335,7 @@ def prepare(
         for spec, rec in recipes:
             lines = prepare_signatures(
                 rec, model, tokenizer, lib, rows, experts=expert_list, embedders=embedders, progress=bar,
-                **spec.options,
+                executor=executor, **spec.options,
             )  # fmt: skip
             done += [f"{spec.label}: {line}" for line in lines]
     for line in done:

@@ -37,11 +37,22 @@ def train(
         "--base",
         help="base model: a transformers folder, a .gguf file or a hub id (see docs/training.md)",
     ),
-    data: Path = typer.Option(
-        ..., "--data", help='JSONL: {"text": ...} or {"prompt": ..., "completion": ...} rows'
+    data: Path | None = typer.Option(
+        None, "--data", help='JSONL: {"text": ...} or {"prompt": ..., "completion": ...} rows'
     ),
     library: str = typer.Option(..., "--library", help="library folder or URL (created if absent)"),
-    name: str = typer.Option(..., "--name", help="expert name"),
+    name: str | None = typer.Option(None, "--name", help="expert name"),
+    manifest: Path | None = typer.Option(
+        None,
+        "--manifest",
+        help='JSONL, one expert per line: {"name", "data", "task", "tags", "config"} (instead of --data/--name); '
+        "experts already in the library are skipped",
+    ),
+    executor: str = typer.Option(
+        "local",
+        "--executor",
+        help="with --manifest: local (one after another) or ray (pip install 'moerge[ray]')",
+    ),
     task: str | None = typer.Option(None, "--task", help="task label stored with the expert"),
     config: Path | None = typer.Option(None, "--config", help="YAML file of TrainConfig fields; flags win"),
     steps: int | None = typer.Option(None, "--steps"),
@@ -87,7 +98,21 @@ def train(
 
     if cluster is None and (embedding_model is not None or cluster_seed is not None):
         raise UsageError("--embedding-model and --cluster-seed go with --cluster K")
+    if manifest is not None and (data is not None or name is not None or cluster is not None):
+        raise UsageError("--manifest lists each expert's name and data: drop --data, --name and --cluster")
+    if manifest is None and (data is None or name is None):
+        raise UsageError("give --data FILE and --name NAME (one expert), or --manifest FILE (many)")
+    if executor not in ("local", "ray"):
+        raise UsageError(f"--executor {executor!r}: use local or ray")
+    if executor != "local" and manifest is None:
+        raise UsageError("--executor goes with --manifest (a single expert trains here)")
     check_source(base)
+    if manifest is not None:
+        _train_manifest(base, manifest, library, config, executor, overwrite, dict(
+            steps=steps, lr=lr, rank=rank, alpha=alpha, batch_size=batch_size, seq_len=seq_len, seed=seed,
+            target_modules=_split_modules(target_modules), layers=_layers(layers), use_rslora=rslora))  # fmt: skip
+        return
+    assert data is not None and name is not None
     # Read the data before loading torch, so a bad file fails fast.
     from moerge.train.data import read_jsonl
 
@@ -154,6 +179,39 @@ def train(
         f"trained [bold]{name}[/]: {t['steps']} steps, loss {t['first_loss']:.3f} → {t['final_loss']:.3f}, "
         f"{t['seconds']:.1f} s; added to {library}"
     )
+
+
+def _train_manifest(base, manifest, library, config, executor, overwrite, flags) -> None:
+    from moerge.cli.common import console
+    from moerge.experts.library import open_or_create
+    from moerge.progress import status
+    from moerge.train.manifest import read_manifest, train_manifest
+
+    entries = read_manifest(manifest)  # validated before torch loads
+    shared = _read_yaml(config) if config is not None else {}
+    shared.update({k: v for k, v in flags.items() if v is not None})
+    lib = open_or_create(library)
+    skipped = [e.name for e in entries if e.name in lib and not overwrite]
+    done = 0
+    with status(f"training {len(entries) - len(skipped)} experts ({executor})") as update:
+
+        def tick(name: str) -> None:
+            nonlocal done
+            done += 1
+            update(f"training on {executor}: {done}/{len(entries) - len(skipped)} added (last: {name})")
+
+        added = train_manifest(
+            base, manifest, lib, shared, executor=executor, overwrite=overwrite, on_done=tick
+        )
+    for md in added:
+        t = md.training or {}
+        console.print(f"trained [bold]{md.name}[/]: {t.get('steps')} steps, loss {t.get('first_loss', 0):.3f} → "
+                      f"{t.get('final_loss', 0):.3f}, {t.get('seconds', 0):.1f} s", highlight=False)  # fmt: skip
+    if skipped:
+        console.print(
+            f"already in {library} (skipped; --overwrite retrains): {', '.join(skipped)}", highlight=False
+        )
+    console.print(f"{len(added)} experts added to {library}", highlight=False)
 
 
 def _train_clusters(base, rows, k, cfg, lib, name, task, overwrite, tags, embedding_model, seed, where, data):

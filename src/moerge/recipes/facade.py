@@ -10,6 +10,7 @@ recipe needs from the experts' data.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from moerge.errors import ExpertNotFoundError, MoergeError, RecipeNotApplicableError
@@ -143,6 +144,59 @@ def build_model(
     return rec.model_builder(ctx, opts)
 
 
+@dataclass(frozen=True)
+class _SignatureJob:
+    recipe: str
+    options: dict[str, Any]
+    kind: str
+    library: str
+    expert: str
+    rows: list[dict[str, str]]
+
+
+def _compute_signature(job: _SignatureJob, shared: tuple[Any, Any]) -> str:
+    """One expert's signature in an executor's worker (module-level: it is pickled); stored in the library."""
+    from moerge.experts.library import ExpertLibrary
+
+    portable, tokenizer = shared
+    model = portable.load() if portable is not None else None
+    rec = get_recipe(job.recipe)
+    opts = rec.parse_options(job.options)
+    library = ExpertLibrary.open(job.library)
+    sig = next(s for s in rec.signatures if s.kind == job.kind)
+    ctx = BuildContext(model=model, experts=[library.get(job.expert)], library=library, tokenizer=tokenizer,
+                       recipe=rec.name)  # fmt: skip
+    sig.compute(ctx, opts, {job.expert: job.rows})
+    return job.expert
+
+
+def _compute_elsewhere(executor, rec, opts, model, tokenizer, library, todo, bar, done) -> list:
+    """The per-expert signatures of ``todo`` as executor tasks; returns what is left to compute here."""
+    from moerge.backbones.loading import PortableModel
+    from moerge.executor import get_executor
+
+    url = getattr(library, "url", None)
+    if url is None or type(library).__name__ != "ExpertLibrary":
+        raise MoergeError(
+            "computing signatures on another executor needs an ExpertLibrary (opened from its folder or URL), "
+            "which the workers open themselves"
+        )
+    jobs = [
+        _SignatureJob(rec.name, opts.model_dump(), sig.kind, url, name, list(rows))
+        for sig, have in todo if sig.scope == "expert" for name, rows in have.items()
+    ]  # fmt: skip
+    if jobs:
+        bar.start(f"{len(jobs)} signatures on {executor}")
+        get_executor(executor).map(_compute_signature, jobs, shared=(PortableModel(model) if model is not None else None, tokenizer),
+                                   on_done=lambda i, r: bar.steps(i + 1, len(jobs)))  # fmt: skip
+        bar.finish()
+    for sig, have in todo:
+        if sig.scope == "expert":
+            source = "their training data" if sig.needs_data else "their weights"
+            done.append(f"computed {sig.kind} for {len(have)} experts from {source} ({executor})")
+    return [(s, h) for s, h in todo if s.scope == "library"]
+
+
 def _custom_routing(router: Router, options: dict[str, Any]) -> Routing:
     aggregation = options.pop("aggregation", "output")
     if options:
@@ -166,6 +220,7 @@ def prepare_signatures(
     embedders: dict[str, Any] | None = None,
     progress: SignatureProgress | Callable[[str], None] | None = None,
     weights: bool = True,
+    executor: str = "local",
     **options: Any,
 ) -> list[str]:
     """Compute, into ``library``, every signature ``recipe`` needs and its experts lack, from each expert's
@@ -174,7 +229,9 @@ def prepare_signatures(
     loaded from it (default: every LoRA expert). ``weights``: also compute the signatures made from the weights
     alone (Arrow prototypes; otherwise made when the recipe is attached). Each signature is computed one
     expert at a time, reported to ``progress`` (a `SignatureProgress`, or a ``describe(text)`` callable).
-    Returns one line per signature computed."""
+    ``executor="ray"`` computes the per-expert signatures as Ray tasks, each storing its artifact in the library
+    (given by its URL, so a worker can open it; library-level ones are computed here). Returns one line per
+    signature computed."""
     rec = get_recipe(recipe)
     opts = rec.parse_options(options)
     if experts is not None and all(isinstance(e, Expert) for e in experts):
@@ -197,6 +254,8 @@ def prepare_signatures(
     todo = [(s, h) for s, h in todo if s.scope == "expert" or len(h) == len(ctx.names)]
     bar.add(sum(len(have) if sig.scope == "expert" else 1 for sig, have in todo))
     done = []
+    if executor != "local":
+        todo = _compute_elsewhere(executor, rec, opts, model, tokenizer, library, todo, bar, done)
     for sig, have in todo:
         if sig.scope == "library":
             bar.start(f"{sig.kind} · {len(have)} experts")
