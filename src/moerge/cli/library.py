@@ -168,7 +168,7 @@ def _add_admitted(lib, source: str, name, task, overwrite, eval_file, base, as_j
         from moerge.errors import AdmissionRefusedError
 
         raise AdmissionRefusedError(
-            f"{lib.url}: refused {', '.join(r.summary() for r in refused)}; nothing of "
+            f"{lib.url}: {'; '.join(r.summary() for r in refused)}; nothing of "
             f"{'them' if len(refused) > 1 else 'it'} was added. Retrain, or change the policy (`moerge library "
             f"policy {lib.url}`)."
         )
