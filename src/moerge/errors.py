@@ -59,6 +59,14 @@ class LibraryError(MoergeError):
     """The library folder is missing, corrupt or not a moerge library."""
 
 
+class AdmissionRefusedError(LibraryError):
+    """The library's admission policy refused an expert (the checks that failed are in the message)."""
+
+
+class AdmissionRequiredError(LibraryError):
+    """The library has an admission policy and an add came without an admission report."""
+
+
 class HubError(MoergeError):
     """A Hugging Face Hub repo could not be read or written (not in the cache offline, not found, no access)."""
 

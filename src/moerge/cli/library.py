@@ -69,12 +69,35 @@ def add(
     contributor: str | None = typer.Option(None),
     license: str | None = typer.Option(None, "--license"),
     overwrite: bool = typer.Option(False, help="Replace an expert of the same name."),
+    admit: bool = typer.Option(
+        False,
+        "--admit",
+        help="Run the admission checks (always run when the library has an admission policy).",
+    ),
+    eval_file: Path | None = typer.Option(
+        None,
+        "--eval",
+        help="The contributor's eval rows (JSONL prompt/completion or text) for the usefulness check.",
+    ),
+    base: Path | None = typer.Option(
+        None,
+        "--base",
+        help="Base model folder for admission (default: the library's base model, if a folder).",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print each admission report as one JSON line."),
+    wide: bool = wide_option(),
 ) -> None:
-    """Add a PEFT adapter folder (or every adapter folder inside a folder, or a Hub repo's adapter)."""
+    """Add a PEFT adapter folder (or every adapter folder inside a folder, or a Hub repo's adapter). With --admit,
+    or when the library has an admission policy (`moerge library policy`), each expert is screened first and
+    added only if admitted; the checks are printed as a table."""
     from moerge.experts.library import ExpertLibrary
     from moerge.experts.peft_io import is_peft_folder
 
     lib = ExpertLibrary.open(library)
+    if admit or lib.admission_policy is not None:
+        _add_admitted(lib, source, name, task, overwrite, eval_file, base, as_json, wide, meta_of(
+            domain=domain, contributor=contributor, license=license, tags=tag))  # fmt: skip
+        return
     meta = {k: v for k, v in dict(domain=domain, contributor=contributor, license=license).items() if v}
     if tag:
         meta["tags"] = tag
@@ -103,6 +126,179 @@ def add(
         added = lib.add_folder(folder, overwrite=overwrite, **({"task": task} if task else {}), **meta)
     for md in added:
         console.print(f"added [bold]{md.name}[/] ({md.kind}, task={md.task})")
+
+
+def meta_of(**fields: Any) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if v}
+
+
+def _add_admitted(lib, source: str, name, task, overwrite, eval_file, base, as_json, wide, meta) -> None:
+    """Screen every adapter of ``source`` and add the admitted ones; exit 1 naming the refused ones."""
+    from moerge.errors import AdmissionRefusedError, InputNotFoundError
+    from moerge.experts.peft_io import is_peft_folder, read_peft_folder
+
+    folder = Path(source)
+    if not folder.is_dir():
+        raise InputNotFoundError(
+            f"{folder}: no such adapter folder (admission screens local adapter folders)"
+        )
+    if is_peft_folder(folder) or name:
+        experts = [read_peft_folder(folder, name=name, task=task, **meta)]
+    else:
+        subs = sorted(p for p in folder.iterdir() if p.is_dir() and is_peft_folder(p))
+        experts = [read_peft_folder(p, task=task, **meta) for p in subs]
+    if not experts:
+        from moerge.errors import MalformedConfigError
+
+        raise MalformedConfigError(
+            f"{folder}: holds no PEFT adapter folders (sub-folders with adapter_config.json)"
+        )
+    screen, rows = _screen_for(lib, base, eval_file)
+    from moerge.train.screen import admit_expert
+
+    refused = []
+    for expert in experts:
+        try:
+            report = admit_expert(lib, expert, screen, rows, overwrite=overwrite, merge=_merge_duplicate)
+        except AdmissionRefusedError as e:
+            report = e.report  # type: ignore[attr-defined]
+            refused.append(report)
+        _print_report(report, as_json, wide)
+    if refused:
+        from moerge.errors import AdmissionRefusedError
+
+        raise AdmissionRefusedError(
+            f"{lib.url}: {'; '.join(r.summary() for r in refused)}; nothing of "
+            f"{'them' if len(refused) > 1 else 'it'} was added. Retrain, or change the policy (`moerge library "
+            f"policy {lib.url}`)."
+        )
+
+
+def _screen_for(lib, base: Path | None, eval_file: Path | None):
+    """The `ModelScreen` on the base model and the eval rows (the screen is None when nothing needs the model)."""
+    from moerge.train.data import read_jsonl
+    from moerge.train.screen import ModelScreen
+
+    rows = read_jsonl(eval_file) if eval_file is not None else []
+    model, tokenizer = _load_base(lib, base)
+    return ModelScreen(model, tokenizer), rows
+
+
+def _merge_duplicate(existing, new):
+    """A near-duplicate merged into the expert it duplicates: the mean of the two updates, stored exactly as one
+    LoRA of rank r₁ + r₂ (`moerge.merging.lora`, mode ``exact``)."""
+    from moerge.merging.lora import merge_lora_experts
+    from moerge.merging.registry import get_method
+
+    merged = merge_lora_experts(
+        get_method("linear"), [existing, new], {"normalize": True}, [{"weight": 1.0}, {"weight": 1.0}],
+        mode="exact", name=existing.name,
+    )  # fmt: skip
+    keep = existing.metadata.model_dump(exclude={"training", "extra", "tags", "description", "created_at"})
+    merged.metadata = merged.metadata.model_copy(update=keep)
+    return merged
+
+
+def _print_report(report, as_json: bool, wide: bool) -> None:
+    from moerge.tables import Column, Table, render
+
+    if as_json:
+        typer.echo(report.model_dump_json())
+        return
+    table = Table(f"admission of {report.expert}: {report.decision}", [
+        Column("check"), Column("result"), Column("numbers", drop=2), Column("reason", drop=1)])  # fmt: skip
+    for c in report.checks:
+        result = "skipped" if c.passed is None else "pass" if c.passed else "FAIL"
+        numbers = " ".join(f"{k}={v}" for k, v in c.numbers.items())
+        table.add_row(c.name, result, numbers, c.reason)
+    render(table, console, wide=wide)
+
+
+@library_app.command("admit")
+def admit_cmd(
+    library: str = typer.Argument(..., help="Library folder or URL."),
+    name: str = typer.Argument(..., help="Expert in the library to screen."),
+    eval_file: Path | None = typer.Option(None, "--eval", help="Eval rows (JSONL) for the usefulness check."),
+    base: Path | None = typer.Option(None, "--base", help="Base model folder (default: the library's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the admission report as JSON."),
+    wide: bool = wide_option(),
+) -> None:
+    """Screen an expert already in the library (added before the policy, say) against the others, with the
+    library's policy; the report is stored with the expert and logged. Exit 1 when the policy refuses it (the
+    expert stays: remove it with `moerge library rm`)."""
+    from moerge.experts.library import ExpertLibrary
+    from moerge.train.screen import screen_expert
+
+    lib = ExpertLibrary.open(library)
+    expert = lib.get(name)
+    screen, rows = _screen_for(lib, base, eval_file)
+    report = screen_expert(lib, expert, screen, rows)
+    if report.decision == "merged":  # an expert already in the library is kept; the duplicate is reported
+        report = report.model_copy(update={"decision": "admitted", "merged_into": None})
+    lib.log_admission(report)
+    extra = {**lib.get_metadata(name).extra, "admission": report.model_dump(mode="json")}
+    lib.update_metadata(name, extra=extra)
+    _print_report(report, as_json, wide)
+    if not report.admitted:
+        from moerge.errors import AdmissionRefusedError
+
+        raise AdmissionRefusedError(
+            f"{lib.url}: {report.summary()}; the expert is still in the library: remove it with "
+            f"`moerge library rm {lib.url} {name}`."
+        )
+
+
+@library_app.command("policy")
+def policy_cmd(
+    library: str = typer.Argument(..., help="Library folder or URL."),
+    probe: Path | None = typer.Option(
+        None, "--probe", help="Neutral probe rows (JSONL text or prompt/completion), stored in the library."
+    ),
+    margin: float | None = typer.Option(None, "--margin", help="Usefulness margin over the base."),
+    metric: str | None = typer.Option(None, "--metric", help="Usefulness metric: loss or accuracy."),
+    duplicate_cosine: float | None = typer.Option(
+        None, "--duplicate-cosine", help="ΔW cosine of a duplicate."
+    ),
+    on_duplicate: str | None = typer.Option(None, "--on-duplicate", help="refuse, merge or admit."),
+    norm_max_z: float | None = typer.Option(None, "--norm-max-z", help="Largest robust z of ‖ΔW‖."),
+    drift_max_kl: float | None = typer.Option(None, "--drift-max-kl", help="Largest KL on the probe set."),
+    require_eval: bool | None = typer.Option(None, "--require-eval/--no-require-eval"),
+    off: bool = typer.Option(False, "--off", help="Remove the policy (adds check integrity and base only)."),
+) -> None:
+    """Set or show the library's admission policy: every later add is screened with it."""
+    from pydantic import ValidationError
+
+    from moerge.errors import MalformedConfigError
+    from moerge.experts.admission import AdmissionPolicy
+    from moerge.experts.library import ExpertLibrary
+    from moerge.experts.schema import explain
+
+    lib = ExpertLibrary.open(library)
+    if off:
+        lib.set_admission_policy(None)
+        console.print(f"{lib.url}: admission policy removed", highlight=False)
+        return
+    changes = {
+        "usefulness_margin": margin, "usefulness_metric": metric, "duplicate_cosine": duplicate_cosine,
+        "on_duplicate": on_duplicate, "norm_max_z": norm_max_z, "drift_max_kl": drift_max_kl,
+        "require_eval": require_eval,
+    }  # fmt: skip
+    changes = {k: v for k, v in changes.items() if v is not None}
+    current = lib.admission_policy
+    if changes or probe is not None or current is None:
+        try:
+            policy = AdmissionPolicy.model_validate(
+                {**(current or AdmissionPolicy()).model_dump(), **changes}
+            )
+        except ValidationError as e:
+            raise MalformedConfigError(f"admission policy: {explain(e)}") from None
+        rows = None
+        if probe is not None:
+            from moerge.train.data import read_jsonl
+
+            rows = read_jsonl(probe)
+        lib.set_admission_policy(policy, rows)
+    console.out(lib.admission_policy.model_dump_json(indent=1), highlight=False)  # type: ignore[union-attr]
 
 
 @library_app.command("list")
@@ -178,6 +374,11 @@ def show(
     else:
         console.out(expert.metadata.model_dump_json(indent=1), highlight=False)
     render(table, console, wide=wide)
+    record = expert.metadata.extra.get("admission")
+    if isinstance(record, dict):
+        from moerge.experts.admission import AdmissionReport
+
+        _print_report(AdmissionReport.model_validate(record), False, wide)
 
 
 @library_app.command("verify")

@@ -10,6 +10,7 @@ Layout of a library (the same on every storage)::
     catalog.sqlite                      the catalog (local libraries; remote ones keep it in a local cache)
     catalog.sqlite.lock                 the write lock (holds the pid of the last writer)
     quarantine/                         what `verify --repair` could not account for (never deleted)
+    admission/probe.jsonl               the admission policy's neutral probe set (when a policy has one)
 
 The catalog is the source of truth: an expert exists once its catalog row is committed. Adding writes the
 expert into a staging folder, then, holding the library's write lock, renames it into ``experts/`` and
@@ -26,6 +27,7 @@ checked against their checksums when loaded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fnmatch
 import hashlib
 import json
@@ -43,6 +45,8 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 from moerge.errors import (
+    AdmissionRefusedError,
+    AdmissionRequiredError,
     BaseModelMismatchError,
     ChecksumMismatchError,
     ExpertExistsError,
@@ -71,6 +75,7 @@ from moerge.experts.storage import LocalStorage, Storage, storage_for
 if TYPE_CHECKING:  # torch is imported only by the operations that touch weights
     import torch
 
+    from moerge.experts.admission import AdmissionPolicy, AdmissionReport
     from moerge.experts.expert import Expert
 
 LIBRARY_FILE = "moerge-library.json"
@@ -101,6 +106,13 @@ CREATE INDEX IF NOT EXISTS experts_task ON experts(task);
 CREATE TABLE IF NOT EXISTS tags (name TEXT NOT NULL, tag TEXT NOT NULL, PRIMARY KEY (name, tag));
 CREATE INDEX IF NOT EXISTS tags_tag ON tags(tag);
 CREATE TABLE IF NOT EXISTS modules (module TEXT PRIMARY KEY, d_in INTEGER NOT NULL, d_out INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS admissions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    name TEXT NOT NULL,
+    decision TEXT NOT NULL,
+    at TEXT NOT NULL,
+    report TEXT NOT NULL
+);
 """
 
 
@@ -276,6 +288,100 @@ class ExpertLibrary:
     @property
     def base_shapes(self) -> dict[str, list[int]] | None:
         return self.info.get("base_shapes") or None
+
+    # ------------------------------------------------------------------ admission
+    @property
+    def admission_policy(self) -> AdmissionPolicy | None:
+        """The library's admission policy (None: experts are added after the integrity and base checks only)."""
+        from moerge.experts.admission import AdmissionPolicy
+
+        raw = self.info.get("admission")
+        return None if raw is None else AdmissionPolicy.model_validate(raw)
+
+    def set_admission_policy(
+        self, policy: AdmissionPolicy | None, probe_rows: list[dict[str, str]] | None = None
+    ) -> None:
+        """Set (or with None, remove) the admission policy. ``probe_rows`` (``{"text": …}`` or prompt/completion
+        rows) become the library's neutral probe set, ``admission/probe.jsonl``, kept with its checksum; without
+        them a policy keeps the probe set it had."""
+        from moerge.experts.admission import PROBE_FILE, ProbeSet, digest_rows, probe_bytes
+
+        with self._write():
+            if policy is None:
+                self.info.pop("admission", None)
+            else:
+                if probe_rows is not None:
+                    if not probe_rows:
+                        raise MalformedConfigError("the probe set holds no rows; give at least one.")
+                    data = probe_bytes(probe_rows)
+                    self.storage.write_bytes(PROBE_FILE, data)
+                    probe = ProbeSet(sha256=digest_rows(data), rows=len(probe_rows))
+                    policy = policy.model_copy(update={"probe": probe})
+                elif policy.probe is None and (old := self.admission_policy) is not None:
+                    policy = policy.model_copy(update={"probe": old.probe})
+                self.info["admission"] = policy.model_dump(mode="json")
+            self.storage.write_bytes(LIBRARY_FILE, json.dumps(self.info, indent=2).encode())
+
+    def probe_rows(self) -> list[dict[str, str]]:
+        """The policy's probe set, checked against its checksum ([] when the policy has none)."""
+        from moerge.experts.admission import digest_rows
+
+        policy = self.admission_policy
+        if policy is None or policy.probe is None:
+            return []
+        try:
+            data = self.storage.read_bytes(policy.probe.path)
+        except FileNotFoundError:
+            data = b""
+        if digest_rows(data) != policy.probe.sha256:
+            raise ChecksumMismatchError(
+                f"{self.url}/{policy.probe.path}: the probe set is missing or does not match its checksum; set it "
+                f"again (`moerge library policy {self.url} --probe FILE.jsonl`)."
+            )
+        rows = []
+        for i, line in enumerate(data.decode("utf-8").splitlines()):
+            row = parse_json_bytes(line.encode(), f"{self.url}/{policy.probe.path} line {i + 1}")
+            if not isinstance(row, dict) or not all(isinstance(v, str) for v in row.values()):
+                raise MalformedConfigError(
+                    f"{self.url}/{policy.probe.path} line {i + 1}: not a row of strings."
+                )
+            rows.append(row)
+        return rows
+
+    def check_compatible(self, expert: Expert, where: str | None = None) -> None:
+        """The checks every add makes before writing: integrity (shapes, NaN), base fingerprint, module shapes."""
+        where = where or f"expert {expert.name!r}"
+        expert.check(where)
+        self._check_base(expert, where)
+        self._check_module_shapes(expert, where)
+
+    def log_admission(self, report: AdmissionReport, c: sqlite3.Connection | None = None) -> None:
+        """Record an admission decision in the catalog (refusals too: the library's experts are unchanged)."""
+        row = (report.expert, report.decision, report.at, report.model_dump_json())
+        if c is not None:
+            c.execute("INSERT INTO admissions (name, decision, at, report) VALUES (?,?,?,?)", row)
+            return
+        with self._write() as w:
+            w.execute("INSERT INTO admissions (name, decision, at, report) VALUES (?,?,?,?)", row)
+
+    def admissions(self, name: str | None = None) -> list[AdmissionReport]:
+        """The catalog's admission log, oldest first (of one expert name when given)."""
+        from moerge.experts.admission import AdmissionReport
+
+        sql, args = "SELECT report FROM admissions", ()
+        if name is not None:
+            sql, args = sql + " WHERE name = ?", (name,)
+        try:
+            rows = self._conn.execute(sql + " ORDER BY id", args).fetchall()
+        except sqlite3.OperationalError:  # a read-only catalog from before admission existed
+            return []
+        out = []
+        for (raw,) in rows:
+            try:
+                out.append(AdmissionReport.model_validate_json(raw))
+            except ValidationError:
+                continue  # an edited row: not a report
+        return out
 
     def _catalog_location(self) -> str:
         local = self.storage.local_path(CATALOG_FILE)
@@ -667,9 +773,32 @@ class ExpertLibrary:
         return [self.get(n) for n in (names if names is not None else self.names())]
 
     # ------------------------------------------------------------------ adding
-    def add(self, expert: Expert, overwrite: bool = False, source: str | None = None) -> ExpertMetadata:
-        """Validate and add an expert atomically. Refuses a taken name unless ``overwrite``."""
+    def add(
+        self,
+        expert: Expert,
+        overwrite: bool = False,
+        source: str | None = None,
+        admission: AdmissionReport | None = None,
+    ) -> ExpertMetadata:
+        """Validate and add an expert atomically. Refuses a taken name unless ``overwrite``.
+
+        A library with an admission policy refuses an add without an ``admission`` report (made by
+        `moerge.train.screen.admit_expert`, which then calls this); the report is stored in the expert's
+        metadata (``extra["admission"]``) and logged in the catalog in the same transaction."""
         where = source or f"expert {expert.name!r}"
+        if admission is None and self.info.get("admission") is not None:
+            raise AdmissionRequiredError(
+                f"{self.url}: the library has an admission policy, so {where} must pass it: add with "
+                f"`moerge library add {self.url} SOURCE --eval EVAL.jsonl` (or moerge.train.screen.admit_expert)."
+            )
+        if admission is not None:
+            if not admission.admitted or admission.expert != expert.name:
+                raise AdmissionRefusedError(
+                    f"{where}: the admission report is for {admission.expert!r} and says {admission.decision!r}; "
+                    "only an admitted expert is added."
+                )
+            extra = {**expert.metadata.extra, "admission": admission.model_dump(mode="json")}
+            expert = dataclasses.replace(expert, metadata=expert.metadata.model_copy(update={"extra": extra}))
         expert.check(where)
         try:  # what is stored must read back as it was written
             ExpertMetadata.model_validate_json(expert.metadata.model_dump_json())
@@ -712,6 +841,8 @@ class ExpertLibrary:
                     c.execute("DELETE FROM experts WHERE name=?", (expert.name,))
                 self._insert_row(c, expert.metadata, folder, checksums)
                 self._record_module_shapes(c, expert, where)
+                if admission is not None:
+                    self.log_admission(admission, c)
                 if self.base_fingerprint is None and expert.metadata.base_fingerprint:
                     self._adopt_base(expert.metadata)
         except BaseException:

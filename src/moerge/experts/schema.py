@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from moerge.errors import MalformedConfigError
+from moerge.experts.admission import AdmissionPolicy
 from moerge.experts.formats import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -151,6 +152,7 @@ class LibraryInfo(BaseModel):
     base_model: str | None = None
     base_fingerprint: str | None = None
     base_shapes: dict[str, list[Annotated[int, Field(ge=0)]]] | None = None
+    admission: AdmissionPolicy | None = None
 
 
 def parse_library_info(data: Any, source: str) -> dict[str, Any]:
@@ -163,4 +165,7 @@ def parse_library_info(data: Any, source: str) -> dict[str, Any]:
         raise MalformedConfigError(
             f"{source}: not a valid library file: {explain(e)}; restore it from a backup or recreate the library."
         ) from None
-    return info.model_dump()
+    out = info.model_dump(mode="json")
+    if out.get("admission") is None:
+        out.pop("admission", None)
+    return out
