@@ -11,7 +11,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "moerge"
 # bottom → top; packages on one line may not import each other either (none does today)
 LAYERS = [
     ["errors"],
-    ["config_io", "entrypoints", "progress", "tables"],
+    ["config_io", "entrypoints", "executor", "progress", "tables"],
     ["experts"],
     ["backbones"],
     ["transforms"],
