@@ -64,7 +64,9 @@ class DescriptionRouter(QueryRouter):
             )
         if self.embedder is None:
             self.embedder = resolve_embedder(self.embedding_model)
-        self.described = torch.nn.functional.normalize(self.embedder.embed_texts(list(data.descriptions)).float(), dim=-1)
+        self.described = torch.nn.functional.normalize(
+            self.embedder.embed_texts(list(data.descriptions)).float(), dim=-1
+        )
         return self
 
     def scores(self, features: torch.Tensor, texts: Sequence[str] | None = None) -> torch.Tensor:

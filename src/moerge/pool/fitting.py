@@ -17,7 +17,9 @@ class Standardise(nn.Module):
         super().__init__()
         x = features.float()
         self.register_buffer("mean", x.mean(0))
-        self.register_buffer("std", x.std(0, unbiased=False).clamp_min(1e-6) if len(x) > 1 else torch.ones(x.shape[1]))
+        self.register_buffer(
+            "std", x.std(0, unbiased=False).clamp_min(1e-6) if len(x) > 1 else torch.ones(x.shape[1])
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x.float() - self.mean) / self.std
@@ -27,7 +29,9 @@ def head(features: torch.Tensor, out: int, hidden: int, *, seed: int) -> nn.Modu
     """Standardise, then a linear layer (``hidden`` 0) or Linear–GELU–Linear with ``hidden`` units."""
     torch.manual_seed(seed)  # the layers' initialisation
     d = features.shape[1]
-    body: list[nn.Module] = [nn.Linear(d, out)] if hidden == 0 else [nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, out)]
+    body: list[nn.Module] = (
+        [nn.Linear(d, out)] if hidden == 0 else [nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, out)]
+    )
     return nn.Sequential(Standardise(features), *body)
 
 

@@ -50,7 +50,9 @@ class PerformancePredictor(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.encode(x)  # [N, H]
         n, m = h.shape[0], self.members.shape[0]
-        pair = torch.cat([h.unsqueeze(1).expand(n, m, -1), self.members.unsqueeze(0).expand(n, m, -1)], dim=-1)
+        pair = torch.cat(
+            [h.unsqueeze(1).expand(n, m, -1), self.members.unsqueeze(0).expand(n, m, -1)], dim=-1
+        )
         return self.out(torch.nn.functional.gelu(self.mix(pair))).squeeze(-1)
 
 
@@ -111,7 +113,9 @@ class RoutooRouter(QueryRouter):
         def loss() -> torch.Tensor:
             return torch.nn.functional.binary_cross_entropy_with_logits(net(x), y)
 
-        self.losses = train_full_batch(net, loss, steps=self.steps, lr=self.lr, weight_decay=self.weight_decay)
+        self.losses = train_full_batch(
+            net, loss, steps=self.steps, lr=self.lr, weight_decay=self.weight_decay
+        )
         self.net = net
         return self
 

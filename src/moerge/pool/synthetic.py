@@ -52,7 +52,9 @@ def synthetic_pool(
     costs = torch.tensor([float(m + 1) for m in range(specialists)] + [2.0 * members])
     names = [f"specialist{m}" for m in range(specialists)] + ["generalist"]
     descriptions = [
-        "an assistant for " + " and ".join(TOPICS[c] for c in range(clusters) if c % specialists == m) + " questions"
+        "an assistant for "
+        + " and ".join(TOPICS[c] for c in range(clusters) if c % specialists == m)
+        + " questions"
         for m in range(specialists)
     ] + ["a general assistant for any question"]
     texts = [f"a question about {TOPICS[int(t)]} number {i}" for i, t in enumerate(tag)]

@@ -20,7 +20,8 @@ What is computed here (the paper's steps, with the pool's measured quality as th
 5. at inference the query goes to argmax_m p_m(q) alone (`scores` returns p; `choose` with penalty 0 is that).
 
 [U] The paper's exact temperature and mixing weight of the tag enhancement were not checked against its text in
-this build (the card marks the details unverified); both are options, defaults τ = 0.1, β = 0.3.
+this build (the card marks the details unverified); both are options, defaults τ = 0.1, β = 0.3. The router is linear on the embedding by default
+(``hidden`` > 0: one hidden layer).
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ from moerge.pool.query import PoolData, QueryRouter
 def reward_distribution(quality: torch.Tensor, temperature: float) -> torch.Tensor:
     """``softmax(quality / temperature)`` per query: the per-query target over the pool."""
     return torch.softmax(quality.double() / temperature, dim=1).float()
+
+
+def distillation_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """KL(targets ‖ softmax(logits)) averaged over the queries."""
+    return torch.nn.functional.kl_div(torch.log_softmax(logits, dim=1), targets, reduction="batchmean")
 
 
 def tag_enhanced(targets: torch.Tensor, tags: Sequence[str] | None, weight: float) -> torch.Tensor:
@@ -58,7 +64,7 @@ class ZooterRouter(QueryRouter):
         *,
         temperature: float = 0.1,
         tag_weight: float = 0.3,
-        hidden: int = 64,
+        hidden: int = 0,
         steps: int = 300,
         lr: float = 1e-2,
         weight_decay: float = 0.01,
@@ -80,10 +86,11 @@ class ZooterRouter(QueryRouter):
         net = head(x, len(self.members), self.hidden, seed=self.seed)
 
         def loss() -> torch.Tensor:
-            log_p = torch.log_softmax(net(x), dim=1)
-            return torch.nn.functional.kl_div(log_p, target, reduction="batchmean")
+            return distillation_loss(net(x), target)
 
-        self.losses = train_full_batch(net, loss, steps=self.steps, lr=self.lr, weight_decay=self.weight_decay)
+        self.losses = train_full_batch(
+            net, loss, steps=self.steps, lr=self.lr, weight_decay=self.weight_decay
+        )
         self.net = net
         return self
 
