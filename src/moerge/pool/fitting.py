@@ -13,6 +13,9 @@ from torch import nn
 class Standardise(nn.Module):
     """``(x − mean) / std`` with the training features' statistics (kept as buffers)."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(self, features: torch.Tensor):
         super().__init__()
         x = features.float()
