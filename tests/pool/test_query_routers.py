@@ -237,3 +237,12 @@ def test_routoo_budget_trades_quality_for_cost():
         if budget is not None:
             assert spent[-1] <= budget + 1e-9
     assert spent == sorted(spent) and quality[-1] > quality[0]
+
+
+def test_pool_recipes_are_listed_and_left_out_of_an_expert_suites_default_methods():
+    from moerge.bench.runner import default_methods
+    from moerge.recipes.registry import list_recipes
+
+    pool_names = {r.name for r in list_recipes() if r.kind == "pool"}
+    assert {"zooter", "routoo", "benchmark_knn", "description_router"} <= pool_names
+    assert not pool_names & {get_recipe(s.recipe).name for s in default_methods()}
