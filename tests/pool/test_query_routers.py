@@ -246,3 +246,40 @@ def test_pool_recipes_are_listed_and_left_out_of_an_expert_suites_default_method
     pool_names = {r.name for r in list_recipes() if r.kind == "pool"}
     assert {"zooter", "routoo", "benchmark_knn", "description_router"} <= pool_names
     assert not pool_names & {get_recipe(s.recipe).name for s in default_methods()}
+
+
+def test_routoo_scores_with_a_budget_make_choose_pick_the_budgeted_members(pool):
+    train, test = pool
+    router = RoutooRouter(steps=50).fit(train)
+    budgeted = RoutooRouter(steps=50, budget=1.6).fit(train)
+    want = router.select(test.features, 1.6)
+    assert torch.equal(choose(budgeted.scores(test.features), test.costs), want)
+    assert float(test.costs[want].mean()) <= 1.6
+
+
+def test_description_likelihood_is_the_mean_log_prob_of_each_description_after_the_query(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moerge.pool.description import TEMPLATE
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    data = synthetic_pool(6, members=3, clusters=2, seed=5)
+    descriptions = ["math", "a general assistant", "poems"]  # different lengths: padding matters
+    data = PoolData(
+        data.texts, data.features, data.quality, data.members, data.costs, data.tags, descriptions
+    )
+    recipe = get_recipe("description_router")
+    router = recipe.query_router(recipe.parse_options({"scorer": "likelihood"}))
+    router.model, router.tokenizer = model, tok
+    got = router.fit(data).scores(data.features[:3], data.texts[:3])
+    for n in range(3):
+        prompt = [tok.bos_token_id] + tok(TEMPLATE.format(query=data.texts[n]), add_special_tokens=False)[
+            "input_ids"
+        ]
+        for m, d in enumerate(descriptions):
+            ids = prompt + tok(d, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids])).logits[0]
+            logp = [float(torch.log_softmax(logits[t - 1], -1)[ids[t]]) for t in range(len(prompt), len(ids))]
+            assert float(got[n, m]) == pytest.approx(sum(logp) / len(logp), abs=1e-4)

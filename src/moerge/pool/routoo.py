@@ -83,8 +83,8 @@ def budget_choice(
 
 
 class RoutooRouter(QueryRouter):
-    """A performance predictor per member (`scores`: predicted quality in [0, 1]) and the budgeted selector
-    (`select`)."""
+    """A performance predictor per member (`predict`: quality in [0, 1]) and the budgeted selector (`select`);
+    `scores` is the prediction, made budget-aware when the router has a ``budget`` (see `scores`)."""
 
     def __init__(
         self,
@@ -102,6 +102,7 @@ class RoutooRouter(QueryRouter):
         self.net: PerformancePredictor | None = None
         self.costs: torch.Tensor | None = None
         self.losses: list[float] = []
+        self.penalty: float | None = None  # the last batch's budget penalty λ
 
     def fit(self, data: PoolData) -> RoutooRouter:
         self.members = list(data.members)
@@ -119,17 +120,29 @@ class RoutooRouter(QueryRouter):
         self.net = net
         return self
 
-    def scores(self, features: torch.Tensor, texts: Sequence[str] | None = None) -> torch.Tensor:
+    def predict(self, features: torch.Tensor) -> torch.Tensor:
+        """The predicted quality of each member on each query, ``[N, M]`` in [0, 1]."""
         if self.net is None:
-            raise RuntimeError("RoutooRouter.scores before fit")
+            raise RuntimeError("RoutooRouter used before fit")
         with torch.no_grad():
             return torch.sigmoid(self.net(features.float()))
+
+    def scores(self, features: torch.Tensor, texts: Sequence[str] | None = None) -> torch.Tensor:
+        """The predicted quality; with a ``budget``, less the batch's Lagrangian cost penalty
+        (ŝ − λ·cost / max cost), so that ``choose(scores, costs)`` makes the budgeted pick."""
+        predicted = self.predict(features)
+        if self.budget is None:
+            return predicted
+        assert self.costs is not None
+        _, penalty = budget_choice(predicted, self.costs, self.budget)
+        self.penalty = penalty
+        return (predicted.double() - penalty * self.costs / self.costs.max()).float()
 
     def select(self, features: torch.Tensor, budget: float | None = None) -> torch.Tensor:
         """The member per query maximising predicted quality under the average ``budget`` (this router's
         ``budget`` when None; no budget: the best predicted member)."""
         budget = self.budget if budget is None else budget
-        scores = self.scores(features)
+        scores = self.predict(features)
         assert self.costs is not None
         if budget is None:
             return choose(scores, self.costs)
@@ -137,4 +150,8 @@ class RoutooRouter(QueryRouter):
 
     @property
     def info(self) -> dict[str, Any]:
-        return {"final_bce": self.losses[-1] if self.losses else None, "budget": self.budget}
+        return {
+            "final_bce": self.losses[-1] if self.losses else None,
+            "budget": self.budget,
+            "penalty": self.penalty,
+        }

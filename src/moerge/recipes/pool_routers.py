@@ -46,7 +46,9 @@ class BenchmarkKNNOptions(RecipeOptions):
 
 
 class DescriptionOptions(RecipeOptions):
+    scorer: Literal["embedding", "likelihood"] = "embedding"
     embedding_model: str = "default"  # all-MiniLM-L6-v2, or a sentence-transformers folder / hub id
+    llm: str | None = None  # scorer=likelihood: a causal LM (transformers folder, hub id or GGUF)
 
 
 def _zooter(o: ZooterOptions) -> ZooterRouter:
@@ -124,7 +126,7 @@ BENCHMARK_KNN = Recipe(
 
 DESCRIPTION_ROUTER = Recipe(
     name="description_router",
-    summary="per query: the member whose description's embedding is closest (cosine) to the query's",
+    summary="per query: the member whose description fits it best (embedding cosine, or an LLM's likelihood)",
     paper="Airoboros (jondurbin/airoboros) / LlamaIndex RouterQueryEngine (systems, no paper)",
     taxonomy=Taxonomy(
         training="multiple",
@@ -139,7 +141,7 @@ DESCRIPTION_ROUTER = Recipe(
     ),  # fmt: skip
     builder=None,
     options=DescriptionOptions,
-    query_router=lambda o: DescriptionRouter(embedding_model=o.embedding_model),
+    query_router=lambda o: DescriptionRouter(scorer=o.scorer, embedding_model=o.embedding_model, llm=o.llm),
 )
 
 RECIPES = [ZOOTER, ROUTOO, BENCHMARK_KNN, DESCRIPTION_ROUTER]
