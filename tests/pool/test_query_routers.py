@@ -240,11 +240,18 @@ def test_routoo_budget_trades_quality_for_cost():
 
 
 def test_pool_recipes_are_listed_and_left_out_of_an_expert_suites_default_methods():
+    import json
+
+    from typer.testing import CliRunner
+
     from moerge.bench.runner import default_methods
+    from moerge.cli import app
     from moerge.recipes.registry import list_recipes
 
     pool_names = {r.name for r in list_recipes() if r.kind == "pool"}
     assert {"zooter", "routoo", "benchmark_knn", "description_router"} <= pool_names
+    listed = {row["recipe"] for row in json.loads(CliRunner().invoke(app, ["recipes", "--json"]).stdout)}
+    assert pool_names <= listed
     assert not pool_names & {get_recipe(s.recipe).name for s in default_methods()}
 
 
