@@ -63,14 +63,17 @@ PREMISE_ROWS = 128  # training rows per expert for the premise diagnostics (≤ 
 
 
 def default_methods() -> list[RecipeSpec]:
-    """Every registered recipe no baseline covers, plus the variants each recipe declares (e.g. per-example
-    routing for per-token recipes, so both are compared on the same experts)."""
+    """Every registered recipe no baseline covers (pool recipes aside: they route among a pool's whole models),
+    plus the variants each recipe declares (e.g. per-example routing for per-token recipes, so both are compared
+    on the same experts)."""
     from moerge.recipes.registry import list_recipes
 
     covered = covered_recipes()
     out = []
     for r in list_recipes():
-        if r.key in covered:
+        if (
+            r.key in covered or r.kind == "pool"
+        ):  # pool recipes route among whole models, not a library's experts
             continue
         out.append(RecipeSpec(r.name, r.key))
         for variant in r.variants():
