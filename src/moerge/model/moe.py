@@ -36,7 +36,14 @@ from torch import nn
 from moerge.errors import MalformedConfigError, ModelLoadError, ShapeMismatchError
 
 GateMode = Literal["hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random"]
-GATE_MODES: tuple[str, ...] = ("hidden", "hidden_last", "hidden_avg", "cheap_embed", "random", "uniform_random")
+GATE_MODES: tuple[str, ...] = (
+    "hidden",
+    "hidden_last",
+    "hidden_avg",
+    "cheap_embed",
+    "random",
+    "uniform_random",
+)
 FFN = ("gate_proj", "up_proj", "down_proj")
 
 
