@@ -172,7 +172,7 @@ def build_mixtral(
     # non-persistent buffers (the rotary frequencies) are not in the state dict: made again off the meta device
     model.model.rotary_emb = type(model.model.rotary_emb)(config)
     if dtype is not None:
-        model.to(dtype)
+        model.to(dtype)  # type: ignore[arg-type]
     return model.eval()
 
 
@@ -219,8 +219,8 @@ def gate_vectors(
 ) -> torch.Tensor:
     """Router weights [layers, experts, hidden] by mergekit-moe's ``gate_mode`` (module docstring): one
     positive (and optionally negative) prompt list per expert; ``num_experts`` for the random modes."""
-    cfg = base.config
-    n_layers, hidden = cfg.num_hidden_layers, cfg.hidden_size
+    cfg: Any = base.config
+    n_layers, hidden = int(cfg.num_hidden_layers), int(cfg.hidden_size)
     if mode in ("random", "uniform_random"):
         n = num_experts if num_experts is not None else len(positive)
         g = torch.Generator().manual_seed(seed)
@@ -233,7 +233,7 @@ def gate_vectors(
     if tokenizer is None:
         raise MalformedConfigError(f"gate_mode {mode!r} encodes prompts: give the base model's tokenizer")
     if mode == "cheap_embed":
-        embed = base.get_input_embeddings().weight.detach()
+        embed = base.get_input_embeddings().weight.detach()  # type: ignore[operator]
 
         def vec(tok: Any) -> torch.Tensor:
             return _cheap_embed(embed, tok, n_layers)
