@@ -103,11 +103,12 @@ def test_top2_moe_matches_the_dense_mixture(model_dirs, tmp_path):
 
 
 def encode(tokenizer, prompts):
-    """mergekit's encoding written out: bos + characters, right-padded with the pad id."""
-    rows = [[tokenizer.bos_token_id] + tokenizer.convert_tokens_to_ids(list(p)) for p in prompts]
+    """mergekit's encoding written out: bos + characters, left-padded with bos (mergekit/scripts/moe.py)."""
+    bos = tokenizer.bos_token_id
+    rows = [[bos] + tokenizer.convert_tokens_to_ids(list(p)) for p in prompts]
     n = max(len(r) for r in rows)
-    ids = torch.tensor([r + [tokenizer.pad_token_id] * (n - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (n - len(r)) for r in rows])
+    ids = torch.tensor([[bos] * (n - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows])
     return ids, mask
 
 

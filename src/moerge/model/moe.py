@@ -13,10 +13,10 @@ arcee-ai/mergekit ``mergekit/moe/router.py``, ``get_gate_params``): per expert a
 
 - ``hidden`` / ``hidden_last``: the base model's hidden states entering each decoder layer
   (``output_hidden_states[:-1]``) at the *last* position of each prompt (prompts are ``bos + prompt``, padded
-  together on the tokenizer's padding side, as mergekit does), averaged over the positive prompts, minus the same
-  for the negative prompts, then L2-normalised per layer;
-- ``hidden_avg``: the same with each prompt's states averaged over all its positions (padding included, as
-  mergekit's ``sum(dim=2) / seq_len``);
+  together on the left with BOS, as ``mergekit/scripts/moe.py`` sets up the tokenizer), averaged over the positive
+  prompts, minus the same for the negative prompts, then L2-normalised per layer;
+- ``hidden_avg``: the same with each prompt's states averaged over all its positions (the left padding included,
+  as mergekit's ``sum(dim=2) / seq_len``);
 - ``cheap_embed``: the token embeddings of the prompts summed over the unpadded tokens of all prompts, negative
   subtracted, normalised, the same row in every layer;
 - ``random``: standard normal; ``uniform_random``: U(-1/√hidden, 1/√hidden) (torch's ``nn.Linear`` init).
@@ -27,6 +27,7 @@ model's own dtype (float32 for the tests' tiny models).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -177,7 +178,15 @@ def build_mixtral(
 
 
 def tokenize_prompts(tokenizer: Any, prompts: Sequence[str]) -> Any:
-    """mergekit's prompt encoding: ``bos + prompt``, padded together, no other special tokens."""
+    """mergekit's prompt encoding: ``bos + prompt``, no other special tokens, padded together on the *left*
+    with the BOS token (EOS when there is none) as padding, as ``mergekit-moe`` sets up its tokenizer
+    (``mergekit/scripts/moe.py``); ``tokenizer`` itself is left as it was."""
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.padding_side = "left"
+    if tokenizer.bos_token_id is not None:
+        tokenizer.pad_token_id = tokenizer.bos_token_id
+    else:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer(
         [(tokenizer.bos_token or "") + p for p in prompts],
         return_tensors="pt",
