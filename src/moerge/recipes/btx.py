@@ -22,6 +22,9 @@ U(−1/√d, 1/√d) (``gate_init``, torch's ``nn.Linear`` default; mergekit's `
 are offered by `moerge build-moe`). The trained routers are one library-scope artifact (``btx_router``, keyed like
 the learned routers of `moerge.train.router`: options, expert set and digests, data hash), prepared from the
 experts' data by ``moerge library prepare`` or the benchmark, so a second build trains nothing.
+
+Taxonomy note: the survey records BTX's user data as "multiple"; here ``zero-shot`` (as MeteoRA and SMEAR: the
+routers learn from the experts' own data, the user gives nothing), and ``expert_data="shared"``.
 """
 
 from __future__ import annotations
