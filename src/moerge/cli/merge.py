@@ -36,6 +36,25 @@ def _config_warnings_as_lines() -> Iterator[None]:
 
 def register(app: typer.Typer) -> None:
     app.command("merge")(merge_command)
+    app.command("build-moe")(build_moe_command)
+
+
+def build_moe_command(
+    config: Path = typer.Argument(
+        ...,
+        help="mergekit-moe style YAML: base_model, gate_mode, experts (source_model or expert + prompts).",
+    ),
+    out: Path = typer.Argument(..., help="Output folder: a transformers Mixtral model."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a non-empty OUT (once the new model is complete; never an input)."
+    ),
+) -> None:
+    """Build a mixture-of-experts checkpoint (Mixtral layout) from a base and dense or library experts."""
+    from moerge.merging.moe import build_moe
+
+    with _config_warnings_as_lines():
+        written = build_moe(config, out, overwrite=overwrite)
+    console.print(f"MoE model written to [bold]{written}[/]")
 
 
 def merge_command(
