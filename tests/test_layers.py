@@ -18,6 +18,7 @@ LAYERS = [
     ["routing"],
     ["model"],
     ["train"],
+    ["compose"],
     ["recipes"],
     ["merging"],
     ["bench"],
