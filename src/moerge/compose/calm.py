@@ -59,7 +59,9 @@ class CrossAttentionBridge(nn.Module):
     def __init__(self, anchor_width: int, augmenting_width: int, num_heads: int) -> None:
         super().__init__()
         if anchor_width % num_heads:
-            raise MalformedConfigError(f"CALM: {num_heads} heads do not divide the anchor width {anchor_width}")
+            raise MalformedConfigError(
+                f"CALM: {num_heads} heads do not divide the anchor width {anchor_width}"
+            )
         self.num_heads = num_heads
         self.proj = nn.Linear(augmenting_width, anchor_width)
         self.q = nn.Linear(anchor_width, anchor_width, bias=False)
@@ -97,7 +99,9 @@ class CALM(nn.Module):
         config = config or CALMConfig()
         found_b, found_a = decoder_layers(anchor), decoder_layers(augmenting)
         if found_b is None or found_a is None:
-            raise MalformedConfigError("CALM: could not find the decoder layers of the anchor or augmenting model")
+            raise MalformedConfigError(
+                "CALM: could not find the decoder layers of the anchor or augmenting model"
+            )
         self.anchor, self.augmenting, self.config = anchor, augmenting, config
         self._anchor_layers = found_b[1]
         n_b, n_a = len(found_b[1]), len(found_a[1])
@@ -113,7 +117,9 @@ class CALM(nn.Module):
         self.pairs = list(zip(lb, la))
         self.bridges = nn.ModuleDict(
             {
-                str(b): CrossAttentionBridge(anchor.config.hidden_size, augmenting.config.hidden_size, config.num_heads)
+                str(b): CrossAttentionBridge(
+                    anchor.config.hidden_size, augmenting.config.hidden_size, config.num_heads
+                )
                 for b, _ in self.pairs
             }
         )
@@ -126,7 +132,9 @@ class CALM(nn.Module):
         for b, _ in self.pairs:
             bridge = self.bridges[str(b)]
 
-            def hook(module: nn.Module, args: Any, output: Any, b: int = b, bridge: nn.Module = bridge) -> Any:
+            def hook(
+                module: nn.Module, args: Any, output: Any, b: int = b, bridge: nn.Module = bridge
+            ) -> Any:
                 hidden = output[0] if isinstance(output, tuple) else output
                 hidden = hidden + bridge(hidden, run.states[b])
                 return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
@@ -141,7 +149,9 @@ class CALM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The composed model's logits ``[B, T, V]``."""
         with torch.no_grad():
-            aug = self.augmenting(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+            aug = self.augmenting(
+                input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True
+            )
         # hidden_states[j + 1] is the output of layer j (hidden_states[0] the embeddings); the top entry is the
         # final-normed output in transformers, the paper's "layer" representation either way
         run = _Pass({b: aug.hidden_states[a + 1] for b, a in self.pairs})
@@ -149,7 +159,9 @@ class CALM(nn.Module):
             return self.anchor(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
     @torch.no_grad()
-    def generate_greedy(self, tokenizer: Any, prompts: str | Sequence[str], max_new_tokens: int = 32) -> list[str]:
+    def generate_greedy(
+        self, tokenizer: Any, prompts: str | Sequence[str], max_new_tokens: int = 32
+    ) -> list[str]:
         """Greedy completions of each prompt (the whole prefix re-run each step: meant for small models)."""
         out = []
         for prompt in [prompts] if isinstance(prompts, str) else prompts:
@@ -184,7 +196,9 @@ class CALMTrainConfig(BaseModel):
     seed: int = 0
 
 
-def train_calm(calm: CALM, tokenizer: Any, data: DataSource, config: CALMTrainConfig | None = None) -> list[float]:
+def train_calm(
+    calm: CALM, tokenizer: Any, data: DataSource, config: CALMTrainConfig | None = None
+) -> list[float]:
     """Train ``calm``'s bridges on the composition ``data`` (prompt/completion or text rows) by next-token
     cross-entropy on the targets; returns the loss of each step."""
     config = config or CALMTrainConfig()
@@ -206,5 +220,5 @@ def train_calm(calm: CALM, tokenizer: Any, data: DataSource, config: CALMTrainCo
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
     return losses

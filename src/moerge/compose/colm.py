@@ -69,7 +69,10 @@ def _vocab(model: nn.Module) -> int:
 
 
 def deferral_nll(
-    base_logits: torch.Tensor, assistant_logits: torch.Tensor, deferral_logits: torch.Tensor, labels: torch.Tensor
+    base_logits: torch.Tensor,
+    assistant_logits: torch.Tensor,
+    deferral_logits: torch.Tensor,
+    labels: torch.Tensor,
 ) -> torch.Tensor:
     """Mean negative log marginal likelihood per target token: ``−log[(1−π)·p_base + π·p_asst]`` of each
     ``labels[t + 1]`` (``-100`` ignored), computed in log space."""
@@ -81,7 +84,9 @@ def deferral_nll(
     return _marginal_nll(lp_b, lp_a, deferral_logits[:, :-1].float(), mask)
 
 
-def _marginal_nll(lp_b: torch.Tensor, lp_a: torch.Tensor, s: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _marginal_nll(
+    lp_b: torch.Tensor, lp_a: torch.Tensor, s: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     ll = torch.logaddexp(F.logsigmoid(-s) + lp_b, F.logsigmoid(s) + lp_a)
     return -(ll * mask).sum() / mask.sum().clamp(min=1)
 
@@ -144,10 +149,10 @@ def train_deferral(
         if step < config.init_steps:  # pseudo-labels: defer where the assistant is likelier on the true token
             z = (lp_a > lp_b).float()
             loss = (F.binary_cross_entropy_with_logits(s, z, reduction="none") * mask).sum() / mask.sum()
-            result.init_losses.append(float(loss))
+            result.init_losses.append(loss.item())
         else:
             loss = _marginal_nll(lp_b, lp_a, s, mask)
-            result.losses.append(float(loss))
+            result.losses.append(loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
