@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from moerge.compose.calm import CALM, CALMConfig, CALMTrainConfig, CrossAttentionBridge, train_calm
 from moerge.compose.colm import (
+    CoDecoded,
     CoLLM,
     CoLLMTrainConfig,
-    CoDecoded,
     co_decode,
     deferral_nll,
     train_deferral,
