@@ -69,7 +69,7 @@ def default_methods() -> list[RecipeSpec]:
     covered = covered_recipes()
     out = []
     for r in list_recipes():
-        if r.key in covered:
+        if r.key in covered or r.composes == "models":  # whole-model compositions run on their own
             continue
         out.append(RecipeSpec(r.name, r.key))
         for variant in r.variants():
@@ -83,7 +83,9 @@ def check_methods(specs: Sequence[RecipeSpec]) -> None:
     from moerge.recipes.registry import get_recipe
 
     for spec in specs:
-        get_recipe(spec.recipe).parse_options(spec.options)
+        rec = get_recipe(spec.recipe)
+        rec.refuse_models()
+        rec.parse_options(spec.options)
 
 
 # ---------------------------------------------------------------------------------------------- recipes

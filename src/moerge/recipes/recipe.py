@@ -260,7 +260,11 @@ class Recipe:
       taxonomy's ``generalization`` records what the paper evaluated, which is no reason to refuse a setting;
     - ``needs_inputs``: `RoutingInputs` fields every call must carry (e.g. ``task_names``);
     - ``option_axes``: options that move the method along a taxonomy axis (``{"granularity": "granularity"}``);
-    - ``variants``: option sets the benchmark runs besides the defaults (a callable, evaluated at run time).
+    - ``variants``: option sets the benchmark runs besides the defaults (a callable, evaluated at run time);
+    - ``composes``: ``"experts"`` (a router over a library's experts, the usual case) or ``"models"``: a method
+      that composes whole models (Co-LLM, CALM). A models recipe has no router builder; it is listed with its
+      taxonomy record and its options are validated here, but it runs through the Python API named in
+      ``entry`` — `attach`, ``moerge bench`` on an expert suite and ``moerge serve`` refuse it with that pointer.
     """
 
     name: str
@@ -274,6 +278,16 @@ class Recipe:
     needs_inputs: tuple[str, ...] = ()
     option_axes: Mapping[str, str] = field(default_factory=dict)
     variants: Callable[[], Sequence[dict[str, Any]]] = tuple
+    composes: Literal["experts", "models"] = "experts"
+    entry: str | None = None  # for a models recipe: the Python API that runs it
+
+    def refuse_models(self) -> None:
+        """Raise `RecipeNotApplicableError` for a recipe that composes whole models (nothing to attach)."""
+        if self.composes == "models":
+            raise RecipeNotApplicableError(
+                f"recipe {self.name!r} composes two whole models, not a library's experts: run it with "
+                f"{self.entry or 'its Python API'} (docs/collaboration.md)"
+            )
 
     @property
     def key(self) -> str:
@@ -298,6 +312,7 @@ class Recipe:
     def build(self, ctx: BuildContext, options: BaseModel) -> Routing:
         from moerge.routing.router import Router
 
+        self.refuse_models()
         if self.builder is None:
             raise RecipeNotApplicableError(f"recipe {self.name!r} needs no router")
         ctx.recipe = self.name

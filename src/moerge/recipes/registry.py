@@ -46,6 +46,7 @@ def _ensure_loaded() -> None:
         arrow,
         average_activation,
         baselines,
+        collaboration,
         embedding,
         learned,
         lora_retriever,
@@ -57,7 +58,7 @@ def _ensure_loaded() -> None:
     )
 
     for module in (arrow, phatgoose, average_activation, embedding, adapter_soup, lora_retriever, molora,
-                   token_level, what_the_weight, airoboros, lorahub, learned, baselines):  # fmt: skip
+                   token_level, what_the_weight, airoboros, lorahub, learned, collaboration, baselines):  # fmt: skip
         for recipe in module.RECIPES:
             register_recipe(recipe, source=module.__name__)
     for label, value in entry_point_objects(RECIPE_GROUP):
