@@ -81,7 +81,11 @@ def co_llm_experiment(seed: int, quick: bool) -> list[tuple[str, str, str]]:
     def fmt(w, x, y):
         return {"text": f"{w}>{x}^{y}"}
 
-    pre = [fmt(w, _rand(rng, LOWER, len(w)), _rand(rng, LOWER.upper(), len(w))) for w in train_w for _ in range(2)]
+    pre = [
+        fmt(w, _rand(rng, LOWER, len(w)), _rand(rng, LOWER.upper(), len(w)))
+        for w in train_w
+        for _ in range(2)
+    ]
     skill_base = [fmt(w, cipher(w), _rand(rng, LOWER.upper(), len(w))) for w in train_w]
     skill_asst = [fmt(w, _rand(rng, LOWER, len(w)), up(w)) for w in train_w]
     target_train = [{"prompt": f"{w}>", "completion": f"{cipher(w)}^{up(w)}"} for w in train_w]
@@ -137,7 +141,9 @@ def calm_experiment(seed: int, quick: bool) -> list[tuple[str, str]]:
     comp_test = [comp(a, b) for a, b in pairs[cut:]][: 80 if quick else 160]
     steps = 200 if quick else 500
 
-    aug, tok = build_tiny_model(seed=seed + 1, hidden_size=48, num_heads=4, num_layers=2, intermediate_size=128)
+    aug, tok = build_tiny_model(
+        seed=seed + 1, hidden_size=48, num_heads=4, num_layers=2, intermediate_size=128
+    )
     _train(aug, tok, facts, steps, seed)
     anchor, _ = build_tiny_model(seed=seed + 2, hidden_size=64, num_layers=3)
     _train(anchor, tok, arith * 4, 2 * steps, seed)
@@ -169,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in co_llm_experiment(args.seed, args.quick):
         print(f"| {' | '.join(r)} |")
     print(f"\nCALM (seed {args.seed}): a+k= → (v(a)+v(k)) mod 10 on held-out key pairs\n")
-    print("| model | composition exact match (held-out pairs) | digit arithmetic exact match |\n|---|---|---|")
+    print(
+        "| model | composition exact match (held-out pairs) | digit arithmetic exact match |\n|---|---|---|"
+    )
     for r in calm_experiment(args.seed, args.quick):
         print(f"| {' | '.join(r)} |")
     print(f"\n({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
