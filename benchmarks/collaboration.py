@@ -27,8 +27,16 @@ import time
 import torch
 
 from moerge.backbones.tiny import build_tiny_model
-from moerge.compose import CALM, CALMConfig, CALMTrainConfig, CoLLM, CoLLMTrainConfig, co_decode, train_calm
-from moerge.compose import train_deferral
+from moerge.compose import (
+    CALM,
+    CALMConfig,
+    CALMTrainConfig,
+    CoLLM,
+    CoLLMTrainConfig,
+    co_decode,
+    train_calm,
+    train_deferral,
+)
 from moerge.train.pretrain import PretrainConfig, pretrain_model
 
 LOWER = "abcdefghij"
