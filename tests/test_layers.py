@@ -19,6 +19,7 @@ LAYERS = [
     ["model"],
     ["train"],
     ["pool"],
+    ["compose"],
     ["recipes"],
     ["merging"],
     ["bench"],

@@ -71,9 +71,7 @@ def default_methods() -> list[RecipeSpec]:
     covered = covered_recipes()
     out = []
     for r in list_recipes():
-        if (
-            r.key in covered or r.kind == "pool"
-        ):  # pool recipes route among whole models, not a library's experts
+        if r.key in covered or r.kind in ("pool", "compose"):  # whole models: the pool suite / their own API
             continue
         out.append(RecipeSpec(r.name, r.key))
         for variant in r.variants():
@@ -87,7 +85,9 @@ def check_methods(specs: Sequence[RecipeSpec]) -> None:
     from moerge.recipes.registry import get_recipe
 
     for spec in specs:
-        get_recipe(spec.recipe).parse_options(spec.options)
+        rec = get_recipe(spec.recipe)
+        rec.refuse_models()
+        rec.parse_options(spec.options)
 
 
 # ---------------------------------------------------------------------------------------------- recipes

@@ -89,6 +89,7 @@ def attach(
         rec, opts = None, None
     else:
         rec = get_recipe(recipe)
+        rec.refuse_models()
         opts = rec.parse_options(options)
         # the user-data check against the data given; without any, a recipe that needs it says how to pass it
         # (`BuildContext.require_target`) when its builder asks

@@ -291,6 +291,10 @@ class Recipe:
       benchmark evaluates the model it returns);
     - ``query_router``: instead of ``builder``, for routers among whole models (the pool suite's methods:
       RouteLLM, Zooter …): ``query_router(options) -> moerge.pool.query.QueryRouter``.
+    - ``composes``: ``"experts"`` (a router over a library's experts, the usual case) or ``"models"``: a method
+      that composes whole models (Co-LLM, CALM). A models recipe has no router builder; it is listed with its
+      taxonomy record and its options are validated here, but it runs through the Python API named in
+      ``entry`` — `attach`, ``moerge bench`` on an expert suite and ``moerge serve`` refuse it with that pointer.
     """
 
     name: str
@@ -306,11 +310,15 @@ class Recipe:
     variants: Callable[[], Sequence[dict[str, Any]]] = tuple
     model_builder: Callable[[BuildContext, Any], BuiltModel] | None = None
     query_router: Callable[[Any], Any] | None = None
+    composes: Literal["experts", "models"] = "experts"
+    entry: str | None = None  # for a models recipe: the Python API that runs it
 
     @property
-    def kind(self) -> Literal["router", "model", "pool"]:
+    def kind(self) -> Literal["router", "model", "pool", "compose"]:
         """``router``: routes experts injected into a model; ``model``: builds a whole model; ``pool``: picks
-        one whole model of a pool per query."""
+        one whole model of a pool per query; ``compose``: composes two whole models (Co-LLM, CALM)."""
+        if self.composes == "models":
+            return "compose"
         if self.query_router is not None:
             return "pool"
         return "model" if self.model_builder is not None else "router"
@@ -319,6 +327,14 @@ class Recipe:
     def builds_model(self) -> bool:
         """Whether the recipe builds a whole model (``model_builder``) rather than a router."""
         return self.model_builder is not None
+
+    def refuse_models(self) -> None:
+        """Raise `RecipeNotApplicableError` for a recipe that composes whole models (nothing to attach)."""
+        if self.composes == "models":
+            raise RecipeNotApplicableError(
+                f"recipe {self.name!r} composes two whole models, not a library's experts: run it with "
+                f"{self.entry or 'its Python API'} (docs/collaboration.md)"
+            )
 
     @property
     def key(self) -> str:
@@ -348,6 +364,7 @@ class Recipe:
                 f"recipe {self.name!r} builds a whole model, not a router: use "
                 f"moerge.recipes.build_model(model, library, {self.name!r}, ...)"
             )
+        self.refuse_models()
         if self.builder is None:
             raise RecipeNotApplicableError(f"recipe {self.name!r} needs no router")
         ctx.recipe = self.name

@@ -47,6 +47,7 @@ def _ensure_loaded() -> None:
         average_activation,
         baselines,
         btx,
+        collaboration,
         embedding,
         learned,
         lora_retriever,
@@ -59,7 +60,8 @@ def _ensure_loaded() -> None:
     )
 
     for module in (arrow, phatgoose, average_activation, embedding, adapter_soup, lora_retriever, molora,
-                   token_level, what_the_weight, airoboros, lorahub, learned, baselines, btx, pool_routers):  # fmt: skip
+                   token_level, what_the_weight, airoboros, lorahub, learned, collaboration, baselines, btx,
+                   pool_routers):  # fmt: skip
         for recipe in module.RECIPES:
             register_recipe(recipe, source=module.__name__)
     for label, value in entry_point_objects(RECIPE_GROUP):

@@ -93,6 +93,11 @@ class Catalog:
         chosen = recipes if recipes is not None else {r.name: {} for r in list_recipes()}
         for name, options in chosen.items():
             rec = get_recipe(name)
+            if rec.composes == "models":  # Co-LLM, CALM: two whole models, not this model's experts
+                if recipes is not None:
+                    rec.refuse_models()
+                self.skipped[rec.name] = f"composes two whole models (run it with {rec.entry})"
+                continue
             if rec.builder is None:
                 continue  # the base recipe: served as "base"
             try:
