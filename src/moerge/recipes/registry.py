@@ -53,11 +53,14 @@ def _ensure_loaded() -> None:
         molora,
         phatgoose,
         token_level,
+        twin_merging,
+        weight_ensembling,
         what_the_weight,
     )
 
     for module in (arrow, phatgoose, average_activation, embedding, adapter_soup, lora_retriever, molora,
-                   token_level, what_the_weight, airoboros, lorahub, learned, baselines):  # fmt: skip
+                   token_level, what_the_weight, airoboros, lorahub, learned, baselines, weight_ensembling,
+                   twin_merging):  # fmt: skip
         for recipe in module.RECIPES:
             register_recipe(recipe, source=module.__name__)
     for label, value in entry_point_objects(RECIPE_GROUP):
