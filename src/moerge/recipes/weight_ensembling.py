@@ -34,7 +34,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -120,7 +120,7 @@ class WemoeOptions(RecipeOptions):
     seq_len: int = Field(default=64, ge=2)
     modules: list[str] = Field(default=["mlp"], description="module names made weight-ensembling")
     seed: int = 0
-    preset: str | None = Field(default=None, description='"paper": the official steps, lr and batch size')
+    preset: Literal["paper"] | None = Field(default=None, description="paper: the official steps, lr and batch size")
 
     def model_post_init(self, _: Any) -> None:
         if self.preset == "paper":
