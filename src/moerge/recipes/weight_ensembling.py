@@ -120,7 +120,9 @@ class WemoeOptions(RecipeOptions):
     seq_len: int = Field(default=64, ge=2)
     modules: list[str] = Field(default=["mlp"], description="module names made weight-ensembling")
     seed: int = 0
-    preset: Literal["paper"] | None = Field(default=None, description="paper: the official steps, lr and batch size")
+    preset: Literal["paper"] | None = Field(
+        default=None, description="paper: the official steps, lr and batch size"
+    )
 
     def model_post_init(self, _: Any) -> None:
         if self.preset == "paper":
