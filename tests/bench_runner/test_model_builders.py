@@ -84,3 +84,20 @@ def test_the_benchmark_evaluates_the_built_model(builders, reduced_suite, base_m
         assert r.score == pytest.approx(by[("base", r.task, r.condition)].score, abs=1e-6)
     method = {m.name: m for m in res.methods}["copy_of_base"]
     assert method.trainable_parameters == 7
+
+
+def test_the_dense_moe_recipes_run_through_the_benchmark(reduced_suite, base_model):
+    """WEMoE (one build per task, on its unlabelled target inputs), PWE MoE and Twin-Merging (routers trained
+    once on the experts' data, as library artifacts) run on the reduced suite's LoRA library."""
+    from moerge.bench.runner import run_bench
+
+    model, tok = base_model
+    recipes = ["wemoe:steps=2", "pwe_moe:steps=2,batch_size=2", "twin_merging:epochs=2"]
+    config = BenchConfig(recipes=recipes, baselines=["base"], batch_size=8, progress=False, premise=False, limit=2,
+                         user_data=["zero-shot", "full"])  # fmt: skip
+    res = run_bench(reduced_suite, config, model=model, tokenizer=tok)
+    for name in ("wemoe", "pwe_moe", "twin_merging"):
+        mine = [r for r in res.results if r.method.startswith(name)]
+        assert mine and all(r.status == "ok" for r in mine), [(r.task, r.status, r.reason) for r in mine]
+    methods = {m.recipe: m for m in res.methods if m.recipe}
+    assert all(methods[n].trainable_parameters for n in ("wemoe", "pwe_moe", "twin_merging"))

@@ -56,12 +56,14 @@ def _ensure_loaded() -> None:
         phatgoose,
         pool_routers,
         token_level,
+        twin_merging,
+        weight_ensembling,
         what_the_weight,
     )
 
     for module in (arrow, phatgoose, average_activation, embedding, adapter_soup, lora_retriever, molora,
                    token_level, what_the_weight, airoboros, lorahub, learned, collaboration, baselines, btx,
-                   pool_routers):  # fmt: skip
+                   weight_ensembling, twin_merging, pool_routers):  # fmt: skip
         for recipe in module.RECIPES:
             register_recipe(recipe, source=module.__name__)
     for label, value in entry_point_objects(RECIPE_GROUP):
