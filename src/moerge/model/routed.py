@@ -322,6 +322,12 @@ def _dense_modules(model: nn.Module, experts: list[Expert]) -> set[str]:
     return out
 
 
+def adapted_modules(model: nn.Module, experts: Sequence[Expert]) -> list[str]:
+    """Every module some expert adapts, as `inject` takes them: LoRA modules, and the linear modules whose
+    weight a dense expert updates."""
+    return sorted(set().union(*(e.lora for e in experts)) | _dense_modules(model, list(experts)))
+
+
 def inject(
     model: nn.Module,
     experts: list[Expert],
@@ -341,9 +347,7 @@ def inject(
         raise MoergeError("no experts to attach; add LoRA experts to the library first")
     if hasattr(model, _UNROUTED_ATTR):
         raise MoergeError("the model already holds experts' static updates; detach it first")
-    dense_mods = _dense_modules(model, experts)
-    adapted = sorted(set().union(*(e.lora for e in experts)) | dense_mods)
-    modules = match_target_modules(adapted, target_modules)
+    modules = match_target_modules(adapted_modules(model, experts), target_modules)
     owner = CallOwner(f"routed {type(model).__name__}")
     layers: dict[str, ExpertLayer] = {}
     for name in modules:

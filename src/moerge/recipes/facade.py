@@ -107,6 +107,11 @@ def attach(
     if rec is not None:
         try:
             routing = rec.build(ctx, opts)
+            if routing.aggregation == "factor" and any(e.kind == "dense" for e in expert_list):
+                raise RecipeNotApplicableError(
+                    f"recipe {rec.name!r} mixes LoRA factors (factor aggregation), and dense experts (full "
+                    "fine-tunes' ΔW) have none; extract LoRA experts from them (moerge library extract) to run it"
+                )
         except BaseException:
             detach(MoErgedModel(model, layers, ctx.names, None, "output", owner))
             raise
