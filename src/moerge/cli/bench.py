@@ -9,6 +9,7 @@ moerge bench compare RUN1 RUN2                # what changed between two runs
 
 from __future__ import annotations
 
+import enum
 import time
 from pathlib import Path
 
@@ -88,6 +89,7 @@ def _run(
     write_artifacts: bool = False,
     user_data: list[str] | None = None,
     few_shot: int | None = None,
+    expert_library: str | None = None,
 ) -> None:
     from moerge.cli import plugins as cli_plugins
     from moerge.cli.common import console, err_console
@@ -111,7 +113,7 @@ def _run(
              "prepare_artifacts": artifacts, "device": device, "threads": threads,
              "experts": routing_options.parse_experts(experts),
              "artifacts_dir": str(artifacts_dir) if artifacts_dir is not None else None,
-             "write_artifacts": write_artifacts or None, "few_shot": few_shot,
+             "write_artifacts": write_artifacts or None, "few_shot": few_shot, "expert_library": expert_library,
              "user_data": [m.strip() for v in user_data for m in v.split(",") if m.strip()] if user_data else None}  # fmt: skip
     fields.update({k: v for k, v in flags.items() if v is not None})
     fields["progress"] = progress
@@ -294,6 +296,11 @@ def demo(
     )
 
 
+class ExpertLibraryKind(str, enum.Enum):
+    lora = "lora"
+    full = "full"
+
+
 def bench(
     ctx: typer.Context,
     suite: str = typer.Option(
@@ -367,13 +374,19 @@ def bench(
         min=1,
         help="labelled examples per task for few-shot recipes and baselines (default 20)",
     ),
+    expert_library: ExpertLibraryKind | None = typer.Option(
+        None,
+        "--expert-library",
+        help="the experts every method runs on: the suite's LoRA library (lora, default) or one full fine-tune "
+        "per held-in task (full: dense task vectors, built beside the suite on first use and cached)",
+    ),
 ) -> None:
     """Run recipes and baselines on a suite: quality, routing, cost; write report.md, report.html, results.json."""
     if ctx.invoked_subcommand is not None:
         return
     _run(suite, recipe, baseline, library, base, out, config, limit, batch_size, reduced, root, rebuild,
          artifacts, device, progress, threads, plugin, seeds, plots, wide, as_json, experts, artifacts_dir,
-         write_artifacts, user_data, few_shot)  # fmt: skip
+         write_artifacts, user_data, few_shot, expert_library.value if expert_library else None)  # fmt: skip
 
 
 def report(
