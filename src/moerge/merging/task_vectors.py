@@ -1,9 +1,12 @@
 """Full fine-tunes as experts: a transformers folder against its base as a dense task vector
 (``τ = θ_ft − θ_base``, Ilharco et al. 2023, arXiv:2212.04089), and a LoRA extracted from a dense expert by a
 truncated SVD of each weight matrix's delta, the rank chosen per matrix by an energy threshold or fixed — what
-mergekit's ``mergekit-extract-lora`` does (mergekit/scripts/extract_lora.py: per-module SVD of the difference,
-``B = U·S``, ``A = Vᴴ``; its rank is fixed, or chosen as the smallest that keeps a share of the singular values'
-sum of squares — the energy threshold implemented here).
+mergekit's ``mergekit-extract-lora`` does (mergekit/scripts/extract_lora.py, read at arcee-ai/mergekit 00243ac:
+``low_rank_decomposition`` takes the SVD of the fine-tune − base difference per linear module and splits √S
+between the factors, ``A = √S·Vᴴ``, ``B = U·√S``, "to improve numerical precision"; its rank is a fixed
+``--rank``). The energy threshold (the smallest rank keeping a share of the squared singular values) is the
+issue's; a fixed rank is mergekit's. Unlike mergekit, embeddings and the LM head are not decomposed and other
+modules are not kept as ``modules_to_save``: they are left out and listed.
 
     expert = task_vector_expert("finetuned/", "base/", name="math")
     lora = extract_lora(expert, energy=0.9)                  # or rank=16
@@ -86,7 +89,7 @@ def extract_lora(
     fan_in_fan_out: bool = False,
 ) -> Expert:
     """A LoRA expert from a dense one: each 2-D weight delta (``nn.Linear`` layout ``[d_out, d_in]``) becomes
-    ``B @ A`` with ``B = U_r·S_r``, ``A = Vᴴ_r`` (``alpha = r``, scaling 1) — the best rank-r approximation
+    ``B @ A`` with ``A = √S_r·Vᴴ_r``, ``B = U_r·√S_r`` (mergekit's split; ``alpha = r``, scaling 1) — the best rank-r approximation
     (Eckart–Young) — with r the smallest keeping ``energy`` of the squared singular values (default 0.9), or
     ``rank`` (capped by the matrix). Embeddings, the LM head, norms and biases are left out (a LoRA holds
     linear modules only); what was left out and the energy each module kept are recorded in
@@ -117,8 +120,9 @@ def extract_lora(
         if r == 0:
             skipped.append(key)
             continue
-        A = Vh[:r].float().contiguous()
-        B = (U[:, :r] * S[:r]).float().contiguous()
+        root = S[:r].sqrt()
+        A = (root[:, None] * Vh[:r]).float().contiguous()
+        B = (U[:, :r] * root).float().contiguous()
         lora[module] = LoraModule(A=A, B=B, alpha=float(r), fan_in_fan_out=fan_in_fan_out)
         total = float((S.double() ** 2).sum())
         kept[module] = {"rank": r, "energy": round(float((S[:r].double() ** 2).sum()) / total, 6)}
