@@ -31,7 +31,14 @@ def prepare_artifacts(run: BenchRun, specs: Sequence[RecipeSpec]) -> list[str]:
     data = {e.name: expert_training_rows(run.suite, e.name) for e in run.experts}
     bar = RichSignatureProgress(run.progress) if run.progress is not None else None
     done: list[str] = []
+    from moerge.errors import RecipeNotApplicableError
+    from moerge.recipes.registry import get_recipe
+
     for spec in specs:  # a signature computed for one spec is found present by the next that needs it
+        try:
+            get_recipe(spec.recipe).check_experts(run.experts, spec.options)
+        except RecipeNotApplicableError:
+            continue  # reported when the recipe runs
         run.describe(f"artifacts for {spec.label}")
         done += prepare_signatures(
             spec.recipe, run.model, run.tokenizer, run.library, data, experts=run.experts,

@@ -81,8 +81,12 @@ def covered_recipes() -> frozenset[str]:
 
 
 def _one_expert_flops(routed: Any) -> float:
-    """2 × multiply-adds per token of one expert's LoRA in every adapted module."""
-    return float(sum(2 * la.rank * (la.d_in + la.d_out) for la in routed.expert_layers.values()))
+    """2 × multiply-adds per token of one expert in every adapted module (its LoRA, or a dense expert's ΔW)."""
+    total = 0.0
+    for la in routed.expert_layers.values():
+        dense = getattr(la, "num_dense", 0)
+        total += 2 * la.d_in * la.d_out if dense else 2 * la.rank * (la.d_in + la.d_out)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- references
@@ -109,7 +113,7 @@ def run_oracle(run: BenchRun) -> None:
         "for normalised quality",
     )
     with peak_memory(run.config.device) as mem:
-        routed, meta.build_s = timed(lambda: attach(run.model, run.experts))
+        routed, meta.build_s = timed(lambda: attach(run.model, run.experts, unrouted="average"))
         try:
             meta.expert_flops_per_token = _one_expert_flops(routed)
             results = evaluate(run, OracleSubject(routed), "oracle", run.tasks_for())
@@ -130,7 +134,9 @@ def run_label_routing(run: BenchRun) -> None:
         "experts, equally weighted): how far perfect per-token module-level routing gets",
     )
     with peak_memory(run.config.device) as mem:
-        routed, meta.build_s = timed(lambda: attach(run.model, run.experts, router=LabelRouter()))
+        routed, meta.build_s = timed(
+            lambda: attach(run.model, run.experts, router=LabelRouter(), unrouted="average")
+        )
         try:
             subject = RoutedSubject(routed, lambda b, t: {"extra": {"label_weights": label_weights(b)}})
             meta.expert_flops_per_token = subject.flops
@@ -198,7 +204,7 @@ def run_singles(run: BenchRun) -> None:
     from moerge.recipes.facade import attach, detach
 
     E = len(run.experts)
-    routed, build_s = timed(lambda: attach(run.model, run.experts))
+    routed, build_s = timed(lambda: attach(run.model, run.experts, unrouted="average"))
     try:
         for i, name in enumerate(run.names):
             meta = MethodResult(
@@ -226,11 +232,18 @@ def run_singles(run: BenchRun) -> None:
 def _merged(run: BenchRun, name: str, method: str, params: dict[str, Any]) -> Any:
     """A static merge of every expert (dense ΔW per module) with ``method``."""
     from moerge.merging.api import merge
+    from moerge.merging.registry import get_method
 
     expert_name = name.replace(":", "-")  # an expert name, not a method label
+    extra: dict[str, Any] = {}
+    if get_method(method).stats:  # Fisher / RegMean: the contributors' statistics, stored in the library
+        from moerge.bench.suites.build import STATS_CONFIG
+
+        extra = {"library": run.library.url, "stats_config": STATS_CONFIG}
     return merge(
-        merge_method=method, experts=run.experts, lora_mode="dense", parameters=params, name=expert_name
-    )
+        merge_method=method, experts=run.experts, lora_mode="dense", parameters=params, name=expert_name,
+        **extra,
+    )  # fmt: skip
 
 
 def run_merge(run: BenchRun, name: str, method: str, params: dict[str, Any], description: str,
@@ -359,16 +372,32 @@ def selected_merges(config: Any) -> list[Any]:
 
 def _merge_passes(run: BenchRun) -> int:
     tune = run.config.merges.tune
-    return sum(2 if tune and m.grid else 1 for m in selected_merges(run.config))
+    return sum(2 if tune and m.grid else 1 for m in selected_merges(run.config) + data_merges(run))
 
 
 @baseline("merges", covers=("uniform",), passes=_merge_passes)
 def run_merges(run: BenchRun) -> None:
     """The static merges of `BenchConfig.merges` (default: uniform average, task arithmetic, TIES), each of
     every expert folded into the base weights."""
-    for m in selected_merges(run.config):
+    for m in selected_merges(run.config) + data_merges(run):
         run.describe(m.label)
         run_configured_merge(run, m)
+
+
+def data_merges(run: BenchRun) -> list[Any]:
+    """On the full-fine-tune library, whose build stores each contributor's Fisher and Gram statistics
+    (`moerge.bench.suites.build.full_expert_stats`), the data-aware merges too: Fisher merging and RegMean
+    (α = 0.9, the paper's default), untuned, as their papers run them; unless the run's merges name them."""
+    from moerge.bench.config import MergeBaseline
+
+    if run.config.expert_library != "full":
+        return []
+    wanted = run.config.baselines
+    have = {m.method for m in run.config.merges.methods}
+    out = [MergeBaseline(method="fisher"), MergeBaseline(method="regmean", params={"alpha": 0.9})]
+    return [
+        m for m in out if m.method not in have and (wanted is None or "merges" in wanted or m.label in wanted)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------- multitask

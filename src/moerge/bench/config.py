@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from moerge.errors import MalformedConfigError
+from moerge.train.full import FullTrainConfig
 
 
 def _grid(start: float, stop: float, step: float) -> list[float]:
@@ -190,6 +191,18 @@ class BenchConfig(BaseModel):
         description="store computed routing artifacts in the expert library itself (default: never modify it)",
     )
     merges: MergeBaselineConfig = Field(default_factory=MergeBaselineConfig)
+    expert_library: Literal["lora", "full"] = Field(
+        "lora",
+        description="the experts every method runs on: the suite's LoRA library, or `full`: one full fine-tune "
+        "per held-in task (dense task vectors, same names; built beside the suite on first use and cached, "
+        "`moerge.bench.suites.build.build_full_library`)",
+    )
+    full_finetune: FullTrainConfig = Field(
+        default_factory=lambda: FullTrainConfig(
+            steps=200, lr=1e-3, batch_size=16, seq_len=32, warmup_steps=10
+        ),
+        description="how the `full` library's experts are trained (its hash names the cached library)",
+    )
     premise: bool = Field(
         True, description="measure each zero-shot router's premise on the suite (moerge.bench.premise)"
     )

@@ -335,6 +335,10 @@ def measure_premise(
     experts = [e for e in experts if data.get(e.name)]
     if len(experts) < 2:
         raise MoergeError("premise diagnostics need training data for at least two experts")
+    if any(e.kind != "lora" for e in experts):
+        raise MoergeError(
+            "premise diagnostics read the experts' LoRA factors; these experts are dense (full fine-tunes)"
+        )
     modules = sorted(set.intersection(*(set(e.lora) for e in experts)))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     inputs = {}

@@ -142,6 +142,9 @@ def run_recipe(run: BenchRun, spec: RecipeSpec) -> None:
             else:
                 builds.append(([task], data))
     make = build_model if rec.builds_model else attach
+    # dense experts' norm / embedding updates (a full fine-tune with params="all") cannot be routed per module:
+    # every routed method gets their mean statically (moerge.model.routed.inject); a no-op for LoRA experts
+    extra: dict[str, Any] = {} if rec.builds_model else {"unrouted": "average"}
     train_s: list[float] = []
     with peak_memory(run.config.device) as mem:
         for tasks, data in builds:
@@ -155,6 +158,7 @@ def run_recipe(run: BenchRun, spec: RecipeSpec) -> None:
                         tokenizer=run.tokenizer,
                         embedders=run.embedders,
                         target=data,
+                        **extra,
                         **opts.model_dump(),
                     )  # fmt: skip
                 )
@@ -308,13 +312,18 @@ def run_bench(
     for p in model.parameters():
         p.requires_grad_(False)
     model.to(config.device)
+    if library is None and config.expert_library == "full":
+        from moerge.bench.suites.build import build_full_library
+
+        library = build_full_library(suite, config.full_finetune, progress=config.progress)
     if library is None:
         library = suite.open_library()
     if baselines_library is None and getattr(suite, "baselines", None):
         from moerge.experts.library import ExpertLibrary
 
         baselines_library = ExpertLibrary.open(suite.baselines)
-    names = list(experts or config.experts or suite.experts or library.names(kind="lora"))
+    kind = "dense" if config.expert_library == "full" else "lora"
+    names = list(experts or config.experts or suite.experts or library.names(kind=kind))
     absent = [n for n in names if n not in library]
     if absent:
         chosen = "were chosen" if experts or config.experts else f"are named by suite {suite.name!r}"

@@ -9,6 +9,7 @@ moerge bench compare RUN1 RUN2                # what changed between two runs
 
 from __future__ import annotations
 
+import enum
 import time
 from pathlib import Path
 
@@ -89,6 +90,7 @@ def _run(
     user_data: list[str] | None = None,
     few_shot: int | None = None,
     executor: str | None = None,
+    expert_library: str | None = None,
 ) -> None:
     from moerge.cli import plugins as cli_plugins
     from moerge.cli.common import console, err_console
@@ -113,6 +115,7 @@ def _run(
              "experts": routing_options.parse_experts(experts),
              "artifacts_dir": str(artifacts_dir) if artifacts_dir is not None else None,
              "write_artifacts": write_artifacts or None, "few_shot": few_shot, "executor": executor,
+             "expert_library": expert_library,
              "user_data": [m.strip() for v in user_data for m in v.split(",") if m.strip()] if user_data else None}  # fmt: skip
     fields.update({k: v for k, v in flags.items() if v is not None})
     fields["progress"] = progress
@@ -295,6 +298,11 @@ def demo(
     )
 
 
+class ExpertLibraryKind(str, enum.Enum):
+    lora = "lora"
+    full = "full"
+
+
 def bench(
     ctx: typer.Context,
     suite: str = typer.Option(
@@ -373,13 +381,20 @@ def bench(
         "--executor",
         help="local (default): recipes one after another; ray: each recipe a Ray task (pip install 'moerge[ray]')",
     ),
+    expert_library: ExpertLibraryKind | None = typer.Option(
+        None,
+        "--expert-library",
+        help="the experts every method runs on: the suite's LoRA library (lora, default) or one full fine-tune "
+        "per held-in task (full: dense task vectors, built beside the suite on first use and cached)",
+    ),
 ) -> None:
     """Run recipes and baselines on a suite: quality, routing, cost; write report.md, report.html, results.json."""
     if ctx.invoked_subcommand is not None:
         return
     _run(suite, recipe, baseline, library, base, out, config, limit, batch_size, reduced, root, rebuild,
          artifacts, device, progress, threads, plugin, seeds, plots, wide, as_json, experts, artifacts_dir,
-         write_artifacts, user_data, few_shot, executor)  # fmt: skip
+         write_artifacts, user_data, few_shot, executor,
+         expert_library.value if expert_library else None)  # fmt: skip
 
 
 def report(

@@ -82,14 +82,17 @@ def add(
     base: Path | None = typer.Option(
         None,
         "--base",
-        help="Base model folder for admission (default: the library's base model, if a folder).",
+        help="Base model folder. With a full fine-tune as SOURCE (a transformers folder): its task vector is stored "
+        "against this base (a dense expert: fine-tune − base). With --admit: the model the checks run on "
+        "(default: the library's base model, if a folder).",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print each admission report as one JSON line."),
     wide: bool = wide_option(),
 ) -> None:
-    """Add a PEFT adapter folder (or every adapter folder inside a folder, or a Hub repo's adapter). With --admit,
-    or when the library has an admission policy (`moerge library policy`), each expert is screened first and
-    added only if admitted; the checks are printed as a table."""
+    """Add a PEFT adapter folder (or every adapter folder inside a folder, or a Hub repo's adapter), or, with
+    --base, a fully fine-tuned transformers folder as a dense task vector. With --admit, or when the library has
+    an admission policy (`moerge library policy`), each adapter is screened first and added only if admitted;
+    the checks are printed as a table."""
     from moerge.experts.library import ExpertLibrary
     from moerge.experts.peft_io import is_peft_folder
 
@@ -101,6 +104,22 @@ def add(
     meta = {k: v for k, v in dict(domain=domain, contributor=contributor, license=license).items() if v}
     if tag:
         meta["tags"] = tag
+    if base is not None:
+        if is_peft_folder(Path(source)):
+            from moerge.errors import UsageError
+
+            raise UsageError(
+                f"{source} is a PEFT adapter: --base goes with a full fine-tune (or with --admit)"
+            )
+        _add_task_vector(lib, Path(source), base, name, task, overwrite, meta)
+        return
+    if (Path(source) / "config.json").is_file() and not is_peft_folder(Path(source)):
+        from moerge.errors import MoergeError
+
+        raise MoergeError(
+            f"{source} is a transformers model folder, not a PEFT adapter: to add a full fine-tune as a task "
+            "vector, give its base model: moerge library add LIB FOLDER --base BASE_FOLDER"
+        )
     from moerge.experts.hub import add_from_hub, hub_ref_or_none
 
     ref = hub_ref_or_none(source)
@@ -141,6 +160,13 @@ def _add_admitted(lib, source: str, name, task, overwrite, eval_file, base, as_j
     if not folder.is_dir():
         raise InputNotFoundError(
             f"{folder}: no such adapter folder (admission screens local adapter folders)"
+        )
+    if (folder / "config.json").is_file() and not is_peft_folder(folder):
+        from moerge.errors import MoergeError
+
+        raise MoergeError(
+            f"{folder} is a full fine-tune; admission screens LoRA adapters only (extract one first: `moerge library "
+            "extract`), or add it to a library without an admission policy"
         )
     if is_peft_folder(folder) or name:
         experts = [read_peft_folder(folder, name=name, task=task, **meta)]
@@ -299,6 +325,69 @@ def policy_cmd(
             rows = read_jsonl(probe)
         lib.set_admission_policy(policy, rows)
     console.out(lib.admission_policy.model_dump_json(indent=1), highlight=False)  # type: ignore[union-attr]
+
+
+def _add_task_vector(lib: Any, folder: Path, base: Path, name: str | None, task: str | None, overwrite: bool,
+                     meta: dict[str, Any]) -> None:  # fmt: skip
+    from moerge.errors import InputNotFoundError
+    from moerge.merging.task_vectors import task_vector_expert
+    from moerge.progress import status
+
+    for path, what in ((folder, "fine-tuned model"), (base, "base model")):
+        if not path.is_dir():
+            raise InputNotFoundError(
+                f"{path}: no such {what} folder (a transformers folder with safetensors)"
+            )
+    with status(f"computing the task vector of {folder.name}"):
+        expert = task_vector_expert(folder, base, name or folder.name, task=task, **meta)
+    md = lib.add(expert, overwrite=overwrite, source=str(folder))
+    n = sum(t.numel() for t in expert.dense.values())
+    console.print(
+        f"added [bold]{md.name}[/] (dense, task={md.task}): {len(expert.dense)} parameters changed, {n:,} values",
+        highlight=False,
+    )
+
+
+@library_app.command("extract")
+def extract(
+    library: str = typer.Argument(..., help="Library folder or URL."),
+    name: str = typer.Argument(..., help="A dense expert (a full fine-tune's task vector) of the library."),
+    energy: float | None = typer.Option(
+        None,
+        "--energy",
+        min=0.0,
+        max=1.0,
+        help="per matrix, the smallest rank keeping this share of the squared singular values (default 0.9)",
+    ),  # fmt: skip
+    rank: int | None = typer.Option(
+        None, "--rank", min=1, help="a fixed rank per matrix instead of --energy"
+    ),
+    as_name: str | None = typer.Option(None, "--as", help="name of the LoRA expert (default: NAME-lora)"),
+    fan_in_fan_out: bool = typer.Option(
+        False, "--fan-in-fan-out", help="weights are stored [d_in, d_out] (GPT-2's Conv1D)"
+    ),
+    overwrite: bool = typer.Option(False, help="Replace an expert of the same name."),
+) -> None:
+    """Make a LoRA expert from a dense one: a truncated SVD of each weight matrix's delta (mergekit-extract-lora),
+    the rank chosen by an energy threshold or fixed; norms, biases and embeddings are left out."""
+    from moerge.experts.library import ExpertLibrary
+    from moerge.merging.task_vectors import extract_lora
+
+    if energy is not None and rank is not None:
+        from moerge.errors import UsageError
+
+        raise UsageError("give --energy or --rank, not both")
+    lib = ExpertLibrary.open(library)
+    expert = lib.get(name)
+    lora = extract_lora(expert, energy=energy, rank=rank, name=as_name, fan_in_fan_out=fan_in_fan_out)
+    md = lib.add(lora, overwrite=overwrite, source=f"extracted from {name}")
+    info = lora.metadata.extra["extracted"]
+    ranks = [m["rank"] for m in info["modules"].values()]
+    console.print(
+        f"added [bold]{md.name}[/] (lora, from {name}): {len(ranks)} modules, rank {min(ranks)}–{max(ranks)}, "
+        f"{lora.num_parameters():,} parameters; left out: {len(info['left_out'])} (norms, biases, embeddings)",
+        highlight=False,
+    )
 
 
 @library_app.command("list")

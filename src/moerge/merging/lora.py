@@ -40,13 +40,13 @@ LoraMode = Literal["exact", "factor", "svd", "dense"]
 LORA_MODES = ("exact", "factor", "svd", "dense")
 
 
-def _check_experts(experts: list[Expert]) -> list[str]:
+def _check_experts(experts: list[Expert], allow_dense: bool = False) -> list[str]:
     if not experts:
         raise MalformedConfigError("no experts to merge")
     for e in experts:
-        if e.kind != "lora":
+        if e.kind != "lora" and not allow_dense:
             raise MalformedConfigError(
-                f"expert {e.name!r} is a dense delta; LoRA modes merge LoRA experts only."
+                f"expert {e.name!r} is a dense delta; only lora_mode 'dense' merges dense experts (task vectors)."
             )
         e.check(f"expert {e.name!r}")
     fps = {e.metadata.base_fingerprint for e in experts if e.metadata.base_fingerprint}
@@ -230,7 +230,10 @@ def merge_lora_experts(
     recipe (``training["merge"]``) and whether the result is exact (``extra["merge_exact"]``)."""
     if mode not in LORA_MODES:
         raise MalformedConfigError(f"lora_mode {mode!r} is not one of {', '.join(LORA_MODES)}.")
-    modules = _check_experts(experts)
+    modules = _check_experts(experts, allow_dense=mode == "dense")
+    if any(e.kind == "dense" for e in experts):
+        return _merge_task_vectors(spec, experts, global_params, per_model, name=name, seed=seed, stats=stats,
+                                   recipe=recipe)  # fmt: skip
     if mode == "exact" and not spec.linear:
         raise MalformedConfigError(
             f"merge method {spec.name!r} is not linear in the experts, so lora_mode 'exact' cannot store it as a "
@@ -322,3 +325,54 @@ def merge_lora_experts(
             "with normalize, extreme scale)."
         ) from None
     return merged
+
+
+def _merge_task_vectors(
+    spec: MethodSpec,
+    experts: list[Expert],
+    global_params: dict[str, Any],
+    per_model: list[dict[str, Any]],
+    *,
+    name: str,
+    seed: int,
+    stats: list[dict[str, torch.Tensor]] | None,
+    recipe: dict[str, Any] | None,
+) -> Expert:
+    """``lora_mode="dense"`` over a library with dense experts (full fine-tunes' task vectors, by parameter
+    name; a LoRA expert counts as its densified ΔW in the weight's own layout): every parameter some expert
+    updates is merged with ``spec`` around 0, an expert without it contributing zeros. 2-D weights are taken as
+    ``nn.Linear`` layout for RegMean (a Conv1D model's task vectors: merge them as checkpoints instead)."""
+    updates = [
+        {**{f"{m}.weight": lm.delta_for_weight() for m, lm in e.lora.items()}, **e.dense} for e in experts
+    ]
+    keys = sorted(set().union(*updates))
+    num_layers = count_layers([k.rsplit(".", 1)[0] for k in keys])
+    dense: dict[str, torch.Tensor] = {}
+    for key in keys:
+        ref = next(u[key] for u in updates if key in u)
+        deltas = torch.stack([u[key].float() if key in u else torch.zeros(ref.shape) for u in updates])
+        g, pm = resolve_params(spec, global_params, per_model, key, num_layers)
+        check_param_ranges(spec.name, g, pm, where=f"parameter {key}")
+        s = None
+        if stats is not None and all(key in st for st in stats):
+            s = torch.stack([st[key].float() for st in stats])
+        d = merge_tensor(spec, deltas, base=_zero_base(spec, deltas), global_params=g, per_model=pm, name=key,
+                         seed=seed, stats=s, layout="linear")  # fmt: skip
+        if not torch.isfinite(d).all():
+            raise NonFiniteWeightsError(
+                f"parameter {key}: the {spec.name} merge of the task vectors holds NaN/Inf; nothing was written. "
+                "Check the parameters (weights summing to 0 with normalize, extreme scale) and statistics."
+            )
+        dense[key] = d
+    first = experts[0].metadata
+    metadata = ExpertMetadata(
+        name=name,
+        kind="dense",
+        base_model=first.base_model,
+        base_fingerprint=first.base_fingerprint,
+        tags=["merged", f"merge:{spec.name}", "lora_mode:dense"],
+        description=f"{spec.name} merge of the task vectors of {', '.join(e.name for e in experts)}",
+        training={"merge": recipe or {"merge_method": spec.name, "experts": [e.name for e in experts]}},
+        extra={"merge_exact": True},
+    )
+    return Expert(metadata=metadata, dense=dense)

@@ -19,6 +19,14 @@ Aggregation: ``"output"`` = Σ_k w_k B_k A_k x; ``"parameter"`` = (Σ_k w_k B_k 
 linear module; per example it is computed by materialising ΔW, as SMEAR/DAM do); ``"factor"`` =
 (Σ_k w_k B_k)(Σ_k w_k A_k) x, the factor mix of mttl's Arrow (``lora_merge_after=False``), computed as
 z = Σ_k w_k A_k x, y = Σ_k w_k B_k z without forming per-token A.
+
+Dense experts (full fine-tunes' task vectors) hold a whole ``ΔW_e [d_out, d_in]`` (and optionally a bias
+update ``Δb_e``) for a module instead of factors: ``D [E_d, d_out, d_in]`` stacked once for the E_d dense
+experts only, with ``dense_ids`` their positions among the layer's E experts (`dense_delta`). Output
+aggregation computes ``Σ_e w_e ΔW_e x`` (all E_d products, weighted; unselected experts weigh 0); parameter
+aggregation per example builds ``ΔW_b = Σ_e w_be ΔW_e`` and runs one forward per example. A library may mix
+LoRA and dense experts: each expert contributes through its own part. Factor aggregation mixes LoRA factors,
+which a dense expert has none of: it is refused.
 """
 
 from __future__ import annotations
@@ -229,21 +237,96 @@ def _example_delta(
     return torch.bmm(z.reshape(B, T, k * R), Bt_sel)
 
 
+def dense_delta(
+    x: torch.Tensor,
+    D: torch.Tensor,
+    Db: torch.Tensor | None,
+    dense_ids: torch.Tensor,
+    num_experts: int,
+    sel: Selection,
+    aggregation: Aggregation = "output",
+) -> torch.Tensor:
+    """The dense experts' contribution to a linear module's output for input ``x [..., d_in]``: ``[..., d_out]``.
+
+    ``D [E_d, d_out, d_in]`` are the dense experts' weight updates (``nn.Linear`` layout), ``Db [E_d, d_out]``
+    their bias updates (or None), ``dense_ids [E_d]`` their indices among the ``num_experts`` routed experts."""
+    Ed, d_out, d_in = D.shape
+    lead = x.shape[:-1]
+    w = sel.dense(num_experts).index_select(1, dense_ids).to(x.dtype)  # [rows, E_d]
+    if sel.per == "example":
+        x3 = x.reshape(sel.rows, -1, d_in)
+        if aggregation == "parameter":
+            dW = torch.einsum("be,eoi->bio", w, D)  # ΔWᵀ_b = Σ_e w_be ΔW_eᵀ: [B, d_in, d_out]
+            y = torch.bmm(x3, dW)
+        else:
+            z = (x3 @ D.reshape(Ed * d_out, d_in).T).view(sel.rows, -1, Ed, d_out)
+            y = (z * w[:, None, :, None]).sum(2)
+        if Db is not None:
+            y = y + (w @ Db)[:, None, :]
+        return y.reshape(*lead, d_out)
+    xs = x.reshape(-1, d_in)
+    if sel.rows != xs.shape[0]:
+        raise ShapeMismatchError(f"a per-token selection has {sel.rows} rows for {xs.shape[0]} tokens")
+    z = (xs @ D.reshape(Ed * d_out, d_in).T).view(-1, Ed, d_out)  # per token, output = parameter (linear)
+    y = (z * w[..., None]).sum(1)
+    if Db is not None:
+        y = y + w @ Db
+    return y.reshape(*lead, d_out)
+
+
 class ExpertLayer(nn.Module):
     """A base linear module plus the stacked factors of E experts. The routing comes from the call its routed
     model has in flight in the current thread (`moerge.routing.call.active_call`); with none, the base alone."""
 
     A: torch.Tensor
     Bt: torch.Tensor
+    D: torch.Tensor | None
+    Db: torch.Tensor | None
+    dense_ids: torch.Tensor | None
 
-    def __init__(self, base: nn.Module, name: str, A: torch.Tensor, Bt: torch.Tensor, owner: CallOwner):
+    def __init__(
+        self,
+        base: nn.Module,
+        name: str,
+        A: torch.Tensor,
+        Bt: torch.Tensor,
+        owner: CallOwner,
+        dense: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None,
+        has_lora: bool = True,
+    ):
+        """``dense``: the dense experts' ``(D [E_d, d_out, d_in], Db [E_d, d_out] or None, dense_ids [E_d])``
+        (`dense_delta`); ``has_lora=False`` when no expert has LoRA factors here (A and Bt are zeros)."""
         super().__init__()
         self.base = base
         self.module_name = name
         self.d_in, self.d_out = A.shape[2], Bt.shape[2]
         self.register_buffer("A", A, persistent=False)
         self.register_buffer("Bt", Bt, persistent=False)
+        D, Db, ids = dense if dense is not None else (None, None, None)
+        self.register_buffer("D", D, persistent=False)
+        self.register_buffer("Db", Db, persistent=False)
+        self.register_buffer("dense_ids", ids, persistent=False)
+        self.has_lora = has_lora
         self.owner = owner
+
+    @property
+    def num_dense(self) -> int:
+        """How many of the experts update this module with a dense ΔW."""
+        return 0 if self.D is None else self.D.shape[0]
+
+    def _delta(self, x: torch.Tensor, sel: Selection, aggregation: Aggregation) -> torch.Tensor:
+        if self.D is None:
+            return expert_delta(x, self.A, self.Bt, sel, aggregation)
+        if aggregation == "factor":
+            raise RoutingError(
+                f"module {self.module_name}: factor aggregation mixes LoRA factors, and a dense expert (a full "
+                "fine-tune's ΔW) has none; route dense experts with aggregation 'output' or 'parameter'"
+            )
+        assert self.dense_ids is not None
+        y = dense_delta(x, self.D, self.Db, self.dense_ids, self.num_experts, sel, aggregation)
+        if self.has_lora:
+            y = y + expert_delta(x, self.A, self.Bt, sel, aggregation)
+        return y
 
     @property
     def num_experts(self) -> int:
@@ -260,18 +343,17 @@ class ExpertLayer(nn.Module):
             return out
         if isinstance(call, BatchCall):  # several calls' rows in one forward (a server's decode step)
             for rows, part, agg in call.parts(self.module_name, x):
-                delta = expert_delta(x.index_select(0, rows), self.A, self.Bt, part, agg)
+                delta = self._delta(x.index_select(0, rows), part, agg)
                 out = out.index_add(0, rows, _as(delta, out.dtype))
             return out
         sel = call.select(self.module_name, x)
         if sel is None:
             return out
-        return out + _as(expert_delta(x, self.A, self.Bt, sel, call.aggregation), out.dtype)
+        return out + _as(self._delta(x, sel, call.aggregation), out.dtype)
 
     def extra_repr(self) -> str:
-        return (
-            f"{self.module_name}: E={self.num_experts}, R={self.rank}, d_in={self.d_in}, d_out={self.d_out}"
-        )
+        dense = f", dense={self.num_dense}" if self.num_dense else ""
+        return f"{self.module_name}: E={self.num_experts}, R={self.rank}{dense}, d_in={self.d_in}, d_out={self.d_out}"
 
 
 class EmbeddingExpertLayer(ExpertLayer):

@@ -21,7 +21,7 @@ import functools
 import re
 import threading
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -198,7 +198,9 @@ class MoErgedModel(nn.Module):
             elif self.aggregation == "parameter" and self.router.granularity != "token":
                 total += 2 * layer.d_in * layer.d_out  # the merged ΔW runs as one extra matmul
             else:
-                total += 2 * k * layer.rank * (layer.d_in + layer.d_out)
+                if layer.has_lora:
+                    total += 2 * k * layer.rank * (layer.d_in + layer.d_out)
+                total += 2 * layer.num_dense * layer.d_in * layer.d_out  # every dense ΔW_e x, weighted
         dims = {n: (la.d_in, la.d_out) for n, la in self.expert_layers.items()}
         return total + self.router.routing_flops_per_token(dims)
 
@@ -295,22 +297,57 @@ def unmatched_target_error(target: str, names: Sequence[str], whose: str) -> Moe
     )
 
 
+Unrouted = Literal["refuse", "average"]
+_UNROUTED_ATTR = "_moerge_unrouted"  # on the inner model: the originals of parameters `inject` averaged into
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
+
+
+def _dense_modules(model: nn.Module, experts: list[Expert]) -> set[str]:
+    """The linear modules (``nn.Linear``, ``Conv1D``) whose weight some dense expert updates."""
+    out: set[str] = set()
+    for e in experts:
+        for key in e.dense:
+            mod, _, leaf = key.rpartition(".")
+            if leaf != "weight" or not mod:
+                continue
+            try:
+                m = model.get_submodule(mod)
+            except AttributeError:
+                continue
+            if _is_linear(m):
+                out.add(mod)
+    return out
+
+
+def adapted_modules(model: nn.Module, experts: Sequence[Expert]) -> list[str]:
+    """Every module some expert adapts, as `inject` takes them: LoRA modules, and the linear modules whose
+    weight a dense expert updates."""
+    return sorted(set().union(*(e.lora for e in experts)) | _dense_modules(model, list(experts)))
+
+
 def inject(
     model: nn.Module,
     experts: list[Expert],
     target_modules: str | Sequence[str] | None = None,
     dtype: torch.dtype | None = None,
+    unrouted: Unrouted = "refuse",
 ) -> tuple[dict[str, ExpertLayer], CallOwner]:
     """Replace each module some expert adapts (or those ``target_modules`` selects, PEFT's forms) by an
-    `ExpertLayer` holding every expert's stacked factors."""
+    `ExpertLayer` holding every expert's stacked factors, and the dense experts' ΔW (full fine-tunes).
+
+    A dense expert's updates of a linear module's weight (and bias) are routed like a LoRA's. Its other updates
+    (norms, embeddings, a linear module left out by ``target_modules``) cannot be routed per module:
+    ``unrouted="refuse"`` raises, naming them; ``"average"`` adds the experts' mean update of each such
+    parameter (task arithmetic with λ = 1/E, an expert without it counting as zero) to the model statically,
+    and `detach` restores the original values."""
     if not experts:
         raise MoergeError("no experts to attach; add LoRA experts to the library first")
-    for e in experts:
-        if e.kind != "lora":
-            raise MoergeError(
-                f"expert {e.name!r} is a dense delta; routing needs LoRA experts (merge it instead)"
-            )
-    modules = match_target_modules(sorted(set().union(*(e.lora for e in experts))), target_modules)
+    if hasattr(model, _UNROUTED_ATTR):
+        raise MoergeError("the model already holds experts' static updates; detach it first")
+    modules = match_target_modules(adapted_modules(model, experts), target_modules)
     owner = CallOwner(f"routed {type(model).__name__}")
     layers: dict[str, ExpertLayer] = {}
     for name in modules:
@@ -337,14 +374,110 @@ def inject(
                     f"{'an embedding' if m.embedding else 'a linear'} LoRA; attach the experts to their base model"
                 )
         w = getattr(base, "weight", None)
-        A, Bt = stack_factors(mods, d_in, d_out, dtype or (w.dtype if w is not None else torch.float32))
+        wdtype = dtype or (w.dtype if w is not None else torch.float32)
+        A, Bt = stack_factors(mods, d_in, d_out, wdtype)
         if w is not None:
             A, Bt = A.to(w.device), Bt.to(w.device)
-        layer_type = EmbeddingExpertLayer if is_embedding else ExpertLayer
-        layers[name] = layer_type(base, name, A, Bt, owner)
+        if is_embedding:
+            layers[name] = EmbeddingExpertLayer(base, name, A, Bt, owner)
+            continue
+        dense = _stack_dense(base, name, experts, d_in, d_out, wdtype)
+        has_lora = any(m is not None for m in mods)
+        layers[name] = ExpertLayer(base, name, A, Bt, owner, dense=dense, has_lora=has_lora)
+    _apply_unrouted(model, experts, set(layers), unrouted)
     for name, layer in layers.items():
         _set_submodule(model, name, layer)
     return layers, owner
+
+
+def _stack_dense(
+    base: nn.Module, name: str, experts: list[Expert], d_in: int, d_out: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+    """The dense experts' ``(D [E_d, d_out, d_in], Db [E_d, d_out] or None, ids [E_d])`` for one linear
+    module, in ``nn.Linear`` layout (a Conv1D's ``[d_in, d_out]`` deltas transposed); None without any."""
+    ids = [i for i, e in enumerate(experts) if f"{name}.weight" in e.dense or f"{name}.bias" in e.dense]
+    if not ids:
+        return None
+    conv1d = not isinstance(base, nn.Linear)
+    w = cast(torch.Tensor, base.weight)
+    bias = getattr(base, "bias", None)
+    D = torch.zeros(len(ids), d_out, d_in, dtype=dtype, device=w.device)
+    has_bias = any(f"{name}.bias" in experts[i].dense for i in ids)
+    if has_bias and bias is None:
+        e = next(experts[i] for i in ids if f"{name}.bias" in experts[i].dense)
+        raise ShapeMismatchError(
+            f"expert {e.name!r} updates {name}.bias, which the model does not have; use it with its base model"
+        )
+    Db = torch.zeros(len(ids), d_out, dtype=dtype, device=w.device) if has_bias else None
+    for j, i in enumerate(ids):
+        e = experts[i]
+        dw = e.dense.get(f"{name}.weight")
+        if dw is not None:
+            if tuple(dw.shape) != tuple(w.shape):
+                raise ShapeMismatchError(
+                    f"expert {e.name!r}: {name}.weight has shape {tuple(w.shape)} in the model, the update "
+                    f"{tuple(dw.shape)}; use it with its base model"
+                )
+            D[j] = (dw.T if conv1d else dw).to(device=w.device, dtype=dtype)
+        db = e.dense.get(f"{name}.bias")
+        if db is not None and Db is not None:
+            if tuple(db.shape) != (d_out,):
+                raise ShapeMismatchError(
+                    f"expert {e.name!r}: {name}.bias has shape ({d_out},) in the model, the update {tuple(db.shape)}"
+                )
+            Db[j] = db.to(device=w.device, dtype=dtype)
+    return D, Db, torch.tensor(ids, dtype=torch.long, device=w.device)
+
+
+@torch.no_grad()
+def _apply_unrouted(model: nn.Module, experts: list[Expert], routed: set[str], policy: Unrouted) -> None:
+    """Dense updates of parameters no expert layer routes: refused, or their mean added (originals kept)."""
+    keys: list[str] = []
+    for e in experts:
+        for key in e.dense:
+            mod, _, leaf = key.rpartition(".")
+            if not (mod in routed and leaf in ("weight", "bias")) and key not in keys:
+                keys.append(key)
+    if not keys:
+        return
+    if policy == "refuse":
+        shown = ", ".join(keys[:4]) + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+        raise RoutingError(
+            f"the dense experts update {shown}, which are not weights of the linear modules being routed "
+            "(norms, embeddings, or modules left out by target_modules) and cannot be routed per module; "
+            "pass unrouted='average' (attach(..., unrouted='average'); moerge bench does for dense experts) to "
+            "add the experts' mean update of those statically, or merge the experts instead"
+        )
+    params = dict(model.named_parameters(remove_duplicate=False))
+    originals: dict[str, torch.Tensor] = {}
+    for key in keys:
+        p = params.get(key)
+        if p is None:
+            who = next(e.name for e in experts if key in e.dense)
+            raise ShapeMismatchError(
+                f"expert {who!r} updates {key}, which the model does not have; use it with its base model"
+            )
+        deltas = [e.dense[key] for e in experts if key in e.dense]
+        for d in deltas:
+            if tuple(d.shape) != tuple(p.shape):
+                raise ShapeMismatchError(
+                    f"a dense expert's update of {key} has shape {tuple(d.shape)}, the model's {tuple(p.shape)}"
+                )
+        mean = torch.stack([d.to(device=p.device, dtype=torch.float32) for d in deltas]).sum(0) / len(experts)
+        originals[key] = p.detach().clone()
+        p.add_(mean.to(p.dtype))
+    setattr(model, _UNROUTED_ATTR, originals)
+
+
+@torch.no_grad()
+def _restore_unrouted(model: nn.Module) -> None:
+    originals = getattr(model, _UNROUTED_ATTR, None)
+    if originals is None:
+        return
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for key, value in originals.items():
+        params[key].copy_(value)
+    delattr(model, _UNROUTED_ATTR)
 
 
 def weight_deltas(model: nn.Module, expert: Expert) -> dict[str, torch.Tensor]:
@@ -390,6 +523,7 @@ def detach(routed: MoErgedModel) -> nn.Module:
     model = routed.model
     for name, layer in routed.expert_layers.items():
         _set_submodule(model, name, layer.base)
+    _restore_unrouted(model)
     routed.expert_layers = {}
     routed.router = None
     if routed._forward_hook is not None:

@@ -73,6 +73,7 @@ ARROW = Recipe(
     signatures=(ARROW_PROTOTYPES,),
     option_axes={"granularity": "granularity", "aggregation": "aggregation"},
     variants=lambda: [{"granularity": "example"}],
+    needs_lora="its prototypes are the top right-singular vectors of each expert's LoRA product",
 )
 
 RECIPES = [ARROW]

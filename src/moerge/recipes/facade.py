@@ -15,7 +15,7 @@ from typing import Any
 
 from moerge.errors import ExpertNotFoundError, MoergeError, RecipeNotApplicableError
 from moerge.experts.expert import Expert
-from moerge.model.routed import MoErgedModel, detach, inject
+from moerge.model.routed import MoErgedModel, Unrouted, detach, inject
 from moerge.recipes.progress import SignatureProgress, as_progress
 from moerge.recipes.recipe import BuildContext, BuiltModel, Recipe, Routing, Rows, TargetData
 from moerge.recipes.registry import get_recipe
@@ -66,6 +66,7 @@ def attach(
     embedder: Any = None,
     embedders: dict[str, Any] | None = None,
     target: TargetData | None = None,
+    unrouted: Unrouted = "refuse",
     **options: Any,
 ) -> MoErgedModel:
     """Attach a library's experts to ``model`` (in place) and route among them with ``recipe``.
@@ -78,6 +79,8 @@ def attach(
     serve routers that embed inputs; embedders are made only for recipes that use one. ``target`` is the
     target task's data for recipes that learn from it (`TargetData`). Raises
     `RecipeNotApplicableError` when the recipe cannot run on this library (e.g. missing signatures).
+    ``unrouted``: what to do with dense experts' updates that no expert layer routes (norms, embeddings):
+    ``"refuse"`` or ``"average"`` (added statically, undone by ``detach``; `moerge.model.routed.inject`).
     """
     expert_list, library = resolve_experts(library_or_experts, experts)
     ctx = BuildContext(
@@ -101,11 +104,16 @@ def attach(
             )
         if rec.builder is None:  # the base recipe: no expert layers
             return MoErgedModel(model, {}, ctx.names, None, "output", CallOwner(), rec, opts, tokenizer)
-    layers, owner = inject(model, expert_list, target_modules)
+    layers, owner = inject(model, expert_list, target_modules, unrouted=unrouted)
     ctx.modules = list(layers)
     if rec is not None:
         try:
             routing = rec.build(ctx, opts)
+            if routing.aggregation == "factor" and any(e.kind == "dense" for e in expert_list):
+                raise RecipeNotApplicableError(
+                    f"recipe {rec.name!r} mixes LoRA factors (factor aggregation), and dense experts (full "
+                    "fine-tunes' ΔW) have none; extract LoRA experts from them (moerge library extract) to run it"
+                )
         except BaseException:
             detach(MoErgedModel(model, layers, ctx.names, None, "output", owner))
             raise

@@ -316,19 +316,26 @@ ADAPTER_FUSION = Recipe(
 
 
 # ---------------------------------------------------------------------------------------------------- on experts' data
-def _expert_modules(experts: list[Any]) -> dict[str, int]:
-    """Every module some expert adapts (as `inject` takes them) with its input size."""
+def _expert_modules(experts: list[Any], model: Any = None) -> dict[str, int]:
+    """Every module some expert adapts (as `inject` takes them) with its input size (dense experts' modules
+    read off ``model``)."""
     dims: dict[str, int] = {}
     for e in experts:
         for m, lm in e.lora.items():
             dims.setdefault(m, lm.d_in)
+    if model is not None and any(e.dense for e in experts):
+        from moerge.model.expert_layer import module_dims
+        from moerge.model.routed import adapted_modules
+
+        for m in adapted_modules(model, experts):
+            dims.setdefault(m, module_dims(model.get_submodule(m))[0])
     return dict(sorted(dims.items()))
 
 
 def _joint_config(recipe: str, o: LearnedOptions, ctx: BuildContext) -> dict[str, Any]:
     from moerge.train.router import router_config
 
-    modules = list(_expert_modules(ctx.experts))
+    modules = list(_expert_modules(ctx.experts, ctx.model))
     return router_config(recipe, o.model_dump(), ctx.experts, ctx.library, modules, "experts' training data")
 
 
@@ -343,7 +350,7 @@ def _joint_compute(recipe: str, make: Any, aggregation: str, aux_weight: Any, la
         _need_tokenizer(ctx)
         pairs = [(r, i) for i, name in enumerate(ctx.names) for r in training_rows(data.get(name, []))]
         rows = [r for r, _ in pairs]
-        router = make(_expert_modules(ctx.experts), len(ctx.experts), o)
+        router = make(_expert_modules(ctx.experts, ctx.model), len(ctx.experts), o)
         result = train_router(
             ctx.model, ctx.tokenizer, ctx.experts, router, rows, _train_config(o, aux_weight(o)),
             aggregation=aggregation, on_step=ctx.report_steps,
@@ -441,7 +448,7 @@ METEORA_ROUTER = _joint_signature(
 
 
 def _build_meteora(ctx: BuildContext, o: MeteoraOptions) -> Routing:
-    router = _meteora_router(_expert_modules(ctx.experts), len(ctx.experts), o)
+    router = _meteora_router(_expert_modules(ctx.experts, ctx.model), len(ctx.experts), o)
     return Routing(_joint_router(ctx, METEORA_ROUTER, o, router), "output")
 
 
@@ -488,7 +495,7 @@ SMEAR_ROUTER = _joint_signature(
 
 
 def _build_smear(ctx: BuildContext, o: SmearOptions) -> Routing:
-    router = _smear_router(_expert_modules(ctx.experts), len(ctx.experts), o)
+    router = _smear_router(_expert_modules(ctx.experts, ctx.model), len(ctx.experts), o)
     return Routing(_joint_router(ctx, SMEAR_ROUTER, o, router), "parameter")
 
 

@@ -225,6 +225,7 @@ LORAHUB = Recipe(
     ),  # fmt: skip
     builder=build_lorahub,
     options=LoraHubOptions,
+    needs_lora="it mixes the experts' A and B factors separately",
 )
 
 RECIPES = [LORAHUB]

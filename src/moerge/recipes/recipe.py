@@ -312,6 +312,7 @@ class Recipe:
     query_router: Callable[[Any], Any] | None = None
     composes: Literal["experts", "models"] = "experts"
     entry: str | None = None  # for a models recipe: the Python API that runs it
+    needs_lora: str | None = None  # why the method reads LoRA factors (dense experts then not applicable)
 
     @property
     def kind(self) -> Literal["router", "model", "pool", "compose"]:
@@ -382,6 +383,27 @@ class Recipe:
                 tax[axis] = f"{value} (option)"
         return tax
 
+    def check_experts(
+        self, experts: Sequence[Any], options: dict[str, Any] | BaseModel | None = None
+    ) -> None:
+        """Raise `RecipeNotApplicableError` when ``experts`` include dense ones (full fine-tunes' task vectors)
+        and the method reads LoRA factors (``needs_lora``) or mixes them (factor aggregation)."""
+        dense = [e.name for e in experts if getattr(e, "kind", "lora") == "dense"]
+        if not dense:
+            return
+        shown = ", ".join(dense[:3]) + (" …" if len(dense) > 3 else "")
+        fix = "extract LoRA experts from them (moerge library extract) to run it"
+        if self.needs_lora:
+            raise RecipeNotApplicableError(
+                f"recipe {self.name!r} needs LoRA experts ({self.needs_lora}); {shown} are dense; {fix}"
+            )
+        opts = self.parse_options(options)
+        if getattr(opts, "aggregation", None) == "factor":
+            raise RecipeNotApplicableError(
+                f"recipe {self.name!r} with factor aggregation mixes LoRA factors; {shown} are dense (a full "
+                f"ΔW has none): use aggregation=output or parameter, or {fix}"
+            )
+
     def check_applicable(
         self,
         ctx: BuildContext | Any = None,
@@ -408,6 +430,8 @@ class Recipe:
                 "use it on in-distribution splits."
             )
         opts = self.parse_options(options)
+        if ctx is not None:
+            self.check_experts(ctx.experts, opts)
         data_signatures = [s for s in self.signatures if s.needs_data and s.needed(opts)]
         if not data_signatures or ctx is None:
             return

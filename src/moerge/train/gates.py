@@ -140,7 +140,11 @@ def train_phatgoose_gates(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     batches = build_batches(encoded, settings["batch_size"], cfg.steps, settings["seed"], pad_id)
 
-    gates = {m: torch.zeros(lm.d_in, requires_grad=True) for m, lm in expert.lora.items()}
+    from moerge.model.expert_layer import module_dims
+    from moerge.model.routed import adapted_modules
+
+    adapted = adapted_modules(model, [expert])  # a dense expert's linear modules too
+    gates = {m: torch.zeros(module_dims(model.get_submodule(m))[0], requires_grad=True) for m in adapted}
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     was_training = model.training
     layers, owner = inject(model, [expert])
@@ -152,7 +156,7 @@ def train_phatgoose_gates(
         if cfg.cache_prefix:
             from moerge.train.prefix import first_layer, frozen_prefix_plan
 
-            start = first_layer(model, expert.lora) or 0
+            start = first_layer(model, adapted) or 0
             cached = frozen_prefix_plan(routed, start, batches)
             batches, start = (cached, start) if cached is not None else (batches, 0)
         with _truncated(routed, start):

@@ -100,7 +100,7 @@ def compute_hidden_centroids(
             )
             if e is None:
                 raise MoergeError(f"no expert {name!r} to compute centroids for; pass experts= or a library")
-            mods = sorted(e.lora)
+            mods = sorted(e.lora) or _dense_linear_modules(model, e)
         means = module_input_means(model, tokenizer, texts, mods)
         tensors = {m: torch.nn.functional.normalize(v, dim=-1).contiguous() for m, v in means.items()}
         if library is not None:
@@ -144,3 +144,19 @@ def stack_modules(per_expert: list[dict[str, torch.Tensor]], modules: list[str])
         d = next(t[m].shape[-1] for t in per_expert if m in t)
         out[m] = torch.stack([t[m].float() if m in t else torch.zeros(d) for t in per_expert])
     return out
+
+
+def _dense_linear_modules(model: Any, expert: Any) -> list[str]:
+    """The linear modules whose weight a dense expert updates (where its centroids are taken)."""
+    out = []
+    for key in expert.dense:
+        mod, _, leaf = key.rpartition(".")
+        if leaf != "weight" or not mod:
+            continue
+        try:
+            m = model.get_submodule(mod)
+        except AttributeError:
+            continue
+        if isinstance(m, torch.nn.Linear) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf")):
+            out.append(mod)
+    return sorted(out)

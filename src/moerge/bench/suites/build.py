@@ -14,6 +14,7 @@ call with the same configuration after an interruption (Ctrl-C, a kill, a crash)
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from moerge.bench.suites.format import Suite, load_jsonl_suite
+from moerge.errors import SuiteError
 from moerge.progress import stages
 from moerge.recipes.progress import SignatureProgress
 
@@ -465,3 +467,120 @@ def nll_table(
                         total, count = total + s, count + c
                 out[name][task.name] = round(total / max(1, count), 4)
     return out
+
+
+def full_library_folder(suite: Suite, config: Any) -> Path:
+    """Where `build_full_library` keeps ``suite``'s full-fine-tune library for ``config`` (a
+    `moerge.train.full.FullTrainConfig`): ``<suite folder>/full-<hash of the config>/``, beside the suite's own
+    files, so the suite's cache key is unchanged and each training setting has its own library."""
+    if not suite.root:
+        raise SuiteError(
+            f"suite {suite.name!r} was not loaded from a folder; a full-fine-tune library is built beside one"
+        )
+    data = config.model_dump(mode="json")
+    data.pop("progress", None)
+    key = hashlib.sha256(json.dumps({"full": 1, "config": data}, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(suite.root) / f"full-{key}"
+
+
+def build_full_library(suite: Suite, config: Any, *, force: bool = False, progress: bool = True) -> Any:
+    """The suite's second, optional library: one full fine-tune per held-in task (`moerge.train.full`, on the
+    same training rows as its LoRA expert, seed ``config.seed + i``), stored as dense task vectors under the
+    same names. Built on first use and cached (`full_library_folder`; ``build.json`` marks it complete and
+    records each expert's training summary); an interrupted build keeps the experts it finished. Returns the
+    `ExpertLibrary`."""
+    from moerge.experts.library import ExpertLibrary
+    from moerge.train.full import train_full_expert
+
+    folder = full_library_folder(suite, config)
+    done = folder / "build.json"
+    if done.is_file() and not force:
+        return ExpertLibrary.open(folder / "library")
+    folder.mkdir(parents=True, exist_ok=True)
+    with stages(f"full fine-tunes for {suite.name}", enabled=progress) as stage, _build_lock(folder, stage):
+        if done.is_file() and not force:
+            return ExpertLibrary.open(folder / "library")
+        if force:
+            shutil.rmtree(folder / "library", ignore_errors=True)
+            done.unlink(missing_ok=True)
+        model, tokenizer = suite.load_base()
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        base_id = str(
+            suite.info.get("base_model_id") or getattr(model.config, "_name_or_path", "") or suite.name
+        )
+        from moerge.experts.fingerprint import fingerprint_model
+
+        lib = _library(folder / "library", base_id, fingerprint_model(model))
+        summaries: dict[str, Any] = {}
+        t0 = time.perf_counter()
+        held_in = [t for t in suite.held_in if t.name in suite.experts or not suite.experts]
+        for i, task in enumerate(held_in):
+            if task.name in lib:
+                summaries[task.name] = lib.get(task.name).metadata.training
+                continue
+            stage(f"full fine-tune {i + 1}/{len(held_in)} {task.name}")
+            cfg = config.model_copy(update={"seed": config.seed + i, "progress": progress})
+            expert = train_full_expert(
+                model, tokenizer, task.training_rows(), cfg, library=lib, name=task.name, task=task.name,
+                base_model_id=base_id, tags=["full"], description=task.description,
+            )  # fmt: skip
+            summaries[task.name] = expert.metadata.training
+        for task in held_in if config.stats_rows else ():  # the contributors' statistics (Fisher, RegMean)
+            stage(f"merge statistics of {task.name}")
+            full_expert_stats(model, tokenizer, lib, task.name, task.training_rows()[: config.stats_rows],
+                              config.seq_len)  # fmt: skip
+        info = {
+            "config": config.model_dump(mode="json"),
+            "suite": suite.name,
+            "seconds": round(time.perf_counter() - t0, 2),
+            "experts": summaries,
+        }
+        tmp = done.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, done)
+    return ExpertLibrary.open(folder / "library")
+
+
+STATS_CONFIG = {"data": "expert training rows", "fisher": "sampled"}
+
+
+def full_expert_stats(
+    model: Any, tokenizer: Any, lib: Any, name: str, rows: Sequence[Mapping[str, str]], seq_len: int
+) -> None:
+    """What a full fine-tune's contributor shares for the data-aware merges, computed with its task vector
+    folded into ``model`` on ``rows`` (its first training rows) and stored as library
+    artifacts (kinds ``fisher`` and ``gram``, config `STATS_CONFIG`, which `moerge.merging.api.merge` reads as
+    ``stats_config``): the diagonal Fisher of the parameters it updates (Matena & Raffel) and the Gram matrices
+    of its linear layers' inputs (RegMean, Jin et al.). Those already stored are kept."""
+    import copy
+
+    import torch
+
+    from moerge.merging.stats import fisher_diagonal, gram_matrices
+
+    if lib.get_artifact("fisher", STATS_CONFIG, name) and lib.get_artifact("gram", STATS_CONFIG, name):
+        return
+    expert = lib.get(name)
+    tuned = copy.deepcopy(model)
+    params = dict(tuned.named_parameters())
+    with torch.no_grad():
+        for key, d in expert.dense.items():
+            params[key] += d.to(params[key].dtype)
+    texts = [r["text"] if "text" in r else r["prompt"] + r["completion"] for r in rows]
+    batches = [
+        dict(
+            tokenizer(
+                texts[i : i + 16], return_tensors="pt", padding=True, truncation=True, max_length=seq_len
+            )
+        )
+        for i in range(0, len(texts), 16)
+    ]
+    for key in expert.dense:
+        params[key].requires_grad_(True)
+    fisher = fisher_diagonal(tuned, batches, params=list(expert.dense), seed=0)
+    grams, _ = gram_matrices(tuned, batches)
+    info = {"rows": len(texts)}
+    lib.put_artifact("fisher", STATS_CONFIG, name, {k: v.contiguous() for k, v in fisher.items()}, info)
+    lib.put_artifact("gram", STATS_CONFIG, name, {k: v.contiguous() for k, v in grams.items()}, info)
