@@ -69,7 +69,7 @@ def default_methods() -> list[RecipeSpec]:
     covered = covered_recipes()
     out = []
     for r in list_recipes():
-        if r.key in covered:
+        if r.key in covered or r.kind == "pool":  # pool recipes run on the pool suite (moerge.bench.pool)
             continue
         out.append(RecipeSpec(r.name, r.key))
         for variant in r.variants():
@@ -111,6 +111,11 @@ def run_recipe(run: BenchRun, spec: RecipeSpec) -> None:
     ctx = run.build_context()
     runnable: list[Any] = []
     results: list[TaskResult] = []
+    if rec.kind == "pool":
+        reason = (f"recipe {rec.name!r} routes each query to one whole model of a pool: run it on the pool suite "
+                  "(moerge bench --suite pool)")  # fmt: skip
+        run.record(meta, run.skipped(spec.label, list(run.suite.tasks), "not_applicable", reason), None)
+        return
     for split in ("held_in", "held_out"):
         tasks = run.tasks_for(split)
         if not tasks:

@@ -52,12 +52,13 @@ def _ensure_loaded() -> None:
         lorahub,
         molora,
         phatgoose,
+        routellm,
         token_level,
         what_the_weight,
     )
 
     for module in (arrow, phatgoose, average_activation, embedding, adapter_soup, lora_retriever, molora,
-                   token_level, what_the_weight, airoboros, lorahub, learned, baselines):  # fmt: skip
+                   token_level, what_the_weight, airoboros, lorahub, learned, baselines, routellm):  # fmt: skip
         for recipe in module.RECIPES:
             register_recipe(recipe, source=module.__name__)
     for label, value in entry_point_objects(RECIPE_GROUP):
