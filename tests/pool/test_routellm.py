@@ -99,7 +99,9 @@ def test_sw_ranking_win_rate_is_the_weighted_elo_of_the_pair():
     got = router.win_rate(query)
     pairs, outcome = pairwise_preferences(pool.quality)
     for i in range(2):
-        sims = [float(torch.nn.functional.cosine_similarity(query[i], pool.features[j], dim=0)) for j in range(30)]
+        sims = [
+            float(torch.nn.functional.cosine_similarity(query[i], pool.features[j], dim=0)) for j in range(30)
+        ]
         weights = [10 * 10 ** (s / max(sims)) for s in sims]
         battles, bw = [], []
         for j in range(30):
@@ -122,7 +124,9 @@ def test_mf_score_is_the_dense_bilinear_formula():
             v = net.P.weight[m] / net.P.weight[m].norm()
             want[i, m] = (net.classifier.weight[0] * (v * (net.text_proj.weight @ e[i]))).sum()
     torch.testing.assert_close(router.member_scores(e).float(), want, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(router.win_rate(e).float(), torch.sigmoid(want[:, 2] - want[:, 0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        router.win_rate(e).float(), torch.sigmoid(want[:, 2] - want[:, 0]), atol=1e-6, rtol=0
+    )
 
 
 def test_classifier_labels_and_win_rate():
