@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from moerge.bench.pool import apgr, cost_to_reach, random_quality, run_pool_bench, write_pool_report
+from moerge.bench.pool import (
+    apgr,
+    complete_curve,
+    cost_to_reach,
+    random_quality,
+    run_pool_bench,
+    write_pool_report,
+)
 from moerge.bench.suites.pool import PoolSuite
 from moerge.pool.query import PoolData
 
@@ -45,6 +52,15 @@ def test_apgr_and_cost_to_50_match_routellms_formulas():
     assert cost_to_reach(pts, weak, strong) == pytest.approx(np.interp(weak + 0.5 * (strong - weak), y, x))
     assert cost_to_reach(pts, weak, 2.0) is None  # never reached
     assert apgr(pts[:1], weak, strong) is None
+
+
+def test_a_short_curve_is_completed_by_randomised_policies():
+    # the oracle's shape: the weak member alone, then the strong member's quality at 20% of the way, flat after
+    pts = complete_curve([[0.5, 0.8], [0.6, 1.0]], x_weak=0.5, q_weak=0.8, x_strong=1.0, q_strong=1.0)
+    assert pts == [[0.5, 0.8], [0.6, 1.0], [1.0, 1.0]]
+    # PGR rises linearly over the first 0.1 of 0.5, then is 1: mean (0.1·0.5 + 0.4·1) / 0.5
+    assert apgr(pts, 0.8, 1.0) == pytest.approx((0.1 * 0.5 + 0.4) / 0.5)
+    assert complete_curve([[0.7, 0.9]], 0.5, 0.8, 1.0, 1.0) == [[0.5, 0.8], [0.7, 0.9], [1.0, 1.0]]
 
 
 def test_random_quality_is_the_expected_mix():

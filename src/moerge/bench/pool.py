@@ -10,9 +10,15 @@ Definitions (RouteLLM, Ong et al. 2024, ``routellm/evals/evaluate.py``, generali
   much cheaper weak member this is RouteLLM's share of strong calls, reported beside it);
 - the curve: the policy's (cost, quality) at each cost penalty λ of `moerge.pool.query.choose` — penalties at
   the quantiles of the points where some query's choice changes, so the curve runs from the router's most
-  expensive choice to its cheapest (for a threshold router, RouteLLM's threshold sweep);
-- APGR: ``(AUC − q_weak·Δx) / ((q_strong − q_weak)·Δx)``, AUC the trapezoid area under the curve over its cost
-  range Δx (RouteLLM's ``apgr_metric``);
+  expensive choice to its cheapest (for a threshold router, RouteLLM's threshold sweep); points dearer than the
+  strong member alone are left out (a negative penalty buys cost for nothing: the oracle would pay for the
+  dearest of several right answers), so every curve lies within RouteLLM's 0–100% strong-call range;
+- APGR: ``(AUC − q_weak·Δx) / ((q_strong − q_weak)·Δx)``, AUC the trapezoid area under the curve over the cost
+  range Δx from the weak member's cost to the strong one's (RouteLLM's ``apgr_metric``, whose threshold sweeps
+  always span 0–100% strong calls). A curve that stops short of either end (the oracle reaches the strong
+  member's quality at 18% strong calls and stays there; a pool router never pays for the strong member
+  everywhere) is completed by the policies randomisation reaches: a straight line from the weak member alone
+  to its first point and from its last point to the strong member alone (`complete_curve`);
 - cost to 50%: the least relative cost at which the curve (linearly interpolated) reaches
   ``q_weak + 0.5·(q_strong − q_weak)`` (RouteLLM's "50% qual", which reads it off ``np.interp``); none if never;
 - random at the same cost: the expected quality of sending each query to the strong member with probability
@@ -113,8 +119,28 @@ def penalties(scores: torch.Tensor, costs: torch.Tensor, n: int = CURVE_POINTS) 
 
 def curve(scores: torch.Tensor, data: PoolData, strong: int) -> list[list[float]]:
     """The (relative cost, quality, strong share) points of the penalty sweep, sorted by cost."""
-    pts = {tuple(point(choose(scores, data.costs, p), data, strong)) for p in penalties(scores, data.costs)}
-    return [list(p) for p in sorted(pts)]
+    pts = sorted(
+        {tuple(point(choose(scores, data.costs, p), data, strong)) for p in penalties(scores, data.costs)}
+    )
+    kept = [list(p) for p in pts if p[0] <= 1.0 + 1e-9]  # beyond the strong member's cost: see the module doc
+    return kept or [list(pts[0])]
+
+
+def complete_curve(
+    points: Sequence[Sequence[float]],
+    x_weak: float,
+    q_weak: float,
+    x_strong: float = 1.0,
+    q_strong: float = 1.0,
+) -> list[list[float]]:
+    """``points`` (sorted by cost) within ``[x_weak, x_strong]``, with the weak member alone ``(x_weak, q_weak)``
+    put first and the strong one alone ``(x_strong, q_strong)`` last where the curve does not reach that far."""
+    pts = [list(p[:2]) for p in points if x_weak - 1e-9 <= p[0] <= x_strong + 1e-9]
+    if not pts or pts[0][0] > x_weak + 1e-9:
+        pts.insert(0, [x_weak, q_weak])
+    if pts[-1][0] < x_strong - 1e-9:
+        pts.append([x_strong, q_strong])
+    return pts
 
 
 def apgr(points: Sequence[Sequence[float]], q_weak: float, q_strong: float) -> float | None:
@@ -158,8 +184,10 @@ def _finish(row: PoolRow, data: PoolData, strong: int, weak: int, seconds: Seque
     q = data.quality.double().mean(0)
     qw, qs = float(q[weak]), float(q[strong])
     if row.curve:
-        row.apgr = _round(apgr(row.curve, qw, qs))
-        row.cost_to_50 = _round(cost_to_reach(row.curve, qw, qs))
+        xw = float(data.costs.double()[weak] / data.costs.double()[strong])
+        full = complete_curve(row.curve, xw, qw, 1.0, qs)
+        row.apgr = _round(apgr(full, qw, qs))
+        row.cost_to_50 = _round(cost_to_reach(full, qw, qs))
     if row.cost is not None:
         row.random_same_cost = _round(random_quality(row.cost, data, strong, weak))
 

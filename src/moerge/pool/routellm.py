@@ -158,6 +158,8 @@ class _PairRouter(QueryRouter):
 
     @property
     def info(self) -> dict[str, Any]:
+        if self.policy == "pool":
+            return {"policy": "pool"}
         return {"strong": self.members[self.strong], "weak": self.members[self.weak],
                 "threshold": round(self.threshold, 6), "strong_share": self.strong_share, "policy": self.policy}  # fmt: skip
 
