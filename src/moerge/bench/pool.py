@@ -80,6 +80,13 @@ class PoolResults:
         d["kind"] = "pool"
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PoolResults:
+        """A results.json written by `write_pool_report`."""
+        fields = {k: v for k, v in d.items() if k != "kind"}
+        fields["rows"] = [PoolRow(**r) for r in d["rows"]]
+        return cls(**fields)
+
 
 def reference_pair(data: PoolData) -> tuple[int, int]:
     """``(strong, weak)``: the best member alone (ties: cheaper) and the cheapest (ties: better)."""
@@ -328,18 +335,36 @@ def plot_curves(results: PoolResults, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in results.rows:
-        if r.status != "ok":
-            continue
+    ok = [r for r in results.rows if r.status == "ok" and r.cost is not None and r.quality is not None]
+    by_name = {r.name: r for r in ok}
+    weak, strong = by_name.get(results.weak), by_name.get(results.strong)
+    # the weak-to-strong range, where the routers' curves lie; members outside it are listed under the plot
+    xs_all = [p[0] for r in ok for p in r.curve] + ([weak.cost] if weak and weak.cost is not None else [])
+    ys_all = [p[1] for r in ok for p in r.curve] + [
+        r.quality for r in (weak, strong) if r and r.quality is not None
+    ]
+    x0, y0, y1 = min(xs_all or [0.0]), min(ys_all or [0.0]), max(ys_all or [1.0])
+    pad_x, pad_y = 0.05 * max(1.0 - x0, 0.1), 0.05 * max(y1 - y0, 0.02)
+    outside = []
+    for r in ok:
+        cost, quality = float(r.cost or 0.0), float(r.quality or 0.0)
         if r.kind == "member":
-            ax.scatter([r.cost], [r.quality], marker="o", s=18, color="grey")
-            ax.annotate(
-                r.name, (r.cost or 0, r.quality or 0), fontsize=6, xytext=(3, 2), textcoords="offset points"
-            )
+            if x0 - pad_x <= cost <= 1.0 + pad_x and y0 - pad_y <= quality <= y1 + pad_y:
+                ax.scatter([cost], [quality], marker="o", s=18, color="grey")
+                ax.annotate(r.name, (cost, quality), fontsize=6, xytext=(3, 2), textcoords="offset points")
+            else:
+                outside.append(f"{r.name} ({cost:.2f}, {quality:.3f})")
         elif r.curve:
             xs, ys = [p[0] for p in r.curve], [p[1] for p in r.curve]
             style = "--" if r.kind == "baseline" else "-"
             ax.plot(xs, ys, style, marker="." if r.kind == "recipe" else None, label=r.name, linewidth=1.2)
+    ax.set_xlim(x0 - pad_x, 1.0 + pad_x)
+    ax.set_ylim(y0 - pad_y, y1 + pad_y)
+    if outside:
+        shown = ", ".join(outside[:6]) + (f" and {len(outside) - 6} more" if len(outside) > 6 else "")
+        fig.text(
+            0.01, -0.03, f"members outside the axes (relative cost, quality): {shown}", fontsize=6, wrap=True
+        )
     ax.set_xlabel(f"relative cost (mean cost per query / {results.strong}'s)")
     ax.set_ylabel("quality (exact match, eval split)")
     ax.set_title(f"quality–cost curves on {results.suite}")
