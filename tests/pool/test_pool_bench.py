@@ -130,3 +130,43 @@ def test_cli_bench_suite_pool(monkeypatch, tmp_path):
     assert res.exit_code == 0, res.output
     assert "routellm_bert" in res.output and "oracle" in res.output
     assert (out / "report.md").is_file() and (out / "pool_curve.png").is_file()
+
+
+def test_pool_suite_build_measures_each_member(reduced_config, suite_root):
+    """The reduced pool suite on the session's reduced synthetic suite: splits disjoint, every member's quality
+    column equal to exact match by greedy generation (transformers' ``generate``) for the saved members, costs
+    counted, and a second call a cache hit."""
+    from moerge.bench.suites.pool import PoolSuiteConfig, build_pool_suite, suite_folder
+    from moerge.bench.suites.synthetic import build_synthetic_suite
+    from moerge.train.lora import load_base
+
+    config = PoolSuiteConfig.reduced(synthetic=reduced_config, n_routing=4)
+    suite = build_pool_suite(config, root=suite_root)
+    names = [m["name"] for m in suite.members]
+    syn = build_synthetic_suite(reduced_config, root=suite_root)
+    held = [t for t in syn.tasks if t.held_in]
+    assert names == ["small", "multitask", *[f"base+{t.name}" for t in held], "large"]
+    assert len(suite.routing.texts) == 4 * len(held) and len(suite.eval.texts) == sum(
+        len(t.eval) for t in held
+    )
+    assert not set(suite.routing.texts) & set(suite.eval.texts)
+    assert suite.routing.features.shape[0] == len(suite.routing.texts)
+    folder = suite_folder(config, suite_root)
+    answers = {
+        ex.text[: ex.targets[0][0]]: ex.text[ex.targets[0][0] : ex.targets[0][1]]
+        for t in held
+        for ex in t.eval
+    }
+    for name in ("small", "large"):
+        model, tok, _, _ = load_base(str(folder / "members" / name))
+        m = names.index(name)
+        for i, prompt in enumerate(suite.eval.texts[:12]):
+            ids = tok(prompt, return_tensors="pt").input_ids
+            want = answers[prompt]
+            out = model.generate(
+                ids, max_new_tokens=len(want), do_sample=False, pad_token_id=tok.pad_token_id
+            )
+            got = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+            assert float(suite.eval.quality[i, m]) == float(got == want), (name, prompt, got, want)
+    assert suite.eval.costs[names.index("large")] > suite.eval.costs[names.index("multitask")]
+    assert build_pool_suite(config, root=suite_root).name == suite.name  # cached
