@@ -194,7 +194,29 @@ def render(results_dir: Path, img_dir: Path | None = None) -> str:
         elif (results_dir.parent / "img" / f"{name}-quality.png").is_file():
             img = f"img/{name}-quality.png"
         lines += suite_section(title, folder, runs, img)
+    pool = results_dir / "pool" / "results.json"
+    if pool.is_file():
+        lines += pool_section(pool, img_dir, results_dir)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def pool_section(path: Path, img_dir: Path | None, results_dir: Path) -> list[str]:
+    """The pool suite's table and quality–cost curves (``docs/results/pool/results.json``, the ``--out`` folder
+    of ``moerge bench --suite pool --no-plots``)."""
+    from moerge.bench.pool import PoolResults, plot_curves, pool_table
+    from moerge.tables import to_markdown
+
+    results = PoolResults.from_dict(json.loads(path.read_text()))
+    lines = ["## Pool suite (whole models, query routing)", ""]
+    command = results.environment.get("command")
+    if command:
+        lines += [f"`{command}` — members, metrics and the headline: [pool.md](pool.md).", ""]
+    lines += [to_markdown(pool_table(results)), ""]
+    if img_dir is not None:
+        plot_curves(results, img_dir / "pool-curve.png")
+    if img_dir is not None or (results_dir.parent / "img" / "pool-curve.png").is_file():
+        lines += ["![quality–cost curves on the pool suite](img/pool-curve.png)", ""]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

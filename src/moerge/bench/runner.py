@@ -115,6 +115,11 @@ def run_recipe(run: BenchRun, spec: RecipeSpec) -> None:
     ctx = run.build_context()
     runnable: list[Any] = []
     results: list[TaskResult] = []
+    if rec.kind == "pool":
+        reason = (f"recipe {rec.name!r} routes each query to one whole model of a pool: run it on the pool suite "
+                  "(moerge bench --suite pool)")  # fmt: skip
+        run.record(meta, run.skipped(spec.label, list(run.suite.tasks), "not_applicable", reason), None)
+        return
     for split in ("held_in", "held_out"):
         tasks = run.tasks_for(split)
         if not tasks:

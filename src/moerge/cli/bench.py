@@ -120,6 +120,11 @@ def _run(
     fields.update({k: v for k, v in flags.items() if v is not None})
     fields["progress"] = progress
     cli_plugins.load(plugins)  # before the config: its merges may name a plugin's merge method
+    if suite_name == "pool":
+        _run_pool(
+            recipes, baselines, out, reduced, root, rebuild, progress, plots, wide, as_json, console, t0
+        )
+        return
     config = _config(fields, config_file)
     if seeds > 1:
         if suite_name not in BUILT_IN:
@@ -160,6 +165,35 @@ def _run(
         f"Report: [bold]{report}[/] (results.json and plots alongside, in {out})",
         highlight=False,
     )
+
+
+def _run_pool(recipes, baselines, out: Path, reduced: bool, root: Path | None, rebuild: bool, progress: bool,
+              plots: bool, wide: bool, as_json: bool, console, t0: float) -> None:  # fmt: skip
+    """``--suite pool``: pool recipes fitted on the pool suite's routing split, scored on its eval split."""
+    import json
+
+    from moerge.bench.pool import pool_table, run_pool_bench, write_pool_report
+    from moerge.bench.suites.pool import PoolSuiteConfig, build_pool_suite
+    from moerge.progress import status
+    from moerge.tables import records, render
+
+    config = PoolSuiteConfig.reduced(progress=progress) if reduced else PoolSuiteConfig(progress=progress)
+    with status("loading the pool suite (built and cached on first use: minutes)", enabled=progress):
+        suite = build_pool_suite(config, root=root, force=rebuild)
+    console.print(f"suite [bold]{suite.name}[/]: {len(suite.members)} members, {len(suite.routing.texts)} routing "
+                  f"and {len(suite.eval.texts)} eval queries", highlight=False)  # fmt: skip
+    results = run_pool_bench(suite, recipes or None, baselines or None)
+    results.environment["command"] = command_line()
+    table = pool_table(results)
+    if as_json:
+        typer.echo(
+            json.dumps({"suite": results.suite, "summary": records(table)}, indent=1, ensure_ascii=False)
+        )
+    else:
+        render(table, console, wide=wide)
+    report = write_pool_report(results, out, plots=plots)
+    console.print(f"total {time.perf_counter() - t0:.1f} s. Report: [bold]{report}[/] (results.json"
+                  f"{' and pool_curve.png' if plots else ''} alongside)", highlight=False)  # fmt: skip
 
 
 def print_json(results) -> None:
@@ -306,7 +340,9 @@ class ExpertLibraryKind(str, enum.Enum):
 def bench(
     ctx: typer.Context,
     suite: str = typer.Option(
-        "synthetic", "--suite", help="synthetic, real-text, or a suite folder (suite.yaml + JSONL task files)"
+        "synthetic",
+        "--suite",
+        help="synthetic, real-text, pool (whole models; pool recipes), or a suite folder (suite.yaml + JSONL task files)",
     ),
     recipe: list[str] | None = typer.Option(
         None,

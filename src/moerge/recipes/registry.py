@@ -55,6 +55,7 @@ def _ensure_loaded() -> None:
         molora,
         phatgoose,
         pool_routers,
+        routellm,
         token_level,
         twin_merging,
         weight_ensembling,
@@ -63,7 +64,7 @@ def _ensure_loaded() -> None:
 
     for module in (arrow, phatgoose, average_activation, embedding, adapter_soup, lora_retriever, molora,
                    token_level, what_the_weight, airoboros, lorahub, learned, collaboration, baselines, btx,
-                   weight_ensembling, twin_merging, pool_routers):  # fmt: skip
+                   weight_ensembling, twin_merging, pool_routers, routellm):  # fmt: skip
         for recipe in module.RECIPES:
             register_recipe(recipe, source=module.__name__)
     for label, value in entry_point_objects(RECIPE_GROUP):
