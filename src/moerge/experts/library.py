@@ -187,6 +187,38 @@ def base_shapes_of(folder: str | Path) -> dict[str, list[int]]:
     return shapes
 
 
+class ExpertRef:
+    """An expert of a library by name: its metadata at hand, its weights loaded (and checked) on each access of
+    ``lora`` / ``dense`` and not kept — what a paged attach hands to recipes, so that computing a signature
+    for 10,000 experts holds one expert's weights at a time."""
+
+    def __init__(self, library: ExpertLibrary, metadata: ExpertMetadata):
+        self.library = library
+        self.metadata = metadata
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def kind(self) -> str:
+        return self.metadata.kind
+
+    def load(self) -> Expert:
+        return self.library.get(self.name)
+
+    @property
+    def lora(self) -> dict[str, Any]:
+        return self.load().lora
+
+    @property
+    def dense(self) -> dict[str, Any]:
+        return self.load().dense
+
+    def __repr__(self) -> str:
+        return f"ExpertRef({self.name!r} in {self.library.url})"
+
+
 class ExpertLibrary:
     """A catalogued collection of experts sharing one base model. Open with `create` or `open`."""
 
@@ -602,6 +634,12 @@ class ExpertLibrary:
             )
         ]
 
+    def module_dims(self) -> dict[str, tuple[int, int]]:
+        """``{module: (d_in, d_out)}`` of every module the experts adapt, as recorded by the adds (a dense
+        delta's parameter reads ``(numel, 0)``)."""
+        rows = self._conn.execute("SELECT module, d_in, d_out FROM modules ORDER BY module")
+        return {m: (int(i), int(o)) for m, i, o in rows}
+
     def get_metadata(self, name: str) -> ExpertMetadata:
         return self._parse_metadata(self._require(name)[1], name)
 
@@ -663,6 +701,16 @@ class ExpertLibrary:
         expert.check(f"{self.url}: expert {name!r}")
         return expert
 
+    def ref(self, name: str) -> ExpertRef:
+        """The expert ``name`` without loading its weights (`ExpertRef`)."""
+        return ExpertRef(self, self.get_metadata(name))
+
+    def refs(self, names: Sequence[str] | None = None) -> list[ExpertRef]:
+        """`ExpertRef` of ``names`` (default: every expert), from the catalog alone."""
+        if names is None:
+            return [ExpertRef(self, md) for md in self.list()]
+        return [self.ref(n) for n in names]
+
     def get_many(self, names: list[str] | None = None) -> list[Expert]:
         return [self.get(n) for n in (names if names is not None else self.names())]
 
@@ -702,7 +750,9 @@ class ExpertLibrary:
             return []
         self._require_writable()
         batch = f".staging/{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        planned: list[tuple[Expert, str, str, dict[str, str], str]] = []  # expert, staged, folder, sums, where
+        planned: list[
+            tuple[Expert, str, str, dict[str, str], str]
+        ] = []  # expert, staged, folder, sums, where
         try:
             for i, (expert, where) in enumerate(zip(experts, where_of, strict=True)):
                 files = self._serialise(expert)
