@@ -750,9 +750,15 @@ class ExpertLibrary:
             return []
         self._require_writable()
         batch = f".staging/{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        planned: list[
-            tuple[Expert, str, str, dict[str, str], str]
-        ] = []  # expert, staged, folder, sums, where
+        deferred = getattr(self.storage, "deferred_sync", None)
+        with deferred() if deferred is not None and len(experts) > 1 else contextlib.nullcontext():
+            return self._add_staged(experts, where_of, overwrite, batch)
+
+    def _add_staged(
+        self, experts: list[Expert], where_of: list[str], overwrite: bool, batch: str
+    ) -> list[ExpertMetadata]:
+        # (expert, staged folder, final folder, checksums, where)
+        planned: list[tuple[Expert, str, str, dict[str, str], str]] = []
         try:
             for i, (expert, where) in enumerate(zip(experts, where_of, strict=True)):
                 files = self._serialise(expert)
@@ -769,6 +775,7 @@ class ExpertLibrary:
                 for fname, data in files.items():
                     self.storage.write_bytes(f"{staged}/{fname}", data)
                 planned.append((expert, staged, f"{expert.name}-{uuid.uuid4().hex[:8]}", checksums, where))
+            self._sync()  # every staged file durable before any is moved into place
         except BaseException:
             self.storage.delete(batch)
             raise
@@ -792,6 +799,7 @@ class ExpertLibrary:
                     self._record_module_shapes(c, expert, where)
                     if self.base_fingerprint is None and expert.metadata.base_fingerprint:
                         self._adopt_base(expert.metadata)
+                self._sync()  # the renames durable before the rows commit
         except BaseException:
             self.storage.delete(batch)
             for _, _, folder, _, _ in planned:
@@ -804,6 +812,11 @@ class ExpertLibrary:
             self._discard_folder(old, name)
             self._drop_artifacts(name)
         return [e.metadata for e in experts]
+
+    def _sync(self) -> None:
+        sync = getattr(self.storage, "sync", None)
+        if sync is not None:
+            sync()
 
     def _validate_new(
         self, expert: Expert, where: str, overwrite: bool, batch_dims: dict[str, tuple[int, int]]
