@@ -14,7 +14,7 @@ import pytest
 import torch
 from library_helpers import make_expert
 
-from moerge.errors import ExpertExistsError, NonFiniteWeightsError, ShapeMismatchError
+from moerge.errors import BaseModelMismatchError, ExpertExistsError, NonFiniteWeightsError, ShapeMismatchError
 from moerge.experts.library import ExpertLibrary
 
 HERE = Path(__file__).parent
@@ -75,6 +75,15 @@ def test_a_refused_expert_refuses_the_batch(lib, tmp_path, bad, error):
     with pytest.raises(error):
         lib.add_many([*batch, bad()])
     assert_unchanged(lib, before, tmp_path / "lib")
+
+
+def test_a_batch_of_two_bases_is_refused_by_a_library_without_one(tmp_path):
+    lib = ExpertLibrary.create(tmp_path / "fresh")
+    with pytest.raises(BaseModelMismatchError, match="same add"):
+        lib.add_many([make_expert("a", fingerprint="sha256:one"), make_expert("b", fingerprint="sha256:two")])
+    assert len(lib) == 0 and lib.base_fingerprint is None
+    lib.add_many([make_expert("a", fingerprint="sha256:one"), make_expert("b", fingerprint="sha256:one")])
+    assert ExpertLibrary.open(tmp_path / "fresh").base_fingerprint == "sha256:one"
 
 
 def test_an_error_inside_the_transaction_rolls_everything_back(lib, tmp_path, monkeypatch):

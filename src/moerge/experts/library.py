@@ -738,8 +738,17 @@ class ExpertLibrary:
         ]
         seen: dict[str, str] = {}
         batch_dims: dict[str, tuple[int, int]] = {}
+        first_base: tuple[str, str] | None = None  # a library without a base adopts the batch's first
         for expert, where in zip(experts, where_of, strict=True):
             self._validate_new(expert, where, overwrite, batch_dims)
+            fp = expert.metadata.base_fingerprint
+            if self.base_fingerprint is None and fp:
+                first_base = first_base or (fp, where)
+                if fp != first_base[0]:
+                    raise BaseModelMismatchError(
+                        f"{where}: trained on another base model (fingerprint {fp}) than {first_base[1]} "
+                        f"({first_base[0]}) in the same add; a library holds experts of one base model."
+                    )
             if expert.name in seen:
                 raise ExpertExistsError(
                     f"{where}: the name {expert.name!r} is given twice in one add ({seen[expert.name]} too); "
