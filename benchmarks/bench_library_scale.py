@@ -66,6 +66,17 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def rss_parts_mb() -> tuple[float, float]:
+    """``(RssAnon, RssFile)``: memory the process owns, and file pages it maps (the kernel may drop these)."""
+    parts = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:")):
+                key, value = line.split(":")
+                parts[key] = int(value.split()[0]) / 1024
+    return parts.get("RssAnon", 0.0), parts.get("RssFile", 0.0)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -233,6 +244,7 @@ def worker(root: Path, recipe: str, n: int, paging: str, batch: int, seq: int, k
     with torch.no_grad():
         model(input_ids=inputs[0])  # warm the base model's kernels before measuring memory
     rss_base = rss_mb()
+    anon_base, file_base = rss_parts_mb()
     if recipe == "base":
         routed, t_attach = model, 0.0
     else:
@@ -251,6 +263,7 @@ def worker(root: Path, recipe: str, n: int, paging: str, batch: int, seq: int, k
             t = time.perf_counter()
             routed(input_ids=ids)
             times.append(time.perf_counter() - t)
+    anon, mapped = rss_parts_mb()
     layers = list(getattr(routed, "expert_layers", {}).values())
     paged = [la for la in layers if isinstance(la, PagedExpertLayer)]
     proto_mb = 0.0
@@ -270,6 +283,8 @@ def worker(root: Path, recipe: str, n: int, paging: str, batch: int, seq: int, k
         "rss_base_mb": rss_base,
         "rss_attached_mb": rss_attached - rss_base,
         "peak_rss_mb": peak_rss_mb() - rss_base,
+        "anon_mb": anon - anon_base,
+        "file_mb": mapped - file_base,
         "prototypes_mb": proto_mb,
         "cache_mb": cache_mb,
         "experts_read": sum(la.pages.reads for la in paged),
@@ -351,7 +366,7 @@ def main() -> None:
         [Column("recipe"), Column("experts", right=True), Column("factors"), Column("attach", right=True),
          Column("cold forward", right=True), Column("forward", right=True), Column("÷ base", right=True),
          Column(f"÷ {args.small} experts", right=True), Column("RSS after attach", right=True),
-         Column("peak RSS", right=True), Column("prototypes", right=True), Column("LRU cache", right=True),
+         Column("peak RSS", right=True), Column("owned / mapped after", right=True), Column("prototypes", right=True), Column("LRU cache", right=True),
          Column("experts read", right=True)],
     )  # fmt: skip
     for r in results:
@@ -360,7 +375,8 @@ def main() -> None:
             r["recipe"], str(r["experts"]), "paged" if r["paged"] else ("pre-stacked" if r["experts"] else ""),
             f"{r['attach_s']:.2f} s", f"{r['cold_forward_s'] * 1e3:.0f} ms", f"{r['forward_s'] * 1e3:.0f} ms",
             f"{r['forward_s'] / base:.2f}", "" if ratio is None else f"{ratio:.2f}",
-            f"{r['rss_attached_mb']:.0f} MB", f"{r['peak_rss_mb']:.0f} MB", f"{r['prototypes_mb']:.1f} MB",
+            f"{r['rss_attached_mb']:.0f} MB", f"{r['peak_rss_mb']:.0f} MB",
+            f"{r['anon_mb']:.0f} / {r['file_mb']:.0f} MB", f"{r['prototypes_mb']:.1f} MB",
             f"{r['cache_mb']:.0f} MB", str(r["experts_read"]),
         )  # fmt: skip
     render(table)

@@ -17,8 +17,10 @@ Paging needs a local library (a file to map); a remote one is refused with the f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import mmap
 import os
 import struct
 import uuid
@@ -203,6 +205,16 @@ def _open(library: ExpertLibrary, module: str, config: dict[str, Any]) -> Stacke
     return open_stacked(path, module)
 
 
+def _random_access(mm: np.memmap) -> None:
+    """No read-ahead on the map: a call reads scattered experts' rows, and the kernel's read-ahead around each
+    would page in (and count in the process's RSS) most of the file."""
+    raw = getattr(mm, "_mmap", None)
+    advice = getattr(mmap, "MADV_RANDOM", None)
+    if raw is not None and advice is not None:
+        with contextlib.suppress(OSError, ValueError):
+            raw.madvise(advice)
+
+
 def open_stacked(path: str | Path, module: str = "") -> StackedFactors:
     """Map a stacked-factors safetensors file (``A``, ``Bt``, float32) without reading it."""
     path = Path(path)
@@ -227,6 +239,7 @@ def open_stacked(path: str | Path, module: str = "") -> StackedFactors:
             raise LibraryError(f"{path}: tensor {key} does not fit its shape; delete the file to rebuild it.")
         # copy-on-write: the file is never written through this map; torch wants a writable array
         mm = np.memmap(path, dtype=np.float32, mode="c", offset=start + begin, shape=shape)
+        _random_access(mm)
         tensors[key] = torch.from_numpy(mm)
     return StackedFactors(module, tensors["A"], tensors["Bt"], path)
 
