@@ -21,6 +21,7 @@ _LAZY = {
     "save_tiny_model": "moerge.backbones.tiny",
     "TinyModelConfig": "moerge.backbones.tiny",
     "attach": "moerge.recipes.facade",
+    "PagingConfig": "moerge.model.routed",
     "detach": "moerge.model.routed",
     "merge": "moerge.merging.api",
 }

@@ -36,7 +36,7 @@ import re
 import sqlite3
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -197,6 +197,38 @@ def base_shapes_of(folder: str | Path) -> dict[str, list[int]]:
         except (SafetensorError, ValueError, OSError) as e:
             raise MalformedConfigError(f"{f}: not a readable safetensors file ({e}).") from None
     return shapes
+
+
+class ExpertRef:
+    """An expert of a library by name: its metadata at hand, its weights loaded (and checked) on each access of
+    ``lora`` / ``dense`` and not kept — what a paged attach hands to recipes, so that computing a signature
+    for 10,000 experts holds one expert's weights at a time."""
+
+    def __init__(self, library: ExpertLibrary, metadata: ExpertMetadata):
+        self.library = library
+        self.metadata = metadata
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def kind(self) -> str:
+        return self.metadata.kind
+
+    def load(self) -> Expert:
+        return self.library.get(self.name)
+
+    @property
+    def lora(self) -> dict[str, Any]:
+        return self.load().lora
+
+    @property
+    def dense(self) -> dict[str, Any]:
+        return self.load().dense
+
+    def __repr__(self) -> str:
+        return f"ExpertRef({self.name!r} in {self.library.url})"
 
 
 class ExpertLibrary:
@@ -708,6 +740,12 @@ class ExpertLibrary:
             )
         ]
 
+    def module_dims(self) -> dict[str, tuple[int, int]]:
+        """``{module: (d_in, d_out)}`` of every module the experts adapt, as recorded by the adds (a dense
+        delta's parameter reads ``(numel, 0)``)."""
+        rows = self._conn.execute("SELECT module, d_in, d_out FROM modules ORDER BY module")
+        return {m: (int(i), int(o)) for m, i, o in rows}
+
     def get_metadata(self, name: str) -> ExpertMetadata:
         return self._parse_metadata(self._require(name)[1], name)
 
@@ -769,6 +807,16 @@ class ExpertLibrary:
         expert.check(f"{self.url}: expert {name!r}")
         return expert
 
+    def ref(self, name: str) -> ExpertRef:
+        """The expert ``name`` without loading its weights (`ExpertRef`)."""
+        return ExpertRef(self, self.get_metadata(name))
+
+    def refs(self, names: Sequence[str] | None = None) -> list[ExpertRef]:
+        """`ExpertRef` of ``names`` (default: every expert), from the catalog alone."""
+        if names is None:
+            return [ExpertRef(self, md) for md in self.list()]
+        return [self.ref(n) for n in names]
+
     def get_many(self, names: list[str] | None = None) -> list[Expert]:
         return [self.get(n) for n in (names if names is not None else self.names())]
 
@@ -785,20 +833,151 @@ class ExpertLibrary:
         A library with an admission policy refuses an add without an ``admission`` report (made by
         `moerge.train.screen.admit_expert`, which then calls this); the report is stored in the expert's
         metadata (``extra["admission"]``) and logged in the catalog in the same transaction."""
-        where = source or f"expert {expert.name!r}"
+        return self.add_many([expert], overwrite=overwrite, sources=[source], admissions=[admission])[0]
+
+    def add_many(
+        self,
+        experts: Sequence[Expert],
+        overwrite: bool = False,
+        sources: Sequence[str | None] | None = None,
+        admissions: Sequence[AdmissionReport | None] | None = None,
+    ) -> list[ExpertMetadata]:
+        """Validate and add several experts in one transaction: all of them land, or none does.
+
+        Every expert gets the checks `add` makes (weights, metadata, base model, module shapes — also against
+        each other), all are staged, then one write transaction moves each folder into ``experts/`` and commits
+        their rows together; a failure (or a kill) anywhere leaves the library as it was. Much faster than one
+        `add` per expert for thousands of experts (one lock, one commit, one fsync of the catalog)."""
+        experts = list(experts)
+        where_of = [
+            (sources[i] if sources is not None and i < len(sources) else None) or f"expert {e.name!r}"
+            for i, e in enumerate(experts)
+        ]
+        reports = list(admissions) if admissions is not None else [None] * len(experts)
+        for j, (expert, where, admission) in enumerate(zip(experts, where_of, reports, strict=True)):
+            experts[j] = self._with_admission(expert, where, admission)
+        seen: dict[str, str] = {}
+        batch_dims: dict[str, tuple[int, int]] = {}
+        first_base: tuple[str, str] | None = None  # a library without a base adopts the batch's first
+        for expert, where in zip(experts, where_of, strict=True):
+            self._validate_new(expert, where, overwrite, batch_dims)
+            fp = expert.metadata.base_fingerprint
+            if self.base_fingerprint is None and fp:
+                first_base = first_base or (fp, where)
+                if fp != first_base[0]:
+                    raise BaseModelMismatchError(
+                        f"{where}: trained on another base model (fingerprint {fp}) than {first_base[1]} "
+                        f"({first_base[0]}) in the same add; a library holds experts of one base model."
+                    )
+            if expert.name in seen:
+                raise ExpertExistsError(
+                    f"{where}: the name {expert.name!r} is given twice in one add ({seen[expert.name]} too); "
+                    "give each expert its own name."
+                )
+            seen[expert.name] = where
+        if not experts:
+            return []
+        self._require_writable()
+        batch = f".staging/{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        deferred = getattr(self.storage, "deferred_sync", None)
+        with deferred() if deferred is not None and len(experts) > 1 else contextlib.nullcontext():
+            return self._add_staged(experts, where_of, overwrite, batch, reports)
+
+    def _with_admission(self, expert: Expert, where: str, admission: AdmissionReport | None) -> Expert:
+        """The expert with its admission report in its metadata; refused without one under a policy."""
         if admission is None and self.info.get("admission") is not None:
             raise AdmissionRequiredError(
                 f"{self.url}: the library has an admission policy, so {where} must pass it: add with "
                 f"`moerge library add {self.url} SOURCE --eval EVAL.jsonl` (or moerge.train.screen.admit_expert)."
             )
-        if admission is not None:
-            if not admission.admitted or admission.expert != expert.name:
-                raise AdmissionRefusedError(
-                    f"{where}: the admission report is for {admission.expert!r} and says {admission.decision!r}; "
-                    "only an admitted expert is added."
-                )
-            extra = {**expert.metadata.extra, "admission": admission.model_dump(mode="json")}
-            expert = dataclasses.replace(expert, metadata=expert.metadata.model_copy(update={"extra": extra}))
+        if admission is None:
+            return expert
+        if not admission.admitted or admission.expert != expert.name:
+            raise AdmissionRefusedError(
+                f"{where}: the admission report is for {admission.expert!r} and says {admission.decision!r}; "
+                "only an admitted expert is added."
+            )
+        extra = {**expert.metadata.extra, "admission": admission.model_dump(mode="json")}
+        return dataclasses.replace(expert, metadata=expert.metadata.model_copy(update={"extra": extra}))
+
+    def _add_staged(
+        self,
+        experts: list[Expert],
+        where_of: list[str],
+        overwrite: bool,
+        batch: str,
+        reports: list[AdmissionReport | None],
+    ) -> list[ExpertMetadata]:
+        # (expert, staged folder, final folder, checksums, where)
+        planned: list[tuple[Expert, str, str, dict[str, str], str]] = []
+        try:
+            for i, (expert, where) in enumerate(zip(experts, where_of, strict=True)):
+                files = self._serialise(expert)
+                checksums = {fname: _sha256(data) for fname, data in files.items()}
+                files[METADATA_FILE] = json.dumps(
+                    {
+                        "format": FORMAT_VERSION,
+                        "metadata": expert.metadata.model_dump(mode="json"),
+                        "checksums": checksums,
+                    },
+                    indent=2,
+                ).encode()
+                staged = f"{batch}/{i}"
+                for fname, data in files.items():
+                    self.storage.write_bytes(f"{staged}/{fname}", data)
+                planned.append((expert, staged, f"{expert.name}-{uuid.uuid4().hex[:8]}", checksums, where))
+            self._sync()  # every staged file durable before any is moved into place
+        except BaseException:
+            self.storage.delete(batch)
+            raise
+        replaced: list[tuple[str, str]] = []  # (old folder, name) of overwritten experts
+        try:
+            with self._write() as c:
+                for (expert, staged, folder, checksums, where), admission in zip(
+                    planned, reports, strict=True
+                ):
+                    row = c.execute("SELECT folder FROM experts WHERE name=?", (expert.name,)).fetchone()
+                    if row is not None and not overwrite:
+                        raise ExpertExistsError(
+                            f"{self.url}: an expert named {expert.name!r} was added meanwhile ({where}); pass "
+                            "overwrite=True."
+                        )
+                    if row is not None:
+                        replaced.append((self._expert_rel(row[0], expert.name).split("/", 1)[1], expert.name))
+                    self._move_into_place(staged, f"experts/{folder}")
+                    if row is not None:
+                        c.execute("DELETE FROM tags WHERE name=?", (expert.name,))
+                        c.execute("DELETE FROM experts WHERE name=?", (expert.name,))
+                    self._insert_row(c, expert.metadata, folder, checksums)
+                    self._record_module_shapes(c, expert, where)
+                    if admission is not None:
+                        self.log_admission(admission, c)
+                    if self.base_fingerprint is None and expert.metadata.base_fingerprint:
+                        self._adopt_base(expert.metadata)
+                self._sync()  # the renames durable before the rows commit
+        except BaseException:
+            self.storage.delete(batch)
+            for _, _, folder, _, _ in planned:
+                if not self._folder_referenced(folder):
+                    self.storage.delete(f"experts/{folder}")
+            replaced = []
+            raise
+        self.storage.delete(batch)
+        for old, name in replaced:
+            self._discard_folder(old, name)
+            self._drop_artifacts(name)
+        return [e.metadata for e in experts]
+
+    def _sync(self) -> None:
+        sync = getattr(self.storage, "sync", None)
+        if sync is not None:
+            sync()
+
+    def _validate_new(
+        self, expert: Expert, where: str, overwrite: bool, batch_dims: dict[str, tuple[int, int]]
+    ) -> None:
+        """The checks an add makes before writing anything; ``batch_dims`` carries the module shapes of the
+        experts validated before this one in the same add."""
         expert.check(where)
         try:  # what is stored must read back as it was written
             ExpertMetadata.model_validate_json(expert.metadata.model_dump_json())
@@ -807,53 +986,14 @@ class ExpertLibrary:
                 f"{where}: the expert's metadata cannot be stored as JSON ({e})."
             ) from None
         self._check_base(expert, where)
-        self._check_module_shapes(expert, where)
+        self._check_module_shapes(expert, where, batch_dims)
+        for module, lm in expert.lora.items():
+            batch_dims.setdefault(module, (lm.d_in, lm.d_out))
         if not overwrite and expert.name in self:
             raise ExpertExistsError(
                 f"{self.url}: an expert named {expert.name!r} already exists ({where}); choose another name or "
                 "pass overwrite=True (--overwrite)."
             )
-        self._require_writable()
-        files = self._serialise(expert)
-        checksums = {fname: _sha256(data) for fname, data in files.items()}
-        files[METADATA_FILE] = json.dumps(
-            {
-                "format": FORMAT_VERSION,
-                "metadata": expert.metadata.model_dump(mode="json"),
-                "checksums": checksums,
-            },
-            indent=2,
-        ).encode()
-        staging = self._stage(files)
-        folder = f"{expert.name}-{uuid.uuid4().hex[:8]}"
-        old: str | None = None
-        try:
-            with self._write() as c:
-                row = c.execute("SELECT folder FROM experts WHERE name=?", (expert.name,)).fetchone()
-                if row is not None and not overwrite:
-                    raise ExpertExistsError(
-                        f"{self.url}: an expert named {expert.name!r} was added meanwhile ({where}); pass overwrite=True."
-                    )
-                old = self._expert_rel(row[0], expert.name) if row else None
-                self._move_into_place(staging, f"experts/{folder}")
-                if old is not None:
-                    c.execute("DELETE FROM tags WHERE name=?", (expert.name,))
-                    c.execute("DELETE FROM experts WHERE name=?", (expert.name,))
-                self._insert_row(c, expert.metadata, folder, checksums)
-                self._record_module_shapes(c, expert, where)
-                if admission is not None:
-                    self.log_admission(admission, c)
-                if self.base_fingerprint is None and expert.metadata.base_fingerprint:
-                    self._adopt_base(expert.metadata)
-        except BaseException:
-            self.storage.delete(staging)
-            if not self._folder_referenced(folder):
-                self.storage.delete(f"experts/{folder}")
-            raise
-        if old is not None:
-            self._discard_folder(old.split("/", 1)[1], expert.name)
-            self._drop_artifacts(expert.name)
-        return expert.metadata
 
     def add_peft(
         self,
@@ -908,16 +1048,6 @@ class ExpertLibrary:
             ADAPTER_WEIGHTS: save(peft_state_dict_for(expert), {"format": "pt"}),
         }
 
-    def _stage(self, files: dict[str, bytes]) -> str:
-        staging = f".staging/{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            for fname, data in files.items():
-                self.storage.write_bytes(f"{staging}/{fname}", data)
-        except BaseException:
-            self.storage.delete(staging)
-            raise
-        return staging
-
     def _move_into_place(self, staging: str, final: str) -> None:
         self.storage.rename(staging, final)
 
@@ -964,14 +1094,15 @@ class ExpertLibrary:
             self.info["base_shapes"] = {k: [int(d) for d in v] for k, v in shapes.items()}
             self.storage.write_bytes(LIBRARY_FILE, json.dumps(self.info, indent=2).encode())
 
-    def _check_module_shapes(self, expert: Expert, where: str) -> None:
+    def _check_module_shapes(
+        self, expert: Expert, where: str, batch_dims: dict[str, tuple[int, int]] | None = None
+    ) -> None:
         base = self.base_shapes
         if base:
             self._check_against_base(expert, where, base)
             return
-        known = dict(
-            ((m, (i, o)) for m, i, o in self._conn.execute("SELECT module, d_in, d_out FROM modules"))
-        )
+        stored = {m: (i, o) for m, i, o in self._conn.execute("SELECT module, d_in, d_out FROM modules")}
+        known = {**(batch_dims or {}), **stored}
         for module, lm in expert.lora.items():
             if module in known and known[module] != (lm.d_in, lm.d_out):
                 raise ShapeMismatchError(

@@ -32,7 +32,7 @@ which a dense expert has none of: it is refused.
 from __future__ import annotations
 
 import warnings
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -314,7 +314,8 @@ class ExpertLayer(nn.Module):
         """How many of the experts update this module with a dense ΔW."""
         return 0 if self.D is None else self.D.shape[0]
 
-    def _delta(self, x: torch.Tensor, sel: Selection, aggregation: Aggregation) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, sel: Selection, aggregation: Aggregation) -> torch.Tensor:
+        """The selected experts' contribution for input ``x`` (LoRA factors and dense ΔW)."""
         if self.D is None:
             return expert_delta(x, self.A, self.Bt, sel, aggregation)
         if aggregation == "factor":
@@ -343,17 +344,138 @@ class ExpertLayer(nn.Module):
             return out
         if isinstance(call, BatchCall):  # several calls' rows in one forward (a server's decode step)
             for rows, part, agg in call.parts(self.module_name, x):
-                delta = self._delta(x.index_select(0, rows), part, agg)
+                delta = self.delta(x.index_select(0, rows), part, agg)
                 out = out.index_add(0, rows, _as(delta, out.dtype))
             return out
         sel = call.select(self.module_name, x)
         if sel is None:
             return out
-        return out + _as(self._delta(x, sel, call.aggregation), out.dtype)
+        return out + _as(self.delta(x, sel, call.aggregation), out.dtype)
 
     def extra_repr(self) -> str:
         dense = f", dense={self.num_dense}" if self.num_dense else ""
         return f"{self.module_name}: E={self.num_experts}, R={self.rank}{dense}, d_in={self.d_in}, d_out={self.d_out}"
+
+
+class FactorPages:
+    """An LRU of expert factors over memory-mapped stacked factors (`moerge.experts.stacked`): `gather` returns
+    the factors of the experts a call selected, reading from the map only those not already cached.
+
+    The cache is ``capacity`` slots of ``[R, d_in]`` / ``[R, d_out]`` on the layer's device, with a slot table
+    ``[E]`` and a last-use stamp per slot; misses evict the least recently used slots not needed by the call,
+    all with tensor ops (no Python loop over experts). A call needing more experts than the cache holds reads
+    them straight from the map (nothing cached)."""
+
+    def __init__(self, A: torch.Tensor, Bt: torch.Tensor, capacity: int):
+        self.A_map, self.Bt_map = A, Bt  # [E, R, d_in], [E, R, d_out] (memory-mapped, CPU)
+        self.capacity = max(1, min(int(capacity), A.shape[0]))
+        self._A: torch.Tensor | None = None  # cache, made on first use on the input's device and dtype
+        self._Bt: torch.Tensor | None = None
+        self._slot = torch.full((A.shape[0],), -1, dtype=torch.long)  # expert -> slot (-1: not cached)
+        self._owner = torch.full((self.capacity,), -1, dtype=torch.long)  # slot -> expert
+        self._stamp = torch.zeros(self.capacity, dtype=torch.long)
+        self._clock = 0
+        self.reads = 0  # experts read from the map (misses), for diagnostics and tests
+
+    def _read(
+        self, ids: torch.Tensor, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.reads += len(ids)
+        return (
+            self.A_map.index_select(0, ids).to(device=device, dtype=dtype),
+            self.Bt_map.index_select(0, ids).to(device=device, dtype=dtype),
+        )
+
+    def gather(
+        self, ids: torch.Tensor, device: torch.device, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A [U, R, d_in], Bt [U, R, d_out])`` of the experts ``ids`` (``[U]``, distinct, on the CPU)."""
+        if len(ids) > self.capacity:
+            return self._read(ids, device, dtype)
+        if self._A is None or self._A.device != device or self._A.dtype != dtype:
+            R = self.A_map.shape[1]
+            self._A = torch.zeros(self.capacity, R, self.A_map.shape[2], device=device, dtype=dtype)
+            self._Bt = torch.zeros(self.capacity, R, self.Bt_map.shape[2], device=device, dtype=dtype)
+            self._slot.fill_(-1)
+            self._owner.fill_(-1)
+            self._stamp.zero_()
+        assert self._Bt is not None
+        self._clock += 1
+        slots = self._slot.index_select(0, ids)
+        miss = slots < 0
+        if bool(miss.any()):
+            new = ids[miss]
+            stamp = self._stamp.clone()
+            stamp[slots[~miss]] = torch.iinfo(torch.long).max  # the call's cached experts stay
+            victims = torch.topk(stamp, len(new), largest=False).indices  # never-used slots (0) first
+            evicted = self._owner.index_select(0, victims)
+            self._slot[evicted[evicted >= 0]] = -1
+            A_new, Bt_new = self._read(new, device, dtype)
+            self._A[victims.to(device)] = A_new
+            self._Bt[victims.to(device)] = Bt_new
+            self._owner[victims] = new
+            self._slot[new] = victims
+            slots = self._slot.index_select(0, ids)
+        self._stamp[slots] = self._clock
+        on_dev = slots.to(device)
+        return self._A.index_select(0, on_dev), self._Bt.index_select(0, on_dev)
+
+
+def compact_selection(sel: Selection) -> tuple[torch.Tensor, Selection]:
+    """``(ids [U], selection over them)``: the distinct experts a selection uses (ascending, on the CPU) and the
+    same selection with its experts renumbered 0..U-1 (a dense one keeps the columns with a nonzero weight)."""
+    if sel.indices is not None:
+        ids, inverse = torch.unique(sel.indices, return_inverse=True)
+        return ids.cpu(), Selection(sel.weights, inverse.view_as(sel.indices), sel.per)
+    cols = (sel.weights != 0).any(0).nonzero().squeeze(1)
+    return cols.cpu(), Selection(sel.weights.index_select(1, cols), None, sel.per)
+
+
+class PagedExpertLayer(ExpertLayer):
+    """An `ExpertLayer` whose factors stay on disk: memory-mapped stacked factors (one file per module, a
+    library artifact), of which each call gathers the experts it selected (through a `FactorPages` LRU) and
+    runs the same kernels as the pre-stacked layer over them. Memory: the cache and the call's experts, not
+    all E. Linear modules only (an embedding's experts are pre-stacked)."""
+
+    def __init__(
+        self, base: nn.Module, name: str, A: torch.Tensor, Bt: torch.Tensor, owner: CallOwner, capacity: int
+    ):
+        nn.Module.__init__(self)
+        self.base = base
+        self.module_name = name
+        self.d_in, self.d_out = A.shape[2], Bt.shape[2]
+        self.owner = owner
+        self.D = self.Db = self.dense_ids = None  # paged experts are LoRA factors only
+        self.has_lora = True
+        self.pages = FactorPages(A, Bt, capacity)  # not buffers: `.to(device)` must not copy every expert
+
+    @property
+    def num_experts(self) -> int:
+        return self.pages.A_map.shape[0]
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("A", "Bt"):  # what learned routers train through: every expert's factors in memory
+            raise RecipeNotApplicableError(
+                f"module {self.module_name}: this recipe needs every expert's factors in memory, but they are "
+                "paged from disk; attach with paging=PagingConfig(mode='off') (or fewer experts)"
+            )
+        return super().__getattr__(name)
+
+    @property
+    def rank(self) -> int:
+        return self.pages.A_map.shape[1]
+
+    def delta(self, x: torch.Tensor, sel: Selection, aggregation: Aggregation) -> torch.Tensor:
+        ids, local = compact_selection(sel)
+        if len(ids) == 0:
+            return x.new_zeros(*x.shape[:-1], self.d_out)
+        w = getattr(self.base, "weight", None)
+        dtype = w.dtype if isinstance(w, torch.Tensor) else x.dtype
+        A, Bt = self.pages.gather(ids, x.device, dtype)
+        return expert_delta(x, A, Bt, local, aggregation)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, paged (cache of {self.pages.capacity} experts)"
 
 
 class EmbeddingExpertLayer(ExpertLayer):

@@ -24,11 +24,18 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Literal, cast
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from moerge.errors import MoergeError, RoutingError, ShapeMismatchError
 from moerge.experts.expert import Expert
-from moerge.model.expert_layer import EmbeddingExpertLayer, ExpertLayer, module_dims, stack_factors
+from moerge.model.expert_layer import (
+    EmbeddingExpertLayer,
+    ExpertLayer,
+    PagedExpertLayer,
+    module_dims,
+    stack_factors,
+)
 from moerge.routing.call import (
     Aggregation,
     CallOwner,
@@ -427,6 +434,64 @@ def _stack_dense(
                 )
             Db[j] = db.to(device=w.device, dtype=dtype)
     return D, Db, torch.tensor(ids, dtype=torch.long, device=w.device)
+
+
+class PagingConfig(BaseModel):
+    """When an attach pages expert factors from disk (`inject_paged`) instead of pre-stacking them all in
+    memory (`inject`): ``mode="auto"`` pages a local library's experts from ``threshold`` experts on, ``"on"``
+    always (a local library), ``"off"`` never. ``cache_experts``: experts' factors kept per module (an LRU)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["auto", "on", "off"] = "auto"
+    threshold: int = Field(default=2048, ge=1)
+    cache_experts: int = Field(default=256, ge=1)
+
+    def pages(self, num_experts: int, local_library: bool) -> bool:
+        if self.mode == "off" or not local_library:
+            return False
+        return self.mode == "on" or num_experts >= self.threshold
+
+
+def inject_paged(
+    model: nn.Module,
+    factors: dict[str, Any],
+    target_modules: str | Sequence[str] | None = None,
+    capacity: int = 256,
+) -> tuple[dict[str, ExpertLayer], CallOwner]:
+    """Like `inject`, from stacked factors on disk (``{module: StackedFactors}``, `moerge.experts.stacked`):
+    each module becomes a `PagedExpertLayer` that reads the experts a call selects, keeping at most
+    ``capacity`` experts' factors per module in memory. Linear modules only."""
+    if not factors:
+        raise MoergeError("no expert factors to attach; add LoRA experts to the library first")
+    modules = match_target_modules(sorted(factors), target_modules)
+    owner = CallOwner(f"routed {type(model).__name__}")
+    layers: dict[str, ExpertLayer] = {}
+    for name in modules:
+        try:
+            base = model.get_submodule(name)
+        except AttributeError as err:
+            raise ShapeMismatchError(
+                f"the experts adapt module {name}, which the model does not have; attach them to their base model"
+            ) from err
+        if isinstance(base, ExpertLayer):
+            raise MoergeError(f"module {name} already holds experts; detach the model first")
+        if isinstance(base, nn.Embedding):
+            raise MoergeError(
+                f"module {name} is an embedding; paged experts serve linear modules only: leave it out "
+                "(target_modules=...) or attach with paging off"
+            )
+        f = factors[name]
+        d_in, d_out = module_dims(base)
+        if (f.A.shape[2], f.Bt.shape[2]) != (d_in, d_out):
+            raise ShapeMismatchError(
+                f"module {name}: the stacked factors map {f.A.shape[2]}→{f.Bt.shape[2]}, the model's layer "
+                f"{d_in}→{d_out}; attach the experts to their base model"
+            )
+        layers[name] = PagedExpertLayer(base, name, f.A, f.Bt, owner, capacity)
+    for name, layer in layers.items():
+        _set_submodule(model, name, layer)
+    return layers, owner
 
 
 @torch.no_grad()

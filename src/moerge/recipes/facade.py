@@ -15,19 +15,23 @@ from typing import Any
 
 from moerge.errors import ExpertNotFoundError, MoergeError, RecipeNotApplicableError
 from moerge.experts.expert import Expert
-from moerge.model.routed import MoErgedModel, Unrouted, detach, inject
+from moerge.experts.library import ExpertRef
+from moerge.model.routed import MoErgedModel, PagingConfig, Unrouted, detach, inject, inject_paged
 from moerge.recipes.progress import SignatureProgress, as_progress
 from moerge.recipes.recipe import BuildContext, BuiltModel, Recipe, Routing, Rows, TargetData
 from moerge.recipes.registry import get_recipe
 from moerge.routing.call import CallOwner
 from moerge.routing.router import Router
 
-__all__ = ["attach", "detach", "prepare_signatures", "resolve_experts"]
+__all__ = ["PagingConfig", "attach", "detach", "prepare_signatures", "resolve_experts"]
 
 
-def resolve_experts(library_or_experts: Any, names: Sequence[str] | None = None) -> tuple[list[Expert], Any]:
+def resolve_experts(
+    library_or_experts: Any, names: Sequence[str] | None = None, *, paging: PagingConfig | None = None
+) -> tuple[list[Any], Any]:
     """``(experts, library or None)`` from an `ExpertLibrary` (or an `ArtifactOverlay` over one), a library
-    path, or a list of `Expert`; ``names`` picks a subset, in that order."""
+    path, or a list of `Expert`; ``names`` picks a subset, in that order. Where ``paging`` pages these experts
+    (a local library, enough experts), they come as `moerge.experts.library.ExpertRef` (weights not loaded)."""
     from moerge.experts.artifacts import ArtifactOverlay
     from moerge.experts.library import ExpertLibrary
 
@@ -43,6 +47,8 @@ def resolve_experts(library_or_experts: Any, names: Sequence[str] | None = None)
                 f"library {lib.url} has no expert {', '.join(map(repr, absent))} (it holds: {held}); "
                 "check the names given to experts= / --experts"
             )
+        if paging is not None and paging.pages(len(chosen), lib.storage.local_path("") is not None):
+            return lib.refs(chosen), lib
         return [lib.get(n) for n in chosen], lib
     experts = list(library_or_experts)
     if names is not None:
@@ -67,6 +73,7 @@ def attach(
     embedders: dict[str, Any] | None = None,
     target: TargetData | None = None,
     unrouted: Unrouted = "refuse",
+    paging: PagingConfig | None = None,
     **options: Any,
 ) -> MoErgedModel:
     """Attach a library's experts to ``model`` (in place) and route among them with ``recipe``.
@@ -81,8 +88,13 @@ def attach(
     `RecipeNotApplicableError` when the recipe cannot run on this library (e.g. missing signatures).
     ``unrouted``: what to do with dense experts' updates that no expert layer routes (norms, embeddings):
     ``"refuse"`` or ``"average"`` (added statically, undone by ``detach``; `moerge.model.routed.inject`).
+    ``paging`` (`PagingConfig`; default: automatic from 2,048 experts of a local library) keeps the experts'
+    factors on disk — memory-mapped stacked factors written once as library artifacts — and reads per call
+    only the experts routed to (docs/scaling.md).
     """
-    expert_list, library = resolve_experts(library_or_experts, experts)
+    paging = paging if paging is not None else PagingConfig()
+    expert_list, library = resolve_experts(library_or_experts, experts, paging=paging)
+    paged = bool(expert_list) and isinstance(expert_list[0], ExpertRef)
     ctx = BuildContext(
         model=model, experts=expert_list, library=library, tokenizer=tokenizer, embedder=embedder,
         embedders=embedders if embedders is not None else {}, target=target,
@@ -104,7 +116,17 @@ def attach(
             )
         if rec.builder is None:  # the base recipe: no expert layers
             return MoErgedModel(model, {}, ctx.names, None, "output", CallOwner(), rec, opts, tokenizer)
-    layers, owner = inject(model, expert_list, target_modules, unrouted=unrouted)
+    if paged:
+        if any(getattr(e, "kind", "lora") == "dense" for e in expert_list):
+            raise RecipeNotApplicableError(
+                "paged expert factors hold LoRA experts only; attach dense experts with paging=PagingConfig(mode='off')"
+            )
+        from moerge.experts.stacked import ensure_stacked_factors
+
+        factors = ensure_stacked_factors(getattr(library, "library", library), ctx.names)
+        layers, owner = inject_paged(model, factors, target_modules, paging.cache_experts)
+    else:
+        layers, owner = inject(model, expert_list, target_modules, unrouted=unrouted)
     ctx.modules = list(layers)
     if rec is not None:
         try:

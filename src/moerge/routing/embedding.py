@@ -60,15 +60,31 @@ class EmbeddingRouter(Router):
         selection: SelectionConfig,
         granularity: Literal["example", "task"] = "example",
         weighting: Literal["softmax", "sum"] = "softmax",
+        backend: Backend = "auto",
     ):
         self.embedder = embedder
         self.centroids = centroids.float()
         self.selection = selection
         self.granularity = granularity
         self.weighting = weighting
+        # per-example top-k: a nearest-neighbour search of the unit centroids (`VectorIndex`: one exact matmul,
+        # or faiss on a large bank where installed), the same experts and cosines as scoring every centroid
+        k = selection.k
+        self.index = (
+            VectorIndex(torch.nn.functional.normalize(self.centroids, dim=-1), "ip", backend)
+            if granularity == "example" and weighting == "softmax" and k is not None and k < len(centroids)
+            else None
+        )
 
     def begin_call(self, call: CallState) -> None:
         emb = call.embed(self.embedder)
+        if self.index is not None:
+            assert self.selection.k is not None
+            top, ids = self.index.search(torch.nn.functional.normalize(emb.float(), dim=-1), self.selection.k)
+            top = top.to(emb.device) / self.selection.temperature
+            w = torch.softmax(top, dim=-1) if self.selection.normalize == "softmax" else top
+            call.plan["selection"] = Selection(w, ids.to(emb.device), "example")
+            return
         scores = prototype_scores(emb.float(), self.centroids.to(emb.device), "cos")
         if self.granularity == "task":
             scores = _average_by_task(scores, call.inputs.task_names)

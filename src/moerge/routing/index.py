@@ -63,9 +63,25 @@ class VectorIndex:
 
 
 def _topk_stable(values: torch.Tensor, k: int, largest: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k with ties broken by the lower index (a stable sort), as faiss's flat indexes do."""
-    order = torch.sort(values, dim=-1, descending=largest, stable=True).indices[:, :k]
-    return values.gather(1, order), order
+    """Top-k with ties broken by the lower index, as faiss's flat indexes do: ``torch.topk`` of k+1 (linear in
+    the bank), the k kept put in (value, index) order; rows where the (k+1)-th value equals the k-th (a tie
+    straddling the cut) take a stable full sort instead."""
+    if k >= values.shape[-1] or k == 0:
+        order = torch.sort(values, dim=-1, descending=largest, stable=True).indices[:, :k]
+        return values.gather(1, order), order
+    top, idx = torch.topk(values, k + 1, dim=-1, largest=largest, sorted=True)
+    straddles = top[:, k] == top[:, k - 1]
+    top, idx = top[:, :k], idx[:, :k]
+    idx, perm = idx.sort(dim=-1)  # by index; the stable sort by value below keeps equal values in that order
+    top = top.gather(1, perm)
+    order = torch.sort(top, dim=-1, descending=largest, stable=True).indices
+    top, idx = top.gather(1, order), idx.gather(1, order)
+    if bool(straddles.any()):
+        rows = straddles.nonzero().squeeze(1)
+        full = torch.sort(values[rows], dim=-1, descending=largest, stable=True).indices[:, :k]
+        idx[rows] = full
+        top[rows] = values[rows].gather(1, full)
+    return top, idx
 
 
 __all__ = ["FAISS_FROM", "VectorIndex", "faiss_available"]
