@@ -118,6 +118,38 @@ def test_wemoe_test_time_adaptation_lowers_the_entropy(setup):
     assert all(not p.requires_grad for n, p in built.named_parameters() if ".gate." not in n)
 
 
+def test_wemoe_adapted_routers_are_cached_in_the_library(setup, tmp_path, monkeypatch):
+    """A second build on the same inputs loads the adapted routers (adaptation made to fail) and gives the same
+    logits; other inputs adapt anew."""
+    from moerge.experts.library import ExpertLibrary
+    from moerge.recipes import weight_ensembling as we
+    from moerge.recipes.recipe import TargetData
+
+    model, tok, experts, texts = setup
+    lib = ExpertLibrary.create(tmp_path / "lib")
+    target = TargetData("t", "full", tuple({"prompt": t, "completion": "x"} for t in texts))
+    o = we.WemoeOptions(steps=3, lr=1e-2, batch_size=4)
+
+    def ctx():
+        return BuildContext(
+            model=model, experts=experts, tokenizer=tok, library=lib, target=target, recipe="wemoe"
+        )
+
+    first = we._build_wemoe(ctx(), o)
+    ids, mask = we.prompt_batch(tok, texts, 64)
+    monkeypatch.setattr(
+        we, "adapt_by_entropy", lambda *a, **k: pytest.fail("adapted again despite the cache")
+    )
+    second = we._build_wemoe(ctx(), o)
+    torch.testing.assert_close(second.logits(ids, mask), first.logits(ids, mask))
+    assert second.train_seconds == pytest.approx(first.train_seconds)
+    other = TargetData("t", "full", tuple({"prompt": t + "!", "completion": "x"} for t in texts))
+    with pytest.raises(pytest.fail.Exception, match="adapted again"):
+        we._build_wemoe(
+            BuildContext(model=model, experts=experts, tokenizer=tok, library=lib, target=other), o
+        )
+
+
 def test_pwe_moe_folds_to_the_dense_model_of_its_preference(setup):
     from moerge.model.weight_ensembling import fold_preferences, set_preference
     from moerge.recipes.weight_ensembling import PweMoeOptions, build_pwe_model

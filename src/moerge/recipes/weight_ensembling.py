@@ -205,14 +205,37 @@ def _forward(model: Any) -> Any:
 
 
 def _build_wemoe(ctx: BuildContext, o: WemoeOptions) -> BuiltModel:
+    """Build, then adapt the routers on the target inputs — or load routers adapted before on the same inputs,
+    experts and options (cached in the library like the learned routers: `moerge.train.router.ROUTER_KIND`)."""
+    from moerge.train.router import ROUTER_KIND, data_hash, router_config
+
     target = ctx.require_target()
     _need_tokenizer(ctx)
     start = time.perf_counter()
     model = build_wemoe_model(ctx, o)
-    ids, mask = prompt_batch(ctx.tokenizer, target.texts, o.seq_len)  # inputs only: labels are never read
-    losses = adapt_by_entropy(model, ids, mask, o)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    config = router_config(
+        "wemoe", o.model_dump(), ctx.experts, ctx.library, sorted(trained), data_hash(target.texts)
+    )
+    got = ctx.library.get_artifact(ROUTER_KIND, config, None) if ctx.library is not None else None
+    if got is not None:
+        tensors, info = got
+        with torch.no_grad():
+            for n, p in trained.items():
+                p.copy_(tensors[n].to(p.device, p.dtype))
+        model.eval()
+        seconds, losses = float(info.get("train_seconds", 0.0)), info.get("entropy", [])
+    else:
+        ids, mask = prompt_batch(ctx.tokenizer, target.texts, o.seq_len)  # inputs only: labels are never read
+        losses = adapt_by_entropy(model, ids, mask, o)
+        seconds = time.perf_counter() - start
+        if ctx.library is not None:
+            state = {n: p.detach().cpu().contiguous() for n, p in trained.items()}
+            ctx.library.put_artifact(
+                ROUTER_KIND, config, None, state, {"train_seconds": seconds, "entropy": losses}
+            )
     return BuiltModel(
-        model, forward=_forward(model), train_seconds=time.perf_counter() - start,
+        model, forward=_forward(model), train_seconds=seconds,
         trainable_parameters=sum(p.numel() for p in _trainable(model)),
         info={"entropy_first": losses[:1], "entropy_last": losses[-1:]},
     )  # fmt: skip
