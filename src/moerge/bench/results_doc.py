@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[3]
 SUITES = {
     "synthetic": "Synthetic suite (`moerge demo`'s suite)",
     "real-text": "Real-text suite (SmolLM2-135M, reduced)",
+    "synthetic-full": "Synthetic suite, full-fine-tune library (`--expert-library full`: one full fine-tune per held-in task)",
 }
 
 
