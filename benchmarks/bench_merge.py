@@ -301,6 +301,7 @@ def main() -> int:
         return 1
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    load_before = os.getloadavg()[0]
     rows = bench_full(workdir, args.repeats)
     lora = bench_lora(workdir)
     print()
@@ -331,8 +332,23 @@ def main() -> int:
         f" {lora['moerge_exact_s']:.2f} s | {peft} | {ratio} | {lora['moerge_library_to_peft_folder_s']:.2f} s |"
         f" {lora.get('max_abs_diff_vs_peft', float('nan')):.1e} |"
     )
-    if args.json:
-        Path(args.json).write_text(json.dumps({"full": rows, "lora": lora}, indent=2))
+    if (
+        args.json
+    ):  # docs/results/merge/bench_merge.json: rendered into docs/results.md by moerge.bench.results_doc
+        import datetime
+        import platform
+
+        environment = {
+            "command": "python benchmarks/bench_merge.py " + " ".join(sys.argv[1:]),
+            "date": datetime.date.today().isoformat(),
+            "load_average_before": load_before,
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        }
+        Path(args.json).write_text(
+            json.dumps({"full": rows, "lora": lora, "environment": environment}, indent=2)
+        )
     return 0
 
 

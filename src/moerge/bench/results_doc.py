@@ -198,7 +198,54 @@ def render(results_dir: Path, img_dir: Path | None = None) -> str:
     pool = results_dir / "pool" / "results.json"
     if pool.is_file():
         lines += pool_section(pool, img_dir, results_dir)
+    merge = results_dir / "merge" / "bench_merge.json"
+    if merge.is_file():
+        lines += merge_section(merge)
     return "\n".join(lines).rstrip() + "\n"
+
+
+def merge_section(path: Path) -> list[str]:
+    """Merging against mergekit and PEFT (``docs/results/merge/bench_merge.json``, written by
+    ``benchmarks/bench_merge.py --json``): whole-process time and peak memory of the same YAML in each tool, the
+    speed-up net of each venv's interpreter start + ``import torch``, and the exact LoRA merge against PEFT."""
+    data = json.loads(path.read_text())
+    env = data.get("environment", {})
+    lines = ["## Merging: moerge vs mergekit and PEFT", ""]
+    if env:
+        lines += [
+            f"`{env.get('command')}` on {env.get('date')} ({env.get('cpus')} CPUs, load average "
+            f"{env.get('load_average_before', float('nan')):.1f} before the run; torch {env.get('torch')}). "
+            'Setup and method: [merging.md](merging.md), "Speed and memory".',
+            "",
+        ]
+    lines += [
+        "| merge (8 × 27M Llama, 8k vocabulary) | mergekit s | moerge s | speed-up | mergekit peak RSS MB | moerge "
+        "peak RSS MB | memory ratio | max abs diff | python + import torch s (moerge, mergekit) | speed-up net of it |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in data["full"]:
+        mi, ki = r.get("moerge_import_torch_s"), r.get("mergekit_import_torch_s")
+        net = f"{(r['mergekit_s'] - ki) / max(r['moerge_s'] - mi, 1e-9):.1f}×" if mi is not None else "—"
+        floor = f"{mi:.2f}, {ki:.2f}" if mi is not None else "—"
+        lines.append(
+            f"| {r['method']} | {r['mergekit_s']:.1f} | {r['moerge_s']:.1f} | {r['mergekit_s'] / r['moerge_s']:.1f}× | "
+            f"{r['mergekit_rss_mb']:.0f} | {r['moerge_rss_mb']:.0f} | {r['moerge_rss_mb'] / r['mergekit_rss_mb']:.2f} | "
+            f"{r['max_abs_diff_vs_mergekit']:.1e} | {floor} | {net} |"
+        )
+    lora = data.get("lora")
+    if lora:
+        peft = f"{lora['peft_cat_s']:.2f} s" if "peft_cat_s" in lora else "—"
+        ratio = f"{lora['peft_cat_s'] / lora['moerge_exact_s']:.1f}×" if "peft_cat_s" in lora else "—"
+        lines += [
+            "",
+            "| LoRA exact merge | modules | merged rank | moerge (in memory) | PEFT cat (in memory) | speed-up | "
+            "moerge: library → PEFT folder | max abs diff vs PEFT |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {lora['n_experts']} experts × rank {lora['rank']} | {lora['modules']} | {lora['merged_rank']} | "
+            f"{lora['moerge_exact_s']:.2f} s | {peft} | {ratio} | {lora['moerge_library_to_peft_folder_s']:.2f} s | "
+            f"{lora.get('max_abs_diff_vs_peft', float('nan')):.1e} |",
+        ]
+    return [*lines, ""]
 
 
 def pool_section(path: Path, img_dir: Path | None, results_dir: Path) -> list[str]:
