@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from moerge.errors import MalformedConfigError
-from moerge.train.data import DataSource, build_batches, encode_examples, load_examples
+from moerge.train.data import DataSource, load_examples, training_batches
 from moerge.train.loop import causal_lm_loss
 from moerge.train.prefix import decoder_layers, resolve_layers
 
@@ -202,9 +202,9 @@ def train_calm(
     """Train ``calm``'s bridges on the composition ``data`` (prompt/completion or text rows) by next-token
     cross-entropy on the targets; returns the loss of each step."""
     config = config or CALMTrainConfig()
-    encoded = encode_examples(tokenizer, load_examples(data), config.seq_len)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batches = build_batches(encoded, config.batch_size, config.steps, config.seed, pad_id)
+    batches = training_batches(
+        tokenizer, load_examples(data), config.seq_len, config.batch_size, config.steps, config.seed
+    )
     calm.anchor.eval()
     calm.augmenting.eval()
     params = list(calm.bridges.parameters())

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from moerge.errors import MalformedConfigError
-from moerge.train.data import IGNORE_INDEX, DataSource, build_batches, encode_examples, load_examples
+from moerge.train.data import IGNORE_INDEX, DataSource, load_examples, training_batches
 
 
 class CoLLM(nn.Module):
@@ -131,10 +131,10 @@ def train_deferral(
     """Fit ``colm.head`` on ``data`` (prompt/completion or text rows, as `moerge train` reads them) by the
     marginal likelihood; the frozen models' per-token quantities are computed once per distinct batch."""
     config = config or CoLLMTrainConfig()
-    encoded = encode_examples(tokenizer, load_examples(data), config.seq_len)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     total = config.steps + config.init_steps
-    batches = build_batches(encoded, config.batch_size, total, config.seed, pad_id)
+    batches = training_batches(
+        tokenizer, load_examples(data), config.seq_len, config.batch_size, total, config.seed
+    )
     colm.base.eval()
     colm.assistant.eval()
     cache: dict[int, tuple[torch.Tensor, ...]] = {}

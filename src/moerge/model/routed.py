@@ -335,6 +335,19 @@ def adapted_modules(model: nn.Module, experts: Sequence[Expert]) -> list[str]:
     return sorted(set().union(*(e.lora for e in experts)) | _dense_modules(model, list(experts)))
 
 
+def _free_module(model: nn.Module, name: str) -> nn.Module:
+    """The model's module ``name``, which must exist and not hold experts yet."""
+    try:
+        base = model.get_submodule(name)
+    except AttributeError as err:
+        raise ShapeMismatchError(
+            f"the experts adapt module {name}, which the model does not have; attach them to their base model"
+        ) from err
+    if isinstance(base, ExpertLayer):
+        raise MoergeError(f"module {name} already holds experts; detach the model first")
+    return base
+
+
 def inject(
     model: nn.Module,
     experts: list[Expert],
@@ -358,14 +371,7 @@ def inject(
     owner = CallOwner(f"routed {type(model).__name__}")
     layers: dict[str, ExpertLayer] = {}
     for name in modules:
-        try:
-            base = model.get_submodule(name)
-        except AttributeError as err:
-            raise ShapeMismatchError(
-                f"the experts adapt module {name}, which the model does not have; attach them to their base model"
-            ) from err
-        if isinstance(base, ExpertLayer):
-            raise MoergeError(f"module {name} already holds experts; detach the model first")
+        base = _free_module(model, name)
         d_in, d_out = module_dims(base)
         is_embedding = isinstance(base, nn.Embedding)
         mods = [e.lora.get(name) for e in experts]
@@ -468,14 +474,7 @@ def inject_paged(
     owner = CallOwner(f"routed {type(model).__name__}")
     layers: dict[str, ExpertLayer] = {}
     for name in modules:
-        try:
-            base = model.get_submodule(name)
-        except AttributeError as err:
-            raise ShapeMismatchError(
-                f"the experts adapt module {name}, which the model does not have; attach them to their base model"
-            ) from err
-        if isinstance(base, ExpertLayer):
-            raise MoergeError(f"module {name} already holds experts; detach the model first")
+        base = _free_module(model, name)
         if isinstance(base, nn.Embedding):
             raise MoergeError(
                 f"module {name} is an embedding; paged experts serve linear modules only: leave it out "

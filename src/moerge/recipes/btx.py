@@ -74,7 +74,7 @@ def _moe(ctx: BuildContext, o: BtxOptions, gates: Any = None) -> Any:
     if gates is None:
         gates = gate_vectors(o.gate_init, ctx.model, num_experts=len(states), seed=o.seed)
     k = min(o.k, len(states))
-    device = next(ctx.model.parameters()).device
+    device = ctx.device
     moe = build_mixtral(ctx.model, states, gates, experts_per_token=k, shared="average",
                         router_aux_loss_coef=o.aux_loss_coef)  # fmt: skip
     return moe.to(device)
@@ -99,8 +99,7 @@ def compute_btx_routers(ctx: BuildContext, o: BtxOptions, data: dict[str, list])
     from moerge.train.moe_router import train_moe_routers
     from moerge.train.router import RouterTrainConfig
 
-    if ctx.tokenizer is None:
-        raise RecipeNotApplicableError("recipe 'btx' trains its routers on text: pass the tokenizer")
+    ctx.require_tokenizer()
     rows = [r for name in ctx.names for r in training_rows(data.get(name, []))]
     moe = _moe(ctx, o)
     cfg = RouterTrainConfig(

@@ -147,17 +147,6 @@ def _layers(ctx: BuildContext) -> dict[str, Any]:
     return {m: ctx.model.get_submodule(m) for m in ctx.modules}
 
 
-def _device(ctx: BuildContext) -> Any:
-    return next(ctx.model.parameters()).device
-
-
-def _need_tokenizer(ctx: BuildContext) -> None:
-    if ctx.tokenizer is None:
-        raise RecipeNotApplicableError(
-            f"recipe {ctx.recipe!r} trains its router on text: pass attach(..., tokenizer=tokenizer)"
-        )
-
-
 def _fit_on_target(
     ctx: BuildContext, o: LearnedOptions, router: LearnedRouter, aggregation: str = "output",
     aux_weight: float = 0.0, key_exclude: tuple[str, ...] = (),
@@ -166,7 +155,7 @@ def _fit_on_target(
     from moerge.train.router import data_hash, router_config, train_router, trained_router
 
     target = ctx.require_target()
-    _need_tokenizer(ctx)
+    ctx.require_tokenizer()
     config = router_config(
         ctx.recipe or "", o.model_dump(exclude=set(key_exclude)), ctx.experts, ctx.library, ctx.modules,
         data_hash(target.rows, target.validation),
@@ -182,7 +171,7 @@ def _fit_on_target(
         )  # fmt: skip
 
     trained, _ = trained_router(ctx.library, config, router, train)
-    return trained.to(_device(ctx))
+    return trained.to(ctx.device)
 
 
 # ---------------------------------------------------------------------------------------------------- MoLE
@@ -347,7 +336,7 @@ def _joint_compute(recipe: str, make: Any, aggregation: str, aux_weight: Any, la
         from moerge.train.gates import training_rows
         from moerge.train.router import ROUTER_KIND, train_router
 
-        _need_tokenizer(ctx)
+        ctx.require_tokenizer()
         pairs = [(r, i) for i, name in enumerate(ctx.names) for r in training_rows(data.get(name, []))]
         rows = [r for r, _ in pairs]
         router = make(_expert_modules(ctx.experts, ctx.model), len(ctx.experts), o)
@@ -394,7 +383,7 @@ def _joint_router(
     tensors, info = ctx.load_library(sig, o)
     router.load_state(tensors)
     router.train_seconds = float(info.get("train_seconds", 0.0))
-    return router.to(_device(ctx))
+    return router.to(ctx.device)
 
 
 class JointOptions(LearnedOptions):

@@ -165,14 +165,13 @@ def build_lorahub(ctx: BuildContext, options: LoraHubOptions) -> Routing:
     target = ctx.require_target()
     if not target.rows:
         raise RecipeNotApplicableError(f"recipe 'lorahub': the target data of task {target.task!r} is empty")
-    if ctx.tokenizer is None:
-        raise RecipeNotApplicableError("recipe 'lorahub' needs the tokenizer: attach(..., tokenizer=tok)")
+    ctx.require_tokenizer()
     E = len(ctx.experts)
     router = LoraHubRouter(torch.zeros(E))
     layers = {name: ctx.model.get_submodule(name) for name in ctx.modules}
     owner = next(iter(layers.values())).owner
     routed = MoErgedModel(ctx.model, layers, ctx.names, router, "factor", owner)
-    device = next(ctx.model.parameters()).device
+    device = ctx.device
     batches = [
         tuple(t.to(device) for t in b)
         for b in example_batches(ctx.tokenizer, target.rows, options.batch_size)

@@ -116,6 +116,20 @@ class BuildContext:
             )
         return self.target
 
+    @property
+    def device(self) -> Any:
+        """The device of the base model's parameters (where a recipe puts what it builds)."""
+        return next(self.model.parameters()).device
+
+    def require_tokenizer(self) -> Any:
+        """The tokenizer, or a `RecipeNotApplicableError` saying to pass it (recipes that train on text)."""
+        if self.tokenizer is None:
+            raise RecipeNotApplicableError(
+                f"recipe {self.recipe or 'RECIPE'!r} trains on text: pass the tokenizer (attach(..., "
+                "tokenizer=tok) / build_model(..., tokenizer=tok))"
+            )
+        return self.tokenizer
+
     def embedder_for(self, choice: str = "default") -> Any:
         """The sentence embedder an ``embedding_model`` option picks (made once per choice)."""
         if self.embedder is not None:

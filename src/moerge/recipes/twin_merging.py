@@ -173,8 +173,7 @@ def _compute(ctx: BuildContext, o: TwinOptions, data: dict[str, list]) -> dict[s
     from moerge.train.gates import training_rows
     from moerge.train.router import ROUTER_KIND
 
-    if ctx.tokenizer is None:
-        raise RecipeNotApplicableError("recipe 'twin_merging' trains its router: pass tokenizer=...")
+    ctx.require_tokenizer()
     start = time.perf_counter()
     model = shared_model(ctx, task_vectors(ctx), o.scale)
     texts, labels = [], []

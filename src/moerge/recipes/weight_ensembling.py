@@ -92,17 +92,6 @@ def _set(model: Any, name: str, module: Any) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def _device(ctx: BuildContext) -> Any:
-    return next(ctx.model.parameters()).device
-
-
-def _need_tokenizer(ctx: BuildContext) -> None:
-    if ctx.tokenizer is None:
-        raise RecipeNotApplicableError(
-            f"recipe {ctx.recipe!r} trains its routers: pass tokenizer=... to build_model"
-        )
-
-
 def _trainable(model: Any) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
@@ -167,7 +156,7 @@ def build_wemoe_model(ctx: BuildContext, o: WemoeOptions) -> Any:
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
             gate = WeightEnsemblingGate(hidden, hidden, len(tvs), o.init_lambda)
         _set(model, name, WeightEnsemblingMoE(ctx.model.get_submodule(name), stacked[name], gate))
-    return model.to(_device(ctx))
+    return model.to(ctx.device)
 
 
 def adapt_by_entropy(model: Any, ids: torch.Tensor, mask: torch.Tensor, o: WemoeOptions) -> list[float]:
@@ -210,7 +199,7 @@ def _build_wemoe(ctx: BuildContext, o: WemoeOptions) -> BuiltModel:
     from moerge.train.router import ROUTER_KIND, data_hash, router_config
 
     target = ctx.require_target()
-    _need_tokenizer(ctx)
+    ctx.require_tokenizer()
     start = time.perf_counter()
     model = build_wemoe_model(ctx, o)
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -288,7 +277,7 @@ def build_pwe_model(ctx: BuildContext, o: PweMoeOptions) -> Any:
         if name in stacked:
             gate = WeightEnsemblingGate(T, 2 * T, T, o.init_lambda)
             _set(model, name, PreferenceEnsembling(ctx.model.get_submodule(name), stacked[name], gate))
-    return model.to(_device(ctx))
+    return model.to(ctx.device)
 
 
 def _pwe_config(o: PweMoeOptions, ctx: BuildContext) -> dict[str, Any]:
@@ -346,7 +335,7 @@ def _pwe_compute(ctx: BuildContext, o: PweMoeOptions, data: dict[str, list]) -> 
     from moerge.train.gates import training_rows
     from moerge.train.router import ROUTER_KIND
 
-    _need_tokenizer(ctx)
+    ctx.require_tokenizer()
     start = time.perf_counter()
     model = build_pwe_model(ctx, o)
     rows = [training_rows(data.get(n, [])) for n in ctx.names]
@@ -384,7 +373,7 @@ def preference_vector(o: PweMoeOptions, T: int) -> torch.Tensor:
 def _build_pwe(ctx: BuildContext, o: PweMoeOptions) -> BuiltModel:
     model = build_pwe_model(ctx, o)
     tensors, info = ctx.load_library(PWE_ROUTER, o)
-    model.load_state_dict({k: v.to(_device(ctx)) for k, v in tensors.items()}, strict=False)
+    model.load_state_dict({k: v.to(ctx.device) for k, v in tensors.items()}, strict=False)
     set_preference(model, preference_vector(o, len(ctx.experts)))
     dense = fold_preferences(model)  # a fixed preference is one dense model: no inference overhead
     return BuiltModel(

@@ -142,3 +142,13 @@ def build_batches(
         idx = order[s * batch_size : (s + 1) * batch_size]
         batches.append(pad_batch([data.ids[i] for i in idx], [data.labels[i] for i in idx], pad_id))
     return batches
+
+
+def training_batches(
+    tokenizer: Any, examples: Iterable[Example], seq_len: int, batch_size: int, steps: int, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``steps`` seeded batches of ``examples`` encoded to ``seq_len`` tokens, padded with the tokenizer's pad
+    token (0 without one): what every training loop here iterates over."""
+    encoded = encode_examples(tokenizer, examples, seq_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return build_batches(encoded, batch_size, steps, seed, pad_id)
