@@ -125,7 +125,7 @@ def measure(cmd: list[str]) -> dict:
 
 def compare_outputs(a: Path, b: Path) -> tuple[float, float]:
     """Max |difference| and the fraction of entries that differ by more than 1e-6."""
-    from moerge.merging.checkpoint import CheckpointReader
+    from moerge.merging.folders import CheckpointReader
 
     worst, differ, total = 0.0, 0, 0
     with CheckpointReader(a) as ra, CheckpointReader(b) as rb:
@@ -196,7 +196,7 @@ def bench_full(workdir: Path, repeats: int) -> list[dict]:
 
 
 def _shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    from moerge.merging.checkpoint import CheckpointReader
+    from moerge.merging.folders import CheckpointReader
 
     with CheckpointReader(folder) as r:
         return {k: r.shape(k) for k in r.names()}

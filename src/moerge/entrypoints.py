@@ -55,9 +55,10 @@ def import_plugin(spec: str) -> ModuleType:
 
 
 def objects_in(value: Any) -> list[Any]:
-    """The candidate objects a plugin offers: a module's globals, a list's items, or the value itself."""
+    """The candidate objects a plugin offers: a module's globals (less the modules it imported), a list's items,
+    or the value itself."""
     if isinstance(value, ModuleType):
-        return [v for k, v in vars(value).items() if not k.startswith("_")]
+        return [v for k, v in vars(value).items() if not k.startswith("_") and not isinstance(v, ModuleType)]
     if isinstance(value, (list, tuple)):
         return list(value)
     return [value]

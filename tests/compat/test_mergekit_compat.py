@@ -136,7 +136,7 @@ def write_adapter(folder: Path, hidden: int, seed: int) -> Path:
 
 
 def state(folder: Path) -> dict[str, torch.Tensor]:
-    from moerge.merging.checkpoint import CheckpointReader
+    from moerge.merging.folders import CheckpointReader
 
     with CheckpointReader(folder) as r:
         return {k: r.get(k).float() for k in r.names()}
@@ -144,7 +144,7 @@ def state(folder: Path) -> dict[str, torch.Tensor]:
 
 def stored(folder: Path) -> tuple[dict[str, str], str | None]:
     """Each tensor's stored safetensors dtype, and config.json's dtype."""
-    from moerge.merging.checkpoint import CheckpointReader
+    from moerge.merging.folders import CheckpointReader
 
     with CheckpointReader(folder) as r:
         dtypes = {k: r.dtype(k) for k in r.names()}
@@ -153,6 +153,7 @@ def stored(folder: Path) -> tuple[dict[str, str], str | None]:
 
 
 W = [0.3, 0.5, 0.2]
+NUMPY_METHODS = ("linear", "task_arithmetic")  # moerge.merging.numpy_engine.METHODS
 
 
 def configs(m: dict[str, Path]) -> dict[str, dict]:
@@ -528,17 +529,25 @@ def test_moerge_agrees_with_mergekit_on_the_same_yaml(tmp_path, monkeypatch):
             continue
         cfg = copy.deepcopy(case["yaml"])
         cfg.setdefault("parameters", {}).update(case.get("moerge", {}))
-        with monkeypatch.context() as mp:
-            if case.get("inject_masks"):
-                mp.setattr(torch, "bernoulli", moerge_fixed_mask)
-            t0 = time.perf_counter()
-            moerge.merge(cfg, root / f"mo_{slug}")
-            t_mo = time.perf_counter() - t0
-        r = compare(name, case, root / f"mk_{slug}", root / f"mo_{slug}", base_sd, fts)
-        report.append(
-            f"{name:45} {'PASS' if r['ok'] else 'FAIL'} {r['detail']} ({mk['seconds']:.2f} s vs {t_mo:.2f} s)"
-        )
-        if not r["ok"]:
-            failed.append(f"{name}: {r['detail']}")
+        # engine auto (numpy where it can run the merge), and the torch engine too for the methods both run
+        engines = ["auto", "torch"] if cfg["merge_method"] in NUMPY_METHODS else ["auto"]
+        for engine in engines:
+            label, out = (
+                (name, root / f"mo_{slug}")
+                if engine == "auto"
+                else (f"{name} [torch engine]", root / f"mo_{slug}_torch")
+            )
+            with monkeypatch.context() as mp:
+                if case.get("inject_masks"):
+                    mp.setattr(torch, "bernoulli", moerge_fixed_mask)
+                t0 = time.perf_counter()
+                moerge.merge({**cfg, "engine": engine}, out)
+                t_mo = time.perf_counter() - t0
+            r = compare(name, case, root / f"mk_{slug}", out, base_sd, fts)
+            report.append(
+                f"{label:45} {'PASS' if r['ok'] else 'FAIL'} {r['detail']} ({mk['seconds']:.2f} s vs {t_mo:.2f} s)"
+            )
+            if not r["ok"]:
+                failed.append(f"{label}: {r['detail']}")
     print("\n".join(report), file=sys.stderr)
     assert not failed, "\n".join(failed)

@@ -77,7 +77,7 @@ def finetuned_dir(tiny_llama_dir, tmp_path_factory):
 
 
 def test_cli_add_full_finetune_then_extract(tiny_llama_dir, finetuned_dir, tmp_path, capsys):
-    from moerge.merging.checkpoint import CheckpointReader
+    from moerge.merging.folders import CheckpointReader
 
     lib_dir = tmp_path / "lib"
     assert run_app(app, ["library", "init", str(lib_dir)]) == 0

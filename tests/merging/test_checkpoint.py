@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import moerge
 from moerge.errors import MalformedConfigError, ModelLoadError, ShapeMismatchError, UnsafeFormatError
-from moerge.merging.checkpoint import CheckpointReader
+from moerge.merging.folders import CheckpointReader
 
 from .conftest import TINY, perturbed_copy
 

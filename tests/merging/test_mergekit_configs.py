@@ -207,7 +207,8 @@ def test_ties_trims_over_the_whole_model_with_trim_model(model_dirs, tmp_path):
 
 def test_model_thresholds_equal_the_kth_largest_magnitude_by_sort(model_dirs):
     """The two-pass threshold equals the k-th largest |τ| found by sorting, for several densities."""
-    from moerge.merging.checkpoint import CheckpointReader, model_thresholds
+    from moerge.merging.checkpoint import model_thresholds
+    from moerge.merging.folders import CheckpointReader
 
     readers = [CheckpointReader(model_dirs[f"ft{i}"]) for i in range(2)]
     base = CheckpointReader(model_dirs["base"])

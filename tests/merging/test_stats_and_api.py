@@ -11,7 +11,7 @@ import yaml
 
 import moerge
 from moerge.errors import MalformedConfigError
-from moerge.merging.checkpoint import CheckpointReader
+from moerge.merging.folders import CheckpointReader
 from moerge.merging.stats import fisher_diagonal, gram_matrices, load_stats, save_stats
 
 from .conftest import LLAMA_MODULES

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moerge.errors import MalformedConfigError
-from moerge.merging.checkpoint import CheckpointReader
+from moerge.merging.folders import CheckpointReader
 
 VOCAB_KEYS = ("model.embed_tokens.weight", "lm_head.weight")
 

@@ -31,7 +31,7 @@ from security_helpers import (
 from moerge.errors import MalformedConfigError, MoergeError
 from moerge.experts.library import ExpertLibrary
 from moerge.experts.peft_io import load_safetensors, write_peft_folder
-from moerge.merging.checkpoint import CheckpointReader
+from moerge.merging.folders import CheckpointReader
 from moerge.merging.st_io import read_header
 
 ADAPTER_KEYS = ["r", "lora_alpha", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out", "peft_type",

@@ -77,6 +77,11 @@ def merge_command(
         None, "--out-dtype", help="float32 | float16 | bfloat16: the dtype stored (default: --dtype)."
     ),
     seed: int | None = typer.Option(None, "--seed", help="Seed for random methods (DARE, DELLA)."),
+    engine: str | None = typer.Option(
+        None,
+        "--engine",
+        help="auto | numpy | torch: numpy runs linear and task_arithmetic without torch (auto: where it can).",
+    ),
     shard_size: str | None = typer.Option(
         None, "--shard-size", help="Largest output shard, e.g. 2GB, 500MB."
     ),
@@ -119,6 +124,7 @@ def merge_command(
         dtype=dtype,
         out_dtype=out_dtype,
         seed=seed,
+        engine=engine,
         shard_size=shard_size,
         name=name,
     )

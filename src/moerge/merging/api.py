@@ -14,15 +14,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from moerge.errors import ConfigWarning, ExpertExistsError, InputNotFoundError, MalformedConfigError
-from moerge.experts.expert import Expert
 from moerge.experts.paths import atomic_output_dir, check_output_dir
 from moerge.merging.config import MergeConfig, check_param_ranges, load_config
 from moerge.merging.registry import MethodSpec, get_method, validate_params
+
+if TYPE_CHECKING:  # a merge the numpy engine runs imports neither (moerge.merging.lazy)
+    import torch
+
+    from moerge.experts.expert import Expert
+else:
+    from moerge.merging.lazy import torch
 
 
 def _same_path(a: str, b: str | None) -> bool:
@@ -185,6 +189,24 @@ def merge(
         return _merge_lora(spec, cfg, g, per_model, out, experts, recipe, overwrite)
     if out is None:
         raise MalformedConfigError("out: a full-checkpoint merge needs an output folder.")
+    from moerge.merging import numpy_engine
+
+    if numpy_engine.use_numpy_engine(spec, cfg, cfg.engine):
+        return numpy_engine.merge_checkpoints(
+            spec,
+            [m.model for m in cfg.models],
+            cfg.base_model,
+            out,
+            g,
+            per_model,
+            out_dtype=cfg.out_dtype or cfg.dtype,
+            shard_size=cfg.shard_size,
+            recipe=recipe,
+            copy_tokenizer=cfg.copy_tokenizer,
+            overwrite=overwrite,
+            inputs=_inputs(cfg) + [cfg.library],
+            progress=progress,
+        )
     from moerge.merging.checkpoint import merge_checkpoints
 
     stats, fifo = _load_stats(spec, cfg)
@@ -311,7 +333,7 @@ def _greedy(cfg: MergeConfig, out, experts, evaluate, overwrite: bool = False) -
         if out is not None:
             _write_adapter(soup, out, cfg, overwrite)
         return soup
-    from moerge.merging.checkpoint import CheckpointReader
+    from moerge.merging.folders import CheckpointReader
 
     if out is None:
         raise MalformedConfigError("out: a full-checkpoint greedy soup needs an output folder.")
@@ -320,8 +342,9 @@ def _greedy(cfg: MergeConfig, out, experts, evaluate, overwrite: bool = False) -
         with CheckpointReader(m.model) as r:
             candidates.append({k: r.get(k) for k in r.names()})
     res = greedy_soup(candidates, evaluate)
-    from moerge.merging.checkpoint import ShardWriter, write_model_files
+    from moerge.merging.checkpoint import ShardWriter
     from moerge.merging.config import parse_size
+    from moerge.merging.folders import write_model_files
 
     out = Path(out)
     recipe = cfg.model_dump(exclude_none=True) | {

@@ -253,6 +253,9 @@ class MergeConfig(BaseModel):
     seed: int = Field(default=0, ge=0, lt=2**63)
     shard_size: int | str = "2GB"
     copy_tokenizer: bool = True
+    # which engine computes a full-checkpoint merge: numpy (linear, task_arithmetic; no torch import) where it
+    # can under auto, else torch (`moerge.merging.numpy_engine.why_not`)
+    engine: Literal["auto", "torch", "numpy"] = "auto"
     # mergekit's output tokenizer with embedding alignment (`moerge.merging.vocab`): union, base, or a model
     tokenizer_source: str | None = Field(default=None, min_length=1, max_length=4096)
     tokenizer: TokenizerSpec | None = None

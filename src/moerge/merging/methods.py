@@ -6,17 +6,15 @@ Defaults follow mergekit where mergekit has the method, so a mergekit YAML means
 
 from __future__ import annotations
 
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from moerge.errors import MalformedConfigError
 from moerge.merging.ops import (
-    LOW_PRECISION,
     bernoulli_drop,
     della_drop,
     disjoint_sum,
     expand,
+    low_precision,
     trim_outliers,
     trim_to_density,
 )
@@ -24,6 +22,11 @@ from moerge.merging.ops import (
     slerp as slerp_pair,
 )
 from moerge.merging.spec import PerModel, merge_method
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from moerge.merging.lazy import torch
 
 Rescale = Literal["inverse", "l1", "none"]
 
@@ -40,7 +43,7 @@ def _rescale_l1(original: torch.Tensor, kept: torch.Tensor, eps: float = 1e-7) -
 def _weighted_sum(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Σ wᵢxᵢ: one ``tensordot`` in float32; in bfloat16/float16 mergekit's order (each wᵢxᵢ rounded, then
     summed), so a merge computed in a low-precision ``dtype`` gives mergekit's tensors."""
-    if x.dtype in LOW_PRECISION:
+    if low_precision(x.dtype):
         return (x * expand(weight, x)).sum(dim=0)
     return torch.tensordot(weight.to(x.dtype), x, dims=([0], [0]))
 
@@ -61,7 +64,7 @@ def _linear_coefficients(weight: torch.Tensor, normalize: bool = True) -> torch.
 def linear(x: torch.Tensor, weight: torch.Tensor, *, normalize: bool = True) -> torch.Tensor:
     """Weighted average Σ wᵢθᵢ / Σ wᵢ (a uniform soup with equal weights); a weighted sum without ``normalize``.
     Inputs in bfloat16/float16 are summed in float32 and the result rounded once, as mergekit's ``linear``."""
-    if x.dtype in LOW_PRECISION:  # mergekit's order: float32 accumulator, addcmul per model, divide, round
+    if low_precision(x.dtype):  # mergekit's order: float32 accumulator, addcmul per model, divide, round
         acc = torch.zeros(x.shape[1:], dtype=torch.float32)
         for xi, wi in zip(x, weight.float()):
             acc.addcmul_(xi, wi)
@@ -86,7 +89,7 @@ def task_arithmetic(
     x: torch.Tensor, weight: torch.Tensor, *, scale: float = 1.0, normalize: bool = False
 ) -> torch.Tensor:
     """θ₀ + λ Σ wᵢτᵢ (λ is ``scale``, mergekit's ``lambda``); divided by Σ wᵢ with ``normalize``."""
-    if x.dtype in LOW_PRECISION:
+    if low_precision(x.dtype):
         return disjoint_sum(x * expand(weight, x), weight, None, normalize) * scale
     out = _weighted_sum(x, weight)
     if normalize:
@@ -262,7 +265,7 @@ def slerp(
         return x[0].clone()
     else:
         raise MalformedConfigError("slerp takes a base and one model, or two models")
-    if v0.dtype in LOW_PRECISION:  # mergekit's slerp works in float32 and rounds the result once
+    if low_precision(v0.dtype):  # mergekit's slerp works in float32 and rounds the result once
         return slerp_pair(t, v0.float(), v1.float()).to(v0.dtype)
     return slerp_pair(t, v0, v1)
 

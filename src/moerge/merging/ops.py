@@ -3,9 +3,17 @@ dim 0 (``[N, *shape]``) at once, without a Python loop over the N models."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-LOW_PRECISION = (torch.bfloat16, torch.float16)
+if TYPE_CHECKING:
+    import torch
+else:
+    from moerge.merging.lazy import torch
+
+
+def low_precision(dtype: torch.dtype) -> bool:
+    """bfloat16 or float16: where the methods follow mergekit's order of rounding."""
+    return dtype in (torch.bfloat16, torch.float16)
 
 
 def expand(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -182,7 +190,7 @@ def disjoint_sum(
         mixed = weighted.sum(dim=0)
         if not normalize:
             return mixed
-        if weighted.dtype in LOW_PRECISION:  # mergekit divides by the weights' sum in the compute dtype
+        if low_precision(weighted.dtype):  # mergekit divides by the weights' sum in the compute dtype
             s_low = w.sum()
             return mixed / torch.where(s_low.abs() < 1e-8, 1.0, s_low).to(weighted.dtype)
         s = float(w.sum())
@@ -195,7 +203,7 @@ def disjoint_sum(
     mixed = p.clamp_(min=0).sum(dim=0).mul_(elected)
     if not normalize:
         return mixed
-    if weighted.dtype in LOW_PRECISION:  # mergekit's (w·mask).sum(0) in the compute dtype
+    if low_precision(weighted.dtype):  # mergekit's (w·mask).sum(0) in the compute dtype
         divisor = torch.tensordot(w, agree.to(weighted.dtype), dims=1)
     else:  # one model at a time: no [N, …] float copy of the mask
         divisor = torch.zeros_like(mixed)

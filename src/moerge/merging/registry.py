@@ -12,13 +12,17 @@ import re
 import zlib
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from moerge.errors import MalformedConfigError, PluginError, UnknownNameError
 from moerge.merging.spec import RESERVED, SPEC_ATTR, MethodSpec, merge_method
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from moerge.merging.lazy import torch
 
 __all__ = [
     "RESERVED",

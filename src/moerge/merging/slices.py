@@ -24,8 +24,8 @@ from typing import Any
 import torch
 
 from moerge.errors import MalformedConfigError
-from moerge.merging.checkpoint import CheckpointReader
 from moerge.merging.config import MergeConfig, OutputSlice, check_param_ranges
+from moerge.merging.folders import CheckpointReader
 from moerge.merging.registry import MethodSpec, Setting, validate_params
 
 _LAYER = re.compile(r"(\.(?:layers|h|blocks|layer)\.)(\d+)(\.)")

@@ -23,14 +23,16 @@ not modify them.
 from __future__ import annotations
 
 import inspect
+import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-
 from moerge.errors import PluginError
+
+if TYPE_CHECKING:
+    import torch
 
 SPEC_ATTR = "merge_spec"  # the attribute `merge_method` sets on a decorated function
 
@@ -80,6 +82,19 @@ class MethodSpec:
         return f"{self.name}({ps})"
 
 
+def _parameter_hints(fn: Callable[..., Any], sig: inspect.Signature) -> dict[str, Any]:
+    """The evaluated annotations of ``fn``'s keyword-only parameters other than the reserved ones: only those are
+    read, so annotations such as ``torch.Tensor`` do not import torch (`moerge.merging.lazy`)."""
+    wanted = {
+        p.name
+        for p in sig.parameters.values()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in RESERVED
+    }
+    own = {k: v for k, v in inspect.get_annotations(fn).items() if k in wanted}
+    holder = types.SimpleNamespace(__annotations__=own)
+    return typing.get_type_hints(holder, globalns=getattr(fn, "__globals__", {}))
+
+
 def merge_method(
     name: str,
     *,
@@ -102,7 +117,7 @@ def merge_method(
 
     def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         sig = inspect.signature(fn)
-        hints = typing.get_type_hints(fn)
+        hints = _parameter_hints(fn, sig)
         params: dict[str, tuple[Any, Any]] = {"weight": (float, 1.0)}
         uses = set()
         for p in sig.parameters.values():

@@ -1,28 +1,64 @@
 """Minimal streaming safetensors I/O: read one tensor with ``pread`` (no memory map, so reading N models does not
 grow the resident set by N file sizes), and write shards whose header is planned up front so every tensor goes to
 disk the moment it is merged. The format is the public safetensors layout: an 8-byte little-endian header length,
-a JSON header ``{name: {dtype, shape, data_offsets}}`` padded with spaces to 8 bytes, then the raw data."""
+a JSON header ``{name: {dtype, shape, data_offsets}}`` padded with spaces to 8 bytes, then the raw data.
+
+Everything here works on safetensors dtype names and bytes; torch is imported only by `read_tensor` and
+`StreamingShardWriter.write` (the numpy engine never calls them)."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from moerge.errors import MalformedConfigError
 
-ST_TO_TORCH = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}  # fmt: skip
-TORCH_TO_ST = {v: k for k, v in ST_TO_TORCH.items()}
+if TYPE_CHECKING:
+    import torch
+
+ITEMSIZE = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def torch_dtype(st_dtype: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name (``"BF16"`` → ``torch.bfloat16``)."""
+    import torch
+
+    return {
+        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+        "BOOL": torch.bool,
+    }[st_dtype]  # fmt: skip
+
+
+@functools.cache
+def _torch_to_st() -> dict[torch.dtype, str]:
+    return {torch_dtype(k): k for k in ITEMSIZE}
+
+
+def st_dtype(dtype: torch.dtype) -> str:
+    """The safetensors dtype name of a torch dtype (``torch.float32`` → ``"F32"``)."""
+    name = _torch_to_st().get(dtype)
+    if name is None:
+        raise MalformedConfigError(f"dtype {dtype} cannot be stored by moerge's merge (use a float dtype).")
+    return name
 
 
 @dataclass(frozen=True)
@@ -82,7 +118,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     for k, v in header.items():
         if not isinstance(v, dict) or not isinstance(v.get("dtype"), str):
             raise _bad(path, f"tensor {k[:80]!r} has no dtype")
-        if v["dtype"] not in ST_TO_TORCH:
+        if v["dtype"] not in ITEMSIZE:
             raise _bad(path, f"tensor {k[:80]!r} has dtype {v['dtype'][:20]!r}, which moerge does not merge")
         shape, offsets = v.get("shape"), v.get("data_offsets")
         if not isinstance(shape, list) or not isinstance(offsets, list):
@@ -93,7 +129,7 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
         numel = 1
         for d in shape:
             numel *= d
-        itemsize = torch.empty((), dtype=ST_TO_TORCH[v["dtype"]]).element_size()
+        itemsize = ITEMSIZE[v["dtype"]]
         if not start <= end <= data_len or end - start != numel * itemsize:
             raise _bad(
                 path,
@@ -103,24 +139,31 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     return entries, meta
 
 
+def read_into(entry: TensorEntry, fd: int, buffer: memoryview) -> None:
+    """Read one tensor's bytes with ``os.preadv`` into ``buffer`` (exactly ``end - start`` bytes)."""
+    nbytes = entry.end - entry.start
+    if buffer.nbytes != nbytes:
+        raise ValueError(f"{entry.file}: a buffer of {buffer.nbytes} bytes for a tensor of {nbytes}")
+    if nbytes and os.preadv(fd, [buffer], entry.start) != nbytes:
+        raise MalformedConfigError(f"{entry.file}: truncated tensor data")
+
+
 def read_tensor(entry: TensorEntry, fd: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """Read one tensor with ``os.pread``; into ``out`` (same dtype and numel) when given, without a copy."""
+    import torch
+
     nbytes = entry.end - entry.start
-    dtype = ST_TO_TORCH[entry.dtype]
+    dtype = torch_dtype(entry.dtype)
     if (
         out is not None
         and out.dtype == dtype
         and out.is_contiguous()
         and out.numel() * out.element_size() == nbytes
     ):
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
-        got = os.preadv(fd, [view], entry.start) if nbytes else 0
-        if got != nbytes:
-            raise MalformedConfigError(f"{entry.file}: truncated tensor data")
+        read_into(entry, fd, memoryview(out.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
         return out
     buf = bytearray(nbytes)
-    if nbytes and os.preadv(fd, [buf], entry.start) != nbytes:
-        raise MalformedConfigError(f"{entry.file}: truncated tensor data")
+    read_into(entry, fd, memoryview(buf))
     t = torch.frombuffer(buf, dtype=dtype) if nbytes else torch.empty(0, dtype=dtype)
     t = t.reshape(entry.shape)
     if out is not None:
@@ -147,19 +190,22 @@ class PlannedShard:
 
 
 def plan_shards(
-    items: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    items: list[tuple[str, str, tuple[int, ...]]],
     max_bytes: int,
     single_name: str = "model.safetensors",
 ) -> list[PlannedShard]:
-    """Group tensors (in order) into shards of at most ``max_bytes`` (a bigger tensor gets a shard of its own)."""
+    """Group tensors ``(name, safetensors dtype, shape)`` (in order) into shards of at most ``max_bytes`` (a
+    bigger tensor gets a shard of its own)."""
     groups: list[list[tuple[str, str, tuple[int, ...], int]]] = [[]]
     size = 0
     for name, dtype, shape in items:
-        nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        nbytes = ITEMSIZE[dtype]
+        for d in shape:
+            nbytes *= d
         if groups[-1] and size + nbytes > max_bytes:
             groups.append([])
             size = 0
-        groups[-1].append((name, TORCH_TO_ST[dtype], tuple(shape), nbytes))
+        groups[-1].append((name, dtype, tuple(shape), nbytes))
         size += nbytes
     n = len(groups)
     names = [single_name] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -180,10 +226,18 @@ class StreamingShardWriter:
         return self.out / (self.shards[si].name + ".partial")
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        si, (exp_name, dtype, shape, nbytes) = self._order[self._pos]
-        if name != exp_name or tuple(tensor.shape) != shape or TORCH_TO_ST[tensor.dtype] != dtype:
+        """Write the next planned tensor (a torch tensor of the planned dtype and shape)."""
+        import torch
+
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.write_bytes(name, st_dtype(tensor.dtype), tuple(tensor.shape), memoryview(data))  # type: ignore[arg-type]
+
+    def write_bytes(self, name: str, dtype: str, shape: tuple[int, ...], data: memoryview) -> None:
+        """Write the next planned tensor from its raw bytes (safetensors ``dtype``, little-endian)."""
+        si, (exp_name, exp_dtype, exp_shape, nbytes) = self._order[self._pos]
+        if name != exp_name or tuple(shape) != exp_shape or dtype != exp_dtype or data.nbytes != nbytes:
             raise RuntimeError(
-                f"writer expected {exp_name} {dtype}{shape}, got {name} {tensor.dtype}{tuple(tensor.shape)}"
+                f"writer expected {exp_name} {exp_dtype}{exp_shape}, got {name} {dtype}{tuple(shape)}"
             )
         if si != self._shard:
             if self._file is not None:
@@ -193,8 +247,7 @@ class StreamingShardWriter:
             self._shard = si
         assert self._file is not None
         if nbytes:
-            data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
-            self._file.write(memoryview(data))  # type: ignore[arg-type]
+            self._file.write(data)
         self._pos += 1
 
     def finish(self) -> list[Path]:

@@ -33,7 +33,7 @@ def task_vector_expert(
     from the base, or of another shape (a resized vocabulary), is refused."""
     from moerge.backbones.loading import base_model_id
     from moerge.experts.fingerprint import fingerprint_folder
-    from moerge.merging.checkpoint import CheckpointReader
+    from moerge.merging.folders import CheckpointReader
 
     dense: dict[str, torch.Tensor] = {}
     unchanged = 0
