@@ -11,8 +11,9 @@ the same YAML for both); wall time and peak RSS of that process are measured by 
 ``merge_lora_experts(..., mode="exact")`` on 64 rank-8 experts over all 7 projections (in process), and PEFT's
 ``add_weighted_adapter(..., combination_type="cat")`` on the same experts as the peer.
 Needs the mergekit side venv (``./dev compat --setup``; ``MOERGE_MERGEKIT_VENV`` names another one).
-Each venv's interpreter start plus ``import torch`` is measured the same way, so the table also gives the
-speed-up net of that floor (both tools pay it; at this model size it is about half of moerge's wall time).
+moerge runs linear and task arithmetic on both its engines (``--engine numpy``, what ``moerge merge`` picks for
+them, and ``--engine torch``). Each venv's interpreter start plus ``import torch`` (and moerge's plus ``import
+numpy``) is measured the same way: the floor each engine pays before merging anything.
 """
 
 from __future__ import annotations
@@ -139,60 +140,83 @@ def compare_outputs(a: Path, b: Path) -> tuple[float, float]:
     return worst, differ / total
 
 
-def import_torch_s(repeats: int) -> dict[str, float]:
-    """Each tool's interpreter start plus ``import torch`` (median): the floor any torch-based merge tool pays,
-    measured the same way as the merges (a fresh process). Reported so the ratios can be read net of it."""
-    mk_python = MERGEKIT.parent / "python"
-    out = {}
-    for tool, py in (("moerge", sys.executable), ("mergekit", str(mk_python))):
-        out[tool] = statistics.median(
-            measure([py, "-c", "import torch"])["wall_s"] for _ in range(max(3, repeats))
-        )
-    return out
+def floors(repeats: int) -> dict[str, float]:
+    """Interpreter start plus ``import torch`` in each tool's venv, and plus ``import numpy`` in moerge's (medians,
+    each a fresh process measured like the merges): the floor a torch-based merge pays, and the numpy engine's."""
+    mk_python = str(MERGEKIT.parent / "python")
+    runs = {
+        "moerge_import_torch_s": [sys.executable, "-c", "import torch"],
+        "mergekit_import_torch_s": [mk_python, "-c", "import torch"],
+        "moerge_import_numpy_s": [sys.executable, "-c", "import numpy"],
+    }
+    return {
+        k: statistics.median(measure(cmd)["wall_s"] for _ in range(max(3, repeats)))
+        for k, cmd in runs.items()
+    }
 
 
-def bench_full(workdir: Path, repeats: int) -> list[dict]:
+# moerge's engines per method: the numpy engine is what `moerge merge` picks (engine: auto) for linear and task
+# arithmetic; the torch engine is measured beside it. TIES runs on the torch engine only.
+ENGINES = {"linear": ("numpy", "torch"), "ties": ("torch",), "task_arithmetic": ("numpy", "torch")}
+
+
+def bench_full(workdir: Path, repeats: int) -> tuple[list[dict], dict[str, float]]:
     paths = build(workdir)
-    floor = import_torch_s(repeats)
+    floor = floors(repeats)
     print(
-        f"interpreter + import torch: moerge's venv {floor['moerge']:.2f} s, mergekit's {floor['mergekit']:.2f} s",
+        f"interpreter + import torch: moerge's venv {floor['moerge_import_torch_s']:.2f} s, mergekit's "
+        f"{floor['mergekit_import_torch_s']:.2f} s; + import numpy: {floor['moerge_import_numpy_s']:.2f} s",
         flush=True,
     )
     params = sum(int(torch.Size(s).numel()) for s in _shapes(paths["base"]).values())
     print(f"model: {params / 1e6:.1f}M parameters, {N_FT} fine-tunes in {workdir}", flush=True)
     rows = []
-    env_note = "default threads"
     for name, cfg in configs(paths).items():
         cfg_path = workdir / f"{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))
-        runs: dict[str, list[dict]] = {"moerge": [], "mergekit": []}
+        tools = ["mergekit", *(f"moerge:{e}" for e in ENGINES[name])]
+        runs: dict[str, list[dict]] = {t: [] for t in tools}
         for _ in range(repeats):
-            for tool in ("mergekit", "moerge"):
-                out = workdir / f"out_{name}_{tool}"
+            for tool in tools:  # alternating, so a slow spell of the machine hits every tool
+                out = workdir / f"out_{name}_{tool.replace(':', '_')}"
                 shutil.rmtree(out, ignore_errors=True)
                 cmd = (
-                    [*MOERGE, "merge", str(cfg_path), str(out), "--no-progress"]
-                    if tool == "moerge"
+                    [
+                        *MOERGE,
+                        "merge",
+                        str(cfg_path),
+                        str(out),
+                        "--no-progress",
+                        "--engine",
+                        tool.split(":")[1],
+                    ]
+                    if tool.startswith("moerge")
                     else [str(MERGEKIT), str(cfg_path), str(out), "--quiet"]
                 )
                 r = measure(cmd)
                 runs[tool].append(r)
-                print(f"  {name:16} {tool:8} {r['wall_s']:7.2f} s  {r['peak_rss_mb']:8.0f} MB", flush=True)
-        diff, frac = compare_outputs(workdir / f"out_{name}_moerge", workdir / f"out_{name}_mergekit")
-        row = {
-            "method": name,
-            "params_M": round(params / 1e6, 1),
-            "n_models": N_FT,
-            "note": env_note,
-            "max_abs_diff_vs_mergekit": diff,
-            "fraction_differing_vs_mergekit": frac,
-        }
-        for tool, rs in runs.items():
-            row[f"{tool}_s"] = statistics.median(r["wall_s"] for r in rs)
-            row[f"{tool}_rss_mb"] = max(r["peak_rss_mb"] for r in rs)
-            row[f"{tool}_import_torch_s"] = floor[tool]
-        rows.append(row)
-    return rows
+                print(f"  {name:16} {tool:14} {r['wall_s']:7.2f} s  {r['peak_rss_mb']:8.0f} MB", flush=True)
+        mk = runs["mergekit"]
+        for tool in tools[1:]:
+            engine = tool.split(":")[1]
+            out = workdir / f"out_{name}_{tool.replace(':', '_')}"
+            diff, frac = compare_outputs(out, workdir / f"out_{name}_mergekit")
+            rows.append(
+                {
+                    "method": name,
+                    "engine": engine,
+                    "default_engine": engine == ENGINES[name][0],
+                    "params_M": round(params / 1e6, 1),
+                    "n_models": N_FT,
+                    "max_abs_diff_vs_mergekit": diff,
+                    "fraction_differing_vs_mergekit": frac,
+                    "mergekit_s": statistics.median(r["wall_s"] for r in mk),
+                    "mergekit_rss_mb": max(r["peak_rss_mb"] for r in mk),
+                    "moerge_s": statistics.median(r["wall_s"] for r in runs[tool]),
+                    "moerge_rss_mb": max(r["peak_rss_mb"] for r in runs[tool]),
+                }
+            )
+    return rows, floor
 
 
 def _shapes(folder: Path) -> dict[str, tuple[int, ...]]:
@@ -302,22 +326,20 @@ def main() -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
-    rows = bench_full(workdir, args.repeats)
+    rows, floor = bench_full(workdir, args.repeats)
     lora = bench_lora(workdir)
     print()
     print(
-        "| merge (8 × 27M Llama, 8k vocabulary) | mergekit s | moerge s | speed-up | mergekit peak RSS MB | moerge peak RSS MB |"
-        " memory ratio (moerge/mergekit) | max abs diff | entries differing | speed-up net of import torch |"
+        "| merge (8 × 27M Llama, 8k vocabulary) | moerge engine | mergekit s | moerge s | speed-up |"
+        " mergekit peak RSS MB | moerge peak RSS MB | memory ratio (moerge/mergekit) | max abs diff | entries differing |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        net = (r["mergekit_s"] - r["mergekit_import_torch_s"]) / max(
-            r["moerge_s"] - r["moerge_import_torch_s"], 1e-9
-        )
         print(
-            f"| {r['method']} | {r['mergekit_s']:.1f} | {r['moerge_s']:.1f} | {r['mergekit_s'] / r['moerge_s']:.1f}× |"
-            f" {r['mergekit_rss_mb']:.0f} | {r['moerge_rss_mb']:.0f} | {r['moerge_rss_mb'] / r['mergekit_rss_mb']:.2f} |"
-            f" {r['max_abs_diff_vs_mergekit']:.1e} | {r['fraction_differing_vs_mergekit']:.1e} | {net:.1f}× |"
+            f"| {r['method']} | {r['engine']}{' (default)' if r['default_engine'] else ''} | {r['mergekit_s']:.1f} |"
+            f" {r['moerge_s']:.1f} | {r['mergekit_s'] / r['moerge_s']:.1f}× | {r['mergekit_rss_mb']:.0f} |"
+            f" {r['moerge_rss_mb']:.0f} | {r['moerge_rss_mb'] / r['mergekit_rss_mb']:.2f} |"
+            f" {r['max_abs_diff_vs_mergekit']:.1e} | {r['fraction_differing_vs_mergekit']:.1e} |"
         )
     print()
     peft = f"{lora['peft_cat_s']:.2f} s" if "peft_cat_s" in lora else lora.get("peft_error", "-")
@@ -347,7 +369,7 @@ def main() -> int:
             "torch": torch.__version__,
         }
         Path(args.json).write_text(
-            json.dumps({"full": rows, "lora": lora, "environment": environment}, indent=2)
+            json.dumps({"full": rows, "floors": floor, "lora": lora, "environment": environment}, indent=2)
         )
     return 0
 

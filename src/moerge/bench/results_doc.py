@@ -206,8 +206,9 @@ def render(results_dir: Path, img_dir: Path | None = None) -> str:
 
 def merge_section(path: Path) -> list[str]:
     """Merging against mergekit and PEFT (``docs/results/merge/bench_merge.json``, written by
-    ``benchmarks/bench_merge.py --json``): whole-process time and peak memory of the same YAML in each tool, the
-    speed-up net of each venv's interpreter start + ``import torch``, and the exact LoRA merge against PEFT."""
+    ``benchmarks/bench_merge.py --json``): whole-process time and peak memory of the same YAML in each tool (moerge
+    on each engine it has for the method), each venv's interpreter start + ``import torch`` / ``numpy``, and the
+    exact LoRA merge against PEFT."""
     data = json.loads(path.read_text())
     env = data.get("environment", {})
     lines = ["## Merging: moerge vs mergekit and PEFT", ""]
@@ -219,19 +220,26 @@ def merge_section(path: Path) -> list[str]:
             "",
         ]
     lines += [
-        "| merge (8 × 27M Llama, 8k vocabulary) | mergekit s | moerge s | speed-up | mergekit peak RSS MB | moerge "
-        "peak RSS MB | memory ratio | max abs diff | python + import torch s (moerge, mergekit) | speed-up net of it |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| merge (8 × 27M Llama, 8k vocabulary) | moerge engine | mergekit s | moerge s | speed-up | mergekit peak "
+        "RSS MB | moerge peak RSS MB | memory ratio | max abs diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in data["full"]:
-        mi, ki = r.get("moerge_import_torch_s"), r.get("mergekit_import_torch_s")
-        net = f"{(r['mergekit_s'] - ki) / max(r['moerge_s'] - mi, 1e-9):.1f}×" if mi is not None else "—"
-        floor = f"{mi:.2f}, {ki:.2f}" if mi is not None else "—"
+        engine = r.get("engine", "torch") + (" (default)" if r.get("default_engine", True) else "")
         lines.append(
-            f"| {r['method']} | {r['mergekit_s']:.1f} | {r['moerge_s']:.1f} | {r['mergekit_s'] / r['moerge_s']:.1f}× | "
-            f"{r['mergekit_rss_mb']:.0f} | {r['moerge_rss_mb']:.0f} | {r['moerge_rss_mb'] / r['mergekit_rss_mb']:.2f} | "
-            f"{r['max_abs_diff_vs_mergekit']:.1e} | {floor} | {net} |"
+            f"| {r['method']} | {engine} | {r['mergekit_s']:.1f} | {r['moerge_s']:.1f} | "
+            f"{r['mergekit_s'] / r['moerge_s']:.1f}× | {r['mergekit_rss_mb']:.0f} | {r['moerge_rss_mb']:.0f} | "
+            f"{r['moerge_rss_mb'] / r['mergekit_rss_mb']:.2f} | {r['max_abs_diff_vs_mergekit']:.1e} |"
         )
+    floors = data.get("floors")
+    if floors:
+        lines += [
+            "",
+            f"Before merging anything, each process starts Python and imports its array library: `import torch` "
+            f"takes {floors['moerge_import_torch_s']:.2f} s in moerge's venv and {floors['mergekit_import_torch_s']:.2f} s "
+            f"in mergekit's, `import numpy` {floors['moerge_import_numpy_s']:.2f} s — the numpy engine's floor "
+            "(`moerge.merging.numpy_engine`).",
+        ]
     lora = data.get("lora")
     if lora:
         peft = f"{lora['peft_cat_s']:.2f} s" if "peft_cat_s" in lora else "—"
