@@ -488,6 +488,32 @@ def compare(name: str, case: dict, mk: Path, mo: Path, base_sd: dict, fts: list[
     return r
 
 
+def record_results(cases: dict[str, dict]) -> None:
+    """With ``MOERGE_COMPAT_RESULTS=PATH``, write every case's outcome there as JSON: docs/merging.md's agreement
+    table is generated from ``docs/results/mergekit-compat/results.json`` (``python -m moerge.bench.results_doc``)."""
+    path = os.environ.get("MOERGE_COMPAT_RESULTS")
+    if not path:
+        return
+    import datetime
+    from importlib.metadata import version
+
+    version_code = "from importlib.metadata import version; print(version('mergekit'))"
+    mk_version = subprocess.run([str(PY), "-c", version_code], capture_output=True, text=True).stdout.strip()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(
+        json.dumps(
+            {
+                "command": f"MOERGE_COMPAT_RESULTS={path} ./dev compat",
+                "date": datetime.date.today().isoformat(),
+                "mergekit": mk_version,
+                "moerge_torch": version("torch"),
+                "cases": cases,
+            },
+            indent=2,
+        )
+    )
+
+
 def test_moerge_agrees_with_mergekit_on_the_same_yaml(tmp_path, monkeypatch):
     import moerge
 
@@ -520,7 +546,7 @@ def test_moerge_agrees_with_mergekit_on_the_same_yaml(tmp_path, monkeypatch):
 
     base_sd = state(m["base"])
     fts = [state(m[f"ft{i}"]) for i in range(3)]
-    report, failed = [], []
+    report, failed, recorded = [], [], {}
     for name, case in cases.items():
         slug = case["slug"]
         mk = mk_results[str(root / f"{slug}.yaml")]
@@ -549,5 +575,14 @@ def test_moerge_agrees_with_mergekit_on_the_same_yaml(tmp_path, monkeypatch):
             )
             if not r["ok"]:
                 failed.append(f"{label}: {r['detail']}")
+            recorded[label] = {
+                "ok": r["ok"],
+                "max_abs_diff": r.get("max_abs_diff"),
+                "detail": r["detail"],
+                "engine": engine,
+                "mergekit_s": mk["seconds"],
+                "moerge_s": t_mo,
+            }
     print("\n".join(report), file=sys.stderr)
+    record_results(recorded)
     assert not failed, "\n".join(failed)
