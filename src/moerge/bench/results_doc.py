@@ -1,7 +1,18 @@
-"""docs/results.md, generated from the results files under docs/results/ — never edited by hand.
+"""docs/results.md and the results blocks of the other pages, generated from the results files under
+docs/results/ — never edited by hand.
 
     python -m moerge.bench.results_doc             # rewrite docs/results.md (and docs/img/<suite>-quality.png)
-    python -m moerge.bench.results_doc --check     # exit 1 when docs/results.md is not what the files give
+                                                   # and every results block of README.md and docs/*.md
+    python -m moerge.bench.results_doc --check     # exit 1 when any of them is not what the files give
+
+A page holds a generated table as a block whose contents are rewritten from ``docs/results/NAME/`` (the
+``--out`` folder of ``moerge bench ... --no-plots``; its results.json, or ``seed-<i>/results.json``)::
+
+    <!-- results: NAME held-in, switching, train s -->
+    (the summary table of `moerge bench` with these columns, the method first; the command and environment)
+    <!-- /results -->
+
+No columns: every column of the summary table. Text outside the blocks is left as it is.
 
 Each suite folder (``docs/results/<suite>/``) is the ``--out`` folder of a run of ``moerge bench ... --seeds N
 --no-plots``: ``seed-<i>/results.json`` per seed (a single run: ``results.json``), and optionally the suite
@@ -15,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
 from moerge.bench.results import BenchResults
+from moerge.errors import MalformedConfigError, MoergeError, UnknownNameError
 
 ROOT = Path(__file__).resolve().parents[3]
 SUITES = {
@@ -107,15 +120,24 @@ def build_section(builds: list[dict], run: BenchResults) -> list[str]:
     ]
 
 
+def environment_sentence(runs: list[BenchResults], folder: Path) -> str:
+    """Where the runs of ``folder`` ran (as their results record it), their benchmark wall times, and the folder."""
+    env = runs[0].environment
+    walls = ", ".join(f"{r.wall_s:.0f} s" for r in runs)
+    rel = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+    return (
+        f"torch {env.get('torch')}, {env.get('threads')} thread(s), {env.get('device')}, Python "
+        f"{env.get('python')} on {env.get('machine')}; benchmark wall time per seed (suite builds not included): "
+        f"{walls}. Data: `{rel}/`."
+    )
+
+
 def suite_section(title: str, folder: Path, runs: list[BenchResults], img: str | None) -> list[str]:
     from moerge.bench.premise import format_premise
     from moerge.bench.report import literature_rows, markdown_table
     from moerge.bench.seeds import interval_rows, token_accuracy_rows
 
-    env = runs[0].environment
-    command = env.get("command", "(not recorded)")
-    walls = ", ".join(f"{r.wall_s:.0f} s" for r in runs)
-    rel = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+    command = runs[0].environment.get("command", "(not recorded)")
     lines = [
         f"## {title}",
         "",
@@ -127,9 +149,7 @@ def suite_section(title: str, folder: Path, runs: list[BenchResults], img: str |
         command,
         "```",
         "",
-        f"torch {env.get('torch')}, {env.get('threads')} thread(s), {env.get('device')}, Python "
-        f"{env.get('python')} on {env.get('machine')}; benchmark wall time per seed (suite builds not included): "
-        f"{walls}. Data: `{rel}/`.",
+        environment_sentence(runs, folder),
         "",
         "### Quality",
         "",
@@ -267,20 +287,117 @@ def pool_section(path: Path, img_dir: Path | None, results_dir: Path) -> list[st
     return lines
 
 
+# ---------------------------------------------------------------------------------------------- blocks in pages
+BLOCK_OPEN = re.compile(r"^<!-- results:(?P<spec>.*?)-->[ \t]*$", re.M)
+BLOCK_CLOSE = re.compile(r"^<!-- /results -->[ \t]*$", re.M)
+
+
+def parse_spec(spec: str) -> tuple[str, list[str]]:
+    """``"NAME col, col, …"`` → ``(NAME, [col, …])`` (no columns: every column of the summary table)."""
+    name, _, rest = spec.strip().partition(" ")
+    if not name:
+        raise MalformedConfigError(
+            "a results block names no results folder: write <!-- results: NAME [column, column, …] -->"
+        )
+    return name, [c.strip() for c in rest.split(",") if c.strip()]
+
+
+def results_block(name: str, columns: list[str], results_dir: Path) -> str:
+    """The contents of a ``<!-- results: NAME columns -->`` block: the summary table of ``results_dir/NAME``
+    (one run: ``moerge bench``'s own table; ``--seeds`` runs: the means ± 95% intervals) restricted to
+    ``columns`` (the method first, always), its footnotes, then the command and environment the results record."""
+    from moerge.bench.report import markdown_table, table_rows
+    from moerge.bench.seeds import interval_rows
+
+    folder = results_dir / name
+    runs = load_runs(folder) if folder.is_dir() else []
+    if not runs:
+        known = (
+            sorted(p.name for p in results_dir.iterdir() if p.is_dir() and load_runs(p))
+            if results_dir.is_dir()
+            else []
+        )
+        raise UnknownNameError(
+            f"results block {name!r}: no {folder}/results.json (nor seed-*/results.json); write it with "
+            f"`moerge bench ... --no-plots --out {folder}`, or name one of: {', '.join(known) or '(none)'}"
+        )
+    if len(runs) > 1:
+        header, rows, notes = (*interval_rows(runs), [])
+    else:
+        header, rows, notes = table_rows(runs[0])
+    unknown = [c for c in columns if c not in header]
+    if unknown:
+        raise UnknownNameError(
+            f"results block {name!r}: no column {', '.join(map(repr, unknown))}; the columns are: "
+            f"{', '.join(header[1:])}"
+        )
+    keep = [0, *(header.index(c) for c in columns if c != header[0])] if columns else list(range(len(header)))
+    env = runs[0].environment
+    lines = [markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in rows]), ""]
+    if notes:
+        lines += [*(f"- {n}" for n in notes), ""]
+    lines += [
+        f"Generated from the results of `{env.get('command', '(command not recorded)')}`"
+        + (f" (started {env['started']})" if env.get("started") else "")
+        + f" by `python -m moerge.bench.results_doc`; {environment_sentence(runs, folder)}",
+    ]
+    return "\n".join(lines)
+
+
+def rewrite_blocks(text: str, results_dir: Path) -> str:
+    """``text`` with the contents of every ``<!-- results: … -->`` … ``<!-- /results -->`` block rewritten from
+    ``results_dir``; everything outside the blocks is kept as it is."""
+    out, pos = [], 0
+    while (m := BLOCK_OPEN.search(text, pos)) is not None:
+        end = BLOCK_CLOSE.search(text, m.end())
+        following = BLOCK_OPEN.search(text, m.end())
+        if end is None or (following is not None and following.start() < end.start()):
+            line = text.count("\n", 0, m.start()) + 1
+            raise MalformedConfigError(
+                f"the results block at line {line} has no closing <!-- /results --> line"
+            )
+        name, columns = parse_spec(m.group("spec"))
+        out += [text[pos : m.end()], "\n\n", results_block(name, columns, results_dir), "\n\n"]
+        pos = end.start()
+    return "".join(out) + text[pos:]
+
+
+def block_pages(docs: Path) -> list[Path]:
+    """The pages that may hold results blocks: README.md beside ``docs`` and ``docs/*.md`` but results.md."""
+    pages = [docs.parent / "README.md", *sorted(docs.glob("*.md"))]
+    return [p for p in pages if p.is_file() and p.name != "results.md" and BLOCK_OPEN.search(p.read_text())]
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Generate docs/results.md from docs/results/.")
     parser.add_argument("--check", action="store_true", help="only check that docs/results.md is up to date")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="the docs folder")
     args = parser.parse_args(argv)
-    page = args.docs / "results.md"
-    if args.check:
-        want = render(args.docs / "results")
-        if not page.is_file() or page.read_text() != want:
-            print(f"{page} is out of date: run python -m moerge.bench.results_doc", file=sys.stderr)
-            return 1
-        return 0
-    page.write_text(render(args.docs / "results", args.docs / "img"))
+    page, results = args.docs / "results.md", args.docs / "results"
+    try:
+        pages = {p: rewrite_blocks(p.read_text(), results) for p in block_pages(args.docs)}
+        if args.check:
+            stale = [p for p, want in pages.items() if p.read_text() != want]
+            if not page.is_file() or page.read_text() != render(results):
+                stale.insert(0, page)
+            for p in stale:
+                print(f"{p} is out of date: run python -m moerge.bench.results_doc", file=sys.stderr)
+            return 1 if stale else 0
+        _write(page, render(results, args.docs / "img"))
+    except MoergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {page}")
+    for p, want in pages.items():
+        if p.read_text() != want:
+            _write(p, want)
+            print(f"rewrote the results blocks of {p}")
     return 0
 
 
