@@ -20,6 +20,17 @@ def test_results_page_is_what_the_results_files_give():
     assert "## Synthetic suite" in want and "± " in want  # the 3-seed run is there, with intervals
 
 
+def test_results_blocks_in_pages_are_what_the_results_files_give():
+    from moerge.bench.results_doc import block_pages, rewrite_blocks
+
+    pages = block_pages(DOCS)
+    assert {p.name for p in pages} >= {"routing.md", "build-moe.md"}
+    for page in pages:
+        assert page.read_text() == rewrite_blocks(page.read_text(), DOCS / "results"), (
+            f"the results blocks of {page} differ from the results files: run python -m moerge.bench.results_doc"
+        )
+
+
 # ---------------------------------------------------------------------------------------------- a tiny fixture
 def _results(command: str):
     """A hand-made run: one held-in and one switching task; base, oracle and one trained recipe."""
@@ -153,3 +164,22 @@ def test_unknown_name_or_column_or_unclosed_block_is_one_clear_error(docs, capsy
     assert page.read_text() == f"intro\n\n{block}\n"  # nothing written
     if "nosuch" in block:
         assert "--out" in err and "name one of: toy" in err
+
+
+def test_a_scripts_tables_file_in_a_block(docs, monkeypatch):
+    """A benchmark script's ``--json`` (`write_tables`): table KEY of docs/results/NAME/tables.json."""
+    from moerge.bench.results_doc import rewrite_blocks, write_tables
+    from moerge.errors import UnknownNameError
+
+    monkeypatch.setattr("sys.argv", ["benchmarks/script.py", "--seed", "0"])
+    header = ["model", "exact match", "deferral rate"]
+    rows = [["base alone", "0.000", "0"], ["Co-LLM, threshold 0.5", "0.815", "0.41"]]
+    write_tables(docs / "results" / "script" / "tables.json", {"co-llm": (header, rows)}, wall_s=61.0)
+    got = rewrite_blocks("<!-- results: script/co-llm exact match -->\n<!-- /results -->\n", docs / "results")
+    assert (
+        "| model | exact match |\n|---|---|\n| base alone | 0.000 |\n| Co-LLM, threshold 0.5 | 0.815 |\n"
+        in got
+    )
+    assert "`python benchmarks/script.py --seed 0`" in got and "wall time 61 s" in got
+    with pytest.raises(UnknownNameError, match=r"name one of: script/co-llm, toy"):
+        rewrite_blocks("<!-- results: script/calm -->\n<!-- /results -->\n", docs / "results")

@@ -12,7 +12,9 @@ A page holds a generated table as a block whose contents are rewritten from ``do
     (the summary table of `moerge bench` with these columns, the method first; the command and environment)
     <!-- /results -->
 
-No columns: every column of the summary table. Text outside the blocks is left as it is.
+No columns: every column of the summary table. Text outside the blocks is left as it is. ``NAME/KEY`` names
+table KEY of ``docs/results/NAME/tables.json``, which a benchmark script writes with `write_tables` (its
+``--json PATH``): the same block, for tables that do not come from ``moerge bench``.
 
 Each suite folder (``docs/results/<suite>/``) is the ``--out`` folder of a run of ``moerge bench ... --seeds N
 --no-plots``: ``seed-<i>/results.json`` per seed (a single run: ``results.json``), and optionally the suite
@@ -28,6 +30,8 @@ import argparse
 import json
 import re
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from moerge.bench.results import BenchResults
@@ -124,12 +128,15 @@ def environment_sentence(runs: list[BenchResults], folder: Path) -> str:
     """Where the runs of ``folder`` ran (as their results record it), their benchmark wall times, and the folder."""
     env = runs[0].environment
     walls = ", ".join(f"{r.wall_s:.0f} s" for r in runs)
-    rel = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
     return (
         f"torch {env.get('torch')}, {env.get('threads')} thread(s), {env.get('device')}, Python "
         f"{env.get('python')} on {env.get('machine')}; benchmark wall time per seed (suite builds not included): "
-        f"{walls}. Data: `{rel}/`."
+        f"{walls}. Data: `{_rel(folder)}/`."
     )
+
+
+def _rel(folder: Path) -> Path:
+    return folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
 
 
 def suite_section(title: str, folder: Path, runs: list[BenchResults], img: str | None) -> list[str]:
@@ -302,29 +309,86 @@ def parse_spec(spec: str) -> tuple[str, list[str]]:
     return name, [c.strip() for c in rest.split(",") if c.strip()]
 
 
+TABLES_FILE = "tables.json"
+
+
+def write_tables(
+    path: Path, tables: dict[str, tuple[Sequence[str], Sequence[Sequence[object]]]], wall_s: float
+) -> Path:
+    """Write a script's tables (``{key: (header, rows)}``, cells as the page shows them) as ``path``, with the
+    command and environment, so a ``<!-- results: NAME/KEY -->`` block can show them (``path`` is then
+    ``docs/results/NAME/tables.json``). Written to a temp sibling and renamed."""
+    import os
+    import platform
+    import shlex
+    from datetime import datetime, timezone
+
+    torch = sys.modules.get("torch")
+    env = {
+        "command": shlex.join(["python", *sys.argv]),
+        "started": datetime.fromtimestamp(time.time() - wall_s, timezone.utc).isoformat(timespec="seconds"),
+        "torch": getattr(torch, "__version__", None),
+        "threads": torch.get_num_threads() if torch is not None else None,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    }
+    data = {"environment": env, "wall_s": wall_s,
+            "tables": {k: {"header": list(h), "rows": [list(map(str, r)) for r in rows]} for k, (h, rows) in tables.items()}}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    return path
+
+
+def _known_names(results_dir: Path) -> list[str]:
+    names = []
+    for p in sorted(results_dir.iterdir()) if results_dir.is_dir() else []:
+        if p.is_dir() and load_runs(p):
+            names.append(p.name)
+        elif (p / TABLES_FILE).is_file():
+            names += [f"{p.name}/{k}" for k in json.loads((p / TABLES_FILE).read_text()).get("tables", {})]
+    return names
+
+
+def _provenance(env: dict, where: str) -> str:
+    return (
+        f"Generated from the results of `{env.get('command', '(command not recorded)')}`"
+        + (f" (started {env['started']})" if env.get("started") else "")
+        + f" by `python -m moerge.bench.results_doc`; {where}"
+    )
+
+
 def results_block(name: str, columns: list[str], results_dir: Path) -> str:
     """The contents of a ``<!-- results: NAME columns -->`` block: the summary table of ``results_dir/NAME``
     (one run: ``moerge bench``'s own table; ``--seeds`` runs: the means ± 95% intervals) restricted to
-    ``columns`` (the method first, always), its footnotes, then the command and environment the results record."""
+    ``columns`` (the first column always), its footnotes, then the command and environment the results record.
+    ``NAME/KEY``: table KEY of ``results_dir/NAME/tables.json`` (a benchmark script's, `write_tables`)."""
     from moerge.bench.report import markdown_table, table_rows
     from moerge.bench.seeds import interval_rows
 
-    folder = results_dir / name
-    runs = load_runs(folder) if folder.is_dir() else []
-    if not runs:
-        known = (
-            sorted(p.name for p in results_dir.iterdir() if p.is_dir() and load_runs(p))
-            if results_dir.is_dir()
-            else []
+    folder_name, _, key = name.partition("/")
+    folder = results_dir / folder_name
+    runs = load_runs(folder) if folder.is_dir() and not key else []
+    tables = (
+        json.loads((folder / TABLES_FILE).read_text()) if key and (folder / TABLES_FILE).is_file() else {}
+    )
+    notes: list[str] = []
+    if runs:
+        header, rows, notes = (*interval_rows(runs), []) if len(runs) > 1 else table_rows(runs[0])
+        where = environment_sentence(runs, folder)
+    elif key in tables.get("tables", {}):
+        header, rows = tables["tables"][key]["header"], tables["tables"][key]["rows"]
+        env = tables["environment"]
+        where = (
+            f"torch {env.get('torch')}, {env.get('threads')} thread(s), Python {env.get('python')} on "
+            f"{env.get('machine')}; wall time {tables.get('wall_s', float('nan')):.0f} s. Data: "
+            f"`{_rel(folder)}/{TABLES_FILE}`."
         )
-        raise UnknownNameError(
-            f"results block {name!r}: no {folder}/results.json (nor seed-*/results.json); write it with "
-            f"`moerge bench ... --no-plots --out {folder}`, or name one of: {', '.join(known) or '(none)'}"
-        )
-    if len(runs) > 1:
-        header, rows, notes = (*interval_rows(runs), [])
     else:
-        header, rows, notes = table_rows(runs[0])
+        raise UnknownNameError(
+            f"results block {name!r}: no {folder}/results.json (nor seed-*/results.json; NAME/KEY: table KEY of "
+            f"{folder}/{TABLES_FILE}); write it with `moerge bench ... --no-plots --out {folder}` (or the "
+            f"script's --json), or name one of: {', '.join(_known_names(results_dir)) or '(none)'}"
+        )
     unknown = [c for c in columns if c not in header]
     if unknown:
         raise UnknownNameError(
@@ -332,16 +396,11 @@ def results_block(name: str, columns: list[str], results_dir: Path) -> str:
             f"{', '.join(header[1:])}"
         )
     keep = [0, *(header.index(c) for c in columns if c != header[0])] if columns else list(range(len(header)))
-    env = runs[0].environment
     lines = [markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in rows]), ""]
     if notes:
         lines += [*(f"- {n}" for n in notes), ""]
-    lines += [
-        f"Generated from the results of `{env.get('command', '(command not recorded)')}`"
-        + (f" (started {env['started']})" if env.get("started") else "")
-        + f" by `python -m moerge.bench.results_doc`; {environment_sentence(runs, folder)}",
-    ]
-    return "\n".join(lines)
+    env = runs[0].environment if runs else tables["environment"]
+    return "\n".join([*lines, _provenance(env, where)])
 
 
 def rewrite_blocks(text: str, results_dir: Path) -> str:
