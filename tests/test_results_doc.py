@@ -151,6 +151,8 @@ def test_check_finds_a_stale_block_and_the_rewrite_fixes_it(docs, capsys):
             "no column 'speed'; the columns are: user data",
         ),
         ("<!-- results: toy -->\nno end\n", "has no closing <!-- /results --> line"),
+        ("<!-- results: toy -->\n<!-- results: toy -->\n<!-- /results -->", "block at line 3 has no closing"),
+        ("text\n<!-- /results -->", "line 4: <!-- /results --> closes no results block"),
     ],
 )
 def test_unknown_name_or_column_or_unclosed_block_is_one_clear_error(docs, capsys, block, message):
@@ -183,3 +185,14 @@ def test_a_scripts_tables_file_in_a_block(docs, monkeypatch):
     assert "`python benchmarks/script.py --seed 0`" in got and "wall time 61 s" in got
     with pytest.raises(UnknownNameError, match=r"name one of: script/co-llm, toy"):
         rewrite_blocks("<!-- results: script/calm -->\n<!-- /results -->\n", docs / "results")
+
+
+def test_block_syntax_shown_in_fenced_code_is_left_alone(docs):
+    from moerge.bench.results_doc import rewrite_blocks
+
+    page = "```markdown\n<!-- results: nosuch -->\n<!-- /results -->\n```\n\n<!-- results: toy switching -->\n<!-- /results -->\n"
+    got = rewrite_blocks(page, docs / "results")
+    assert got.startswith(
+        "```markdown\n<!-- results: nosuch -->\n<!-- /results -->\n```\n\n<!-- results: toy switching -->\n\n"
+    )
+    assert "| rec | +0.75 |" in got and got.endswith("\n\n<!-- /results -->\n")

@@ -295,8 +295,9 @@ def pool_section(path: Path, img_dir: Path | None, results_dir: Path) -> list[st
 
 
 # ---------------------------------------------------------------------------------------------- blocks in pages
-BLOCK_OPEN = re.compile(r"^<!-- results:(?P<spec>.*?)-->[ \t]*$", re.M)
-BLOCK_CLOSE = re.compile(r"^<!-- /results -->[ \t]*$", re.M)
+BLOCK_OPEN = re.compile(r"<!-- results:(?P<spec>.*?)-->[ \t]*")
+BLOCK_CLOSE = re.compile(r"<!-- /results -->[ \t]*")
+FENCE = re.compile(r"[ \t]*(```|~~~)")
 
 
 def parse_spec(spec: str) -> tuple[str, list[str]]:
@@ -403,28 +404,50 @@ def results_block(name: str, columns: list[str], results_dir: Path) -> str:
     return "\n".join([*lines, _provenance(env, where)])
 
 
+def find_blocks(text: str) -> list[tuple[int, int, str]]:
+    """``(start, end, spec)`` of each results block of ``text``: the offsets of its contents (from the line after
+    its opening line to its closing line) and what its opening line names. Lines inside fenced code are not
+    block lines (a page may show the syntax)."""
+    blocks: list[tuple[int, int, str]] = []
+    fence: str | None = None
+    opened: tuple[int, int, str] | None = None  # line, contents' start, spec
+    offset = 0
+    for lineno, line in enumerate(text.splitlines(keepends=True), start=1):
+        bare = line.rstrip("\r\n")
+        if opened is None and (f := FENCE.match(bare)):
+            fence = f.group(1) if fence is None else (None if f.group(1) == fence else fence)
+        elif fence is None and (m := BLOCK_OPEN.fullmatch(bare)):
+            if opened is not None:
+                break
+            opened = (lineno, offset + len(line), m.group("spec"))
+        elif fence is None and BLOCK_CLOSE.fullmatch(bare):
+            if opened is None:
+                raise MalformedConfigError(f"line {lineno}: <!-- /results --> closes no results block")
+            blocks.append((opened[1], offset, opened[2]))
+            opened = None
+        offset += len(line)
+    if opened is not None:
+        raise MalformedConfigError(
+            f"the results block at line {opened[0]} has no closing <!-- /results --> line"
+        )
+    return blocks
+
+
 def rewrite_blocks(text: str, results_dir: Path) -> str:
     """``text`` with the contents of every ``<!-- results: … -->`` … ``<!-- /results -->`` block rewritten from
     ``results_dir``; everything outside the blocks is kept as it is."""
     out, pos = [], 0
-    while (m := BLOCK_OPEN.search(text, pos)) is not None:
-        end = BLOCK_CLOSE.search(text, m.end())
-        following = BLOCK_OPEN.search(text, m.end())
-        if end is None or (following is not None and following.start() < end.start()):
-            line = text.count("\n", 0, m.start()) + 1
-            raise MalformedConfigError(
-                f"the results block at line {line} has no closing <!-- /results --> line"
-            )
-        name, columns = parse_spec(m.group("spec"))
-        out += [text[pos : m.end()], "\n\n", results_block(name, columns, results_dir), "\n\n"]
-        pos = end.start()
+    for start, end, spec in find_blocks(text):
+        name, columns = parse_spec(spec)
+        out += [text[pos:start], "\n", results_block(name, columns, results_dir), "\n\n"]
+        pos = end
     return "".join(out) + text[pos:]
 
 
 def block_pages(docs: Path) -> list[Path]:
     """The pages that may hold results blocks: README.md beside ``docs`` and ``docs/*.md`` but results.md."""
     pages = [docs.parent / "README.md", *sorted(docs.glob("*.md"))]
-    return [p for p in pages if p.is_file() and p.name != "results.md" and BLOCK_OPEN.search(p.read_text())]
+    return [p for p in pages if p.is_file() and p.name != "results.md" and find_blocks(p.read_text())]
 
 
 def _write(path: Path, text: str) -> None:
