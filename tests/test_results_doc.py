@@ -151,6 +151,7 @@ def test_check_finds_a_stale_block_and_the_rewrite_fixes_it(docs, capsys):
             "no column 'speed'; the columns are: user data",
         ),
         ("<!-- results: toy -->\nno end\n", "has no closing <!-- /results --> line"),
+        ("<!-- results: ../results/toy -->\n<!-- /results -->", "results block '../results/toy'"),
         ("<!-- results: toy -->\n<!-- results: toy -->\n<!-- /results -->", "block at line 3 has no closing"),
         ("text\n<!-- /results -->", "line 4: <!-- /results --> closes no results block"),
     ],

@@ -365,9 +365,10 @@ def results_block(name: str, columns: list[str], results_dir: Path) -> str:
     ``NAME/KEY``: table KEY of ``results_dir/NAME/tables.json`` (a benchmark script's, `write_tables`)."""
     from moerge.bench.report import markdown_table, table_rows
     from moerge.bench.seeds import interval_rows
+    from moerge.experts.paths import contain
 
     folder_name, _, key = name.partition("/")
-    folder = results_dir / folder_name
+    folder = Path(contain(results_dir, folder_name, what=f"results block {name!r}"))
     runs = load_runs(folder) if folder.is_dir() and not key else []
     tables = (
         json.loads((folder / TABLES_FILE).read_text()) if key and (folder / TABLES_FILE).is_file() else {}
@@ -457,8 +458,14 @@ def _write(path: Path, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate docs/results.md from docs/results/.")
-    parser.add_argument("--check", action="store_true", help="only check that docs/results.md is up to date")
+    parser = argparse.ArgumentParser(
+        description="Generate docs/results.md and the pages' results blocks from docs/results/."
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check that docs/results.md and every results block are up to date",
+    )
     parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="the docs folder")
     args = parser.parse_args(argv)
     page, results = args.docs / "results.md", args.docs / "results"
