@@ -11,7 +11,7 @@ prototypes and embedding centroids (random unit vectors under a bag-of-tokens em
   32 experts (pre-stacked, today's path), one forward at batch 8×64, each configuration in its own process so
   its peak RSS is its own; also the base model alone. ``--prestacked`` adds the N experts pre-stacked in memory.
 
-    .venv/bin/python benchmarks/bench_library_scale.py [--experts 10000] [--out DIR] [--prestacked]
+    .venv/bin/python benchmarks/bench_library_scale.py [--experts 10000] [--out DIR] [--prestacked] [--json PATH]
 """
 
 from __future__ import annotations
@@ -318,6 +318,13 @@ def main() -> None:
     )
     ap.add_argument("--skip-catalog", action="store_true")
     ap.add_argument("--build-only", action="store_true", help="build (or find) the library and stop")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="also write the catalog and routing tables, the command and the environment as JSON "
+        "(docs/results/NAME/tables.json feeds a page's <!-- results: NAME/catalog --> and NAME/routing blocks)",
+    )
     ap.add_argument("--worker", nargs=3, metavar=("RECIPE", "N", "PAGING"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.out is None:
@@ -330,7 +337,8 @@ def main() -> None:
 
     from moerge.tables import Column, Table, render
 
-    t = time.perf_counter()
+    t0 = t = time.perf_counter()
+    tables: dict[str, tuple[list[str], list[list[str]]]] = {}
     info = build(root, args.experts)
     print(f"library: {root} ({args.experts} experts; build {time.perf_counter() - t:.1f} s this run)")
     print(f"  built with add_many in {info['add_many_s']:.1f} s, signatures {info['signatures_s']:.1f} s, "
@@ -351,6 +359,7 @@ def main() -> None:
                 op, f"{t_in:.3f} s", "" if t_cli is None else f"{t_cli:.2f} s", "yes" if t_in < 1 else "no"
             )
         render(table)
+        tables["catalog"] = ([c.header for c in table.columns], table.rows)
 
     results = [run_worker(args, "base", 0, "off")]
     for recipe in ("arrow", "embedding_centroids"):
@@ -381,6 +390,11 @@ def main() -> None:
         )  # fmt: skip
     render(table)
     print(f"(RSS relative to the process after loading the base model: {results[0]['rss_base_mb']:.0f} MB)")
+    if args.json:
+        from moerge.bench.results_doc import write_tables
+
+        tables["routing"] = ([c.header for c in table.columns], table.rows)
+        print(f"wrote {write_tables(args.json, tables, time.perf_counter() - t0)}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ CALM: the *augmenting* model (narrower) learns key→value facts: 20 letters eac
 composition task ``a+k=`` → ``(v(a) + v(k)) mod 10`` is trained on 60% of the key pairs and scored on the
 other 40%. Both models are frozen; only the cross-attention bridges train.
 
-Run: ``OMP_NUM_THREADS=1 python benchmarks/collaboration.py [--seed 0] [--quick]``
+Run: ``OMP_NUM_THREADS=1 python benchmarks/collaboration.py [--seed 0] [--quick] [--json PATH]``
 """
 
 from __future__ import annotations
@@ -23,10 +23,13 @@ import random
 import string
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from moerge.backbones.tiny import build_tiny_model
+from moerge.bench.report import markdown_table
+from moerge.bench.results_doc import write_tables
 from moerge.compose import (
     CALM,
     CALMConfig,
@@ -175,20 +178,32 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="fewer training steps (a smoke run)")
+    p.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="also write both tables, the command and the environment as JSON (docs/results/NAME/tables.json "
+        "feeds the page's <!-- results: NAME/co-llm --> and NAME/calm blocks; python -m moerge.bench.results_doc)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    print(f"Co-LLM (seed {args.seed}): target w>cipher(w)^upper(w), held-out words\n")
-    print("| model | exact match | deferral rate |\n|---|---|---|")
-    for r in co_llm_experiment(args.seed, args.quick):
-        print(f"| {' | '.join(r)} |")
-    print(f"\nCALM (seed {args.seed}): a+k= → (v(a)+v(k)) mod 10 on held-out key pairs\n")
-    print(
-        "| model | composition exact match (held-out pairs) | digit arithmetic exact match |\n|---|---|---|"
-    )
-    for r in calm_experiment(args.seed, args.quick):
-        print(f"| {' | '.join(r)} |")
-    print(f"\n({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    tables = {
+        "co-llm": (["model", "exact match", "deferral rate"], co_llm_experiment(args.seed, args.quick)),
+        "calm": (
+            ["model", "composition exact match (held-out pairs)", "digit arithmetic exact match"],
+            calm_experiment(args.seed, args.quick),
+        ),
+    }
+    titles = {
+        "co-llm": f"Co-LLM (seed {args.seed}): target w>cipher(w)^upper(w), held-out words",
+        "calm": f"CALM (seed {args.seed}): a+k= → (v(a)+v(k)) mod 10 on held-out key pairs",
+    }
+    for key, (header, rows) in tables.items():
+        print(f"{titles[key]}\n\n{markdown_table(header, [list(r) for r in rows])}\n")
+    if args.json:
+        print(f"wrote {write_tables(args.json, tables, time.perf_counter() - t0)}", file=sys.stderr)
+    print(f"({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return 0
 
 

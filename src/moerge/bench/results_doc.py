@@ -1,7 +1,20 @@
-"""docs/results.md, generated from the results files under docs/results/ — never edited by hand.
+"""docs/results.md and the results blocks of the other pages, generated from the results files under
+docs/results/ — never edited by hand.
 
     python -m moerge.bench.results_doc             # rewrite docs/results.md (and docs/img/<suite>-quality.png)
-    python -m moerge.bench.results_doc --check     # exit 1 when docs/results.md is not what the files give
+                                                   # and every results block of README.md and docs/*.md
+    python -m moerge.bench.results_doc --check     # exit 1 when any of them is not what the files give
+
+A page holds a generated table as a block whose contents are rewritten from ``docs/results/NAME/`` (the
+``--out`` folder of ``moerge bench ... --no-plots``; its results.json, or ``seed-<i>/results.json``)::
+
+    <!-- results: NAME held-in, switching, train s -->
+    (the summary table of `moerge bench` with these columns, the method first; the command and environment)
+    <!-- /results -->
+
+No columns: every column of the summary table. Text outside the blocks is left as it is. ``NAME/KEY`` names
+table KEY of ``docs/results/NAME/tables.json``, which a benchmark script writes with `write_tables` (its
+``--json PATH``): the same block, for tables that do not come from ``moerge bench``.
 
 Each suite folder (``docs/results/<suite>/``) is the ``--out`` folder of a run of ``moerge bench ... --seeds N
 --no-plots``: ``seed-<i>/results.json`` per seed (a single run: ``results.json``), and optionally the suite
@@ -15,10 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from moerge.bench.results import BenchResults
+from moerge.errors import MalformedConfigError, MoergeError, UnknownNameError
 
 ROOT = Path(__file__).resolve().parents[3]
 SUITES = {
@@ -107,15 +124,27 @@ def build_section(builds: list[dict], run: BenchResults) -> list[str]:
     ]
 
 
+def environment_sentence(runs: list[BenchResults], folder: Path) -> str:
+    """Where the runs of ``folder`` ran (as their results record it), their benchmark wall times, and the folder."""
+    env = runs[0].environment
+    walls = ", ".join(f"{r.wall_s:.0f} s" for r in runs)
+    return (
+        f"torch {env.get('torch')}, {env.get('threads')} thread(s), {env.get('device')}, Python "
+        f"{env.get('python')} on {env.get('machine')}; benchmark wall time per seed (suite builds not included): "
+        f"{walls}. Data: `{_rel(folder)}/`."
+    )
+
+
+def _rel(folder: Path) -> Path:
+    return folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+
+
 def suite_section(title: str, folder: Path, runs: list[BenchResults], img: str | None) -> list[str]:
     from moerge.bench.premise import format_premise
     from moerge.bench.report import literature_rows, markdown_table
     from moerge.bench.seeds import interval_rows, token_accuracy_rows
 
-    env = runs[0].environment
-    command = env.get("command", "(not recorded)")
-    walls = ", ".join(f"{r.wall_s:.0f} s" for r in runs)
-    rel = folder.relative_to(ROOT) if folder.is_relative_to(ROOT) else folder
+    command = runs[0].environment.get("command", "(not recorded)")
     lines = [
         f"## {title}",
         "",
@@ -127,9 +156,7 @@ def suite_section(title: str, folder: Path, runs: list[BenchResults], img: str |
         command,
         "```",
         "",
-        f"torch {env.get('torch')}, {env.get('threads')} thread(s), {env.get('device')}, Python "
-        f"{env.get('python')} on {env.get('machine')}; benchmark wall time per seed (suite builds not included): "
-        f"{walls}. Data: `{rel}/`.",
+        environment_sentence(runs, folder),
         "",
         "### Quality",
         "",
@@ -275,20 +302,199 @@ def pool_section(path: Path, img_dir: Path | None, results_dir: Path) -> list[st
     return lines
 
 
+# ---------------------------------------------------------------------------------------------- blocks in pages
+BLOCK_OPEN = re.compile(r"<!-- results:(?P<spec>.*?)-->[ \t]*")
+BLOCK_CLOSE = re.compile(r"<!-- /results -->[ \t]*")
+FENCE = re.compile(r"[ \t]*(```|~~~)")
+
+
+def parse_spec(spec: str) -> tuple[str, list[str]]:
+    """``"NAME col, col, …"`` → ``(NAME, [col, …])`` (no columns: every column of the summary table)."""
+    name, _, rest = spec.strip().partition(" ")
+    if not name:
+        raise MalformedConfigError(
+            "a results block names no results folder: write <!-- results: NAME [column, column, …] -->"
+        )
+    return name, [c.strip() for c in rest.split(",") if c.strip()]
+
+
+TABLES_FILE = "tables.json"
+
+
+def write_tables(
+    path: Path, tables: dict[str, tuple[Sequence[str], Sequence[Sequence[object]]]], wall_s: float
+) -> Path:
+    """Write a script's tables (``{key: (header, rows)}``, cells as the page shows them) as ``path``, with the
+    command and environment, so a ``<!-- results: NAME/KEY -->`` block can show them (``path`` is then
+    ``docs/results/NAME/tables.json``). Written to a temp sibling and renamed."""
+    import os
+    import platform
+    import shlex
+    from datetime import datetime, timezone
+
+    torch = sys.modules.get("torch")
+    env = {
+        "command": shlex.join(["python", *sys.argv]),
+        "started": datetime.fromtimestamp(time.time() - wall_s, timezone.utc).isoformat(timespec="seconds"),
+        "torch": getattr(torch, "__version__", None),
+        "threads": torch.get_num_threads() if torch is not None else None,
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    }
+    data = {"environment": env, "wall_s": wall_s,
+            "tables": {k: {"header": list(h), "rows": [list(map(str, r)) for r in rows]} for k, (h, rows) in tables.items()}}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    return path
+
+
+def _known_names(results_dir: Path) -> list[str]:
+    names = []
+    for p in sorted(results_dir.iterdir()) if results_dir.is_dir() else []:
+        if p.is_dir() and load_runs(p):
+            names.append(p.name)
+        elif (p / TABLES_FILE).is_file():
+            names += [f"{p.name}/{k}" for k in json.loads((p / TABLES_FILE).read_text()).get("tables", {})]
+    return names
+
+
+def _provenance(env: dict, where: str) -> str:
+    return (
+        f"Generated from the results of `{env.get('command', '(command not recorded)')}`"
+        + (f" (started {env['started']})" if env.get("started") else "")
+        + f" by `python -m moerge.bench.results_doc`; {where}"
+    )
+
+
+def results_block(name: str, columns: list[str], results_dir: Path) -> str:
+    """The contents of a ``<!-- results: NAME columns -->`` block: the summary table of ``results_dir/NAME``
+    (one run: ``moerge bench``'s own table; ``--seeds`` runs: the means ± 95% intervals) restricted to
+    ``columns`` (the first column always), its footnotes, then the command and environment the results record.
+    ``NAME/KEY``: table KEY of ``results_dir/NAME/tables.json`` (a benchmark script's, `write_tables`)."""
+    from moerge.bench.report import markdown_table, table_rows
+    from moerge.bench.seeds import interval_rows
+    from moerge.experts.paths import contain
+
+    folder_name, _, key = name.partition("/")
+    folder = Path(contain(results_dir, folder_name, what=f"results block {name!r}"))
+    runs = load_runs(folder) if folder.is_dir() and not key else []
+    tables = (
+        json.loads((folder / TABLES_FILE).read_text()) if key and (folder / TABLES_FILE).is_file() else {}
+    )
+    notes: list[str] = []
+    if runs:
+        header, rows, notes = (*interval_rows(runs), []) if len(runs) > 1 else table_rows(runs[0])
+        where = environment_sentence(runs, folder)
+    elif key in tables.get("tables", {}):
+        header, rows = tables["tables"][key]["header"], tables["tables"][key]["rows"]
+        env = tables["environment"]
+        where = (
+            f"torch {env.get('torch')}, {env.get('threads')} thread(s), Python {env.get('python')} on "
+            f"{env.get('machine')}; wall time {tables.get('wall_s', float('nan')):.0f} s. Data: "
+            f"`{_rel(folder)}/{TABLES_FILE}`."
+        )
+    else:
+        raise UnknownNameError(
+            f"results block {name!r}: no {folder}/results.json (nor seed-*/results.json; NAME/KEY: table KEY of "
+            f"{folder}/{TABLES_FILE}); write it with `moerge bench ... --no-plots --out {folder}` (or the "
+            f"script's --json), or name one of: {', '.join(_known_names(results_dir)) or '(none)'}"
+        )
+    unknown = [c for c in columns if c not in header]
+    if unknown:
+        raise UnknownNameError(
+            f"results block {name!r}: no column {', '.join(map(repr, unknown))}; the columns are: "
+            f"{', '.join(header[1:])}"
+        )
+    keep = [0, *(header.index(c) for c in columns if c != header[0])] if columns else list(range(len(header)))
+    lines = [markdown_table([header[i] for i in keep], [[r[i] for i in keep] for r in rows]), ""]
+    if notes:
+        lines += [*(f"- {n}" for n in notes), ""]
+    env = runs[0].environment if runs else tables["environment"]
+    return "\n".join([*lines, _provenance(env, where)])
+
+
+def find_blocks(text: str) -> list[tuple[int, int, str]]:
+    """``(start, end, spec)`` of each results block of ``text``: the offsets of its contents (from the line after
+    its opening line to its closing line) and what its opening line names. Lines inside fenced code are not
+    block lines (a page may show the syntax)."""
+    blocks: list[tuple[int, int, str]] = []
+    fence: str | None = None
+    opened: tuple[int, int, str] | None = None  # line, contents' start, spec
+    offset = 0
+    for lineno, line in enumerate(text.splitlines(keepends=True), start=1):
+        bare = line.rstrip("\r\n")
+        if opened is None and (f := FENCE.match(bare)):
+            fence = f.group(1) if fence is None else (None if f.group(1) == fence else fence)
+        elif fence is None and (m := BLOCK_OPEN.fullmatch(bare)):
+            if opened is not None:
+                break
+            opened = (lineno, offset + len(line), m.group("spec"))
+        elif fence is None and BLOCK_CLOSE.fullmatch(bare):
+            if opened is None:
+                raise MalformedConfigError(f"line {lineno}: <!-- /results --> closes no results block")
+            blocks.append((opened[1], offset, opened[2]))
+            opened = None
+        offset += len(line)
+    if opened is not None:
+        raise MalformedConfigError(
+            f"the results block at line {opened[0]} has no closing <!-- /results --> line"
+        )
+    return blocks
+
+
+def rewrite_blocks(text: str, results_dir: Path) -> str:
+    """``text`` with the contents of every ``<!-- results: … -->`` … ``<!-- /results -->`` block rewritten from
+    ``results_dir``; everything outside the blocks is kept as it is."""
+    out, pos = [], 0
+    for start, end, spec in find_blocks(text):
+        name, columns = parse_spec(spec)
+        out += [text[pos:start], "\n", results_block(name, columns, results_dir), "\n\n"]
+        pos = end
+    return "".join(out) + text[pos:]
+
+
+def block_pages(docs: Path) -> list[Path]:
+    """The pages that may hold results blocks: README.md beside ``docs`` and ``docs/*.md`` but results.md."""
+    pages = [docs.parent / "README.md", *sorted(docs.glob("*.md"))]
+    return [p for p in pages if p.is_file() and p.name != "results.md" and find_blocks(p.read_text())]
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Generate docs/results.md from docs/results/.")
-    parser.add_argument("--check", action="store_true", help="only check that docs/results.md is up to date")
+    parser = argparse.ArgumentParser(
+        description="Generate docs/results.md and the pages' results blocks from docs/results/."
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="only check that docs/results.md and every results block are up to date",
+    )
     parser.add_argument("--docs", type=Path, default=ROOT / "docs", help="the docs folder")
     args = parser.parse_args(argv)
-    page = args.docs / "results.md"
-    if args.check:
-        want = render(args.docs / "results")
-        if not page.is_file() or page.read_text() != want:
-            print(f"{page} is out of date: run python -m moerge.bench.results_doc", file=sys.stderr)
-            return 1
-        return 0
-    page.write_text(render(args.docs / "results", args.docs / "img"))
+    page, results = args.docs / "results.md", args.docs / "results"
+    try:
+        pages = {p: rewrite_blocks(p.read_text(), results) for p in block_pages(args.docs)}
+        if args.check:
+            stale = [p for p, want in pages.items() if p.read_text() != want]
+            if not page.is_file() or page.read_text() != render(results):
+                stale.insert(0, page)
+            for p in stale:
+                print(f"{p} is out of date: run python -m moerge.bench.results_doc", file=sys.stderr)
+            return 1 if stale else 0
+        _write(page, render(results, args.docs / "img"))
+    except MoergeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {page}")
+    for p, want in pages.items():
+        if p.read_text() != want:
+            _write(p, want)
+            print(f"rewrote the results blocks of {p}")
     return 0
 
 
