@@ -153,7 +153,6 @@ def stored(folder: Path) -> tuple[dict[str, str], str | None]:
 
 
 W = [0.3, 0.5, 0.2]
-NUMPY_METHODS = ("linear", "task_arithmetic")  # moerge.merging.numpy_engine.METHODS
 
 
 def configs(m: dict[str, Path]) -> dict[str, dict]:
@@ -488,30 +487,45 @@ def compare(name: str, case: dict, mk: Path, mo: Path, base_sd: dict, fts: list[
     return r
 
 
-def record_results(cases: dict[str, dict]) -> None:
-    """With ``MOERGE_COMPAT_RESULTS=PATH``, write every case's outcome there as JSON: docs/merging.md's agreement
-    table is generated from ``docs/results/mergekit-compat/results.json`` (``python -m moerge.bench.results_doc``)."""
+def _numpy_engine_runs(cfg: dict) -> bool:
+    """Whether ``engine: auto`` runs this config on the numpy engine."""
+    from moerge.merging.api import plan
+    from moerge.merging.config import load_config
+    from moerge.merging.numpy_engine import why_not
+
+    config = load_config(cfg)
+    if config.slices is not None:  # slices: merged by moerge.merging.slices on the torch engine
+        return False
+    spec, planned, _, _ = plan(config)
+    return why_not(spec, planned) is None
+
+
+def record_results(cases: dict[str, dict], wall_s: float) -> None:
+    """With ``MOERGE_COMPAT_RESULTS=PATH`` (``docs/results/mergekit-compat/tables.json``), write every case's
+    outcome there: docs/merging.md's agreement table is generated from it (``python -m moerge.bench.results_doc``)."""
     path = os.environ.get("MOERGE_COMPAT_RESULTS")
     if not path:
         return
-    import datetime
-    from importlib.metadata import version
+    from moerge.bench.results_doc import write_tables
 
-    version_code = "from importlib.metadata import version; print(version('mergekit'))"
-    mk_version = subprocess.run([str(PY), "-c", version_code], capture_output=True, text=True).stdout.strip()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(
-        json.dumps(
-            {
-                "command": f"MOERGE_COMPAT_RESULTS={path} ./dev compat",
-                "date": datetime.date.today().isoformat(),
-                "mergekit": mk_version,
-                "moerge_torch": version("torch"),
-                "cases": cases,
-            },
-            indent=2,
-        )
-    )
+    code = "from importlib.metadata import version; print(version('mergekit'))"
+    mk_version = subprocess.run([str(PY), "-c", code], capture_output=True, text=True).stdout.strip()
+    header = [
+        "config (the same YAML in both tools)",
+        "moerge engine",
+        f"max abs diff vs mergekit {mk_version}",
+        "agrees",
+    ]
+    rows = [
+        [
+            label,
+            c["engine"],
+            "statistical (see the test)" if c["max_abs_diff"] is None else f"{c['max_abs_diff']:.1e}",
+            "yes" if c["ok"] else "NO",
+        ]
+        for label, c in cases.items()
+    ]
+    write_tables(Path(path), {"cases": (header, rows)}, wall_s)
 
 
 def test_moerge_agrees_with_mergekit_on_the_same_yaml(tmp_path, monkeypatch):
@@ -547,6 +561,7 @@ def test_moerge_agrees_with_mergekit_on_the_same_yaml(tmp_path, monkeypatch):
     base_sd = state(m["base"])
     fts = [state(m[f"ft{i}"]) for i in range(3)]
     report, failed, recorded = [], [], {}
+    started = time.perf_counter()
     for name, case in cases.items():
         slug = case["slug"]
         mk = mk_results[str(root / f"{slug}.yaml")]
@@ -555,8 +570,9 @@ def test_moerge_agrees_with_mergekit_on_the_same_yaml(tmp_path, monkeypatch):
             continue
         cfg = copy.deepcopy(case["yaml"])
         cfg.setdefault("parameters", {}).update(case.get("moerge", {}))
-        # engine auto (numpy where it can run the merge), and the torch engine too for the methods both run
-        engines = ["auto", "torch"] if cfg["merge_method"] in NUMPY_METHODS else ["auto"]
+        # engine auto (numpy where it can run the merge), and then the torch engine too on those configs
+        on_numpy = _numpy_engine_runs(cfg)
+        engines = ["auto", "torch"] if on_numpy else ["auto"]
         for engine in engines:
             label, out = (
                 (name, root / f"mo_{slug}")
@@ -575,14 +591,8 @@ def test_moerge_agrees_with_mergekit_on_the_same_yaml(tmp_path, monkeypatch):
             )
             if not r["ok"]:
                 failed.append(f"{label}: {r['detail']}")
-            recorded[label] = {
-                "ok": r["ok"],
-                "max_abs_diff": r.get("max_abs_diff"),
-                "detail": r["detail"],
-                "engine": engine,
-                "mergekit_s": mk["seconds"],
-                "moerge_s": t_mo,
-            }
+            used = "numpy" if engine == "auto" and on_numpy else "torch"
+            recorded[label] = {"ok": r["ok"], "max_abs_diff": r.get("max_abs_diff"), "engine": used}
     print("\n".join(report), file=sys.stderr)
-    record_results(recorded)
+    record_results(recorded, time.perf_counter() - started)
     assert not failed, "\n".join(failed)
