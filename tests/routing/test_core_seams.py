@@ -13,6 +13,7 @@ from _routing_helpers import make_experts, task_texts
 
 from moerge.errors import MoergeError, RoutingError
 from moerge.experts.library import ExpertLibrary
+from moerge.model.routed import enable_activation_checkpointing
 from moerge.recipes import list_recipes
 from moerge.recipes.facade import attach, detach, prepare_signatures
 from moerge.routing.inputs import RoutingInputs
@@ -179,7 +180,7 @@ def _gate_grads(model, experts, ids, checkpointing: dict | None):
     }
     model = copy.deepcopy(model).train()
     if checkpointing is not None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        enable_activation_checkpointing(model, **checkpointing)
     routed = attach(model, experts, router=TrainableGates(gates))
     loss = routed(input_ids=ids, labels=ids).loss
     loss.backward()

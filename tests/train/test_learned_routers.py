@@ -289,7 +289,7 @@ def test_gradient_checkpointing_trains_the_same_router(setup):
         cfg = RouterTrainConfig(steps=3, lr=0.1, gradient_checkpointing=checkpointing)
         train_router(model, tok, experts, router, rows[:16], cfg)
         states.append(router.state())
-    assert not model.is_gradient_checkpointing
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in model.modules())  # switched off again
     for k, v in states[0].items():
         assert v.abs().sum() > 0
         torch.testing.assert_close(states[1][k], v)

@@ -228,6 +228,32 @@ def _tell_router(owner: CallOwner, _module: nn.Module, args: tuple, kwargs: dict
 
 
 # ---------------------------------------------------------------------- activation checkpointing
+def enable_activation_checkpointing(model: nn.Module, **kwargs: object) -> None:
+    """transformers' activation checkpointing on ``model`` with ``torch.utils.checkpoint`` keyword arguments
+    (``use_reentrant=False`` for routed models): ``activation_checkpointing_enable`` where transformers has it
+    (≥ 5), else the older ``gradient_checkpointing_enable`` (deprecated in 5, removed in 6)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # type: ignore[operator]
+
+
+def disable_activation_checkpointing(model: nn.Module) -> None:
+    """Undo `enable_activation_checkpointing`."""
+    disable = getattr(model, "activation_checkpointing_disable", None)
+    if disable is not None:
+        disable()
+    else:
+        model.gradient_checkpointing_disable()  # type: ignore[operator]
+
+
+def supports_activation_checkpointing(model: nn.Module) -> bool:
+    return hasattr(model, "activation_checkpointing_enable") or hasattr(
+        model, "gradient_checkpointing_enable"
+    )
+
+
 def route_checkpointed_segments(model: nn.Module) -> None:
     """Make every activation-checkpointed segment of ``model`` (transformers' ``gradient_checkpointing``)
     recompute with the routing of the call that first ran it, as PEFT's LoRA layers recompute with their
@@ -242,14 +268,14 @@ def route_checkpointed_segments(model: nn.Module) -> None:
         if not isinstance(fn, functools.partial) or fn.keywords.get("context_fn") is not None:
             raise RoutingError(
                 f"module {type(module).__name__} uses a custom activation-checkpointing function; routed models "
-                "support transformers' own: model.gradient_checkpointing_enable("
-                'gradient_checkpointing_kwargs={"use_reentrant": False})'
+                "support transformers' own: moerge.model.routed.enable_activation_checkpointing(model, "
+                "use_reentrant=False)"
             )
         if fn.keywords.get("use_reentrant") is True:
             raise RoutingError(
                 "reentrant activation checkpointing recomputes each layer outside the routed call, so no "
                 "expert (and no gradient to a router) would reach the backward pass; enable it with "
-                'model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})'
+                "moerge.model.routed.enable_activation_checkpointing(model, use_reentrant=False)"
             )
         keywords = {**fn.keywords, "use_reentrant": False, "context_fn": checkpoint_context_fn}
         setattr(module, "_gradient_checkpointing_func", functools.partial(fn.func, *fn.args, **keywords))  # noqa: B010

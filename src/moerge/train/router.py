@@ -29,6 +29,11 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from moerge.model.routed import (
+    disable_activation_checkpointing,
+    enable_activation_checkpointing,
+    supports_activation_checkpointing,
+)
 from moerge.routing.learned import LearnedRouter
 from moerge.train.data import IGNORE_INDEX, encode_example, encode_examples, load_examples, pad_batch
 from moerge.train.loop import causal_lm_loss, lr_lambda
@@ -197,7 +202,7 @@ def train_router(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = math.floor(cfg.steps * cfg.warmup_ratio)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda("constant", cfg.steps, warmup))
-    checkpointing = cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable")
+    checkpointing = cfg.gradient_checkpointing and supports_activation_checkpointing(model)
     routed, injected = _routed(model, experts, router, aggregation)
     losses: list[torch.Tensor] = []
     val_losses: list[float] = []
@@ -208,7 +213,7 @@ def train_router(
         for p in model.parameters():
             p.requires_grad_(False)
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+            enable_activation_checkpointing(model, use_reentrant=False)
         for step, batch in enumerate(batches, 1):
             model.train()
             loss = _loss(routed, router, tuple(t.to(device) for t in batch), cfg.aux_weight)  # type: ignore[arg-type]
@@ -232,7 +237,7 @@ def train_router(
                         break
     finally:
         if checkpointing:
-            model.gradient_checkpointing_disable()  # type: ignore[operator]
+            disable_activation_checkpointing(model)
         if injected:
             from moerge.model.routed import detach
 
