@@ -102,7 +102,8 @@ def test_lorahub_without_target_data_says_how(tiny_llama):
         attach(model, make_experts(model, 2), "lorahub", tokenizer=tok)
 
 
-@pytest.mark.filterwarnings("ignore:COBYLA. Invalid RHOEND")  # scipy inside NGOpt, on the official code's path
+# scipy's COBYLA inside NGOpt warns on the official code's path
+@pytest.mark.filterwarnings("ignore:COBYLA. Invalid RHOEND")
 def test_lorahub_search_matches_the_official_algorithm(tiny_llama):
     """The official loop (lorahub_learning's lines, which load seq2seq models from the Hub) around the official
     ``get_score`` on a PEFT model holding the same adapters; its ``default_get_loss`` for a causal LM."""
