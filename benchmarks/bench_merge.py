@@ -331,7 +331,7 @@ def bench_lora(workdir: Path, n_experts: int = 64, rank: int = 8) -> dict:
     return res
 
 
-def _write_json(path: str, rows: list[dict], floor: dict, lora: dict, load_before: float) -> int:
+def _write_json(path: str, rows: list[dict], floor: dict, lora: dict, load_before: float, model: str) -> int:
     import datetime
     import platform
 
@@ -344,7 +344,10 @@ def _write_json(path: str, rows: list[dict], floor: dict, lora: dict, load_befor
         "torch": torch.__version__,
     }
     Path(path).write_text(
-        json.dumps({"full": rows, "floors": floor, "lora": lora, "environment": environment}, indent=2)
+        json.dumps(
+            {"model": model, "full": rows, "floors": floor, "lora": lora, "environment": environment},
+            indent=2,
+        )
     )
     return 0
 
@@ -390,7 +393,7 @@ def main() -> int:
         )
     print()
     if not lora:
-        return 0 if not args.json else _write_json(args.json, rows, floor, lora, load_before)
+        return 0 if not args.json else _write_json(args.json, rows, floor, lora, load_before, model)
     peft = f"{lora['peft_cat_s']:.2f} s" if "peft_cat_s" in lora else lora.get("peft_error", "-")
     ratio = f"{lora['peft_cat_s'] / lora['moerge_exact_s']:.1f}×" if "peft_cat_s" in lora else "-"
     print(
@@ -406,7 +409,7 @@ def main() -> int:
     if (
         args.json
     ):  # docs/results/merge/bench_merge.json: rendered into docs/results.md by moerge.bench.results_doc
-        _write_json(args.json, rows, floor, lora, load_before)
+        _write_json(args.json, rows, floor, lora, load_before, model)
     return 0
 
 

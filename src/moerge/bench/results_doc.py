@@ -225,20 +225,23 @@ def render(results_dir: Path, img_dir: Path | None = None) -> str:
     pool = results_dir / "pool" / "results.json"
     if pool.is_file():
         lines += pool_section(pool, img_dir, results_dir)
-    merge = results_dir / "merge" / "bench_merge.json"
-    if merge.is_file():
-        lines += merge_section(merge)
+    merges = sorted(
+        (results_dir / "merge").glob("*.json"), key=lambda p: (p.name != "bench_merge.json", p.name)
+    )
+    for i, merge in enumerate(merges):
+        lines += merge_section(merge, heading=i == 0)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def merge_section(path: Path) -> list[str]:
+def merge_section(path: Path, heading: bool = True) -> list[str]:
     """Merging against mergekit and PEFT (``docs/results/merge/bench_merge.json``, written by
     ``benchmarks/bench_merge.py --json``): whole-process time and peak memory of the same YAML in each tool (moerge
     on each engine it has for the method), each venv's interpreter start + ``import torch`` / ``numpy``, and the
     exact LoRA merge against PEFT."""
     data = json.loads(path.read_text())
     env = data.get("environment", {})
-    lines = ["## Merging: moerge vs mergekit and PEFT", ""]
+    model = data.get("model", "8 × 27M Llama, 8k vocabulary")
+    lines = ["## Merging: moerge vs mergekit and PEFT", ""] if heading else []
     if env:
         lines += [
             f"`{env.get('command')}` on {env.get('date')} ({env.get('cpus')} CPUs, load average "
@@ -247,7 +250,7 @@ def merge_section(path: Path) -> list[str]:
             "",
         ]
     lines += [
-        "| merge (8 × 27M Llama, 8k vocabulary) | moerge engine | mergekit s | moerge s | speed-up | mergekit peak "
+        f"| merge ({model}) | moerge engine | mergekit s | moerge s | speed-up | mergekit peak "
         "RSS MB | moerge peak RSS MB | memory ratio | max abs diff |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
