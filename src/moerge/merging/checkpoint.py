@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from moerge.errors import MalformedConfigError, NonFiniteWeightsError, ShapeMismatchError
+from moerge.errors import MalformedConfigError, ShapeMismatchError
 from moerge.experts.paths import atomic_output_dir
 from moerge.merging.config import TokenizerSpec, check_param_ranges, parse_size
 from moerge.merging.folders import (
@@ -27,6 +27,8 @@ from moerge.merging.folders import (
     CheckpointReader,
     TensorSource,
     check_compatible,
+    nonfinite_input,
+    nonfinite_merged,
     num_layers,
     split_lora_reference,
     write_model_files,
@@ -244,10 +246,7 @@ def iter_merged(
         if not all_finite(x) or (b is not None and not all_finite(b)):
             bad = [r.folder for i, r in enumerate(readers) if not all_finite(x[i])]
             bad += [base.folder] if base is not None and b is not None and not all_finite(b) else []
-            raise NonFiniteWeightsError(
-                f"{bad[0]}: tensor {key} holds NaN or Inf; nothing was written. Repair or re-save that model "
-                "before merging it."
-            )
+            raise nonfinite_input(bad[0], key)
         s = None
         if stats is not None and all(key in st for st in stats):
             s = torch.stack([st[key].to(compute_dtype) for st in stats])
@@ -402,10 +401,7 @@ def _merge_into(
     try:
         for done, (key, merged) in enumerate(merged_tensors, 1):
             if torch.is_floating_point(merged) and not all_finite(merged):
-                raise NonFiniteWeightsError(
-                    f"merged tensor {key} holds NaN/Inf; nothing was written. Check the inputs (NaN weights) and "
-                    "the parameters (weights summing to 0 with normalize, extreme scale)."
-                )
+                raise nonfinite_merged(key)
             writer.write(key, merged.to(out_dtype_of(key)))
             if progress:
                 progress(key, done, total)

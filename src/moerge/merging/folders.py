@@ -17,7 +17,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from moerge.errors import InputNotFoundError, MalformedConfigError, ShapeMismatchError, UnsafeFormatError
+from moerge.errors import (
+    InputNotFoundError,
+    MalformedConfigError,
+    NonFiniteWeightsError,
+    ShapeMismatchError,
+    UnsafeFormatError,
+)
 from moerge.experts.paths import contain
 from moerge.merging.registry import count_layers
 from moerge.merging.st_io import TensorEntry, read_header, read_into, read_tensor
@@ -185,6 +191,22 @@ def _tokenizer_vocab_hash(folder: Path) -> str | None:
         else None,
     }
     return hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest()
+
+
+def nonfinite_input(folder: Path, key: str) -> NonFiniteWeightsError:
+    """The error for an input tensor holding NaN/Inf (both engines raise it before anything is written)."""
+    return NonFiniteWeightsError(
+        f"{folder}: tensor {key} holds NaN or Inf; nothing was written. Repair or re-save that model before "
+        "merging it."
+    )
+
+
+def nonfinite_merged(key: str) -> NonFiniteWeightsError:
+    """The error for a merged tensor holding NaN/Inf from finite inputs."""
+    return NonFiniteWeightsError(
+        f"merged tensor {key} holds NaN/Inf; nothing was written. Check the inputs (NaN weights) and the "
+        "parameters (weights summing to 0 with normalize, extreme scale)."
+    )
 
 
 def _same_vocabulary(a: Path, b: Path) -> bool:

@@ -25,6 +25,7 @@ models differently), so results equal mergekit's and the torch engine's to float
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -32,10 +33,17 @@ from typing import Any
 
 import numpy as np
 
-from moerge.errors import MalformedConfigError, NonFiniteWeightsError
+from moerge.errors import MalformedConfigError
 from moerge.experts.paths import atomic_output_dir
 from moerge.merging.config import MergeConfig, check_param_ranges, parse_size
-from moerge.merging.folders import CheckpointReader, check_compatible, num_layers, write_model_files
+from moerge.merging.folders import (
+    CheckpointReader,
+    check_compatible,
+    nonfinite_input,
+    nonfinite_merged,
+    num_layers,
+    write_model_files,
+)
 from moerge.merging.registry import MethodSpec, resolve_params
 from moerge.merging.st_io import FLOAT_DTYPES, ITEMSIZE, StreamingShardWriter, plan_shards
 
@@ -241,14 +249,14 @@ def _merge_into(
     writer = StreamingShardWriter(
         out, plan_shards([(k, stored(k), ref.shape(k)) for k in keys], parse_size(shard_size))
     )
-    scratch = Scratch(max((_numel(ref.shape(k)) for k in keys), default=0))
+    scratch = Scratch(max((math.prod(ref.shape(k)) for k in keys), default=0))
     try:
         for done, key in enumerate(keys, 1):
             shape = ref.shape(key)
             if (
                 ref.dtype(key) not in FLOAT_DTYPES
             ):  # integer buffers: taken from the base, as the torch engine
-                raw = bytearray(_numel(shape) * ITEMSIZE[ref.dtype(key)])
+                raw = bytearray(math.prod(shape) * ITEMSIZE[ref.dtype(key)])
                 ref.read_into(key, memoryview(raw))
                 writer.write_bytes(key, ref.dtype(key), shape, memoryview(raw))
             else:
@@ -265,13 +273,6 @@ def _merge_into(
         raise
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _merge_tensor(
     spec: MethodSpec,
     readers: list[CheckpointReader],
@@ -284,7 +285,7 @@ def _merge_tensor(
     layers: int,
 ) -> np.ndarray:
     """Tensor ``key`` merged, model by model: one model's tensor in memory at a time besides the sum."""
-    m = _numel(shape)
+    m = math.prod(shape)
     g, pm = resolve_params(spec, global_params, per_model, key, layers)
     if g is not global_params:  # values that vary by tensor: checked where they apply
         check_param_ranges(spec.name, g, pm, where=f"tensor {key}")
@@ -309,15 +310,7 @@ def _merge_tensor(
             for src in ([base] if base is not None else []) + readers
             if not _finite_input(src, key, x)
         ]
-        if bad:
-            raise NonFiniteWeightsError(
-                f"{bad[0]}: tensor {key} holds NaN or Inf; nothing was written. Repair or re-save that model "
-                "before merging it."
-            )
-        raise NonFiniteWeightsError(
-            f"merged tensor {key} holds NaN/Inf; nothing was written. Check the inputs (NaN weights) and the "
-            "parameters (weights summing to 0 with normalize, extreme scale)."
-        )
+        raise nonfinite_input(bad[0], key) if bad else nonfinite_merged(key)
     return merged.reshape(shape)
 
 
